@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite: lints, Rust tests (unit, property, loom, fuzz-corpus replay),
+# the PTX compile check, the stub check and pytest. Run through `scripts/dev.sh test`,
+# which sets up the environment first.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+py=${VIRTUAL_ENV:?run through scripts/dev.sh}/bin/python
+
+stage() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+stage "cargo fmt --check"
+cargo fmt --all -- --check
+
+stage "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --features python --quiet -- -D warnings
+
+stage "ruff"
+"$VIRTUAL_ENV/bin/ruff" check python tests scripts benchmarks
+"$VIRTUAL_ENV/bin/ruff" format --check python tests scripts benchmarks
+
+stage "cargo test (unit, property, fuzz-corpus replay)"
+cargo test --workspace --release --quiet
+
+stage "stub check (mypy stubtest)"
+"$VIRTUAL_ENV/bin/python" -m mypy.stubtest dynaexq._core --ignore-missing-stub --allowlist "$root/tests/stubtest-allowlist.txt"
+
+stage "pytest"
+"$py" -m pytest -q -p no:cacheprovider "$@"
