@@ -1,25 +1,48 @@
-"""The `dynaexq` command line."""
+"""The `dynaexq` command line.
+
+Each subcommand lives in its own module `dynaexq.commands.<name>` exposing
+`HELP: str`, `add_arguments(parser)` and `run(args) -> int`. Modules import their heavy
+dependencies (torch) inside `run`, so `dynaexq --help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
+
+import dynaexq.commands as commands
+
+
+def _command_modules() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.ispkg)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dynaexq",
-        description="Serve Mixture-of-Experts models with expert precision as a managed resource.",
+        description=(
+            "Serve Mixture-of-Experts models on one memory-limited GPU with expert "
+            "precision as a managed resource."
+        ),
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="a short demonstration of the expert pool and state machine")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _command_modules():
+        module = importlib.import_module(f"dynaexq.commands.{name}")
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=module.HELP,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        print("dynaexq demo: nothing yet")
-    return 0
+    return int(args._run(args) or 0)
 
 
 if __name__ == "__main__":

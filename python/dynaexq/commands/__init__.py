@@ -1,0 +1,1 @@
+"""One module per `dynaexq` subcommand (see `dynaexq.cli`)."""
