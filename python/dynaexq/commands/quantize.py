@@ -1,0 +1,58 @@
+"""`dynaexq quantize`: pack every expert of a Qwen3-MoE checkpoint at every requested tier."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "quantize a Hugging Face Qwen3-MoE checkpoint into a tiered dynaexq checkpoint"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="Hugging Face checkpoint directory (config.json + safetensors)")
+    parser.add_argument(
+        "--tiers",
+        default="bf16,int4,int2",
+        help="comma-separated tiers, e.g. bf16,int4,int2 or fp16,int4g128,int2g64a-rtn",
+    )
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    parser.add_argument("--alignment", type=int, default=256, help="blob section alignment")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dynaexq.quant.expert import PackedExpertError
+    from dynaexq.quant.methods import QuantizationError
+    from dynaexq.quant.tiered import CheckpointError, quantize_checkpoint
+    from dynaexq.quant.tiers import TierError, parse_tiers
+
+    try:
+        tiers = parse_tiers(args.tiers)
+        m = quantize_checkpoint(
+            args.src,
+            args.out,
+            tiers,
+            force=args.force,
+            alignment=args.alignment,
+            progress=not args.no_progress,
+        )
+    except (TierError, CheckpointError, QuantizationError, PackedExpertError) as e:
+        print(f"dynaexq quantize: error: {e}", file=sys.stderr)
+        return 2
+    except FileExistsError as e:
+        print(f"dynaexq quantize: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.out}: {len(m['experts'])} MoE layers x {m['num_experts']} experts, "
+        f"tiers {', '.join(t['name'] for t in m['tiers'])}; "
+        f"{m['source_expert_bytes'] / 1e6:.1f} MB of expert weights in "
+        f"{m['quantize_seconds']:.1f} s ({m['quantize_mb_per_s']:.2f} MB/s)"
+    )
+    for name, s in m["summary"].items():
+        if s:
+            print(
+                f"  {name:>14}: {m['expert_nbytes'][name]} B/expert, rel. weight error "
+                f"mean {s['weights_mean']:.4f} max {s['weights_max']:.4f}"
+            )
+    return 0
