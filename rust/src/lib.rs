@@ -3,5 +3,7 @@
 //!
 //! This file only re-exports; each concept lives in its own module.
 
+pub mod controller;
+
 #[cfg(feature = "python")]
 mod py;

@@ -1,0 +1,334 @@
+//! The controller: hotness signals against naive references, the planner's invariants
+//! (capacity, hysteresis, rate and in-flight limits, busy experts), and the knapsack
+//! against brute force.
+
+use dynaexq::controller::{
+    assignment_value, knapsack_exact, knapsack_greedy, plan, Capacity, HotnessTracker, Plan,
+    PlanInput, PlannerConfig, Signal,
+};
+use proptest::prelude::*;
+
+fn two_tier_input<'a>(
+    scores: &'a [f32],
+    current: &'a [u8],
+    busy: &'a [bool],
+    capacity: &'a Capacity,
+    layers: usize,
+) -> PlanInput<'a> {
+    PlanInput {
+        layers,
+        experts: scores.len() / layers,
+        scores,
+        current,
+        busy,
+        tier_bytes: &[100, 400],
+        gain: None,
+        capacity,
+        in_flight: 0,
+    }
+}
+
+fn apply(current: &[u8], plan: &Plan, experts: usize) -> Vec<u8> {
+    let mut next = current.to_vec();
+    for t in &plan.transitions {
+        let i = t.layer as usize * experts + t.expert as usize;
+        assert_eq!(
+            next[i], t.from,
+            "a transition starts from the expert's tier"
+        );
+        next[i] = t.to;
+    }
+    next
+}
+
+#[test]
+fn initial_fill_takes_the_top_n_without_hysteresis() {
+    let scores = [0.1, 0.5, 0.3, 0.0, 0.2, 0.4];
+    let current = [0u8; 6];
+    let busy = [false; 6];
+    let cap = Capacity::PerLayer(vec![6, 2]);
+    let cfg = PlannerConfig {
+        delta: 1.0,
+        ..Default::default()
+    };
+    let p = plan(&two_tier_input(&scores, &current, &busy, &cap, 1), &cfg).unwrap();
+    assert_eq!(p.target, vec![0, 1, 0, 0, 0, 1]);
+    assert_eq!(p.transitions.len(), 2);
+    assert!(p
+        .transitions
+        .iter()
+        .all(|t| t.is_promotion() && t.bytes == 400));
+}
+
+#[test]
+fn hysteresis_keeps_an_incumbent_until_beaten_by_more_than_delta() {
+    let current = [1u8, 0, 0, 0];
+    let busy = [false; 4];
+    let cap = Capacity::PerLayer(vec![4, 1]);
+    let cfg = PlannerConfig {
+        delta: 0.05,
+        ..Default::default()
+    };
+    // Outsider better by 0.04 < delta: nothing moves.
+    let scores = [0.30, 0.34, 0.1, 0.1];
+    let p = plan(&two_tier_input(&scores, &current, &busy, &cap, 1), &cfg).unwrap();
+    assert!(p.transitions.is_empty());
+    assert_eq!(p.target, current.to_vec());
+    // Better by 0.06 > delta: a demote-then-promote pair.
+    let scores = [0.30, 0.36, 0.1, 0.1];
+    let p = plan(&two_tier_input(&scores, &current, &busy, &cap, 1), &cfg).unwrap();
+    assert_eq!(p.transitions.len(), 2);
+    assert_eq!((p.transitions[0].expert, p.transitions[0].to), (0, 0));
+    assert_eq!((p.transitions[1].expert, p.transitions[1].to), (1, 1));
+}
+
+#[test]
+fn rate_limit_defers_pairs_whole() {
+    let scores = [0.0, 0.0, 0.9, 0.8];
+    let current = [1u8, 1, 0, 0];
+    let busy = [false; 4];
+    let cap = Capacity::PerLayer(vec![4, 2]);
+    let cfg = PlannerConfig {
+        delta: 0.0,
+        max_transitions: 3,
+        ..Default::default()
+    };
+    let p = plan(&two_tier_input(&scores, &current, &busy, &cap, 1), &cfg).unwrap();
+    // Two pairs wanted, only one fits in 3 transitions; the better one goes first.
+    assert_eq!(p.transitions.len(), 2);
+    assert_eq!(p.transitions[1].expert, 2);
+    assert_eq!(p.deferred, 2);
+}
+
+#[test]
+fn busy_experts_neither_move_nor_get_displaced() {
+    let scores = [0.0, 0.9, 0.8];
+    let current = [1u8, 0, 0];
+    let busy = [true, false, false];
+    let cap = Capacity::PerLayer(vec![3, 1]);
+    let p = plan(
+        &two_tier_input(&scores, &current, &busy, &cap, 1),
+        &PlannerConfig::default(),
+    )
+    .unwrap();
+    assert!(p.transitions.is_empty());
+}
+
+#[test]
+fn global_capacity_moves_slots_to_the_hotter_layer() {
+    // Layer 0 is cold everywhere, layer 1 hot: both global slots end in layer 1.
+    let scores = [0.01, 0.02, 0.5, 0.6];
+    let current = [1u8, 1, 0, 0];
+    let busy = [false; 4];
+    let cap = Capacity::Global(vec![4, 2]);
+    let p = plan(
+        &two_tier_input(&scores, &current, &busy, &cap, 2),
+        &PlannerConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(p.target, vec![0, 0, 1, 1]);
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let scores = [0.1, 0.2];
+    let busy = [false; 2];
+    let cap = Capacity::PerLayer(vec![2, 1]);
+    let bad_tier = [0u8, 7];
+    assert!(plan(
+        &two_tier_input(&scores, &bad_tier, &busy, &cap, 1),
+        &PlannerConfig::default()
+    )
+    .is_err());
+    let short = [0u8];
+    assert!(plan(
+        &two_tier_input(&scores, &short, &busy, &cap, 1),
+        &PlannerConfig::default()
+    )
+    .is_err());
+    assert!(HotnessTracker::new(0, 4, Signal::Ema { alpha: 0.9 }).is_err());
+    assert!(HotnessTracker::new(1, 4, Signal::Ema { alpha: 1.5 }).is_err());
+    assert!(HotnessTracker::new(1, 4, Signal::Window { steps: 0 }).is_err());
+    let mut t = HotnessTracker::new(1, 4, Signal::Ema { alpha: 0.5 }).unwrap();
+    assert!(t.observe(0, &[9], &[1.0], 1).is_err());
+    assert!(t.observe(3, &[1], &[1.0], 1).is_err());
+    assert!(t.observe(0, &[1, 2], &[1.0], 1).is_err());
+}
+
+fn routing_step() -> impl Strategy<Value = Vec<(u32, f32)>> {
+    // One layer, 5 experts, top-1: each token routes to one expert with a probability.
+    prop::collection::vec((0u32..5, 0.0f32..1.0), 1..6)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn ema_matches_the_scalar_recurrence(steps in prop::collection::vec(routing_step(), 1..20), alpha in 0.0f32..0.99) {
+        let mut t = HotnessTracker::new(1, 5, Signal::Ema { alpha }).unwrap();
+        let mut reference = [0f64; 5];
+        for step in &steps {
+            let ids: Vec<u32> = step.iter().map(|s| s.0).collect();
+            let ps: Vec<f32> = step.iter().map(|s| s.1).collect();
+            t.observe(0, &ids, &ps, 1).unwrap();
+            t.end_step();
+            let mut c = [0f64; 5];
+            for &(e, p) in step { c[e as usize] += p as f64 / step.len() as f64; }
+            for e in 0..5 { reference[e] = alpha as f64 * reference[e] + (1.0 - alpha as f64) * c[e]; }
+        }
+        for (got, want) in t.scores().iter().zip(reference) {
+            prop_assert!((*got as f64 - want).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn window_is_the_sum_of_the_last_steps(steps in prop::collection::vec(routing_step(), 1..30), w in 1usize..8) {
+        let mut t = HotnessTracker::new(1, 5, Signal::Window { steps: w }).unwrap();
+        let mut history: Vec<[f64; 5]> = Vec::new();
+        for step in &steps {
+            let ids: Vec<u32> = step.iter().map(|s| s.0).collect();
+            let ps: Vec<f32> = step.iter().map(|s| s.1).collect();
+            t.observe(0, &ids, &ps, 1).unwrap();
+            t.end_step();
+            let mut c = [0f64; 5];
+            for &(e, p) in step { c[e as usize] += p as f64 / step.len() as f64; }
+            history.push(c);
+        }
+        let start = history.len().saturating_sub(w);
+        for e in 0..5 {
+            let want: f64 = history[start..].iter().map(|c| c[e]).sum();
+            prop_assert!((t.scores()[e] as f64 - want).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn plans_respect_capacity_limits_and_busy_experts(
+        layers in 1usize..4,
+        experts in 2usize..10,
+        seed in prop::collection::vec((0.0f32..1.0, 0u8..3, prop::bool::weighted(0.2)), 40),
+        caps in (0usize..4, 0usize..3),
+        global in any::<bool>(),
+        max_transitions in 0usize..12,
+        max_in_flight in 0usize..6,
+        in_flight in 0usize..3,
+        delta in 0.0f32..0.2,
+    ) {
+        let n = layers * experts;
+        let scores: Vec<f32> = (0..n).map(|i| seed[i % seed.len()].0).collect();
+        let busy: Vec<bool> = (0..n).map(|i| seed[i % seed.len()].2).collect();
+        let slots = vec![n, caps.0, caps.1];
+        let capacity = if global { Capacity::Global(slots.clone()) } else {
+            Capacity::PerLayer(slots.iter().map(|&s| s.min(experts)).collect())
+        };
+        let scope_slots = |_: usize| match &capacity { Capacity::Global(s) | Capacity::PerLayer(s) => s.clone(), _ => unreachable!() };
+        // A feasible current assignment: fill tiers 2 and 1 up to capacity in index order.
+        let mut current = vec![0u8; n];
+        let scopes: Vec<Vec<usize>> = if global { vec![(0..n).collect()] } else { (0..layers).map(|l| (l * experts..(l + 1) * experts).collect()).collect() };
+        for (s, members) in scopes.iter().enumerate() {
+            let mut room = scope_slots(s);
+            for &i in members {
+                let want = seed[(i * 7) % seed.len()].1 as usize;
+                if want > 0 && room[want] > 0 { room[want] -= 1; current[i] = want as u8; }
+            }
+        }
+        let input = PlanInput { layers, experts, scores: &scores, current: &current, busy: &busy,
+            tier_bytes: &[10, 40, 160], gain: None, capacity: &capacity, in_flight };
+        let cfg = PlannerConfig { delta, max_transitions, max_bytes: u64::MAX, max_in_flight };
+        let p = plan(&input, &cfg).unwrap();
+        prop_assert!(p.transitions.len() <= max_transitions);
+        prop_assert!(p.transitions.len() <= max_in_flight.saturating_sub(in_flight));
+        let mut seen = std::collections::HashSet::new();
+        for t in &p.transitions {
+            let i = t.layer as usize * experts + t.expert as usize;
+            prop_assert!(!busy[i], "a busy expert was moved");
+            prop_assert!(seen.insert(i), "an expert moved twice in one plan");
+        }
+        let next = apply(&current, &p, experts);
+        for (s, members) in scopes.iter().enumerate() {
+            let room = scope_slots(s);
+            for (tier, &slots) in room.iter().enumerate().skip(1) {
+                let used = members.iter().filter(|&&i| next[i] as usize == tier).count();
+                prop_assert!(used <= slots, "tier {} over capacity: {} > {}", tier, used, slots);
+            }
+        }
+        // Target too: never more experts wanted in a tier than it has slots.
+        for (s, members) in scopes.iter().enumerate() {
+            let room = scope_slots(s);
+            for (tier, &slots) in room.iter().enumerate().skip(1) {
+                prop_assert!(members.iter().filter(|&&i| p.target[i] as usize == tier).count() <= slots);
+            }
+        }
+    }
+
+    #[test]
+    fn without_limits_one_plan_reaches_its_target_in_two_tiers(
+        scores in prop::collection::vec(0.0f32..1.0, 2..12),
+        hot in 0usize..6,
+        delta in 0.0f32..0.1,
+        start in prop::collection::vec(any::<bool>(), 12),
+    ) {
+        let e = scores.len();
+        let hot = hot.min(e);
+        let mut current = vec![0u8; e];
+        let mut placed = 0;
+        for i in 0..e { if start[i] && placed < hot { current[i] = 1; placed += 1; } }
+        let busy = vec![false; e];
+        let cap = Capacity::PerLayer(vec![e, hot]);
+        let cfg = PlannerConfig { delta, max_in_flight: usize::MAX, ..Default::default() };
+        let p = plan(&two_tier_input(&scores, &current, &busy, &cap, 1), &cfg).unwrap();
+        prop_assert_eq!(apply(&current, &p, e), p.target.clone());
+        // Hysteresis: every outsider left out is within delta of the weakest kept incumbent,
+        // or beaten by every hot expert.
+        let hot_scores: Vec<f32> = (0..e).filter(|&i| p.target[i] == 1).map(|i| scores[i]).collect();
+        if hot_scores.len() == hot && hot > 0 {
+            let weakest_incumbent = (0..e).filter(|&i| p.target[i] == 1 && current[i] == 1)
+                .map(|i| scores[i]).fold(f32::INFINITY, f32::min);
+            let weakest_newcomer = (0..e).filter(|&i| p.target[i] == 1 && current[i] == 0)
+                .map(|i| scores[i]).fold(f32::INFINITY, f32::min);
+            for i in (0..e).filter(|&i| p.target[i] == 0) {
+                prop_assert!(scores[i] <= weakest_incumbent + delta + 1e-6);
+                prop_assert!(scores[i] <= weakest_newcomer + 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn exact_knapsack_matches_brute_force(
+        values in prop::collection::vec(0.0f32..10.0, 3..=15),
+        sizes in (1u64..4, 1u64..4),
+        budget in 0u64..40,
+    ) {
+        let bytes = [1u64, 1 + sizes.0, 1 + sizes.0 + sizes.1];
+        let items = values.len() / 3;
+        let values = &values[..items * 3];
+        let mut best: Option<f64> = None;
+        for code in 0..3usize.pow(items as u32) {
+            let choice: Vec<u8> = (0..items).map(|i| ((code / 3usize.pow(i as u32)) % 3) as u8).collect();
+            let (v, b) = assignment_value(values, &bytes, &choice);
+            if b <= budget && best.is_none_or(|x| v > x) { best = Some(v); }
+        }
+        let exact = knapsack_exact(values, &bytes, budget);
+        match (best, exact) {
+            (None, None) => {}
+            (Some(want), Some((choice, got))) => {
+                prop_assert!((want - got).abs() < 1e-3);
+                let (v, b) = assignment_value(values, &bytes, &choice);
+                prop_assert!(b <= budget);
+                prop_assert!((v - got).abs() < 1e-3);
+            }
+            (want, got) => prop_assert!(false, "brute force {:?} vs exact {:?}", want, got),
+        }
+        // The greedy is feasible and within one item's value range of the optimum.
+        let greedy = knapsack_greedy(values, &bytes, budget);
+        prop_assert_eq!(greedy.is_some(), best.is_some());
+        if let (Some(choice), Some(want)) = (greedy, best) {
+            let (v, b) = assignment_value(values, &bytes, &choice);
+            prop_assert!(b <= budget);
+            let spread = (0..items).map(|i| {
+                let row = &values[i * 3..i * 3 + 3];
+                row.iter().cloned().fold(f32::MIN, f32::max) - row.iter().cloned().fold(f32::MAX, f32::min)
+            }).fold(0f32, f32::max) as f64;
+            prop_assert!(v >= want - spread - 1e-3, "greedy {} vs optimum {} (spread {})", v, want, spread);
+        }
+    }
+}
