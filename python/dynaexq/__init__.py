@@ -3,3 +3,27 @@
 from dynaexq._core import __version__
 
 __all__ = ["__version__"]
+
+# The model runtime (issue 5). Imported lazily: it pulls in torch, and `dynaexq --help`
+# should stay fast.
+_LAZY = {
+    "load": "dynaexq.engine",
+    "Engine": "dynaexq.engine",
+    "GenerationResult": "dynaexq.engine",
+    "CheckpointError": "dynaexq.checkpoint",
+    "CheckpointFileNotFoundError": "dynaexq.checkpoint",
+    "EmbeddedModelMissingError": "dynaexq.checkpoint",
+    "MissingTensorError": "dynaexq.checkpoint",
+    "TensorShapeError": "dynaexq.checkpoint",
+    "UnsupportedArchitectureError": "dynaexq.checkpoint",
+    "UnsupportedDtypeError": "dynaexq.checkpoint",
+}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dynaexq' has no attribute {name!r}")

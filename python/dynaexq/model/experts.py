@@ -1,0 +1,118 @@
+"""The one narrow interface through which the model runs its routed experts.
+
+The model file computes routing (softmax router, top-k, optional renormalisation) and hands
+each MoE layer's tokens to an `ExpertExecutor`, which returns the weighted sum of the routed
+experts' outputs. The precision runtime replaces `FullPrecisionExperts` with its own
+executor (mixed-precision experts, leases, ...) without touching the model file.
+
+Routing hooks observe each MoE layer's routing on every forward step (prefill and decode):
+`hook(layer, expert_ids [T, k], router_probs [T, num_experts] float32)`. Only real tokens
+are shown (no padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from dynaexq.checkpoint import Checkpoint, ExpertTensors
+
+RoutingHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@runtime_checkable
+class ExpertExecutor(Protocol):
+    """Runs the routed experts of one MoE layer."""
+
+    def forward(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """Combined expert output.
+
+        hidden [T, H]; expert_ids [T, k] (int64); weights [T, k] (hidden's dtype).
+        Returns [T, H] = sum_j weights[t, j] * expert_{expert_ids[t, j]}(hidden[t]).
+        """
+        ...
+
+
+class FullPrecisionExperts:
+    """The default executor: every expert at the model's compute dtype.
+
+    Weights of a layer are kept stacked like transformers 5.x holds them in memory
+    (`gate_up` [E, 2I, H] with gate rows first, `down` [E, H, I]); `expert(layer, e)`
+    addresses one expert. The forward pass sorts the T*k (token, expert) pairs by expert
+    and runs two matmuls per expert that received tokens: no per-token Python loop.
+    """
+
+    def __init__(self, gate_up: dict[int, torch.Tensor], down: dict[int, torch.Tensor]) -> None:
+        if gate_up.keys() != down.keys():
+            raise ValueError("gate_up and down must cover the same layers")
+        self.gate_up = gate_up
+        self.down = down
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: Checkpoint,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        layers: Iterable[int] | None = None,
+    ) -> FullPrecisionExperts:
+        """Read every routed expert expert-by-expert into preallocated stacked tensors."""
+        c = checkpoint.config
+        e, h, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
+        gate_up: dict[int, torch.Tensor] = {}
+        down: dict[int, torch.Tensor] = {}
+        for layer in c.moe_layers if layers is None else layers:
+            gu = torch.empty(e, 2 * i, h, dtype=dtype, device=device)
+            dn = torch.empty(e, h, i, dtype=dtype, device=device)
+            for x in range(e):
+                t = checkpoint.expert(layer, x, dtype)
+                gu[x, :i].copy_(t.gate)
+                gu[x, i:].copy_(t.up)
+                dn[x].copy_(t.down)
+            gate_up[layer], down[layer] = gu, dn
+        return cls(gate_up, down)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.gate_up)
+
+    def expert(self, layer: int, expert: int) -> ExpertTensors:
+        gu = self.gate_up[layer][expert]
+        i = gu.shape[0] // 2
+        return ExpertTensors(gate=gu[:i], up=gu[i:], down=self.down[layer][expert])
+
+    def forward(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        gate_up, down = self.gate_up[layer], self.down[layer]
+        num_experts = gate_up.shape[0]
+        t, k = expert_ids.shape
+        flat = expert_ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=num_experts).tolist()  # the one host sync
+        token_of = order // k
+        x = hidden[token_of]  # [T*k, H], grouped by expert
+        out = torch.empty_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            xs = x[start : start + n]
+            g, u = F.linear(xs, gate_up[e]).chunk(2, dim=-1)
+            out[start : start + n] = F.linear(F.silu(g) * u, down[e])
+            start += n
+        out.mul_(weights.reshape(-1)[order].unsqueeze(-1))
+        return torch.zeros_like(hidden).index_add_(0, token_of, out)

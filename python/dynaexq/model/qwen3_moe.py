@@ -1,0 +1,361 @@
+"""Qwen3-MoE (and Qwen2-MoE) decoder in plain torch, one readable file.
+
+Inference only. Module and parameter names follow the Hugging Face checkpoints
+(`model.layers.N.self_attn.q_proj.weight`, `model.layers.N.mlp.gate.weight`, `lm_head.weight`),
+so the non-expert weights load by name. Routed experts are not parameters of this file:
+each MoE layer calls an `ExpertExecutor` (see experts.py) given at construction, so the
+precision runtime swaps the expert implementation without touching this file.
+
+Sequences of different lengths run together: every token carries its own position, the KV
+cache stores token p of sequence b at slot p, and a query at position p attends to slots
+0..p of its own row. Padding (and finished rows) is marked by `token_mask` and skipped by
+the MoE layers, so routing hooks only ever see real tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynaexq.model.config import ModelConfig, RopeConfig
+from dynaexq.model.experts import ExpertExecutor, RoutingHook
+
+
+# ----------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------
+@dataclass
+class KVCache:
+    """Per-layer key/value tensors [batch, kv_heads, capacity, head_dim]; slot = position."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def allocate(
+        cls,
+        config: ModelConfig,
+        batch: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> KVCache:
+        shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
+        n = config.num_hidden_layers
+        return cls(
+            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def select(self, rows: torch.Tensor) -> KVCache:
+        """Keep only the given batch rows (used to drop finished sequences)."""
+        return KVCache(
+            keys=[k.index_select(0, rows) for k in self.keys],
+            values=[v.index_select(0, rows) for v in self.values],
+        )
+
+
+@dataclass
+class MoeRuntime:
+    """What the MoE layers call out to: the expert executor and the routing observers."""
+
+    experts: ExpertExecutor
+    routing_hooks: list[RoutingHook] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, scale in the input dtype (as transformers does).
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def _rope_inv_freq(
+    rope: RopeConfig, dim: int, max_pos: int, seq_len: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] and the cos/sin scale for one RoPE variant."""
+    arange = torch.arange(0, dim, 2, dtype=torch.int64).float()
+    base: float | torch.Tensor = rope.theta
+    if rope.rope_type == "dynamic" and seq_len is not None and int(seq_len) > max_pos:
+        # NTK-aware: grow the base with the current length (computed as transformers does).
+        s = seq_len.to(torch.float32)
+        base = rope.theta * ((rope.factor * s / max_pos) - (rope.factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** (arange / dim))
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor, 1.0
+    if rope.rope_type != "yarn":
+        return inv_freq, 1.0
+
+    # YaRN: interpolate low frequencies, keep high ones, blend in between.
+    factor = rope.factor
+    omax = rope.original_max_position_embeddings or max_pos
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = rope.attention_factor
+    if attention is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention = mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim)
+        else:
+            attention = mscale(factor)
+    beta_fast = rope.beta_fast or 32.0
+    beta_slow = rope.beta_slow or 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(omax / (rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1.0 - ramp
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv, float(attention)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.rope = config.rope
+        self.dim = config.head_dim
+        self.max_pos = config.max_position_embeddings
+        inv_freq, self.scale = _rope_inv_freq(self.rope, self.dim, self.max_pos)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """cos, sin of shape [B, 1, T, head_dim] for positions [B, T]."""
+        inv_freq = self.inv_freq.float().expand(positions.shape[0], -1)  # [B, dim/2]
+        if self.rope.rope_type == "dynamic":
+            # Each row scales by its own length (its furthest real token), so a sequence
+            # gets the same frequencies alone or in a batch.
+            real = positions if token_mask is None else positions.masked_fill(~token_mask, 0)
+            seq_lens = real.max(dim=1).values + 1
+            rows = [
+                _rope_inv_freq(self.rope, self.dim, self.max_pos, n)[0].to(positions.device)
+                if int(n) > self.max_pos
+                else self.inv_freq.float()
+                for n in seq_lens
+            ]
+            inv_freq = torch.stack(rows)
+        freqs = positions[..., None].float() * inv_freq[:, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.scale).to(dtype)
+        sin = (emb.sin() * self.scale).to(dtype)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with optional q/k RMSNorm (Qwen3) and RoPE."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = d = config.head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+
+        if cache is None:
+            key_pos = positions
+        else:
+            # Slot p of row b holds position p; write this step's keys, then read slots
+            # 0..max position (slots beyond a row's own position are masked out below).
+            rows = torch.arange(b, device=x.device).unsqueeze(1).expand(b, t)
+            ck, cv = cache.keys[self.layer], cache.values[self.layer]
+            ck[rows, :, positions] = k.transpose(1, 2)
+            cv[rows, :, positions] = v.transpose(1, 2)
+            used = int(positions.max()) + 1
+            k, v = ck[:, :, :used], cv[:, :, :used]
+            key_pos = torch.arange(used, device=x.device).unsqueeze(0).expand(b, used)
+        mask = key_pos[:, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=True
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: dense layers and the Qwen2-MoE shared expert."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoeBlock(nn.Module):
+    """Softmax router -> top-k -> routed experts (via the executor) [+ shared expert]."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.has_shared = config.shared_expert_intermediate_size > 0
+        if self.has_shared:
+            self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, runtime: MoeRuntime) -> torch.Tensor:
+        """x: [N, H] real tokens only."""
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        for hook in runtime.routing_hooks:
+            hook(self.layer, expert_ids, probs)
+        out = runtime.experts.forward(self.layer, x, expert_ids, weights.to(x.dtype))
+        if self.has_shared:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer)
+        self.is_moe = config.is_moe_layer(layer)
+        self.mlp: nn.Module = (
+            SparseMoeBlock(config, layer)
+            if self.is_moe
+            else MLP(config.hidden_size, config.intermediate_size)
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        token_mask: torch.Tensor | None,
+        runtime: MoeRuntime,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        h = self.post_attention_layernorm(x)
+        if not self.is_moe:
+            return x + self.mlp(h)
+        # Only real tokens go through the router and the experts.
+        if token_mask is None:
+            return x + self.mlp(h.reshape(-1, h.shape[-1]), runtime).view_as(h)
+        out = torch.zeros_like(h)
+        out[token_mask] = self.mlp(h[token_mask], runtime)
+        return x + out
+
+
+class Qwen3MoeModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen3MoeForCausalLM(nn.Module):
+    """The whole decoder; `forward` returns logits."""
+
+    def __init__(self, config: ModelConfig, experts: ExpertExecutor) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen3MoeModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
+        self.runtime = MoeRuntime(experts=experts)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.weight
+        return self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        token_mask: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for input_ids [B, T].
+
+        positions [B, T]: each token's position (default 0..T-1). cache: written at those
+        positions and attended over. token_mask [B, T]: False marks padding, which the MoE
+        layers skip. logits_index [B]: if given, logits only for that token of each row,
+        shape [B, 1, V]; else [B, T, V].
+        """
+        b, t = input_ids.shape
+        if positions is None:
+            positions = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype, token_mask)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, positions, cache, token_mask, self.runtime)
+        if logits_index is not None:
+            x = x[torch.arange(b, device=x.device), logits_index].unsqueeze(1)
+        return F.linear(self.model.norm(x), self.lm_head_weight)
