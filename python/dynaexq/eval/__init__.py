@@ -1,0 +1,1 @@
+"""Evaluation: causal stream perplexity and accuracy, policies side by side, reports."""
