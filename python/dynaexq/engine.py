@@ -12,6 +12,7 @@ full-precision experts are never materialised when they are not wanted.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,10 +152,15 @@ class Engine:
 
     @property
     def eos_token_ids(self) -> list[int]:
+        """EOS ids from config.json, generation_config.json and the tokenizer, merged."""
         ids = list(self.config.eos_token_ids)
+        gen = self.checkpoint.path / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids += [int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
         if self.tokenizer is not None:
-            ids += [i for i in self.tokenizer.eos_token_ids if i not in ids]
-        return ids
+            ids += self.tokenizer.eos_token_ids
+        return list(dict.fromkeys(ids))
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:

@@ -1,0 +1,135 @@
+"""`dynaexq generate`: generate text with a Qwen3-MoE checkpoint, streaming tokens."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "generate text from a prompt with a Qwen3-MoE checkpoint (streams tokens as produced)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "prompt",
+        nargs="*",
+        help="prompt text; several prompts run as one batch and print when all are done; "
+        "'-' or no prompt reads one prompt from standard input",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json); "
+        "default: the embedded model shipped with dynaexq",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="most tokens to generate per prompt"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature; 0 picks the most likely token (greedy)",
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=0, help="sample only among the k most likely tokens (0: off)"
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample only among the most likely tokens whose probabilities sum to p (1: off)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed for sampling (prompt i uses seed + i); unset: not reproducible",
+    )
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when this text appears (not printed); repeat for several",
+    )
+    parser.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="keep generating past the end-of-sequence token",
+    )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt as a user message in the model's chat template",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype; auto keeps the checkpoint's (float16 runs as float32 on CPU)",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device such as cpu or cuda:0; default: cuda when available, else cpu",
+    )
+    parser.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="print the text once generation ends instead of token by token",
+    )
+    parser.add_argument(
+        "--stats",
+        action="store_true",
+        help="print token counts, finish reason and tokens/s to standard error",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    import dynaexq
+    from dynaexq.checkpoint import CheckpointError
+
+    prompts = list(args.prompt)
+    if not prompts or prompts == ["-"]:
+        prompts = [sys.stdin.read()]
+    try:
+        engine = dynaexq.load(args.model, dtype=args.dtype, device=args.device)
+        if engine.tokenizer is None:
+            raise CheckpointError(f"{engine.checkpoint.path}: no tokenizer.json to encode text")
+    except (CheckpointError, ValueError) as e:
+        print(f"dynaexq generate: error: {e}", file=sys.stderr)
+        return 2
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+    start = time.perf_counter()
+    try:
+        if len(prompts) == 1 and not args.no_stream:
+            for piece in engine.stream(prompts[0], chat=args.chat, **options):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            if args.stats:
+                print(f"[{time.perf_counter() - start:.2f}s]", file=sys.stderr)
+            return 0
+        results = engine.generate(prompts, chat=args.chat, **options)  # type: ignore[arg-type]
+    except ValueError as e:
+        print(f"dynaexq generate: error: {e}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - start
+    for i, r in enumerate(results):
+        if len(results) > 1:
+            print(f"--- [{i}] ({r.finish_reason})")
+        print(r.text)
+    if args.stats:
+        n = sum(len(r.token_ids) for r in results)
+        print(f"[{n} tokens in {elapsed:.2f}s: {n / elapsed:.1f} tokens/s]", file=sys.stderr)
+    return 0

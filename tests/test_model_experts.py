@@ -1,0 +1,148 @@
+"""The expert-executor interface and the routing hook."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("transformers")
+
+import dynaexq  # noqa: E402
+from dynaexq.checkpoint import Checkpoint  # noqa: E402
+from dynaexq.generation import SamplingParams, generate_tokens  # noqa: E402
+from dynaexq.model.experts import ExpertExecutor, FullPrecisionExperts  # noqa: E402
+from dynaexq.model.testing import make_hf_model, save_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = save_checkpoint(make_hf_model(seed=3), tmp_path_factory.mktemp("m"))
+    return dynaexq.load(path, dtype="float32", device="cpu")
+
+
+def _reference(gate_up, down, hidden, ids, weights):
+    """Token by token, expert by expert: the definition the executor must meet."""
+    out = torch.zeros_like(hidden)
+    i = gate_up.shape[1] // 2
+    for t in range(hidden.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            g = gate_up[e, :i] @ hidden[t]
+            u = gate_up[e, i:] @ hidden[t]
+            out[t] += weights[t, j] * (down[e] @ (F.silu(g) * u))
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    tokens=st.integers(1, 12),
+    experts=st.integers(1, 9),
+    k=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_full_precision_executor_matches_definition(tokens, experts, k, seed) -> None:
+    k = min(k, experts)
+    g = torch.Generator().manual_seed(seed)
+    h, i = 8, 6
+    gate_up = torch.randn(experts, 2 * i, h, generator=g)
+    down = torch.randn(experts, h, i, generator=g)
+    hidden = torch.randn(tokens, h, generator=g)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=g)
+    ex = FullPrecisionExperts({0: gate_up}, {0: down})
+    got = ex.forward(0, hidden, ids, weights)
+    assert torch.allclose(got, _reference(gate_up, down, hidden, ids, weights), atol=1e-5)
+
+
+def test_executor_weights_are_addressable_per_expert(engine) -> None:
+    ck = Checkpoint(engine.checkpoint.path)
+    ex = engine.experts
+    assert isinstance(ex, ExpertExecutor) and isinstance(ex, FullPrecisionExperts)
+    assert ex.layers == [0, 2]  # layer 1 is dense (mlp_only_layers)
+    for layer in ex.layers:
+        for e in range(ck.config.num_experts):
+            a, b = ex.expert(layer, e), ck.expert(layer, e)
+            assert torch.equal(a.gate, b.gate) and torch.equal(a.up, b.up)
+            assert torch.equal(a.down, b.down)
+
+
+class Recording:
+    """Delegates to another executor and records what it was asked."""
+
+    def __init__(self, inner: ExpertExecutor, scale: float = 1.0) -> None:
+        self.inner, self.scale, self.calls = inner, scale, []
+
+    def forward(self, layer, hidden, expert_ids, weights):
+        self.calls.append((layer, hidden.shape[0], tuple(expert_ids.shape)))
+        return self.scale * self.inner.forward(layer, hidden, expert_ids, weights)
+
+
+def test_swapping_the_executor_changes_only_expert_execution(engine) -> None:
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    base = engine.forward(ids)
+    default = engine.experts
+    try:
+        rec = Recording(default)
+        engine.experts = rec
+        assert torch.equal(engine.forward(ids), base)
+        k = engine.config.num_experts_per_tok
+        assert rec.calls == [(0, 10, (10, k)), (2, 10, (10, k))]
+        engine.experts = Recording(default, scale=0.0)
+        assert not torch.allclose(engine.forward(ids), base)
+    finally:
+        engine.experts = default
+
+
+def test_routing_hook_sees_each_real_token_once_per_layer_and_step(engine) -> None:
+    seen: list[tuple[int, int]] = []
+    probs_ok: list[bool] = []
+
+    def hook(layer, expert_ids, probs):
+        seen.append((layer, expert_ids.shape[0]))
+        top = probs.gather(1, expert_ids)
+        # expert_ids are the top-k of the router probabilities
+        probs_ok.append(
+            probs.dtype == torch.float32
+            and bool(torch.allclose(probs.sum(-1), torch.ones(len(probs))))
+            and bool((top.min(1).values >= probs.topk(expert_ids.shape[1]).values[:, -1]).all())
+        )
+
+    remove = engine.add_routing_hook(hook)
+    try:
+        prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+        generate_tokens(engine.model, prompts, SamplingParams(max_new_tokens=3, ignore_eos=True))
+    finally:
+        remove()
+    # prefill: 11 real tokens (padding to 3x7 is not shown); then 3 rows per decode step
+    assert seen == [(0, 11), (2, 11), (0, 3), (2, 3), (0, 3), (2, 3)]
+    assert all(probs_ok)
+    generate_tokens(engine.model, [[1]], SamplingParams(max_new_tokens=2))
+    assert len(seen) == 6  # removed hooks are not called
+
+
+def test_finished_sequences_leave_the_batch(engine) -> None:
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    first, second = (
+        o.token_ids for o in generate_tokens(engine.model, [[5, 6], [7, 8, 9]], params)
+    )
+    eos = next((t for t in first[:3] if t not in second), None)
+    if eos is None:
+        pytest.skip("no token separates the two generations")
+    stop = first.index(eos) + 1
+    rows: list[int] = []
+    remove = engine.add_routing_hook(
+        lambda layer, ids, p: rows.append(ids.shape[0]) if layer == 0 else None
+    )
+    try:
+        outs = generate_tokens(
+            engine.model, [[5, 6], [7, 8, 9]], SamplingParams(max_new_tokens=4), eos_token_ids=[eos]
+        )
+    finally:
+        remove()
+    assert outs[0].token_ids == first[:stop] and outs[0].finish_reason == "eos"
+    assert outs[1].token_ids == second and outs[1].finish_reason == "length"
+    # prefill shows 5 real tokens; decode steps show 2 rows until the first one ends, then 1
+    assert rows == [5] + [2] * (stop - 1) + [1] * (3 - (stop - 1))
