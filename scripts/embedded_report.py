@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""Measure the embedded model and write REPORT.json + REPORT.md next to it.
+
+Loads the checkpoint with ``transformers.AutoModelForCausalLM`` (the reference), then
+reports: parameters (total and active per token), training tokens and time (from
+train_log.jsonl), held-out loss and perplexity per domain, and per layer routing
+entropy, expert-use skew (share of the top 25% experts) and how much the favourite
+experts differ between domains (Jaccard overlap of the top-25% sets, Jensen-Shannon
+divergence), for the trained model and for the same architecture at random init.
+
+Usage::
+
+    python scripts/embedded_report.py [--model-dir python/dynaexq/data/embedded] [--max-seqs 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from embedded_common import DOMAINS, evaluate, load_heldout  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def count_params(model) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    cfg = model.config
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    active = total - expert + expert * cfg.num_experts_per_tok // cfg.num_experts
+    return total, active
+
+
+def expert_format(model_dir: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    per = [
+        k for k in keys if ".experts." in k and k.endswith(("gate_proj.weight", "up_proj.weight"))
+    ]
+    fused = [k for k in keys if k.endswith("experts.gate_up_proj")]
+    if per and not fused:
+        return f"per-expert ({len(per) // 2} experts x gate/up/down, e.g. {sorted(per)[0]})"
+    if fused and not per:
+        return f"fused ({fused[0]})"
+    return "mixed/unknown"
+
+
+def training_summary(log_path: Path) -> dict[str, object]:
+    recs = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
+    steps = [r for r in recs if "loss" in r and "step" in r and "eval" not in r]
+    evals = [r for r in recs if "eval" in r]
+    done = [r for r in recs if r.get("event") == "done"]
+    last = steps[-1] if steps else {}
+    return {
+        "steps": done[-1]["step"] if done else last.get("step"),
+        "tokens": done[-1]["tokens"] if done else last.get("tokens"),
+        "train_seconds": done[-1]["elapsed_s"] if done else last.get("elapsed_s"),
+        "final_train_loss": last.get("loss"),
+        "eval_curve": [
+            {"step": r["step"], "tokens": r["tokens"], **{d: r["eval"]["loss"][d] for d in DOMAINS}}
+            for r in evals
+        ],
+    }
+
+
+def samples(model, tok, prompts: list[str], n: int) -> list[dict[str, str]]:  # type: ignore[no-untyped-def]
+    import torch
+
+    out = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids
+        torch.manual_seed(0)
+        g = model.generate(ids, max_new_tokens=n, do_sample=False)
+        out.append({"prompt": p, "greedy": tok.decode(g[0, ids.shape[1] :])})
+    return out
+
+
+def md_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model-dir", type=Path, default=REPO / "python" / "dynaexq" / "data" / "embedded"
+    )
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--max-seqs", type=int, default=256, help="held-out windows per domain")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random-init baseline")
+    ap.add_argument("--no-samples", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeForCausalLM
+
+    torch.set_num_threads(args.threads)
+    d = args.model_dir
+    heldout = load_heldout(d / "heldout")
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    if type(model) is not Qwen3MoeForCausalLM:
+        raise SystemExit(f"expected Qwen3MoeForCausalLM, loaded {type(model).__name__}")
+    model.eval()
+    total, active = count_params(model)
+    trained = evaluate(model, heldout, args.seq_len, args.max_seqs)
+    torch.manual_seed(args.seed)
+    base = Qwen3MoeForCausalLM(model.config).eval()
+    untrained = evaluate(base, heldout, args.seq_len, args.max_seqs)
+    cfg = model.config
+    report: dict[str, object] = {
+        "config": {
+            k: getattr(cfg, k)
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "num_experts",
+                "num_experts_per_tok",
+                "moe_intermediate_size",
+                "norm_topk_prob",
+                "tie_word_embeddings",
+                "router_aux_loss_coef",
+            )
+        },
+        "params_total": total,
+        "params_active_per_token": active,
+        "expert_tensor_format": expert_format(d),
+        "checkpoint_dtype": str(
+            next(
+                iter(
+                    __import__("safetensors.torch", fromlist=["load_file"])
+                    .load_file(str(d / "model.safetensors"))
+                    .values()
+                )
+            ).dtype
+        ),  # noqa: E501
+        "training": training_summary(d / "train_log.jsonl")
+        if (d / "train_log.jsonl").is_file()
+        else None,
+        "heldout_tokens_per_domain": {
+            k: int(min(len(v) - 1, args.max_seqs * args.seq_len)) for k, v in heldout.items()
+        },
+        "trained": trained,
+        "untrained": untrained,
+        "heldout_ppl": {k: round(math.exp(v), 3) for k, v in trained["loss"].items()},  # type: ignore[index]
+    }
+    if not args.no_samples:
+        tok = AutoTokenizer.from_pretrained(str(d))
+        report["samples"] = samples(
+            model, tok, ["def parse_args(", "#include <stdio.h>\n", "The file is"], 48
+        )
+    report["report_seconds"] = round(time.time() - t0, 1)
+    (d / "REPORT.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    tr, un = trained["routing"], untrained["routing"]  # type: ignore[index]
+    layers = cfg.num_hidden_layers
+    tsum = report["training"] or {}
+    md = [
+        "# Embedded model report",
+        "",
+        "Generated by `python scripts/embedded_report.py` (numbers measured, see REPORT.json).",
+        "",
+        f"- architecture: Qwen3-MoE, {layers} layers, hidden {cfg.hidden_size}, "
+        f"{cfg.num_experts} experts/layer "
+        f"(moe_intermediate_size {cfg.moe_intermediate_size}), top-{cfg.num_experts_per_tok}, "
+        f"vocab {cfg.vocab_size}, tied embeddings {cfg.tie_word_embeddings}",
+        f"- parameters: {total:,} total, {active:,} active per token",
+        f"- expert tensors saved as: {report['expert_tensor_format']}; "
+        f"dtype {report['checkpoint_dtype']}",
+        f"- trained tokens: {tsum.get('tokens')} in {tsum.get('steps')} steps, "
+        f"{(tsum.get('train_seconds') or 0) / 60:.1f} min wall clock",
+        "",
+        "## Held-out loss (nats/token) and perplexity",
+        "",
+        md_table(
+            ["domain", "trained loss", "trained ppl", "untrained loss"],
+            [
+                [k, trained["loss"][k], report["heldout_ppl"][k], untrained["loss"][k]]  # type: ignore[index]
+                for k in DOMAINS
+            ],
+        ),
+        "",
+        "## Routing per layer (trained / untrained)",
+        "",
+        "load entropy = entropy of expert use / log(E) (1 = flat); token entropy = mean router "
+        "entropy per token / log(E); top-25% share = share of top-k assignments taken by the 25% "
+        "most used experts (0.25 = flat); Jaccard = mean pairwise overlap of the domains' top-25% "
+        "experts (1 = same favourites); "
+        "JS = mean pairwise Jensen-Shannon divergence of domain expert-use distributions (nats).",
+        "",
+        md_table(
+            [
+                "layer",
+                "load entropy",
+                "token entropy",
+                "top-25% share",
+                "Jaccard top-25%",
+                "JS div",
+            ],
+            [
+                [
+                    i,
+                    f"{tr['load_entropy'][i]} / {un['load_entropy'][i]}",
+                    f"{tr['token_entropy'][i]} / {un['token_entropy'][i]}",
+                    f"{tr['top25_share'][i]} / {un['top25_share'][i]}",
+                    f"{tr['jaccard_top25'][i]} / {un['jaccard_top25'][i]}",
+                    f"{tr['js_divergence'][i]} / {un['js_divergence'][i]}",
+                ]
+                for i in range(layers)
+            ],
+        ),
+        "",
+        "Per-domain top-25% share (trained): "
+        + "; ".join(f"{k}: {v}" for k, v in tr["domain_top25_share"].items()),
+        "",
+    ]
+    if tsum.get("eval_curve"):
+        md += ["## Held-out loss during training", ""]
+        md.append(
+            md_table(
+                ["step", "tokens", *DOMAINS],
+                [[e["step"], e["tokens"], *(e[k] for k in DOMAINS)] for e in tsum["eval_curve"]],
+            )
+        )  # noqa: E501
+        md.append("")
+    if "samples" in report:
+        md += ["## Greedy samples (48 tokens)", ""]
+        for s in report["samples"]:  # type: ignore[attr-defined]
+            md += [f"prompt `{s['prompt']!r}`:", "", "```", s["prompt"] + s["greedy"], "```", ""]
+    (d / "REPORT.md").write_text("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
