@@ -23,6 +23,14 @@ stage "ruff"
 stage "cargo test (unit, property, fuzz-corpus replay)"
 cargo test --workspace --release --quiet
 
+stage "CUDA kernels: NVRTC -> PTX (sm_80/86/89/90/120) + ptxas via nvJitLink"
+"$py" scripts/compile_kernels.py --out "${CARGO_TARGET_DIR:-$root/target}/dynaexq-ptx"
+
+stage "loom (publish / lease / reclaim model, bounded preemption)"
+# A separate target dir: --cfg loom rebuilds every dependency.
+RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" \
+    cargo test -p dynaexq --release --quiet --test loom_table
+
 stage "stub check (mypy stubtest)"
 "$VIRTUAL_ENV/bin/python" -m mypy.stubtest dynaexq._core --ignore-missing-stub --allowlist "$root/tests/stubtest-allowlist.txt"
 

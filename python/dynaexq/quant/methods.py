@@ -7,7 +7,7 @@ Methods
 -------
 rtn  Round-to-nearest. Symmetric: s = 2*absmax / (2**b - 1) (the GPTQ/AutoGPTQ "sym"
      convention, all 2**b levels used); asymmetric: s = (max - min) / (2**b - 1),
-     z = round(-min / s).
+     z = round(-min / s), with min <= 0 <= max (so constant groups are exact).
 als  Error-minimising, HQQ-style alternating optimisation but with the L2 objective
      solved exactly: starting from the best of a small grid of clipped RTN ranges, it
      alternates (a) the optimal codes for fixed (s, z) (round-to-nearest, clamped) and
@@ -86,8 +86,9 @@ def _rtn_params(w, valid, bits, symmetric):
         s = 2 * amax / qmax
         z = torch.full_like(s, float(1 << (bits - 1)))
     else:
-        mn = torch.where(valid, w, torch.full_like(w, big)).amin(-1, keepdim=True)
-        mx = torch.where(valid, w, torch.full_like(w, -big)).amax(-1, keepdim=True)
+        # The range always contains 0 (as in GPTQ): constant groups stay exact.
+        mn = torch.where(valid, w, torch.full_like(w, big)).amin(-1, keepdim=True).clamp_max(0)
+        mx = torch.where(valid, w, torch.full_like(w, -big)).amax(-1, keepdim=True).clamp_min(0)
         s = (mx - mn) / qmax
         safe = torch.where(s == 0, torch.ones_like(s), s)
         z = torch.clamp(torch.round(-mn / safe), 0, qmax)

@@ -1,0 +1,120 @@
+// Fused dequantize-GEMV (decode: a few tokens) for every tier, reading the packed expert
+// layout of docs/packed-layout.md directly.
+//
+//   y[t, n] = sum_k x[t, k] * W[n, k]                                    (swiglu == 0)
+//   y[t, n] = silu(sum_k x[t,k] W[n,k]) * (sum_k x[t,k] W[N+n,k])        (swiglu != 0)
+//
+// With swiglu the matrix has 2N rows (the "gate_up" section: gate rows, then up rows) and
+// y has N columns; this is the first half of an expert, the second is a plain GEMV with
+// the "down" section.
+//
+// Launch: blockDim = (128, 1, 1) (4 warps, one output column n per warp),
+//         gridDim = (ceil(N / 4), 1, 1), no dynamic shared memory, 1 <= T <= 8
+//         (DQ_GEMV_MAX_T; use the GEMM for more tokens).
+// Arguments (all kernels, same order):
+//   const uint8_t* qweight, const uint16_t* scales, const uint16_t* zeros (NULL if
+//   symmetric), const ACT* x [T, K], ACT* y [T, N], int T, int N, int K, int group_size,
+//   int swiglu
+// 16-bit tiers take the weight [rows, K] as `qweight` and ignore scales, zeros, group_size.
+// Each lane of a warp handles octs (8 columns) lane, lane+32, ...: consecutive lanes read
+// consecutive words of the row.
+#include "dequant.cuh"
+
+#define DQ_GEMV_MAX_T 8
+#define DQ_GEMV_WARPS 4
+
+// Decode the 8 weights of oct o of row `row_n` (float, zero past column K).
+template <int BITS>
+__device__ __forceinline__ void dq_oct_weights(const uint8_t* __restrict__ qweight,
+                                               const uint16_t* __restrict__ scales,
+                                               const uint16_t* __restrict__ zeros, int row_n,
+                                               int K, int group_size, int o, float w[8]) {
+    if constexpr (BITS == 16 || BITS == 17) {  // 16: bf16 weights, 17: fp16 weights
+        const uint16_t* row = (const uint16_t*)qweight + (int64_t)row_n * K;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            int c = 8 * o + j;
+            w[j] = c < K ? dq_w16<BITS == 16>(row[c]) : 0.f;
+        }
+    } else {
+        const int k32 = dq_k32(K);
+        const uint8_t* row = qweight + (int64_t)row_n * dq_row_bytes(BITS, K);
+        float s, z;
+        dq_group_params(scales, zeros, BITS, dq_groups(K, group_size), row_n,
+                        8 * o / group_size, &s, &z);
+        DqOct v = dq_load_oct<BITS>(row, k32, o);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) w[j] = dq_value(dq_oct_code<BITS>(v, j), s, z);
+    }
+}
+
+template <int BITS, class ACT>
+__device__ __forceinline__ void dq_gemv_body(const uint8_t* __restrict__ qweight,
+                                             const uint16_t* __restrict__ scales,
+                                             const uint16_t* __restrict__ zeros,
+                                             const typename ACT::T* __restrict__ x,
+                                             typename ACT::T* __restrict__ y, int T, int N, int K,
+                                             int group_size, int swiglu) {
+    const int lane = threadIdx.x & 31;
+    const int n = blockIdx.x * DQ_GEMV_WARPS + (threadIdx.x >> 5);
+    if (n >= N || T < 1 || T > DQ_GEMV_MAX_T) return;  // warp-uniform
+    const int nocts = dq_k32(K) / 8;
+    float accg[DQ_GEMV_MAX_T], accu[DQ_GEMV_MAX_T];
+#pragma unroll
+    for (int t = 0; t < DQ_GEMV_MAX_T; ++t) accg[t] = accu[t] = 0.f;
+
+    for (int o = lane; o < nocts; o += 32) {
+        float wg[8], wu[8];
+        dq_oct_weights<BITS>(qweight, scales, zeros, n, K, group_size, o, wg);
+        if (swiglu) {
+            dq_oct_weights<BITS>(qweight, scales, zeros, N + n, K, group_size, o, wu);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) wu[j] = 0.f;
+        }
+        const int base = 8 * o;
+        const bool full = base + 8 <= K;
+#pragma unroll
+        for (int t = 0; t < DQ_GEMV_MAX_T; ++t) {
+            if (t >= T) break;
+            const typename ACT::T* xt = x + (int64_t)t * K;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                float xv = (full || base + j < K) ? ACT::load(xt, base + j) : 0.f;
+                accg[t] += wg[j] * xv;
+                accu[t] += wu[j] * xv;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < DQ_GEMV_MAX_T; ++t) {
+        if (t >= T) break;
+        float g = accg[t], u = accu[t];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+            g += __shfl_xor_sync(0xffffffffu, g, off);
+            u += __shfl_xor_sync(0xffffffffu, u, off);
+        }
+        if (lane == 0) ACT::store(y, (int64_t)t * N + n, swiglu ? dq_silu(g) * u : g);
+    }
+}
+
+#define DQ_GEMV(NAME, BITS, ACT)                                                              \
+    extern "C" __global__ void __launch_bounds__(128)                                         \
+        NAME(const uint8_t* qweight, const uint16_t* scales, const uint16_t* zeros,           \
+             const ACT::T* x, ACT::T* y, int T, int N, int K, int group_size, int swiglu) {    \
+        dq_gemv_body<BITS, ACT>(qweight, scales, zeros, x, y, T, N, K, group_size, swiglu);   \
+    }
+
+#define DQ_GEMV_ALL_ACT(TIER, BITS)                 \
+    DQ_GEMV(dq_gemv_##TIER##_f32, BITS, DqActF32)   \
+    DQ_GEMV(dq_gemv_##TIER##_bf16, BITS, DqActBF16) \
+    DQ_GEMV(dq_gemv_##TIER##_f16, BITS, DqActF16)
+
+// Symmetric and asymmetric tiers share a kernel: zeros == NULL means symmetric.
+DQ_GEMV_ALL_ACT(int8, 8)
+DQ_GEMV_ALL_ACT(int4, 4)
+DQ_GEMV_ALL_ACT(int3, 3)
+DQ_GEMV_ALL_ACT(int2, 2)
+DQ_GEMV_ALL_ACT(bf16, 16)
+DQ_GEMV_ALL_ACT(fp16, 17)

@@ -1,0 +1,212 @@
+"""NVRTC compilation of kernels/*.cu to PTX, and (for tests/the Python path) launching them.
+
+Compilation needs only the NVRTC library (the `nvidia-cuda-nvrtc` wheel that comes with
+PyTorch's CUDA build) through `cuda-bindings`; no GPU. Launching needs a CUDA device and
+uses the driver API from `cuda-bindings` on torch tensors (raw pointers, torch's current
+stream). The Rust core loads the same PTX with cudarc (see docs/packed-layout.md,
+"Kernels").
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dynaexq.quant.expert import PackedExpertView
+from dynaexq.quant.tiers import TierSpec
+
+ARCHES = ("80", "86", "89", "90", "120")
+MODULES = ("gemv", "gemm")
+WEIGHT_KINDS = ("int8", "int4", "int3", "int2", "bf16", "fp16")
+ACT_KINDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+GEMV_MAX_T = 8
+NVRTC_OPTIONS = ("--std=c++17",)
+
+
+class KernelCompileError(RuntimeError):
+    pass
+
+
+def kernel_dir() -> Path:
+    """kernels/ of the source tree (this module lives in python/dynaexq/quant)."""
+    return Path(__file__).resolve().parents[3] / "kernels"
+
+
+def kernel_names(module: str) -> list[str]:
+    """Every extern "C" kernel a module must export."""
+    return [f"dq_{module}_{w}_{a}" for w in WEIGHT_KINDS for a in ACT_KINDS.values()]
+
+
+def weight_kind(tier: TierSpec) -> str:
+    return f"int{tier.bits}" if tier.is_quantized else tier.dtype
+
+
+def nvrtc_compile(source: Path, arch: str, include_dirs: list[Path] | None = None) -> str:
+    """Compile one .cu file to PTX for compute_<arch>; raises with the NVRTC log on error."""
+    from cuda.bindings import nvrtc
+
+    def check(res: tuple, what: str, prog: Any = None) -> Any:
+        if res[0] != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            log = _log(prog) if prog is not None else ""
+            raise KernelCompileError(f"{source.name} sm_{arch}: {what} failed: {res[0]}\n{log}")
+        return res[1] if len(res) > 1 else None
+
+    def _log(prog: Any) -> str:
+        n = nvrtc.nvrtcGetProgramLogSize(prog)[1]
+        buf = b" " * n
+        nvrtc.nvrtcGetProgramLog(prog, buf)
+        return buf.decode(errors="replace").rstrip("\x00")
+
+    incs = include_dirs or [source.parent]
+    opts = [f"--gpu-architecture=compute_{arch}".encode(), *(o.encode() for o in NVRTC_OPTIONS)]
+    opts += [f"--include-path={d}".encode() for d in incs]
+    prog = check(
+        nvrtc.nvrtcCreateProgram(source.read_bytes(), source.name.encode(), 0, [], []), "create"
+    )
+    try:
+        check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), "compile", prog)
+        size = check(nvrtc.nvrtcGetPTXSize(prog), "ptx size")
+        buf = b" " * size
+        check(nvrtc.nvrtcGetPTX(prog, buf), "get ptx")
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    return buf.rstrip(b"\x00").decode()
+
+
+def ptx_entries(ptx: str) -> list[str]:
+    return re.findall(r"\.entry\s+([A-Za-z_][A-Za-z0-9_]*)", ptx)
+
+
+def ptxas_check(ptx: str, arch: str, name: str = "module") -> dict[str, int]:
+    """Assemble PTX to SASS for sm_<arch> with nvJitLink (ptxas; no GPU needed).
+
+    Raises KernelCompileError with the log if assembly fails; returns the total spill
+    bytes (stores + loads) reported per kernel.
+    """
+    from cuda.bindings import nvjitlink
+
+    h = nvjitlink.create(2, [f"-arch=sm_{arch}", "-verbose"])
+    try:
+        data = ptx.encode()
+        try:
+            nvjitlink.add_data(h, nvjitlink.InputType.PTX, data, len(data), name)
+            nvjitlink.complete(h)
+        except Exception as e:
+            n = nvjitlink.get_error_log_size(h)
+            buf = bytearray(n)
+            nvjitlink.get_error_log(h, buf)
+            raise KernelCompileError(
+                f"{name} sm_{arch}: ptxas failed: {e}\n{buf.decode(errors='replace')}"
+            ) from e
+        n = nvjitlink.get_info_log_size(h)
+        buf = bytearray(n)
+        nvjitlink.get_info_log(h, buf)
+    finally:
+        nvjitlink.destroy(h)
+    spills: dict[str, int] = {}
+    current = ""
+    for line in buf.decode(errors="replace").splitlines():
+        m = re.search(r"Function properties for (\w+)", line)
+        if m:
+            current = m.group(1)
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current:
+            spills[current] = int(m.group(1)) + int(m.group(2))
+    return spills
+
+
+def nvrtc_version() -> tuple[int, int]:
+    from cuda.bindings import nvrtc
+
+    _, major, minor = nvrtc.nvrtcVersion()
+    return int(major), int(minor)
+
+
+# ------------------------------------------------------------------ launching (GPU only)
+
+
+class CudaKernels:
+    """PTX modules loaded into torch's CUDA context; launches on torch's current stream."""
+
+    def __init__(self, device: int = 0, ptx: dict[str, str] | None = None) -> None:
+        from cuda.bindings import driver
+
+        self._drv = driver
+        torch.cuda.init()
+        torch.zeros(1, device=f"cuda:{device}")  # make torch's primary context current
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = f"{major}{minor}"
+        self.arch = arch
+        self.functions: dict[str, Any] = {}
+        self.modules: list[Any] = []  # kept so the functions stay loaded
+        for mod in MODULES:
+            src = ptx[mod] if ptx else nvrtc_compile(kernel_dir() / f"{mod}.cu", arch)
+            err, module = driver.cuModuleLoadData(src.encode() + b"\x00")
+            self._check(err, f"cuModuleLoadData({mod})")
+            self.modules.append(module)
+            for name in kernel_names(mod):
+                err, fn = driver.cuModuleGetFunction(module, name.encode())
+                self._check(err, f"cuModuleGetFunction({name})")
+                self.functions[name] = fn
+
+    def _check(self, err: Any, what: str) -> None:
+        if int(err) != 0:
+            raise RuntimeError(f"CUDA driver: {what} failed: {err}")
+
+    def matmul(
+        self,
+        view: PackedExpertView,
+        name: str,
+        x: torch.Tensor,
+        swiglu: bool,
+        force: str | None = None,
+    ) -> torch.Tensor:
+        """y = x @ W^T (or SwiGLU of the gate_up halves) for one matrix of a CUDA blob."""
+        import ctypes
+
+        t = view.tier
+        n_rows, k = view._nk(name)
+        n_out = n_rows // 2 if swiglu else n_rows
+        tt = x.shape[0]
+        op = force or ("gemv" if tt <= GEMV_MAX_T else "gemm")
+        fn = self.functions[f"dq_{op}_{weight_kind(t)}_{ACT_KINDS[x.dtype]}"]
+        x = x.contiguous()
+        y = torch.empty(tt, n_out, dtype=x.dtype, device=x.device)
+        if t.is_quantized:
+            qw = view[f"{name}.qweight"].data_ptr()
+            sc = view[f"{name}.scales"].data_ptr()
+            zs = view.sections.get(f"{name}.zeros")
+            zp = zs.data_ptr() if zs is not None else 0
+            g = t.group_size
+        else:
+            qw, sc, zp, g = view[f"{name}.weight"].data_ptr(), 0, 0, 0
+        args = [
+            ctypes.c_void_p(qw),
+            ctypes.c_void_p(sc),
+            ctypes.c_void_p(zp),
+            ctypes.c_void_p(x.data_ptr()),
+            ctypes.c_void_p(y.data_ptr()),
+            ctypes.c_int(tt),
+            ctypes.c_int(n_out),
+            ctypes.c_int(k),
+            ctypes.c_int(g),
+            ctypes.c_int(1 if swiglu else 0),
+        ]
+        ptrs = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+        if op == "gemv":
+            grid, block = ((n_out + 3) // 4, 1, 1), (128, 1, 1)
+        else:
+            grid, block = ((n_out + 63) // 64, (tt + 31) // 32, 1), (256, 1, 1)
+        stream = self._drv.CUstream(torch.cuda.current_stream(x.device).cuda_stream)
+        (err,) = self._drv.cuLaunchKernel(fn, *grid, *block, 0, stream, ctypes.addressof(ptrs), 0)
+        self._check(err, "cuLaunchKernel")
+        return y
+
+    def expert_forward(
+        self, view: PackedExpertView, x: torch.Tensor, force: str | None = None
+    ) -> torch.Tensor:
+        a = self.matmul(view, "gate_up", x, swiglu=True, force=force)
+        return self.matmul(view, "down", a, swiglu=False, force=force)

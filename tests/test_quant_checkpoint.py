@@ -1,0 +1,258 @@
+"""`dynaexq quantize` on small Qwen3-MoE checkpoints saved by transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from dynaexq.cli import main
+from dynaexq.quant import PackedExpertView, dequantize_expert, pack_expert, parse_tier
+from dynaexq.quant.tiered import TieredCheckpoint
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+H, I, E, L = 64, 32, 4, 2  # noqa: E741 (hidden, intermediate, experts, layers)
+TIERS = "bf16,int4,int2g64a-rtn"
+
+
+def _save_model(path: Path, **kw) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=96,
+        hidden_size=H,
+        intermediate_size=96,
+        moe_intermediate_size=I,
+        num_hidden_layers=L,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=E,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(path, **kw)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("hf") / "model"
+    _save_model(p)
+    return p
+
+
+def _tensors(root: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(root.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _fuse(src: Path, dst: Path) -> None:
+    """Rewrite a per-expert checkpoint into the fused on-disk form."""
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    t = _tensors(src)
+    out = {k: v for k, v in t.items() if ".mlp.experts." not in k}
+    for layer in range(L):
+        p = f"model.layers.{layer}.mlp.experts"
+        gu = [
+            torch.cat([t[f"{p}.{e}.gate_proj.weight"], t[f"{p}.{e}.up_proj.weight"]])
+            for e in range(E)
+        ]
+        out[f"{p}.gate_up_proj"] = torch.stack(gu)
+        out[f"{p}.down_proj"] = torch.stack([t[f"{p}.{e}.down_proj.weight"] for e in range(E)])
+    save_file(out, str(dst / "model.safetensors"))
+
+
+def test_transformers_saves_per_expert_names(hf_model):
+    names = set(_tensors(hf_model))
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in names
+    assert not any(n.endswith("gate_up_proj") for n in names)
+
+
+def test_quantize_checks_every_tensor(hf_model, tmp_path):
+    out = tmp_path / "tiered"
+    assert (
+        main(["quantize", str(hf_model), "--tiers", TIERS, "--out", str(out), "--no-progress"]) == 0
+    )
+    src = _tensors(hf_model)
+    ck = TieredCheckpoint(out)
+    m = ck.manifest
+    assert m["layout_version"] == 1 and m["moe_layers"] == [0, 1]
+    assert [t["name"] for t in m["tiers"]] == ["bf16", "int4g128", "int2g64a-rtn"]
+    for tier in ck.tiers:
+        nbytes = m["expert_nbytes"][tier.name]
+        for layer in range(L):
+            blobs = ck.expert_blobs(layer, tier)
+            assert blobs.shape == (E, nbytes) and blobs.dtype == torch.uint8
+            metrics = m["metrics"][tier.name][str(layer)]
+            assert len(metrics) == E
+            for e in range(E):
+                p = f"model.layers.{layer}.mlp.experts.{e}"
+                g, u, d = (src[f"{p}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
+                assert torch.equal(blobs[e], pack_expert(tier, g, u, d)), (tier, layer, e)
+                if tier.name == "bf16":  # pass-through is bit-exact
+                    g2, u2, d2 = dequantize_expert(PackedExpertView(tier, H, I, blobs[e]))
+                    assert torch.equal(g2, g.float()) and torch.equal(d2, d.float())
+                    assert metrics[e]["weights"] == 0
+                else:
+                    assert 0 < metrics[e]["down_proj"] < 0.6
+    # Non-expert tensors are carried over unchanged, expert tensors are not.
+    nonexpert = dict(ck.nonexpert_tensors())
+    want = {k: v for k, v in src.items() if ".mlp.experts." not in k}
+    assert set(nonexpert) == set(want)
+    for k, v in want.items():
+        assert torch.equal(nonexpert[k], v) and nonexpert[k].dtype == v.dtype, k
+    assert (out / "config.json").exists()
+    assert m["quantize_mb_per_s"] > 0
+    assert not list(tmp_path.glob(".tiered.*"))
+
+
+def test_fused_and_sharded_sources_give_the_same_blobs(hf_model, tmp_path):
+    fused = tmp_path / "fused"
+    _fuse(hf_model, fused)
+    sharded = tmp_path / "sharded"
+    _save_model(sharded, max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    outs = {}
+    for name, src in (("per_expert", hf_model), ("fused", fused), ("sharded", sharded)):
+        outs[name] = tmp_path / f"out-{name}"
+        rc = main(
+            ["quantize", str(src), "--tiers", "int4", "--out", str(outs[name]), "--no-progress"]
+        )
+        assert rc == 0
+    ref = TieredCheckpoint(outs["per_expert"])
+    for name in ("fused", "sharded"):
+        ck = TieredCheckpoint(outs[name])
+        for layer in range(L):
+            assert torch.equal(
+                ck.expert_blobs(layer, "int4g128"), ref.expert_blobs(layer, "int4g128")
+            )
+
+
+def test_existing_output_needs_force(hf_model, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    assert main(["quantize", str(hf_model), "--tiers", "int8", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and (out / "keep").exists()
+    assert (
+        main(
+            [
+                "quantize",
+                str(hf_model),
+                "--tiers",
+                "int8",
+                "--out",
+                str(out),
+                "--force",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert not (out / "keep").exists() and (out / "manifest.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def _broken_copy(hf_model: Path, dst: Path, edit) -> Path:
+    dst.mkdir()
+    (dst / "config.json").write_text((hf_model / "config.json").read_text())
+    t = _tensors(hf_model)
+    edit(t)
+    save_file(t, str(dst / "model.safetensors"))
+    return dst
+
+
+X = "model.layers.{}.mlp.experts.{}.{}_proj.weight"
+
+
+def _drop(t):
+    t.pop(X.format(1, 2, "up"))
+
+
+def _reshape(t):
+    t[X.format(0, 1, "down")] = torch.zeros(H, I + 1)
+
+
+def _retype(t):
+    t[X.format(0, 0, "gate")] = torch.zeros(I, H, dtype=torch.int32)
+
+
+def _poison(t):
+    t[X.format(1, 3, "gate")][0, 0] = float("inf")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_drop, "model.layers.1.mlp.experts.2.up_proj.weight: tensor missing"),
+        (_reshape, r"experts.1.down_proj.weight: expected shape \[64, 32\], got \[64, 33\]"),
+        (_retype, "model.layers.0.mlp.experts.0.gate_proj.weight: unsupported dtype I32"),
+        (_poison, "model.layers.1.mlp.experts.3.gate_proj: non-finite"),
+    ],
+)
+def test_bad_input_names_the_tensor(hf_model, tmp_path, capsys, edit, message):
+    src = _broken_copy(hf_model, tmp_path / "bad", edit)
+    out = tmp_path / "out"
+    assert main(["quantize", str(src), "--tiers", "int4", "--out", str(out), "--no-progress"]) == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_bad_config_and_tiers(hf_model, tmp_path, capsys):
+    assert main(["quantize", str(hf_model), "--tiers", "int5", "--out", str(tmp_path / "o")]) == 2
+    assert "int5" in capsys.readouterr().err
+    src = tmp_path / "nocfg"
+    src.mkdir()
+    assert main(["quantize", str(src), "--out", str(tmp_path / "o")]) == 2
+    assert "config.json" in capsys.readouterr().err
+    cfg = json.loads((hf_model / "config.json").read_text())
+    del cfg["moe_intermediate_size"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert main(["quantize", str(src), "--out", str(tmp_path / "o")]) == 2
+    assert "moe_intermediate_size" in capsys.readouterr().err
+
+
+def test_interrupted_run_leaves_nothing_complete(hf_model, tmp_path, monkeypatch):
+    import dynaexq.quant.tiered as tiered
+
+    calls = {"n": 0}
+    real = tiered.quantize_expert
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tiered, "quantize_expert", flaky)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        main(["quantize", str(hf_model), "--tiers", "int4", "--out", str(out), "--no-progress"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_sections_match_the_layout(hf_model, tmp_path):
+    out = tmp_path / "o"
+    assert (
+        main(["quantize", str(hf_model), "--tiers", "int3g32a", "--out", str(out), "--no-progress"])
+        == 0
+    )
+    m = json.loads((out / "manifest.json").read_text())
+    secs = m["tiers"][0]["sections"]
+    names = ["qweight", "scales", "zeros"]
+    assert [s["name"] for s in secs] == [f"{m}.{n}" for m in ("gate_up", "down") for n in names]
+    assert all(s["offset"] % 256 == 0 for s in secs)
+    with safe_open(str(out / m["experts"]["0"]["file"]), framework="pt") as f:
+        assert f.get_slice("layers.0.experts.int3g32a").get_shape() == [
+            E,
+            m["expert_nbytes"]["int3g32a"],
+        ]
+    assert parse_tier("int3g32a").name == m["tiers"][0]["name"]
