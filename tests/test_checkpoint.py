@@ -27,6 +27,16 @@ from dynaexq.checkpoint import (  # noqa: E402
 from dynaexq.model.config import ModelConfig  # noqa: E402
 from dynaexq.model.testing import make_hf_model, save_checkpoint, save_fused_checkpoint  # noqa: E402
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster, and two stall when the 2 CPUs are busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 EXPERT = "model.layers.0.mlp.experts.3.down_proj.weight"
 
 

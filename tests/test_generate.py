@@ -20,6 +20,16 @@ from dynaexq.generation import SamplingParams, filter_logits  # noqa: E402
 from dynaexq.model.testing import make_hf_model, save_checkpoint, train_tiny_tokenizer  # noqa: E402
 from dynaexq.tokenizer import Tokenizer  # noqa: E402
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster, and two stall when the 2 CPUs are busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TEXTS = [
     "def add(a, b):\n    return a + b\n",
     "The quick brown fox jumps over the lazy dog. ",

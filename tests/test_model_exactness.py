@@ -19,6 +19,16 @@ from dynaexq.generation import SamplingParams, generate_tokens  # noqa: E402
 from dynaexq.model.qwen3_moe import KVCache  # noqa: E402
 from dynaexq.model.testing import make_hf_model, save_checkpoint, save_fused_checkpoint  # noqa: E402
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster, and two stall when the 2 CPUs are busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TOL = 1e-4
 DECODE_STEPS = 16
 

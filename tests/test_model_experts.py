@@ -17,6 +17,15 @@ from dynaexq.model.experts import ExpertExecutor, FullPrecisionExperts  # noqa: 
 from dynaexq.model.testing import make_hf_model, save_checkpoint  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster, and two stall when the 2 CPUs are busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     path = save_checkpoint(make_hf_model(seed=3), tmp_path_factory.mktemp("m"))

@@ -28,7 +28,7 @@ from dynaexq.checkpoint import (
 from dynaexq.generation import SamplingParams, generate_tokens, iter_generate
 from dynaexq.model.config import ModelConfig
 from dynaexq.model.experts import ExpertExecutor, FullPrecisionExperts, RoutingHook
-from dynaexq.model.qwen3_moe import Qwen3MoeForCausalLM, RotaryEmbedding
+from dynaexq.model.qwen3_moe import Qwen3MoeForCausalLM
 from dynaexq.tokenizer import Tokenizer
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "data" / "embedded"
@@ -102,7 +102,7 @@ def build_model(
         for name, p in model.named_parameters()
     }
     model.load_state_dict(state, strict=True, assign=True)
-    model.rotary = RotaryEmbedding(config).to(device)  # buffers were created on meta
+    model.rotary.to(device)  # its frequencies are computed on the CPU, even under meta
     return model.eval()
 
 

@@ -115,4 +115,8 @@ class FullPrecisionExperts:
             out[start : start + n] = F.linear(F.silu(g) * u, down[e])
             start += n
         out.mul_(weights.reshape(-1)[order].unsqueeze(-1))
-        return torch.zeros_like(hidden).index_add_(0, token_of, out)
+        # Undo the sort and sum each token's k outputs in slot order: deterministic, and
+        # unlike index_add_ it does not stall on a busy CPU.
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out
+        return unsorted.view(t, k, -1).sum(dim=1)

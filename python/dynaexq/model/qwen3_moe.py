@@ -91,8 +91,11 @@ class RMSNorm(nn.Module):
 def _rope_inv_freq(
     rope: RopeConfig, dim: int, max_pos: int, seq_len: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [dim/2] and the cos/sin scale for one RoPE variant."""
-    arange = torch.arange(0, dim, 2, dtype=torch.int64).float()
+    """Inverse frequencies [dim/2] and the cos/sin scale for one RoPE variant.
+
+    Computed on the CPU whatever the default device (the model may be built on "meta").
+    """
+    arange = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float()
     base: float | torch.Tensor = rope.theta
     if rope.rope_type == "dynamic" and seq_len is not None and int(seq_len) > max_pos:
         # NTK-aware: grow the base with the current length (computed as transformers does).
@@ -129,8 +132,10 @@ def _rope_inv_freq(
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    pos_freqs = rope.theta ** (torch.arange(0, dim, 2).float() / dim)
+    ramp = torch.clamp(
+        (torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1
+    )
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
     extrapolation = 1.0 - ramp
     inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv, float(attention)
@@ -306,10 +311,22 @@ class DecoderLayer(nn.Module):
         return x + out
 
 
+class Embedding(nn.Module):
+    """A lookup table with no initialiser: weights always come from the checkpoint (and
+    nn.Embedding's normal_ init on the meta device drags in a large part of torch)."""
+
+    def __init__(self, num: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
 class Qwen3MoeModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         )
