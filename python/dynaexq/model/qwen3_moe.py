@@ -71,6 +71,19 @@ class MoeRuntime:
     routing_hooks: list[RoutingHook] = field(default_factory=list)
 
 
+@dataclass
+class Step:
+    """What every layer needs to know about the current forward step (built once)."""
+
+    positions: torch.Tensor  # [B, T] position of each token
+    cos: torch.Tensor  # [B, 1, T, head_dim]
+    sin: torch.Tensor
+    cache: KVCache | None
+    token_mask: torch.Tensor | None  # [B, T], False = padding (skipped by the MoE layers)
+    key_slots: int  # attention reads key slots 0..key_slots-1
+    attn_mask: torch.Tensor | None  # [B, 1, T, key_slots]; None = plain causal attention
+
+
 # ----------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------
@@ -198,14 +211,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache | None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
@@ -213,24 +219,25 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = q * step.cos + _rotate_half(q) * step.sin
+        k = k * step.cos + _rotate_half(k) * step.sin
 
-        if cache is None:
-            key_pos = positions
-        else:
-            # Slot p of row b holds position p; write this step's keys, then read slots
-            # 0..max position (slots beyond a row's own position are masked out below).
+        if step.cache is not None:
+            # Slot p of row b holds position p: write this step's keys and values, then
+            # read slots 0..key_slots-1 (slots past a row's own position are masked).
             rows = torch.arange(b, device=x.device).unsqueeze(1).expand(b, t)
-            ck, cv = cache.keys[self.layer], cache.values[self.layer]
-            ck[rows, :, positions] = k.transpose(1, 2)
-            cv[rows, :, positions] = v.transpose(1, 2)
-            used = int(positions.max()) + 1
-            k, v = ck[:, :, :used], cv[:, :, :used]
-            key_pos = torch.arange(used, device=x.device).unsqueeze(0).expand(b, used)
-        mask = key_pos[:, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
+            ck, cv = step.cache.keys[self.layer], step.cache.values[self.layer]
+            ck[rows, :, step.positions] = k.transpose(1, 2)
+            cv[rows, :, step.positions] = v.transpose(1, 2)
+            k, v = ck[:, :, : step.key_slots], cv[:, :, : step.key_slots]
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=True
+            q,
+            k,
+            v,
+            attn_mask=step.attn_mask,
+            is_causal=step.attn_mask is None,
+            scale=self.head_dim**-0.5,
+            enable_gqa=True,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -289,25 +296,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache | None,
-        token_mask: torch.Tensor | None,
-        runtime: MoeRuntime,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+    def forward(self, x: torch.Tensor, step: Step, runtime: MoeRuntime) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), step)
         h = self.post_attention_layernorm(x)
         if not self.is_moe:
             return x + self.mlp(h)
         # Only real tokens go through the router and the experts.
-        if token_mask is None:
+        if step.token_mask is None:
             return x + self.mlp(h.reshape(-1, h.shape[-1]), runtime).view_as(h)
         out = torch.zeros_like(h)
-        out[token_mask] = self.mlp(h[token_mask], runtime)
+        out[step.token_mask] = self.mlp(h[step.token_mask], runtime)
         return x + out
 
 
@@ -367,12 +365,23 @@ class Qwen3MoeForCausalLM(nn.Module):
         shape [B, 1, V]; else [B, T, V].
         """
         b, t = input_ids.shape
+        device = input_ids.device
+        from_zero = torch.arange(t, device=device).unsqueeze(0).expand(b, t)
         if positions is None:
-            positions = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
+            positions = from_zero
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype, token_mask)
+        # One mask for all layers. A step whose rows all hold positions 0..T-1 and read only
+        # their own T keys is plain causal attention (padding sits after the real tokens,
+        # so real queries never see it); otherwise a query at position p sees slots <= p.
+        key_slots = t if cache is None else int(positions.max()) + 1
+        attn_mask = None
+        if key_slots != t or not torch.equal(positions, from_zero):
+            key_pos = positions if cache is None else torch.arange(key_slots, device=device)
+            attn_mask = key_pos.view(-1, 1, 1, key_pos.shape[-1]) <= positions[:, None, :, None]
+        step = Step(positions, cos, sin, cache, token_mask, key_slots, attn_mask)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, cache, token_mask, self.runtime)
+            x = layer(x, step, self.runtime)
         if logits_index is not None:
-            x = x[torch.arange(b, device=x.device), logits_index].unsqueeze(1)
+            x = x[torch.arange(b, device=device), logits_index].unsqueeze(1)
         return F.linear(self.model.norm(x), self.lm_head_weight)
