@@ -113,13 +113,13 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-            files = {name: self.path / fname for name, fname in weight_map.items()}
-            for f in sorted(set(files.values())):
+            mapped = {name: self.path / fname for name, fname in weight_map.items()}
+            for f in sorted(set(mapped.values())):
                 if not f.is_file():
                     raise CheckpointFileNotFoundError(
                         f"{f}: shard listed in {index.name} does not exist"
                     )
-            return files
+            return mapped
         candidates = [single] if single.is_file() else sorted(self.path.glob("*.safetensors"))
         if not candidates:
             other = [p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".gguf")]

@@ -209,9 +209,31 @@ class Engine:
         return text[: min(cuts)] if cuts else text
 
     @overload
-    def generate(self, prompts: str, **kw: object) -> GenerationResult: ...
+    def generate(  # type: ignore[overload-overlap]
+        self,
+        prompts: str,
+        max_new_tokens: int = ...,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        seed: int | None = ...,
+        stop: str | Sequence[str] | None = ...,
+        ignore_eos: bool = ...,
+        chat: bool = ...,
+    ) -> GenerationResult: ...
     @overload
-    def generate(self, prompts: Sequence[Prompt], **kw: object) -> list[GenerationResult]: ...
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        max_new_tokens: int = ...,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        seed: int | None = ...,
+        stop: str | Sequence[str] | None = ...,
+        ignore_eos: bool = ...,
+        chat: bool = ...,
+    ) -> list[GenerationResult]: ...
 
     def generate(
         self,
@@ -233,7 +255,7 @@ class Engine:
         max_new_tokens. chat=True wraps each string prompt in the chat template.
         """
         single = isinstance(prompts, str)
-        batch: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item]
+        batch: list[Prompt] = [prompts] if isinstance(prompts, str) else list(prompts)  # type: ignore[arg-type]
         params = self._params(
             max_new_tokens=max_new_tokens,
             temperature=temperature,

@@ -126,9 +126,9 @@ def iter_generate(
     eos = set() if params.ignore_eos else set(eos_token_ids)
     generators: list[torch.Generator | None] = [None] * batch
     if params.seed is not None and not params.greedy:
-        generators = [torch.Generator(device=device) for _ in range(batch)]
-        for i, g in enumerate(generators):
-            g.manual_seed(params.seed + i)
+        generators = [
+            torch.Generator(device=device).manual_seed(params.seed + i) for i in range(batch)
+        ]
 
     ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 HELP = "generate text from a prompt with a Qwen3-MoE checkpoint (streams tokens as produced)"
 
@@ -88,20 +89,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    import dynaexq
     from dynaexq.checkpoint import CheckpointError
+    from dynaexq.engine import load
 
     prompts = list(args.prompt)
     if not prompts or prompts == ["-"]:
         prompts = [sys.stdin.read()]
     try:
-        engine = dynaexq.load(args.model, dtype=args.dtype, device=args.device)
+        engine = load(args.model, dtype=args.dtype, device=args.device)
         if engine.tokenizer is None:
             raise CheckpointError(f"{engine.checkpoint.path}: no tokenizer.json to encode text")
     except (CheckpointError, ValueError) as e:
         print(f"dynaexq generate: error: {e}", file=sys.stderr)
         return 2
-    options = dict(
+    options: dict[str, Any] = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,

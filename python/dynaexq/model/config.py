@@ -149,7 +149,7 @@ class ModelConfig:
         qwen3 = model_type == "qwen3_moe"
         attention_bias = bool(raw.get("attention_bias", False))
         return cls(
-            model_type=model_type,
+            model_type=str(model_type),
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
             intermediate_size=int(raw.get("intermediate_size") or 0),

@@ -155,6 +155,8 @@ def _rope_inv_freq(
 
 
 class RotaryEmbedding(nn.Module):
+    inv_freq: torch.Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.rope = config.rope

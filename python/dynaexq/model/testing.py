@@ -57,6 +57,8 @@ def make_hf_model(seed: int = 0, architecture: str = "qwen3_moe", **overrides: A
 
     torch.manual_seed(seed)
     kw = {**TINY_CONFIG, **overrides}
+    config: Any
+    model: Any
     if architecture == "qwen3_moe":
         config = transformers.Qwen3MoeConfig(**kw)
         model = transformers.Qwen3MoeForCausalLM(config)
