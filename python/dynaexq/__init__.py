@@ -1,8 +1,42 @@
 """dynaexq: serve Mixture-of-Experts models with expert precision as a managed resource."""
 
-from dynaexq._core import __version__
+from dynaexq._core import (
+    Block,
+    BlockInUse,
+    DoubleFree,
+    ExpertPool,
+    ExpertTable,
+    ForeignBlock,
+    IllegalTransition,
+    Layout,
+    LayoutError,
+    Lease,
+    PoolError,
+    PoolExhausted,
+    Transition,
+    Version,
+    __version__,
+    plan_layout,
+)
 
-__all__ = ["__version__"]
+__all__ = [
+    "__version__",
+    "Block",
+    "BlockInUse",
+    "DoubleFree",
+    "ExpertPool",
+    "ExpertTable",
+    "ForeignBlock",
+    "IllegalTransition",
+    "Layout",
+    "LayoutError",
+    "Lease",
+    "PoolError",
+    "PoolExhausted",
+    "Transition",
+    "Version",
+    "plan_layout",
+]
 
 # The model runtime (issue 5). Imported lazily: it pulls in torch, and `dynaexq --help`
 # should stay fast.

@@ -1,3 +1,272 @@
-"""Type stub for the compiled extension `dynaexq._core` (checked by mypy stubtest)."""
+"""Type stub for the compiled extension `dynaexq._core` (checked by mypy stubtest).
+
+The expert pool (fixed-size slot classes in one arena reserved at construction), the
+per-expert precision state machine (`ExpertTable`) with leases, and layout sizing.
+"""
+
+from collections.abc import Sequence
+from typing import Any, final
 
 __version__: str
+
+class PoolError(Exception):
+    """Base class of every error raised by the expert pool and the expert table."""
+
+class PoolExhausted(PoolError):
+    """No free slot in the class, or the byte budget would be exceeded."""
+
+class DoubleFree(PoolError):
+    """The block was already freed (or freed and handed out again since)."""
+
+class ForeignBlock(PoolError):
+    """The block does not belong to this pool."""
+
+class BlockInUse(PoolError):
+    """The block is leased by readers or owned by the expert table."""
+
+class IllegalTransition(PoolError):
+    """The state machine does not allow this transition (or the ticket is unknown)."""
+
+class LayoutError(PoolError):
+    """The byte budget cannot hold the layout; the message says how many bytes are missing."""
+
+@final
+class Block:
+    """A live slot of an `ExpertPool`: `offset`/`nbytes` locate it in the arena."""
+
+    @property
+    def offset(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def cls(self) -> str: ...
+    @property
+    def index(self) -> int: ...
+    @property
+    def generation(self) -> int: ...
+    def __eq__(self, value: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@final
+class BlockView:
+    """Zero-copy bytes of one block (buffer protocol); wrap with `memoryview`."""
+
+    def __len__(self) -> int: ...
+
+@final
+class ExpertPool:
+    """Fixed-size slot classes in one arena; O(1) deterministic alloc/free.
+
+    Raises ValueError for invalid sizes/counts/alignment or an unknown class name.
+    """
+
+    def __new__(
+        cls,
+        slot_bytes: dict[str, int],
+        slots: dict[str, int],
+        alignment: int = 256,
+        budget: int | None = None,
+    ) -> ExpertPool: ...
+    def alloc(self, cls: str) -> Block:
+        """Allocate a committed block (lowest free slot); PoolExhausted when full."""
+    def reserve(self, cls: str) -> Block:
+        """Reserve a block for a copy in flight (pending until `commit`)."""
+    def commit(self, block: Block) -> None: ...
+    def free(self, block: Block) -> None:
+        """Return a block; DoubleFree, ForeignBlock or BlockInUse on misuse."""
+    def is_live(self, block: Block) -> bool: ...
+    def readers(self, block: Block) -> int: ...
+    def capacity(self, cls: str) -> int: ...
+    def free_count(self, cls: str) -> int: ...
+    def live_count(self, cls: str) -> int: ...
+    def slot_bytes(self, cls: str) -> int: ...
+    def region(self, cls: str) -> tuple[int, int]: ...
+    def view(self, block: Block) -> memoryview:
+        """A writable zero-copy view of the block (e.g. for `torch.frombuffer`)."""
+    def address(self, block: Block) -> int: ...
+    @property
+    def classes(self) -> list[str]: ...
+    @property
+    def total_bytes(self) -> int: ...
+    @property
+    def budget(self) -> int: ...
+    @property
+    def alignment(self) -> int: ...
+    @property
+    def reserved_bytes(self) -> int: ...
+    @property
+    def pending_bytes(self) -> int: ...
+    @property
+    def high_water_bytes(self) -> int: ...
+    @property
+    def arena_kind(self) -> str: ...
+    def stats(self) -> dict[str, Any]: ...
+
+@final
+class Version:
+    """A published version of one expert."""
+
+    @property
+    def tier(self) -> int: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def block(self) -> Block: ...
+    def __eq__(self, value: object, /) -> bool: ...
+    __hash__: None  # type: ignore[assignment]
+
+@final
+class Transition:
+    """An admitted transition: fill `block`, then `complete(ticket)` or `abort(ticket)`."""
+
+    @property
+    def ticket(self) -> int: ...
+    @property
+    def layer(self) -> int: ...
+    @property
+    def expert(self) -> int: ...
+    @property
+    def from_tier(self) -> int: ...
+    @property
+    def to_tier(self) -> int: ...
+    @property
+    def block(self) -> Block: ...
+
+@final
+class Lease:
+    """A read lease on a published version; a context manager."""
+
+    def __enter__(self) -> Lease: ...
+    def __exit__(self, *_args: object) -> None: ...
+    def release(self) -> None: ...
+    @property
+    def released(self) -> bool: ...
+    @property
+    def version(self) -> Version: ...
+    @property
+    def tier(self) -> int: ...
+    @property
+    def block(self) -> Block: ...
+    def record_use(self) -> None: ...
+    def view(self) -> memoryview:
+        """A read-only zero-copy view of the block; it holds its own lease."""
+
+@final
+class ExpertTable:
+    """One entry per (layer, expert), each with exactly one published version.
+
+    `tier_classes[layer][tier]` is a class name or a list of names in preference order;
+    give one layer to share it across all layers. Tier 0 is the lowest precision.
+    """
+
+    def __new__(
+        cls,
+        pool: ExpertPool,
+        experts: Sequence[int],
+        tier_classes: Sequence[Sequence[str | Sequence[str]]],
+        initial_tiers: Sequence[Sequence[int]] | None = None,
+        manual_fence: bool = False,
+    ) -> ExpertTable: ...
+    def lease(self, layer: int, expert: int) -> Lease: ...
+    def published(self, layer: int, expert: int) -> Version: ...
+    def tier(self, layer: int, expert: int) -> int: ...
+    def transition_of(self, layer: int, expert: int) -> Transition | None: ...
+    def begin(self, layer: int, expert: int, tier: int) -> Transition: ...
+    def complete(self, ticket: int) -> Version: ...
+    def abort(self, ticket: int) -> None: ...
+    def reclaim(self) -> list[Block]: ...
+    def retired(self) -> list[Block]: ...
+    def signal_uses(self) -> None: ...
+    @property
+    def outstanding_uses(self) -> int: ...
+    @property
+    def pool(self) -> ExpertPool: ...
+    @property
+    def num_layers(self) -> int: ...
+    def experts(self, layer: int) -> int: ...
+    def num_tiers(self, layer: int) -> int: ...
+    def stats(self) -> dict[str, Any]: ...
+
+@final
+class Layout:
+    """A two-tier pool layout sized from a byte budget."""
+
+    @property
+    def slot_bytes(self) -> dict[str, int]: ...
+    @property
+    def slots(self) -> dict[str, int]: ...
+    @property
+    def alignment(self) -> int: ...
+    @property
+    def total_bytes(self) -> int: ...
+    @property
+    def budget(self) -> int: ...
+    @property
+    def experts(self) -> list[int]: ...
+    @property
+    def hot(self) -> list[int]: ...
+    @property
+    def tier_classes(self) -> list[list[list[str]]]: ...
+    def initial_tiers(self) -> list[list[int]]: ...
+
+def plan_layout(
+    budget: int,
+    experts: Sequence[int],
+    lo_bytes: Sequence[int],
+    hi_bytes: Sequence[int],
+    hot: int | float,
+    staging: int = 0,
+    alignment: int = 256,
+) -> Layout: ...
+
+# --- the precision controller ----------------------------------------------------------
+
+@final
+class HotnessTracker:
+    """Per (layer, expert) hotness from the router of every forward step: an EMA over
+    steps (`signal="ema"`, `alpha`) or the sum over the last `window` steps."""
+
+    def __new__(
+        cls,
+        layers: int,
+        experts: int,
+        signal: str = "ema",
+        alpha: float = 0.9,
+        window: int = 256,
+    ) -> HotnessTracker: ...
+    def observe(
+        self, layer: int, expert_ids: Sequence[int], probs: Sequence[float], top_k: int
+    ) -> None: ...
+    def end_step(self) -> None: ...
+    def scores(self) -> list[float]: ...
+    def seed(self, scores: Sequence[float]) -> None: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def layers(self) -> int: ...
+    @property
+    def experts(self) -> int: ...
+
+def plan_transitions(
+    layers: int,
+    experts: int,
+    scores: Sequence[float],
+    current: Sequence[int],
+    busy: Sequence[bool],
+    tier_bytes: Sequence[int],
+    capacity: Sequence[int],
+    split: str = "per-layer",
+    gain: Sequence[float] | None = None,
+    delta: float = 0.01,
+    max_transitions: int = ...,
+    max_bytes: int = ...,
+    max_in_flight: int = 4,
+    in_flight: int = 0,
+) -> tuple[list[int], list[tuple[int, int, int, int, int]], int]:
+    """One planning round: (target tier per expert, transitions as (layer, expert, from,
+    to, bytes), number of wanted moves deferred by the limits)."""
+
+def knapsack(
+    values: Sequence[float], tier_bytes: Sequence[int], budget: int, exact: bool = False
+) -> list[int] | None:
+    """Multiple-choice knapsack: the tier of each item maximising total value in budget."""

@@ -4,6 +4,27 @@
 //! This file only re-exports; each concept lives in its own module.
 
 pub mod controller;
+pub mod errors;
+pub mod layout;
+pub mod pool;
+#[cfg(not(loom))]
+#[doc(hidden)]
+pub mod shadow;
+mod sync;
+pub mod table;
+
+pub use errors::{Error, Result};
+pub use layout::{plan_layout, HotSlots, LayerPlan, LayerShape, Layout, LayoutRequest};
+pub use pool::{
+    Arena, ArenaKind, Block, ClassId, ClassSpec, ClassStats, ExpertPool, FreeBitmap, HostArena,
+    PoolConfig, PoolStats, VirtualArena,
+};
+#[cfg(not(loom))]
+pub use table::OwnedLease;
+pub use table::{
+    EntryState, ExpertTable, LayerTiers, Lease, ManualFence, SyncUses, TableStats, Ticket,
+    Transition, UseFence, Version,
+};
 
 #[cfg(feature = "python")]
 mod py;

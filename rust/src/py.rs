@@ -1,9 +1,1168 @@
 //! All PyO3 glue for the `dynaexq._core` extension module.
+//!
+//! Errors become Python exceptions (never panics across the FFI boundary). Pool and table
+//! calls hold their locks only for a few hundred nanoseconds and never need the GIL
+//! inside, so they run with the GIL held; when a lock is contended the call releases the
+//! GIL (`Python::detach`) while it waits. The lease path is lock-free.
 
+use std::collections::HashMap;
+use std::os::raw::{c_int, c_void};
+use std::sync::{Arc, Mutex, TryLockError};
+
+use pyo3::create_exception;
+use pyo3::exceptions::{PyBufferError, PyException, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyMemoryView, PyString};
+
+use crate::controller::{
+    knapsack_exact, knapsack_greedy, plan as plan_controller, Capacity, ControllerError,
+    HotnessTracker, PlanInput, PlannerConfig, Signal,
+};
+use crate::errors::Error;
+use crate::layout::{plan_layout as plan, HotSlots, LayerShape, Layout, LayoutRequest};
+use crate::pool::{self, Arena, ClassId, ClassSpec, PoolConfig};
+use crate::table::{
+    self, EntryState, LayerTiers, ManualFence, OwnedLease, SyncUses, Transition as RTransition,
+    UseFence,
+};
+
+create_exception!(
+    dynaexq._core,
+    PoolError,
+    PyException,
+    "Base class of every error raised by the expert pool and the expert table."
+);
+create_exception!(
+    dynaexq._core,
+    PoolExhausted,
+    PoolError,
+    "No free slot in the class, or the byte budget would be exceeded."
+);
+create_exception!(
+    dynaexq._core,
+    DoubleFree,
+    PoolError,
+    "The block was already freed (or freed and handed out again since)."
+);
+create_exception!(
+    dynaexq._core,
+    ForeignBlock,
+    PoolError,
+    "The block does not belong to this pool."
+);
+create_exception!(
+    dynaexq._core,
+    BlockInUse,
+    PoolError,
+    "The block is leased by readers or owned by the expert table."
+);
+create_exception!(
+    dynaexq._core,
+    IllegalTransition,
+    PoolError,
+    "The state machine does not allow this transition (or the ticket is unknown)."
+);
+create_exception!(
+    dynaexq._core,
+    LayoutError,
+    PoolError,
+    "The byte budget cannot hold the requested layout; the message says how many bytes are missing."
+);
+
+fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::InvalidConfig(_) | Error::UnknownClass { .. } | Error::OutOfRange(_) => {
+            PyValueError::new_err(msg)
+        }
+        Error::Exhausted { .. } | Error::BudgetExceeded { .. } => PoolExhausted::new_err(msg),
+        Error::DoubleFree { .. } => DoubleFree::new_err(msg),
+        Error::ForeignBlock(_) => ForeignBlock::new_err(msg),
+        Error::BlockLeased { .. } | Error::OwnedByTable { .. } => BlockInUse::new_err(msg),
+        Error::IllegalTransition { .. } | Error::UnknownTicket(_) => {
+            IllegalTransition::new_err(msg)
+        }
+        Error::BudgetTooSmall { .. } => LayoutError::new_err(msg),
+        Error::NotPending { .. } => PoolError::new_err(msg),
+    }
+}
+
+/// Run `f` under the mutex; if it is contended, wait with the GIL released.
+fn with_locked<T: Send, R: Send>(
+    py: Python<'_>,
+    m: &Mutex<T>,
+    f: impl FnOnce(&mut T) -> R + Send,
+) -> R {
+    match m.try_lock() {
+        Ok(mut g) => f(&mut g),
+        Err(TryLockError::Poisoned(p)) => f(&mut p.into_inner()),
+        Err(TryLockError::WouldBlock) => py.detach(|| f(&mut crate::sync::lock(m))),
+    }
+}
+
+fn positive(what: &str, v: i64) -> PyResult<u64> {
+    if v <= 0 {
+        return Err(PyValueError::new_err(format!(
+            "{what} must be > 0, got {v}"
+        )));
+    }
+    Ok(v as u64)
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// A live slot of an `ExpertPool`: `offset` and `nbytes` locate it in the pool's arena.
+#[pyclass(frozen, eq, hash, name = "Block", module = "dynaexq._core")]
+pub struct PyBlock {
+    inner: pool::Block,
+    cls: Py<PyString>,
+}
+
+impl PartialEq for PyBlock {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner == other.inner
+    }
+}
+impl std::hash::Hash for PyBlock {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.inner.hash(state)
+    }
+}
+
+#[pymethods]
+impl PyBlock {
+    /// Byte offset of the block from the start of the pool's arena.
+    #[getter]
+    fn offset(&self) -> u64 {
+        self.inner.offset
+    }
+    /// Size of the block in bytes (the class's aligned slot size).
+    #[getter]
+    fn nbytes(&self) -> u64 {
+        self.inner.nbytes
+    }
+    /// Name of the slot class.
+    #[getter]
+    fn cls(&self, py: Python<'_>) -> Py<PyString> {
+        self.cls.clone_ref(py)
+    }
+    /// Slot index inside the class.
+    #[getter]
+    fn index(&self) -> u32 {
+        self.inner.index
+    }
+    /// Allocation count of the slot (distinguishes a stale handle from the live one).
+    #[getter]
+    fn generation(&self) -> u32 {
+        self.inner.generation
+    }
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!(
+            "Block(cls={:?}, index={}, offset={}, nbytes={})",
+            self.cls.bind(py).to_string(),
+            self.inner.index,
+            self.inner.offset,
+            self.inner.nbytes
+        )
+    }
+}
+
+/// Zero-copy bytes of one block (exported through the buffer protocol).
+#[pyclass(frozen, name = "BlockView", module = "dynaexq._core")]
+pub struct BlockView {
+    arena: Arc<dyn Arena>,
+    offset: u64,
+    len: u64,
+    readonly: bool,
+    /// A lease pinning the block while a view of a published version exists.
+    _lease: Option<OwnedLease>,
+}
+
+#[pymethods]
+impl BlockView {
+    /// # Safety
+    /// Called by CPython with a valid `view`; the buffer stays valid while this object
+    /// (which owns the arena, and a lease for published versions) is alive, and
+    /// `PyBuffer_FillInfo` takes a reference to it for the view's lifetime.
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        let me = slf.get();
+        let base = me
+            .arena
+            .host_ptr()
+            .ok_or_else(|| PyBufferError::new_err("the pool's arena is not host memory"))?;
+        // SAFETY: offset + len lies inside the arena (checked when the view was made).
+        let ptr = unsafe { base.as_ptr().add(me.offset as usize) };
+        // SAFETY: `view` is the caller's buffer struct; ptr/len describe live memory.
+        let r = unsafe {
+            ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                ptr as *mut c_void,
+                me.len as ffi::Py_ssize_t,
+                c_int::from(me.readonly),
+                flags,
+            )
+        };
+        if r == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+
+    fn __len__(&self) -> usize {
+        self.len as usize
+    }
+}
+
+fn memoryview<'py>(py: Python<'py>, v: BlockView) -> PyResult<Bound<'py, PyMemoryView>> {
+    if v.arena.host_ptr().is_none() {
+        return Err(PyBufferError::new_err(
+            "the pool's arena is not host memory",
+        ));
+    }
+    let obj = Bound::new(py, v)?;
+    PyMemoryView::from(obj.as_any())
+}
+
+/// The fragmentation-free expert pool: one arena reserved at construction, one fixed
+/// region of equal-size slots per class, O(1) deterministic alloc/free.
+#[pyclass(frozen, name = "ExpertPool", module = "dynaexq._core")]
+pub struct PyExpertPool {
+    inner: Arc<Mutex<pool::ExpertPool>>,
+    names: Vec<Py<PyString>>,
+    ids: HashMap<String, ClassId>,
+    arena: Arc<dyn Arena>,
+}
+
+impl PyExpertPool {
+    fn class(&self, cls: &str) -> PyResult<ClassId> {
+        self.ids.get(cls).copied().ok_or_else(|| {
+            let known: Vec<_> = self.ids.keys().cloned().collect();
+            to_py(Error::UnknownClass {
+                name: cls.to_string(),
+                known: known.join(", "),
+            })
+        })
+    }
+    fn block(&self, py: Python<'_>, b: pool::Block) -> PyBlock {
+        PyBlock {
+            inner: b,
+            cls: self.names[b.class.0 as usize].clone_ref(py),
+        }
+    }
+    fn with<R: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut pool::ExpertPool) -> R + Send,
+    ) -> R {
+        with_locked(py, &self.inner, f)
+    }
+}
+
+#[pymethods]
+impl PyExpertPool {
+    #[new]
+    #[pyo3(signature = (slot_bytes, slots, alignment = 256, budget = None))]
+    fn new(
+        py: Python<'_>,
+        slot_bytes: &Bound<'_, PyDict>,
+        slots: &Bound<'_, PyDict>,
+        alignment: i64,
+        budget: Option<i64>,
+    ) -> PyResult<Self> {
+        let mut classes = Vec::new();
+        for (k, v) in slot_bytes.iter() {
+            let name: String = k.extract()?;
+            let size = positive(&format!("slot_bytes[{name:?}]"), v.extract()?)?;
+            let count = slots.get_item(&name)?.ok_or_else(|| {
+                PyValueError::new_err(format!("class {name:?} has a slot size but no slot count"))
+            })?;
+            let count = positive(&format!("slots[{name:?}]"), count.extract()?)?;
+            let count = u32::try_from(count)
+                .map_err(|_| PyValueError::new_err(format!("slots[{name:?}] is too large")))?;
+            classes.push(ClassSpec::new(name, size, count));
+        }
+        for k in slots.keys() {
+            let name: String = k.extract()?;
+            if slot_bytes.get_item(&name)?.is_none() {
+                return Err(PyValueError::new_err(format!(
+                    "class {name:?} has a slot count but no slot size"
+                )));
+            }
+        }
+        let alignment = positive("alignment", alignment)?;
+        let budget = budget.map(|b| positive("budget", b)).transpose()?;
+        let cfg = PoolConfig::new(classes).alignment(alignment).budget(budget);
+        let p = py.detach(|| pool::ExpertPool::new(&cfg)).map_err(to_py)?;
+        let names = p
+            .class_names()
+            .iter()
+            .map(|n| PyString::new(py, n).unbind())
+            .collect();
+        let ids = p
+            .class_names()
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| (n, ClassId(i as u16)))
+            .collect();
+        Ok(Self {
+            arena: p.arena().clone(),
+            inner: Arc::new(Mutex::new(p)),
+            names,
+            ids,
+        })
+    }
+
+    /// Allocate a committed block of class `cls` (the lowest free slot).
+    fn alloc(&self, py: Python<'_>, cls: &str) -> PyResult<PyBlock> {
+        let c = self.class(cls)?;
+        let b = self.with(py, |p| p.alloc(c)).map_err(to_py)?;
+        Ok(self.block(py, b))
+    }
+
+    /// Reserve a block for a copy in flight (counted as pending until `commit`).
+    fn reserve(&self, py: Python<'_>, cls: &str) -> PyResult<PyBlock> {
+        let c = self.class(cls)?;
+        let b = self.with(py, |p| p.try_reserve(c)).map_err(to_py)?;
+        Ok(self.block(py, b))
+    }
+
+    /// Mark a reserved block as committed.
+    fn commit(&self, py: Python<'_>, block: &PyBlock) -> PyResult<()> {
+        let b = block.inner;
+        self.with(py, |p| p.commit(&b)).map_err(to_py)
+    }
+
+    /// Return a block to its class.
+    fn free(&self, py: Python<'_>, block: &PyBlock) -> PyResult<()> {
+        let b = block.inner;
+        self.with(py, |p| p.free(b)).map_err(to_py)
+    }
+
+    /// Whether `block` is live (handed out and not freed since).
+    fn is_live(&self, py: Python<'_>, block: &PyBlock) -> bool {
+        let b = block.inner;
+        self.with(py, |p| p.is_live(&b))
+    }
+
+    /// Number of leases currently held on `block`.
+    fn readers(&self, py: Python<'_>, block: &PyBlock) -> PyResult<u32> {
+        let b = block.inner;
+        self.with(py, |p| p.readers(&b)).map_err(to_py)
+    }
+
+    fn capacity(&self, py: Python<'_>, cls: &str) -> PyResult<u32> {
+        let c = self.class(cls)?;
+        self.with(py, |p| p.capacity(c)).map_err(to_py)
+    }
+
+    fn free_count(&self, py: Python<'_>, cls: &str) -> PyResult<u32> {
+        let c = self.class(cls)?;
+        self.with(py, |p| p.free_count(c)).map_err(to_py)
+    }
+
+    fn live_count(&self, py: Python<'_>, cls: &str) -> PyResult<u32> {
+        let c = self.class(cls)?;
+        self.with(py, |p| p.class_stats(c).map(|s| s.live))
+            .map_err(to_py)
+    }
+
+    /// The aligned slot size of class `cls`.
+    fn slot_bytes(&self, py: Python<'_>, cls: &str) -> PyResult<u64> {
+        let c = self.class(cls)?;
+        self.with(py, |p| p.slot_bytes(c)).map_err(to_py)
+    }
+
+    /// `(offset, nbytes)` of the class region inside the arena.
+    fn region(&self, py: Python<'_>, cls: &str) -> PyResult<(u64, u64)> {
+        let c = self.class(cls)?;
+        self.with(py, |p| p.region(c)).map_err(to_py)
+    }
+
+    /// A writable zero-copy view of the block's bytes (valid while the pool lives; the
+    /// caller owns what it writes, e.g. `torch.frombuffer(pool.view(b), dtype=...)`).
+    fn view<'py>(&self, py: Python<'py>, block: &PyBlock) -> PyResult<Bound<'py, PyMemoryView>> {
+        let b = block.inner;
+        self.with(py, |p| p.check_live(&b).map(|_| ()))
+            .map_err(to_py)?;
+        memoryview(
+            py,
+            BlockView {
+                arena: self.arena.clone(),
+                offset: b.offset,
+                len: b.nbytes,
+                readonly: false,
+                _lease: None,
+            },
+        )
+    }
+
+    /// Address of the block's first byte (host or device pointer value).
+    fn address(&self, py: Python<'_>, block: &PyBlock) -> PyResult<u64> {
+        let b = block.inner;
+        self.with(py, |p| p.check_live(&b).map(|_| ()))
+            .map_err(to_py)?;
+        Ok(self.arena.base_address() + b.offset)
+    }
+
+    #[getter]
+    fn classes(&self, py: Python<'_>) -> Vec<Py<PyString>> {
+        self.names.iter().map(|n| n.clone_ref(py)).collect()
+    }
+    #[getter]
+    fn total_bytes(&self, py: Python<'_>) -> u64 {
+        self.with(py, |p| p.total_bytes())
+    }
+    #[getter]
+    fn budget(&self, py: Python<'_>) -> u64 {
+        self.with(py, |p| p.budget())
+    }
+    #[getter]
+    fn alignment(&self, py: Python<'_>) -> u64 {
+        self.with(py, |p| p.alignment())
+    }
+    #[getter]
+    fn reserved_bytes(&self, py: Python<'_>) -> u64 {
+        self.with(py, |p| p.reserved_bytes())
+    }
+    #[getter]
+    fn pending_bytes(&self, py: Python<'_>) -> u64 {
+        self.with(py, |p| p.stats().pending_bytes)
+    }
+    #[getter]
+    fn high_water_bytes(&self, py: Python<'_>) -> u64 {
+        self.with(py, |p| p.stats().high_water_bytes)
+    }
+    /// "host", "device" or "virtual".
+    #[getter]
+    fn arena_kind(&self) -> &'static str {
+        match self.arena.kind() {
+            pool::ArenaKind::Host => "host",
+            pool::ArenaKind::Device => "device",
+            pool::ArenaKind::Virtual => "virtual",
+        }
+    }
+
+    /// Totals and per-class statistics.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.with(py, |p| p.stats());
+        let d = PyDict::new(py);
+        d.set_item("total_bytes", s.total_bytes)?;
+        d.set_item("budget", s.budget)?;
+        d.set_item("reserved_bytes", s.reserved_bytes)?;
+        d.set_item("pending_bytes", s.pending_bytes)?;
+        d.set_item("committed_bytes", s.committed_bytes)?;
+        d.set_item("high_water_bytes", s.high_water_bytes)?;
+        let classes = PyDict::new(py);
+        for c in s.classes {
+            let cd = PyDict::new(py);
+            cd.set_item("slot_bytes", c.slot_bytes)?;
+            cd.set_item("capacity", c.capacity)?;
+            cd.set_item("free", c.free)?;
+            cd.set_item("live", c.live)?;
+            cd.set_item("pending", c.pending)?;
+            cd.set_item("committed", c.committed)?;
+            cd.set_item("high_water", c.high_water)?;
+            cd.set_item("region_offset", c.region_offset)?;
+            cd.set_item("region_bytes", c.region_bytes)?;
+            classes.set_item(c.name, cd)?;
+        }
+        d.set_item("classes", classes)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let (total, names) = self.with(py, |p| (p.total_bytes(), p.class_names()));
+        format!("ExpertPool(classes={names:?}, total_bytes={total})")
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// A published version of one expert: tier, version number and block.
+#[pyclass(frozen, eq, name = "Version", module = "dynaexq._core")]
+pub struct PyVersion {
+    #[pyo3(get)]
+    tier: u8,
+    #[pyo3(get)]
+    version: u32,
+    #[pyo3(get)]
+    block: Py<PyBlock>,
+    raw: table::Version,
+}
+
+impl PartialEq for PyVersion {
+    fn eq(&self, other: &Self) -> bool {
+        self.raw == other.raw
+    }
+}
+
+#[pymethods]
+impl PyVersion {
+    fn __repr__(&self) -> String {
+        format!(
+            "Version(tier={}, version={}, offset={})",
+            self.tier, self.version, self.raw.block.offset
+        )
+    }
+}
+
+/// An admitted transition: copy the target tier's bytes into `block`, then
+/// `table.complete(ticket)` (or `table.abort(ticket)`).
+#[pyclass(frozen, name = "Transition", module = "dynaexq._core")]
+pub struct PyTransition {
+    #[pyo3(get)]
+    ticket: u64,
+    #[pyo3(get)]
+    layer: u32,
+    #[pyo3(get)]
+    expert: u32,
+    #[pyo3(get)]
+    from_tier: u8,
+    #[pyo3(get)]
+    to_tier: u8,
+    #[pyo3(get)]
+    block: Py<PyBlock>,
+}
+
+#[pymethods]
+impl PyTransition {
+    fn __repr__(&self) -> String {
+        format!(
+            "Transition(ticket={}, layer={}, expert={}, {} -> {})",
+            self.ticket, self.layer, self.expert, self.from_tier, self.to_tier
+        )
+    }
+}
+
+/// A read lease on a published version; use as a context manager. The block is not
+/// reclaimed while the lease (or a view made from it) lives.
+#[pyclass(name = "Lease", module = "dynaexq._core")]
+pub struct PyLease {
+    inner: Option<OwnedLease>,
+    pool: Py<PyExpertPool>,
+}
+
+impl PyLease {
+    fn get(&self) -> PyResult<&OwnedLease> {
+        self.inner
+            .as_ref()
+            .ok_or_else(|| PoolError::new_err("the lease was released"))
+    }
+}
+
+#[pymethods]
+impl PyLease {
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) {
+        self.inner = None;
+    }
+    /// Release the lease now (idempotent).
+    fn release(&mut self) {
+        self.inner = None;
+    }
+    #[getter]
+    fn released(&self) -> bool {
+        self.inner.is_none()
+    }
+    #[getter]
+    fn version(&self, py: Python<'_>) -> PyResult<PyVersion> {
+        let v = self.get()?.version();
+        version_py(py, self.pool.get(), v)
+    }
+    #[getter]
+    fn tier(&self) -> PyResult<u8> {
+        Ok(self.get()?.version().tier)
+    }
+    #[getter]
+    fn block(&self, py: Python<'_>) -> PyResult<PyBlock> {
+        Ok(self.pool.get().block(py, self.get()?.version().block))
+    }
+    /// Work reading the block was issued and may outlive this lease (the block is then
+    /// reclaimed only after the fence signals it).
+    fn record_use(&self) -> PyResult<()> {
+        self.get()?.record_use();
+        Ok(())
+    }
+    /// A read-only zero-copy view of the leased block; it keeps its own lease.
+    fn view<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyMemoryView>> {
+        let lease = self.get()?;
+        let v = lease.version();
+        memoryview(
+            py,
+            BlockView {
+                arena: self.pool.get().arena.clone(),
+                offset: v.block.offset,
+                len: v.block.nbytes,
+                readonly: true,
+                _lease: Some(lease.duplicate()),
+            },
+        )
+    }
+    fn __repr__(&self) -> String {
+        match &self.inner {
+            None => "Lease(released)".into(),
+            Some(l) => {
+                let v = l.version();
+                format!(
+                    "Lease(tier={}, version={}, offset={})",
+                    v.tier, v.version, v.block.offset
+                )
+            }
+        }
+    }
+}
+
+fn version_py(py: Python<'_>, pool: &PyExpertPool, v: table::Version) -> PyResult<PyVersion> {
+    Ok(PyVersion {
+        tier: v.tier,
+        version: v.version,
+        block: Py::new(py, pool.block(py, v.block))?,
+        raw: v,
+    })
+}
+
+fn tier_list(item: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+    if let Ok(s) = item.extract::<String>() {
+        return Ok(vec![s]);
+    }
+    item.extract::<Vec<String>>()
+}
+
+/// The per-expert precision state machine over a pool.
+#[pyclass(frozen, name = "ExpertTable", module = "dynaexq._core")]
+pub struct PyExpertTable {
+    inner: Arc<table::ExpertTable>,
+    pool: Py<PyExpertPool>,
+    manual: Option<Arc<ManualFence>>,
+}
+
+impl PyExpertTable {
+    fn transition_py(&self, py: Python<'_>, t: RTransition) -> PyResult<PyTransition> {
+        Ok(PyTransition {
+            ticket: t.ticket,
+            layer: t.layer,
+            expert: t.expert,
+            from_tier: t.from,
+            to_tier: t.to,
+            block: Py::new(py, self.pool.get().block(py, t.block))?,
+        })
+    }
+}
+
+#[pymethods]
+impl PyExpertTable {
+    #[new]
+    #[pyo3(signature = (pool, experts, tier_classes, initial_tiers = None, manual_fence = false))]
+    fn new(
+        py: Python<'_>,
+        pool: Py<PyExpertPool>,
+        experts: Vec<i64>,
+        tier_classes: Vec<Vec<Bound<'_, PyAny>>>,
+        initial_tiers: Option<Vec<Vec<u8>>>,
+        manual_fence: bool,
+    ) -> PyResult<Self> {
+        let p = pool.get();
+        if tier_classes.len() != 1 && tier_classes.len() != experts.len() {
+            return Err(PyValueError::new_err(format!(
+                "tier_classes must list one layer (shared) or {} layers, got {}",
+                experts.len(),
+                tier_classes.len()
+            )));
+        }
+        let mut layers = Vec::with_capacity(experts.len());
+        for (l, &n) in experts.iter().enumerate() {
+            let n = positive(&format!("experts[{l}]"), n)?;
+            let spec = &tier_classes[if tier_classes.len() == 1 { 0 } else { l }];
+            let mut tiers = Vec::new();
+            for item in spec {
+                tiers.push(
+                    tier_list(item)?
+                        .iter()
+                        .map(|name| p.class(name))
+                        .collect::<PyResult<Vec<_>>>()?,
+                );
+            }
+            layers.push(LayerTiers {
+                experts: u32::try_from(n).map_err(|_| PyValueError::new_err("too many experts"))?,
+                tiers,
+            });
+        }
+        let slots = with_locked(py, &p.inner, |p| p.num_slots());
+        let manual = manual_fence.then(|| Arc::new(ManualFence::new(slots)));
+        let fence: Arc<dyn UseFence> = match &manual {
+            Some(m) => m.clone(),
+            None => Arc::new(SyncUses),
+        };
+        let shared = p.inner.clone();
+        let t = py
+            .detach(|| table::ExpertTable::new(shared, layers, initial_tiers, fence))
+            .map_err(to_py)?;
+        Ok(Self {
+            inner: Arc::new(t),
+            pool,
+            manual,
+        })
+    }
+
+    /// Lease the published version of (layer, expert).
+    fn lease(&self, py: Python<'_>, layer: u32, expert: u32) -> PyResult<PyLease> {
+        let l = self.inner.lease_owned(layer, expert).map_err(to_py)?;
+        Ok(PyLease {
+            inner: Some(l),
+            pool: self.pool.clone_ref(py),
+        })
+    }
+
+    /// The published version right now (take a lease to use its block).
+    fn published(&self, py: Python<'_>, layer: u32, expert: u32) -> PyResult<PyVersion> {
+        let v = self.inner.published(layer, expert).map_err(to_py)?;
+        version_py(py, self.pool.get(), v)
+    }
+
+    /// The current tier of (layer, expert).
+    fn tier(&self, layer: u32, expert: u32) -> PyResult<u8> {
+        Ok(self.inner.published(layer, expert).map_err(to_py)?.tier)
+    }
+
+    /// The in-flight transition of (layer, expert), or None when it is resident.
+    fn transition_of(
+        &self,
+        py: Python<'_>,
+        layer: u32,
+        expert: u32,
+    ) -> PyResult<Option<PyTransition>> {
+        let inner = self.inner.clone();
+        let st = py.detach(|| inner.state(layer, expert)).map_err(to_py)?;
+        match st {
+            EntryState::Resident { .. } => Ok(None),
+            EntryState::Transitioning { ticket, .. } => {
+                let t = self.inner.transition(ticket).map_err(to_py)?;
+                Ok(Some(self.transition_py(py, t)?))
+            }
+        }
+    }
+
+    /// Admit a transition of (layer, expert) to `tier`: reserves the target block.
+    fn begin(&self, py: Python<'_>, layer: u32, expert: u32, tier: u8) -> PyResult<PyTransition> {
+        let inner = self.inner.clone();
+        let t = py
+            .detach(|| inner.begin(layer, expert, tier))
+            .map_err(to_py)?;
+        self.transition_py(py, t)
+    }
+
+    /// The copy finished: publish the new version (old block retired). Returns it.
+    fn complete(&self, py: Python<'_>, ticket: u64) -> PyResult<PyVersion> {
+        let inner = self.inner.clone();
+        let v = py.detach(|| inner.complete(ticket)).map_err(to_py)?;
+        version_py(py, self.pool.get(), v)
+    }
+
+    /// The transition failed or was cancelled: keep the old version, free the reservation.
+    fn abort(&self, py: Python<'_>, ticket: u64) -> PyResult<()> {
+        let inner = self.inner.clone();
+        py.detach(|| inner.abort(ticket)).map_err(to_py)
+    }
+
+    /// Free every retired block with no lease and no outstanding use; returns them.
+    fn reclaim(&self, py: Python<'_>) -> PyResult<Vec<PyBlock>> {
+        let inner = self.inner.clone();
+        let freed = py.detach(|| inner.reclaim());
+        Ok(freed
+            .into_iter()
+            .map(|b| self.pool.get().block(py, b))
+            .collect())
+    }
+
+    /// Old versions waiting for their leases or uses to end.
+    fn retired(&self, py: Python<'_>) -> Vec<PyBlock> {
+        let inner = self.inner.clone();
+        let r = py.detach(|| inner.retired());
+        r.into_iter()
+            .map(|b| self.pool.get().block(py, b))
+            .collect()
+    }
+
+    /// Manual fence only: mark every recorded use as completed.
+    fn signal_uses(&self) -> PyResult<()> {
+        match &self.manual {
+            Some(f) => {
+                f.signal();
+                Ok(())
+            }
+            None => Err(PoolError::new_err(
+                "this table completes uses synchronously (create it with manual_fence=True)",
+            )),
+        }
+    }
+
+    /// Recorded uses not yet signalled (0 without a manual fence).
+    #[getter]
+    fn outstanding_uses(&self) -> u64 {
+        self.manual.as_ref().map_or(0, |f| f.outstanding())
+    }
+
+    #[getter]
+    fn pool(&self, py: Python<'_>) -> Py<PyExpertPool> {
+        self.pool.clone_ref(py)
+    }
+    #[getter]
+    fn num_layers(&self) -> u32 {
+        self.inner.num_layers()
+    }
+    fn experts(&self, layer: u32) -> PyResult<u32> {
+        self.inner.experts(layer).map_err(to_py)
+    }
+    fn num_tiers(&self, layer: u32) -> PyResult<u8> {
+        self.inner.num_tiers(layer).map_err(to_py)
+    }
+
+    /// Counters of the state machine.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let inner = self.inner.clone();
+        let s = py.detach(|| inner.stats());
+        let d = PyDict::new(py);
+        d.set_item("entries", s.entries)?;
+        d.set_item("begun", s.begun)?;
+        d.set_item("completed", s.completed)?;
+        d.set_item("aborted", s.aborted)?;
+        d.set_item("reclaimed", s.reclaimed)?;
+        d.set_item("in_flight", s.in_flight)?;
+        d.set_item("retired_waiting", s.retired_waiting)?;
+        d.set_item("per_tier", s.per_tier)?;
+        Ok(d)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// A pool layout sized from a byte budget (see `plan_layout`).
+#[pyclass(frozen, name = "Layout", module = "dynaexq._core")]
+pub struct PyLayout {
+    inner: Layout,
+}
+
+#[pymethods]
+impl PyLayout {
+    /// Slot size per class, for `ExpertPool(layout.slot_bytes, layout.slots, ...)`.
+    #[getter]
+    fn slot_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for c in &self.inner.classes {
+            d.set_item(&c.name, c.slot_bytes)?;
+        }
+        Ok(d)
+    }
+    #[getter]
+    fn slots<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for c in &self.inner.classes {
+            d.set_item(&c.name, c.slots)?;
+        }
+        Ok(d)
+    }
+    #[getter]
+    fn alignment(&self) -> u64 {
+        self.inner.alignment
+    }
+    #[getter]
+    fn total_bytes(&self) -> u64 {
+        self.inner.total_bytes
+    }
+    #[getter]
+    fn budget(&self) -> u64 {
+        self.inner.budget
+    }
+    #[getter]
+    fn experts(&self) -> Vec<u32> {
+        self.inner.layers.iter().map(|l| l.experts).collect()
+    }
+    /// High-precision slots per layer.
+    #[getter]
+    fn hot(&self) -> Vec<u32> {
+        self.inner.layers.iter().map(|l| l.hot).collect()
+    }
+    /// Per layer, per tier: class names in preference order (for `ExpertTable`).
+    #[getter]
+    fn tier_classes(&self) -> Vec<Vec<Vec<String>>> {
+        self.inner.layers.iter().map(|l| l.tiers.clone()).collect()
+    }
+    /// The first `hot[l]` experts of each layer at tier 1, the rest at tier 0.
+    fn initial_tiers(&self) -> Vec<Vec<u32>> {
+        let tiers = self.inner.initial_tiers();
+        tiers
+            .iter()
+            .map(|l| l.iter().map(|&t| t as u32).collect())
+            .collect()
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "Layout(total_bytes={}, budget={}, classes={:?})",
+            self.inner.total_bytes,
+            self.inner.budget,
+            self.inner
+                .classes
+                .iter()
+                .map(|c| format!("{}x{}", c.name, c.slots))
+                .collect::<Vec<_>>()
+        )
+    }
+}
+
+/// Size a two-tier pool from a byte budget. `hot` is a per-layer count (int) or a
+/// fraction of each layer's experts (float); `staging` is the number of transitions
+/// allowed in flight. Raises LayoutError saying how many bytes are missing.
+#[pyfunction]
+#[pyo3(signature = (budget, experts, lo_bytes, hi_bytes, hot, staging = 0, alignment = 256))]
+fn plan_layout(
+    budget: i64,
+    experts: Vec<i64>,
+    lo_bytes: Vec<i64>,
+    hi_bytes: Vec<i64>,
+    hot: &Bound<'_, PyAny>,
+    staging: u32,
+    alignment: i64,
+) -> PyResult<PyLayout> {
+    if experts.len() != lo_bytes.len() || experts.len() != hi_bytes.len() {
+        return Err(PyValueError::new_err(
+            "experts, lo_bytes and hi_bytes must have one entry per layer",
+        ));
+    }
+    let mut layers = Vec::new();
+    for l in 0..experts.len() {
+        layers.push(LayerShape {
+            experts: u32::try_from(positive(&format!("experts[{l}]"), experts[l])?)
+                .map_err(|_| PyValueError::new_err("too many experts"))?,
+            lo_bytes: positive(&format!("lo_bytes[{l}]"), lo_bytes[l])?,
+            hi_bytes: positive(&format!("hi_bytes[{l}]"), hi_bytes[l])?,
+        });
+    }
+    let hot = if hot.is_instance_of::<pyo3::types::PyInt>() {
+        let n: i64 = hot.extract()?;
+        if n < 0 {
+            return Err(PyValueError::new_err(format!("hot must be >= 0, got {n}")));
+        }
+        HotSlots::PerLayer(u32::try_from(n).unwrap_or(u32::MAX))
+    } else {
+        HotSlots::Fraction(hot.extract()?)
+    };
+    let req = LayoutRequest {
+        budget: positive("budget", budget)?,
+        layers,
+        hot,
+        staging,
+        alignment: positive("alignment", alignment)?,
+    };
+    Ok(PyLayout {
+        inner: plan(&req).map_err(to_py)?,
+    })
+}
 
 #[pymodule(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("PoolError", py.get_type::<PoolError>())?;
+    m.add("PoolExhausted", py.get_type::<PoolExhausted>())?;
+    m.add("DoubleFree", py.get_type::<DoubleFree>())?;
+    m.add("ForeignBlock", py.get_type::<ForeignBlock>())?;
+    m.add("BlockInUse", py.get_type::<BlockInUse>())?;
+    m.add("IllegalTransition", py.get_type::<IllegalTransition>())?;
+    m.add("LayoutError", py.get_type::<LayoutError>())?;
+    m.add_class::<PyBlock>()?;
+    m.add_class::<BlockView>()?;
+    m.add_class::<PyExpertPool>()?;
+    m.add_class::<PyVersion>()?;
+    m.add_class::<PyTransition>()?;
+    m.add_class::<PyLease>()?;
+    m.add_class::<PyExpertTable>()?;
+    m.add_class::<PyLayout>()?;
+    m.add_function(wrap_pyfunction!(plan_layout, m)?)?;
+    m.add_class::<PyHotnessTracker>()?;
+    m.add_function(wrap_pyfunction!(plan_transitions, m)?)?;
+    m.add_function(wrap_pyfunction!(knapsack, m)?)?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The precision controller (crate::controller)
+
+fn controller_err(e: ControllerError) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// Per (layer, expert) hotness from the router of every forward step.
+#[pyclass(name = "HotnessTracker", module = "dynaexq._core")]
+pub struct PyHotnessTracker {
+    inner: HotnessTracker,
+}
+
+#[pymethods]
+impl PyHotnessTracker {
+    /// signal "ema" (long horizon, `alpha`) or "window" (the last `window` steps).
+    #[new]
+    #[pyo3(signature = (layers, experts, signal = "ema", alpha = 0.9, window = 256))]
+    fn new(
+        layers: usize,
+        experts: usize,
+        signal: &str,
+        alpha: f32,
+        window: usize,
+    ) -> PyResult<Self> {
+        let s = match signal {
+            "ema" => Signal::Ema { alpha },
+            "window" => Signal::Window { steps: window },
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "signal must be 'ema' or 'window', got {other:?}"
+                )))
+            }
+        };
+        Ok(Self {
+            inner: HotnessTracker::new(layers, experts, s).map_err(controller_err)?,
+        })
+    }
+
+    /// Record routing of some tokens of the current step for one layer: `expert_ids` and
+    /// `probs` are the flattened [tokens, top_k] picks and their router probabilities.
+    fn observe(
+        &mut self,
+        layer: usize,
+        expert_ids: Vec<u32>,
+        probs: Vec<f32>,
+        top_k: usize,
+    ) -> PyResult<()> {
+        self.inner
+            .observe(layer, &expert_ids, &probs, top_k)
+            .map_err(controller_err)
+    }
+
+    /// Close the step: fold its averaged routed mass into the scores.
+    fn end_step(&mut self) {
+        self.inner.end_step();
+    }
+
+    /// Scores, layers * experts, row-major.
+    fn scores(&self) -> Vec<f32> {
+        self.inner.scores()
+    }
+
+    /// Start from a calibration ranking.
+    fn seed(&mut self, scores: Vec<f32>) -> PyResult<()> {
+        self.inner.seed(&scores).map_err(controller_err)
+    }
+
+    #[getter]
+    fn steps(&self) -> u64 {
+        self.inner.steps()
+    }
+    #[getter]
+    fn layers(&self) -> usize {
+        self.inner.layers()
+    }
+    #[getter]
+    fn experts(&self) -> usize {
+        self.inner.experts()
+    }
+}
+
+/// One planning round of the controller. Returns (target tiers, transitions as
+/// (layer, expert, from, to, bytes) tuples, deferred count).
+#[pyfunction]
+#[pyo3(signature = (
+    layers, experts, scores, current, busy, tier_bytes, capacity, split = "per-layer",
+    gain = None, delta = 0.01, max_transitions = usize::MAX, max_bytes = u64::MAX,
+    max_in_flight = 4, in_flight = 0
+))]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn plan_transitions(
+    py: Python<'_>,
+    layers: usize,
+    experts: usize,
+    scores: Vec<f32>,
+    current: Vec<u8>,
+    busy: Vec<bool>,
+    tier_bytes: Vec<u64>,
+    capacity: Vec<usize>,
+    split: &str,
+    gain: Option<Vec<f32>>,
+    delta: f32,
+    max_transitions: usize,
+    max_bytes: u64,
+    max_in_flight: usize,
+    in_flight: usize,
+) -> PyResult<(Vec<u8>, Vec<(u32, u32, u8, u8, u64)>, usize)> {
+    let capacity = match split {
+        "per-layer" => Capacity::PerLayer(capacity),
+        "global" => Capacity::Global(capacity),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "split must be 'per-layer' or 'global', got {other:?}"
+            )))
+        }
+    };
+    let input = PlanInput {
+        layers,
+        experts,
+        scores: &scores,
+        current: &current,
+        busy: &busy,
+        tier_bytes: &tier_bytes,
+        gain: gain.as_deref(),
+        capacity: &capacity,
+        in_flight,
+    };
+    let cfg = PlannerConfig {
+        delta,
+        max_transitions,
+        max_bytes,
+        max_in_flight,
+    };
+    let p = py
+        .detach(|| plan_controller(&input, &cfg))
+        .map_err(controller_err)?;
+    let moves = p
+        .transitions
+        .iter()
+        .map(|t| (t.layer, t.expert, t.from, t.to, t.bytes))
+        .collect();
+    Ok((p.target, moves, p.deferred))
+}
+
+/// Multiple-choice knapsack: one tier per item, `values` items x tiers, `tier_bytes` per
+/// tier, within `budget`. Greedy (convex-hull order) or exact (dynamic programming over
+/// the budget in units of the tier sizes' gcd; small instances only). None if even the
+/// cheapest tier for every item does not fit.
+#[pyfunction]
+#[pyo3(signature = (values, tier_bytes, budget, exact = false))]
+fn knapsack(
+    py: Python<'_>,
+    values: Vec<f32>,
+    tier_bytes: Vec<u64>,
+    budget: u64,
+    exact: bool,
+) -> PyResult<Option<Vec<u8>>> {
+    if tier_bytes.is_empty() || values.len() % tier_bytes.len() != 0 {
+        return Err(PyValueError::new_err(
+            "values must hold items x tiers entries for a non-empty tier_bytes",
+        ));
+    }
+    Ok(py.detach(|| {
+        if exact {
+            knapsack_exact(&values, &tier_bytes, budget).map(|(c, _)| c)
+        } else {
+            knapsack_greedy(&values, &tier_bytes, budget)
+        }
+    }))
 }

@@ -1,0 +1,71 @@
+//! Every error the core can report. The Python glue maps each variant to an exception
+//! (see `py.rs`); nothing in the core panics on bad input.
+
+use thiserror::Error;
+
+/// Result alias used across the core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, with enough detail to act on the message alone.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Error {
+    /// A constructor argument is invalid (zero size, bad alignment, empty class list...).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// A slot class name that the pool does not have.
+    #[error("unknown slot class {name:?} (known: {known})")]
+    UnknownClass { name: String, known: String },
+    /// Every slot of the class is live.
+    #[error("slot class {class:?} is exhausted ({capacity} of {capacity} slots live)")]
+    Exhausted { class: String, capacity: u32 },
+    /// Reserving one more slot would exceed the pool's byte budget.
+    #[error(
+        "reserving {need} B in class {class:?} would exceed the budget: {reserved} B of {budget} B already reserved"
+    )]
+    BudgetExceeded {
+        class: String,
+        need: u64,
+        reserved: u64,
+        budget: u64,
+    },
+    /// The block was already freed (or freed and handed out again since).
+    #[error("double free of block {index} in class {class:?}")]
+    DoubleFree { class: String, index: u32 },
+    /// The block belongs to another pool, or its coordinates do not exist in this one.
+    #[error("block does not belong to this pool: {0}")]
+    ForeignBlock(String),
+    /// The block is leased by readers and cannot be freed.
+    #[error("block {index} in class {class:?} is leased by {readers} reader(s); release the leases first")]
+    BlockLeased {
+        class: String,
+        index: u32,
+        readers: u32,
+    },
+    /// The block is owned by the expert table (a published or in-flight version).
+    #[error("block {index} in class {class:?} is owned by the expert table; it is freed by the table's retire rule")]
+    OwnedByTable { class: String, index: u32 },
+    /// `commit` on a block that is not pending.
+    #[error("block {index} in class {class:?} is not pending (already committed)")]
+    NotPending { class: String, index: u32 },
+    /// A transition the state machine does not allow from the entry's current state.
+    #[error("illegal transition for expert (layer {layer}, expert {expert}): {reason}")]
+    IllegalTransition {
+        layer: u32,
+        expert: u32,
+        reason: String,
+    },
+    /// A ticket that is not (or no longer) in flight.
+    #[error("unknown transition ticket {0} (already completed, aborted, or never issued)")]
+    UnknownTicket(u64),
+    /// (layer, expert) or tier outside the table.
+    #[error("out of range: {0}")]
+    OutOfRange(String),
+    /// The byte budget cannot hold the requested layout.
+    #[error("{what}: needs {needed} B but the budget is {budget} B ({missing} B missing)")]
+    BudgetTooSmall {
+        what: String,
+        needed: u64,
+        budget: u64,
+        missing: u64,
+    },
+}

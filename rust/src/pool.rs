@@ -1,0 +1,956 @@
+//! The fragmentation-free expert pool.
+//!
+//! One arena is reserved once at construction and cut into fixed regions, one per slot
+//! class (a tier and expert shape). Inside a region every slot has the same size, so any
+//! free slot serves any request of its class: there is no external fragmentation by
+//! construction, and nothing is allocated from the system after construction.
+//!
+//! Free lists are hierarchical bitmaps ([`FreeBitmap`]): `alloc` always returns the lowest
+//! free index of the class, so the same sequence of calls yields the same offsets. Both
+//! `alloc` and `free` touch one word per level (at most 4 levels for 16M slots), i.e.
+//! O(1) for any pool that fits the 24-bit slot numbering.
+//!
+//! A budget tracker counts committed bytes (copy finished or plain allocation) and pending
+//! bytes (reserved for a copy in flight); a reservation that would push committed+pending
+//! over the budget fails cleanly.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout as AllocLayout};
+use std::collections::HashMap;
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
+
+use crate::errors::{Error, Result};
+use crate::sync::{Arc, AtomicU32};
+
+/// Slot numbers are packed into 24 bits of a published version word (see `table.rs`).
+pub const MAX_SLOTS: u32 = 1 << 24;
+
+// ---------------------------------------------------------------------------------------
+// Arena
+
+/// Where the pool's bytes live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArenaKind {
+    /// Ordinary host memory owned by the pool (CPU backend).
+    Host,
+    /// Device memory (CUDA backend); not dereferenceable from the host.
+    Device,
+    /// Accounting only: offsets without memory (planning, huge property-test pools).
+    Virtual,
+}
+
+/// The memory behind a pool. A block is always `(class, index, offset, nbytes)` relative
+/// to `base_address`, so a device arena only has to say where byte 0 is.
+pub trait Arena: Send + Sync + fmt::Debug {
+    fn kind(&self) -> ArenaKind;
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Address of byte 0: a host pointer, a device pointer, or 0 for a virtual arena.
+    fn base_address(&self) -> u64;
+    /// Host-dereferenceable pointer to byte 0, when the arena is host memory.
+    fn host_ptr(&self) -> Option<NonNull<u8>> {
+        None
+    }
+}
+
+/// Aligned, zeroed host memory reserved once and freed when the last owner drops it.
+pub struct HostArena {
+    ptr: NonNull<u8>,
+    layout: AllocLayout,
+}
+
+// SAFETY: the arena is a plain owned allocation; it hands out raw pointers only, and the
+// pool's ownership rules (one owner per live block, published blocks read-only) decide
+// who may write where. Nothing in the struct itself is thread-affine.
+unsafe impl Send for HostArena {}
+// SAFETY: as above; `&HostArena` only exposes the pointer value and length.
+unsafe impl Sync for HostArena {}
+
+impl HostArena {
+    pub fn new(len: u64, align: u64) -> Result<Self> {
+        if len == 0 {
+            return Err(Error::InvalidConfig("arena length must be > 0".into()));
+        }
+        let size = usize::try_from(len).map_err(|_| {
+            Error::InvalidConfig(format!("arena of {len} B exceeds the address space"))
+        })?;
+        let layout = AllocLayout::from_size_align(size, align as usize).map_err(|e| {
+            Error::InvalidConfig(format!("arena layout ({len} B, align {align}): {e}"))
+        })?;
+        // SAFETY: `layout` has a non-zero size (checked above).
+        let raw = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).ok_or_else(|| {
+            Error::InvalidConfig(format!(
+                "could not reserve {len} B of host memory for the arena"
+            ))
+        })?;
+        Ok(Self { ptr, layout })
+    }
+}
+
+impl Drop for HostArena {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `alloc_zeroed(self.layout)` and is freed exactly once.
+        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl fmt::Debug for HostArena {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "HostArena({:#x}, {} B)",
+            self.ptr.as_ptr() as usize,
+            self.layout.size()
+        )
+    }
+}
+
+impl Arena for HostArena {
+    fn kind(&self) -> ArenaKind {
+        ArenaKind::Host
+    }
+    fn len(&self) -> u64 {
+        self.layout.size() as u64
+    }
+    fn base_address(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+    fn host_ptr(&self) -> Option<NonNull<u8>> {
+        Some(self.ptr)
+    }
+}
+
+/// An arena without memory: offsets and accounting only.
+#[derive(Debug)]
+pub struct VirtualArena {
+    len: u64,
+}
+
+impl VirtualArena {
+    pub fn new(len: u64) -> Self {
+        Self { len }
+    }
+}
+
+impl Arena for VirtualArena {
+    fn kind(&self) -> ArenaKind {
+        ArenaKind::Virtual
+    }
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn base_address(&self) -> u64 {
+        0
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Free list
+
+/// A hierarchical bitmap of free slots: level 0 has one bit per slot (1 = free), and bit j
+/// of level k+1 is set iff word j of level k is non-zero. `alloc` descends from the single
+/// top word taking the lowest set bit at each level, so it returns the lowest free index
+/// in `levels` word reads; `free` sets one bit per level at most.
+#[derive(Clone, Debug)]
+pub struct FreeBitmap {
+    levels: Vec<Vec<u64>>,
+    len: u32,
+    free: u32,
+}
+
+impl FreeBitmap {
+    /// All `len` slots free.
+    pub fn new(len: u32) -> Self {
+        let mut levels = Vec::new();
+        let mut bits = len as usize;
+        loop {
+            let words = bits.div_ceil(64).max(1);
+            let mut level = vec![u64::MAX; words];
+            let tail = bits % 64;
+            if tail != 0 {
+                level[words - 1] = (1u64 << tail) - 1;
+            }
+            if bits == 0 {
+                level[0] = 0;
+            }
+            levels.push(level);
+            if words == 1 {
+                break;
+            }
+            bits = words;
+        }
+        Self {
+            levels,
+            len,
+            free: len,
+        }
+    }
+
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn free_count(&self) -> u32 {
+        self.free
+    }
+
+    pub fn is_free(&self, i: u32) -> bool {
+        i < self.len && self.levels[0][(i / 64) as usize] & (1u64 << (i % 64)) != 0
+    }
+
+    /// Take the lowest free index.
+    pub fn alloc(&mut self) -> Option<u32> {
+        let top = self.levels.len() - 1;
+        if self.levels[top][0] == 0 {
+            return None;
+        }
+        let mut idx = 0usize;
+        for level in (0..=top).rev() {
+            let word = self.levels[level][idx];
+            idx = idx * 64 + word.trailing_zeros() as usize;
+        }
+        // Clear the leaf bit, then clear parents whose child word became empty.
+        let mut i = idx;
+        for level in 0..=top {
+            let w = &mut self.levels[level][i / 64];
+            *w &= !(1u64 << (i % 64));
+            if *w != 0 {
+                break;
+            }
+            i /= 64;
+        }
+        self.free -= 1;
+        Some(idx as u32)
+    }
+
+    /// Return `i`; false if it was already free (double free) or out of range.
+    pub fn free(&mut self, i: u32) -> bool {
+        if i >= self.len || self.is_free(i) {
+            return false;
+        }
+        let mut i = i as usize;
+        for level in 0..self.levels.len() {
+            let w = &mut self.levels[level][i / 64];
+            let was_empty = *w == 0;
+            *w |= 1u64 << (i % 64);
+            if !was_empty {
+                break;
+            }
+            i /= 64;
+        }
+        self.free += 1;
+        true
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Classes, blocks, configuration
+
+/// Index of a slot class inside its pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClassId(pub u16);
+
+/// What the caller asks for: one slot class.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClassSpec {
+    pub name: String,
+    /// Bytes one expert of this class needs (packed weights + scales + zeros); rounded up
+    /// to the pool alignment.
+    pub slot_bytes: u64,
+    pub slots: u32,
+}
+
+impl ClassSpec {
+    pub fn new(name: impl Into<String>, slot_bytes: u64, slots: u32) -> Self {
+        Self {
+            name: name.into(),
+            slot_bytes,
+            slots,
+        }
+    }
+}
+
+/// Pool construction parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub classes: Vec<ClassSpec>,
+    /// Slot sizes and region offsets are multiples of this (a power of two).
+    pub alignment: u64,
+    /// Upper bound on committed + pending bytes; `None` means the whole arena.
+    pub budget: Option<u64>,
+}
+
+impl PoolConfig {
+    pub fn new(classes: Vec<ClassSpec>) -> Self {
+        Self {
+            classes,
+            alignment: 256,
+            budget: None,
+        }
+    }
+    pub fn alignment(mut self, alignment: u64) -> Self {
+        self.alignment = alignment;
+        self
+    }
+    pub fn budget(mut self, budget: Option<u64>) -> Self {
+        self.budget = budget;
+        self
+    }
+}
+
+/// A live slot handed out by a pool: the unit of ownership.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Block {
+    /// Id of the owning pool (detects foreign blocks).
+    pub pool: u32,
+    pub class: ClassId,
+    pub index: u32,
+    /// Incremented on every allocation of the slot (detects stale handles).
+    pub generation: u32,
+    /// Byte offset from the arena base.
+    pub offset: u64,
+    /// Slot size (already aligned).
+    pub nbytes: u64,
+}
+
+/// Static facts about one slot, readable without the pool lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotInfo {
+    pub class: ClassId,
+    pub index: u32,
+    pub offset: u64,
+    pub nbytes: u64,
+}
+
+/// Per-slot atomics shared with the expert table's lock-free lease path.
+pub(crate) struct SlotBoard {
+    pub(crate) pool: u32,
+    pub(crate) readers: Box<[AtomicU32]>,
+    pub(crate) generation: Box<[AtomicU32]>,
+    pub(crate) info: Box<[SlotInfo]>,
+}
+
+impl SlotBoard {
+    pub(crate) fn block(&self, slot: u32) -> Block {
+        let info = self.info[slot as usize];
+        Block {
+            pool: self.pool,
+            class: info.class,
+            index: info.index,
+            generation: self.generation[slot as usize].load(Ordering::Relaxed),
+            offset: info.offset,
+            nbytes: info.nbytes,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    Pending,
+    Committed,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct SlotMeta {
+    state: SlotState,
+    /// Owned by the expert table: `free` refuses it, the retire rule frees it.
+    table: bool,
+}
+
+#[derive(Clone, Debug)]
+struct SlotClass {
+    name: String,
+    slot_bytes: u64,
+    region_offset: u64,
+    first_slot: u32,
+    free: FreeBitmap,
+    pending: u32,
+    high_water: u32,
+}
+
+/// Statistics of one slot class.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClassStats {
+    pub name: String,
+    pub slot_bytes: u64,
+    pub capacity: u32,
+    pub free: u32,
+    pub live: u32,
+    pub pending: u32,
+    pub committed: u32,
+    pub high_water: u32,
+    pub region_offset: u64,
+    pub region_bytes: u64,
+}
+
+/// Statistics of the whole pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolStats {
+    pub total_bytes: u64,
+    pub budget: u64,
+    pub reserved_bytes: u64,
+    pub pending_bytes: u64,
+    pub committed_bytes: u64,
+    pub high_water_bytes: u64,
+    pub classes: Vec<ClassStats>,
+}
+
+static NEXT_POOL_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+/// The pool. Mutating calls take `&mut self`; share it behind a mutex (the expert table
+/// does) — only the lease path needs concurrency, and it never touches the pool.
+pub struct ExpertPool {
+    id: u32,
+    alignment: u64,
+    classes: Vec<SlotClass>,
+    by_name: HashMap<String, ClassId>,
+    meta: Vec<SlotMeta>,
+    board: Arc<SlotBoard>,
+    arena: std::sync::Arc<dyn Arena>,
+    total_bytes: u64,
+    budget: u64,
+    pending_bytes: u64,
+    committed_bytes: u64,
+    high_water_bytes: u64,
+}
+
+impl fmt::Debug for ExpertPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExpertPool")
+            .field("id", &self.id)
+            .field("classes", &self.class_names())
+            .field("total_bytes", &self.total_bytes)
+            .field("arena", &self.arena)
+            .finish()
+    }
+}
+
+fn round_up(x: u64, align: u64) -> Option<u64> {
+    x.checked_add(align - 1).map(|v| v & !(align - 1))
+}
+
+impl ExpertPool {
+    /// A pool over freshly reserved host memory.
+    pub fn new(config: &PoolConfig) -> Result<Self> {
+        Self::with_arena(config, |len, align| {
+            Ok(std::sync::Arc::new(HostArena::new(len, align)?) as std::sync::Arc<dyn Arena>)
+        })
+    }
+
+    /// A pool with offsets and accounting but no memory.
+    pub fn new_virtual(config: &PoolConfig) -> Result<Self> {
+        Self::with_arena(config, |len, _| {
+            Ok(std::sync::Arc::new(VirtualArena::new(len)) as std::sync::Arc<dyn Arena>)
+        })
+    }
+
+    /// A pool over an arena made by `make(len, align)` (e.g. a device allocation).
+    pub fn with_arena(
+        config: &PoolConfig,
+        make: impl FnOnce(u64, u64) -> Result<std::sync::Arc<dyn Arena>>,
+    ) -> Result<Self> {
+        let align = config.alignment;
+        if align == 0 || !align.is_power_of_two() || align > (1 << 30) {
+            return Err(Error::InvalidConfig(format!(
+                "alignment must be a power of two between 1 and 2^30, got {align}"
+            )));
+        }
+        if config.classes.is_empty() {
+            return Err(Error::InvalidConfig(
+                "a pool needs at least one slot class".into(),
+            ));
+        }
+        if config.classes.len() > u16::MAX as usize {
+            return Err(Error::InvalidConfig("too many slot classes".into()));
+        }
+        let mut classes = Vec::with_capacity(config.classes.len());
+        let mut by_name = HashMap::new();
+        let mut offset = 0u64;
+        let mut first_slot = 0u32;
+        let mut info = Vec::new();
+        for (i, spec) in config.classes.iter().enumerate() {
+            if spec.name.is_empty() {
+                return Err(Error::InvalidConfig(
+                    "slot class names must be non-empty".into(),
+                ));
+            }
+            if spec.slot_bytes == 0 {
+                return Err(Error::InvalidConfig(format!(
+                    "slot class {:?}: slot_bytes must be > 0",
+                    spec.name
+                )));
+            }
+            if spec.slots == 0 {
+                return Err(Error::InvalidConfig(format!(
+                    "slot class {:?}: slots must be > 0",
+                    spec.name
+                )));
+            }
+            let id = ClassId(i as u16);
+            if by_name.insert(spec.name.clone(), id).is_some() {
+                return Err(Error::InvalidConfig(format!(
+                    "slot class {:?} is given twice",
+                    spec.name
+                )));
+            }
+            let too_big =
+                || Error::InvalidConfig(format!("slot class {:?} is too large", spec.name));
+            let slot_bytes = round_up(spec.slot_bytes, align).ok_or_else(too_big)?;
+            let region = slot_bytes
+                .checked_mul(spec.slots as u64)
+                .ok_or_else(too_big)?;
+            if first_slot as u64 + spec.slots as u64 > MAX_SLOTS as u64 {
+                return Err(Error::InvalidConfig(format!(
+                    "a pool holds at most {MAX_SLOTS} slots in total"
+                )));
+            }
+            for index in 0..spec.slots {
+                info.push(SlotInfo {
+                    class: id,
+                    index,
+                    offset: offset + index as u64 * slot_bytes,
+                    nbytes: slot_bytes,
+                });
+            }
+            classes.push(SlotClass {
+                name: spec.name.clone(),
+                slot_bytes,
+                region_offset: offset,
+                first_slot,
+                free: FreeBitmap::new(spec.slots),
+                pending: 0,
+                high_water: 0,
+            });
+            offset = offset.checked_add(region).ok_or_else(too_big)?;
+            first_slot += spec.slots;
+        }
+        let total_bytes = offset;
+        let budget = match config.budget {
+            Some(0) => return Err(Error::InvalidConfig("budget must be > 0".into())),
+            Some(b) => b.min(total_bytes),
+            None => total_bytes,
+        };
+        let arena = make(total_bytes, align.max(64))?;
+        if arena.len() < total_bytes {
+            return Err(Error::InvalidConfig(format!(
+                "arena of {} B is smaller than the layout ({total_bytes} B)",
+                arena.len()
+            )));
+        }
+        let id = NEXT_POOL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = first_slot as usize;
+        let board = SlotBoard {
+            pool: id,
+            readers: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            generation: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            info: info.into_boxed_slice(),
+        };
+        Ok(Self {
+            id,
+            alignment: align,
+            classes,
+            by_name,
+            meta: vec![
+                SlotMeta {
+                    state: SlotState::Free,
+                    table: false
+                };
+                n
+            ],
+            board: Arc::new(board),
+            arena,
+            total_bytes,
+            budget,
+            pending_bytes: 0,
+            committed_bytes: 0,
+            high_water_bytes: 0,
+        })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+    pub fn alignment(&self) -> u64 {
+        self.alignment
+    }
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+    pub fn arena(&self) -> &std::sync::Arc<dyn Arena> {
+        &self.arena
+    }
+    pub fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+    pub fn num_slots(&self) -> u32 {
+        self.meta.len() as u32
+    }
+    pub fn class_names(&self) -> Vec<String> {
+        self.classes.iter().map(|c| c.name.clone()).collect()
+    }
+    pub(crate) fn board(&self) -> &Arc<SlotBoard> {
+        &self.board
+    }
+
+    /// The class called `name`.
+    pub fn class_id(&self, name: &str) -> Result<ClassId> {
+        self.by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::UnknownClass {
+                name: name.to_string(),
+                known: self.class_names().join(", "),
+            })
+    }
+
+    fn class(&self, id: ClassId) -> Result<&SlotClass> {
+        self.classes
+            .get(id.0 as usize)
+            .ok_or_else(|| Error::UnknownClass {
+                name: format!("#{}", id.0),
+                known: self.class_names().join(", "),
+            })
+    }
+
+    pub fn class_name(&self, id: ClassId) -> Result<&str> {
+        Ok(&self.class(id)?.name)
+    }
+    pub fn slot_bytes(&self, id: ClassId) -> Result<u64> {
+        Ok(self.class(id)?.slot_bytes)
+    }
+    pub fn capacity(&self, id: ClassId) -> Result<u32> {
+        Ok(self.class(id)?.free.len())
+    }
+    pub fn free_count(&self, id: ClassId) -> Result<u32> {
+        Ok(self.class(id)?.free.free_count())
+    }
+    /// `(offset, bytes)` of the class region inside the arena.
+    pub fn region(&self, id: ClassId) -> Result<(u64, u64)> {
+        let c = self.class(id)?;
+        Ok((c.region_offset, c.slot_bytes * c.free.len() as u64))
+    }
+    pub fn reserved_bytes(&self) -> u64 {
+        self.pending_bytes + self.committed_bytes
+    }
+
+    /// Allocate a committed block (lowest free index of the class).
+    pub fn alloc(&mut self, class: ClassId) -> Result<Block> {
+        self.take(class, SlotState::Committed)
+    }
+
+    /// Reserve a block for a copy in flight: counted as pending until `commit`.
+    pub fn try_reserve(&mut self, class: ClassId) -> Result<Block> {
+        self.take(class, SlotState::Pending)
+    }
+
+    fn take(&mut self, class: ClassId, state: SlotState) -> Result<Block> {
+        let c = self.class(class)?;
+        if c.free.free_count() == 0 {
+            return Err(Error::Exhausted {
+                class: c.name.clone(),
+                capacity: c.free.len(),
+            });
+        }
+        let need = c.slot_bytes;
+        let reserved = self.reserved_bytes();
+        if reserved + need > self.budget {
+            return Err(Error::BudgetExceeded {
+                class: c.name.clone(),
+                need,
+                reserved,
+                budget: self.budget,
+            });
+        }
+        let c = &mut self.classes[class.0 as usize];
+        let index = c.free.alloc().expect("free_count > 0 implies a free index");
+        let slot = (c.first_slot + index) as usize;
+        let live = c.free.len() - c.free.free_count();
+        c.high_water = c.high_water.max(live);
+        let (offset, nbytes) = (c.region_offset + index as u64 * c.slot_bytes, c.slot_bytes);
+        if state == SlotState::Pending {
+            c.pending += 1;
+            self.pending_bytes += nbytes;
+        } else {
+            self.committed_bytes += nbytes;
+        }
+        self.high_water_bytes = self.high_water_bytes.max(self.reserved_bytes());
+        self.meta[slot] = SlotMeta {
+            state,
+            table: false,
+        };
+        let generation = self.board.generation[slot]
+            .load(Ordering::Relaxed)
+            .wrapping_add(1);
+        self.board.generation[slot].store(generation, Ordering::Relaxed);
+        Ok(Block {
+            pool: self.id,
+            class,
+            index,
+            generation,
+            offset,
+            nbytes,
+        })
+    }
+
+    /// Global slot number of a live block, after checking that `b` is exactly the block
+    /// this pool handed out last for that slot.
+    pub(crate) fn check_live(&self, b: &Block) -> Result<u32> {
+        if b.pool != self.id {
+            return Err(Error::ForeignBlock(format!(
+                "the block was handed out by pool #{}, this is pool #{}",
+                b.pool, self.id
+            )));
+        }
+        let c = self
+            .classes
+            .get(b.class.0 as usize)
+            .ok_or_else(|| Error::ForeignBlock(format!("no slot class #{}", b.class.0)))?;
+        if b.index >= c.free.len()
+            || b.offset != c.region_offset + b.index as u64 * c.slot_bytes
+            || b.nbytes != c.slot_bytes
+        {
+            return Err(Error::ForeignBlock(format!(
+                "slot {} (offset {}, {} B) does not exist in class {:?}",
+                b.index, b.offset, b.nbytes, c.name
+            )));
+        }
+        let slot = c.first_slot + b.index;
+        let current = self.board.generation[slot as usize].load(Ordering::Relaxed);
+        if self.meta[slot as usize].state == SlotState::Free || current != b.generation {
+            return Err(Error::DoubleFree {
+                class: c.name.clone(),
+                index: b.index,
+            });
+        }
+        Ok(slot)
+    }
+
+    /// Mark a pending block as committed (its copy finished).
+    pub fn commit(&mut self, b: &Block) -> Result<()> {
+        let slot = self.check_live(b)? as usize;
+        if self.meta[slot].state != SlotState::Pending {
+            return Err(Error::NotPending {
+                class: self.classes[b.class.0 as usize].name.clone(),
+                index: b.index,
+            });
+        }
+        self.meta[slot].state = SlotState::Committed;
+        self.classes[b.class.0 as usize].pending -= 1;
+        self.pending_bytes -= b.nbytes;
+        self.committed_bytes += b.nbytes;
+        Ok(())
+    }
+
+    /// Return a block the caller owns. Refuses double frees, foreign blocks, leased blocks
+    /// and blocks owned by the expert table.
+    pub fn free(&mut self, b: Block) -> Result<()> {
+        let slot = self.check_live(&b)?;
+        let name = || self.classes[b.class.0 as usize].name.clone();
+        let readers = self.board.readers[slot as usize].load(Ordering::SeqCst);
+        if readers > 0 {
+            return Err(Error::BlockLeased {
+                class: name(),
+                index: b.index,
+                readers,
+            });
+        }
+        if self.meta[slot as usize].table {
+            return Err(Error::OwnedByTable {
+                class: name(),
+                index: b.index,
+            });
+        }
+        self.release(slot, &b);
+        Ok(())
+    }
+
+    /// Free on behalf of the table (its retire rule already checked the leases).
+    pub(crate) fn free_owned(&mut self, b: &Block) -> Result<()> {
+        let slot = self.check_live(b)?;
+        self.release(slot, b);
+        Ok(())
+    }
+
+    pub(crate) fn set_table_owned(&mut self, b: &Block, owned: bool) -> Result<()> {
+        let slot = self.check_live(b)?;
+        self.meta[slot as usize].table = owned;
+        Ok(())
+    }
+
+    fn release(&mut self, slot: u32, b: &Block) {
+        let m = &mut self.meta[slot as usize];
+        let c = &mut self.classes[b.class.0 as usize];
+        match m.state {
+            SlotState::Pending => {
+                c.pending -= 1;
+                self.pending_bytes -= b.nbytes;
+            }
+            SlotState::Committed => self.committed_bytes -= b.nbytes,
+            SlotState::Free => unreachable!("check_live rejects free slots"),
+        }
+        *m = SlotMeta {
+            state: SlotState::Free,
+            table: false,
+        };
+        let ok = c.free.free(b.index);
+        debug_assert!(ok, "slot state and bitmap disagree");
+    }
+
+    /// Whether `b` is live (handed out and not freed since).
+    pub fn is_live(&self, b: &Block) -> bool {
+        self.check_live(b).is_ok()
+    }
+
+    /// Host pointer to the first byte of `b`, if the arena is host memory and `b` is live.
+    pub fn host_ptr(&self, b: &Block) -> Result<Option<NonNull<u8>>> {
+        self.check_live(b)?;
+        Ok(self.arena.host_ptr().map(|p| {
+            // SAFETY: `check_live` proved offset + nbytes lies inside the layout, and the
+            // arena is at least `total_bytes` long (checked at construction).
+            unsafe { NonNull::new_unchecked(p.as_ptr().add(b.offset as usize)) }
+        }))
+    }
+
+    /// Number of leases currently held on `b`'s slot.
+    pub fn readers(&self, b: &Block) -> Result<u32> {
+        let slot = self.check_live(b)?;
+        Ok(self.board.readers[slot as usize].load(Ordering::SeqCst))
+    }
+
+    pub fn class_stats(&self, id: ClassId) -> Result<ClassStats> {
+        let c = self.class(id)?;
+        let capacity = c.free.len();
+        let free = c.free.free_count();
+        Ok(ClassStats {
+            name: c.name.clone(),
+            slot_bytes: c.slot_bytes,
+            capacity,
+            free,
+            live: capacity - free,
+            pending: c.pending,
+            committed: capacity - free - c.pending,
+            high_water: c.high_water,
+            region_offset: c.region_offset,
+            region_bytes: c.slot_bytes * capacity as u64,
+        })
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            total_bytes: self.total_bytes,
+            budget: self.budget,
+            reserved_bytes: self.reserved_bytes(),
+            pending_bytes: self.pending_bytes,
+            committed_bytes: self.committed_bytes,
+            high_water_bytes: self.high_water_bytes,
+            classes: (0..self.classes.len())
+                .map(|i| self.class_stats(ClassId(i as u16)).expect("valid id"))
+                .collect(),
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn pool(slots: u32) -> ExpertPool {
+        ExpertPool::new(&PoolConfig::new(vec![
+            ClassSpec::new("hi", 1000, slots),
+            ClassSpec::new("lo", 300, slots),
+        ]))
+        .unwrap()
+    }
+
+    #[test]
+    fn bitmap_lowest_first_and_double_free() {
+        for n in [1u32, 63, 64, 65, 4096, 4097, 300_000] {
+            let mut b = FreeBitmap::new(n);
+            for i in 0..n.min(5000) {
+                assert_eq!(b.alloc(), Some(i));
+            }
+            if n <= 5000 {
+                assert_eq!(b.alloc(), None);
+            }
+            assert!(b.free(n.min(5000) / 2));
+            assert!(!b.free(n.min(5000) / 2));
+            assert!(!b.free(n));
+            assert_eq!(b.alloc(), Some(n.min(5000) / 2));
+        }
+    }
+
+    #[test]
+    fn sizes_round_up_and_regions_are_disjoint() {
+        let p = pool(3);
+        let hi = p.class_id("hi").unwrap();
+        let lo = p.class_id("lo").unwrap();
+        assert_eq!(p.slot_bytes(hi).unwrap(), 1024);
+        assert_eq!(p.slot_bytes(lo).unwrap(), 512);
+        assert_eq!(p.region(hi).unwrap(), (0, 3072));
+        assert_eq!(p.region(lo).unwrap(), (3072, 1536));
+        assert_eq!(p.total_bytes(), 4608);
+        assert_eq!(p.arena().base_address() % 256, 0);
+    }
+
+    #[test]
+    fn errors_are_reported() {
+        let mut p = pool(1);
+        let hi = p.class_id("hi").unwrap();
+        assert!(matches!(p.class_id("mid"), Err(Error::UnknownClass { .. })));
+        let b = p.alloc(hi).unwrap();
+        assert!(matches!(p.alloc(hi), Err(Error::Exhausted { .. })));
+        p.free(b).unwrap();
+        assert!(matches!(p.free(b), Err(Error::DoubleFree { .. })));
+        let b2 = p.alloc(hi).unwrap();
+        assert_eq!(b2.offset, b.offset);
+        // A stale handle to a reallocated slot is a double free, not a free of b2.
+        assert!(matches!(p.free(b), Err(Error::DoubleFree { .. })));
+        let mut other = pool(1);
+        let ob = other.alloc(hi).unwrap();
+        assert!(matches!(p.free(ob), Err(Error::ForeignBlock(_))));
+        for bad in [
+            PoolConfig::new(vec![]),
+            PoolConfig::new(vec![ClassSpec::new("a", 0, 1)]),
+            PoolConfig::new(vec![ClassSpec::new("a", 1, 0)]),
+            PoolConfig::new(vec![ClassSpec::new("a", 1, 1), ClassSpec::new("a", 1, 1)]),
+            PoolConfig::new(vec![ClassSpec::new("a", 1, 1)]).alignment(3),
+        ] {
+            assert!(
+                matches!(ExpertPool::new(&bad), Err(Error::InvalidConfig(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn budget_tracker_counts_pending_and_committed() {
+        let cfg = PoolConfig::new(vec![ClassSpec::new("a", 256, 4)]).budget(Some(600));
+        let mut p = ExpertPool::new(&cfg).unwrap();
+        let a = p.class_id("a").unwrap();
+        let r = p.try_reserve(a).unwrap();
+        assert_eq!(p.stats().pending_bytes, 256);
+        let c = p.alloc(a).unwrap();
+        assert_eq!(p.reserved_bytes(), 512);
+        assert!(matches!(
+            p.try_reserve(a),
+            Err(Error::BudgetExceeded { .. })
+        ));
+        p.commit(&r).unwrap();
+        assert!(matches!(p.commit(&r), Err(Error::NotPending { .. })));
+        assert_eq!(p.stats().committed_bytes, 512);
+        p.free(c).unwrap();
+        p.free(r).unwrap();
+        assert_eq!(p.reserved_bytes(), 0);
+        assert_eq!(p.stats().high_water_bytes, 512);
+    }
+}
