@@ -282,3 +282,65 @@ def test_bfloat16_checkpoint_loads_as_bfloat16(hf, tmp_path) -> None:
     assert ours.dtype == torch.float32
     # Same bf16 arithmetic up to summation order: close, not bit-equal.
     assert (ours - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+
+
+# The released Qwen3-30B-A3B config.json (legacy spellings: num_experts, rope_theta).
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "decoder_sparse_step": 1,
+    "eos_token_id": 151645,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "intermediate_size": 6144,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 48,
+    "mlp_only_layers": [],
+    "model_type": "qwen3_moe",
+    "moe_intermediate_size": 768,
+    "norm_topk_prob": True,
+    "num_attention_heads": 32,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 48,
+    "num_key_value_heads": 4,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+
+
+def test_real_qwen3_30b_config_builds_the_same_parameters_as_transformers() -> None:
+    """At full scale, on the meta device: our modules + routed experts have exactly the
+    parameters of transformers' model (30.5B), with the expected active count."""
+    import transformers
+    from dynaexq.model.qwen3_moe import Qwen3MoeForCausalLM
+
+    cfg = ModelConfig.from_dict(QWEN3_30B_A3B)
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.rope.theta) == (128, 8, 1e6)
+    assert cfg.eos_token_ids == (151645,) and cfg.torch_dtype == "bfloat16"
+    with torch.device("meta"):
+        ours = Qwen3MoeForCausalLM(cfg, experts=None)  # type: ignore[arg-type]
+        hf = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**QWEN3_30B_A3B))
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    routed = len(cfg.moe_layers) * cfg.num_experts * per_expert
+    n_ours = sum(p.numel() for p in ours.parameters()) + routed
+    n_hf = sum(p.numel() for p in hf.parameters())
+    assert n_ours == n_hf
+    assert round(n_ours / 1e9, 1) == 30.5
+    active = n_ours - routed + len(cfg.moe_layers) * cfg.num_experts_per_tok * per_expert
+    assert 3.3e9 <= active < 3.4e9  # "A3B": 3.3B active (3.35B with both embeddings)
+    hf_names = {n for n, _ in hf.named_parameters() if ".experts." not in n}
+    assert {n for n, _ in ours.named_parameters()} == hf_names
