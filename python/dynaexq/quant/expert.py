@@ -307,9 +307,13 @@ def reference_expert_forward(view: PackedExpertView, x: torch.Tensor) -> torch.T
 
 # --------------------------------------------------------------------------- fast execution
 
-# Codes are unpacked "plane by plane": plane p holds the columns P*j + p, which is what a
-# single broadcast shift-and-mask over the packed bytes produces. The scratch weight is
-# therefore column-permuted and the (tiny) input is permuted the same way instead.
+# Codes are unpacked "plane by plane": plane p of a row holds its columns P*j + p (P =
+# codes per byte; 8 for the two 3-bit streams), which is exactly what one broadcast
+# shift-and-mask over the packed bytes produces, with long contiguous runs. The scratch
+# weight is therefore column-permuted and the (small) input is permuted the same way
+# instead. Scales are expanded to one per plane column ([N, K32/P], 1/P of the weights) so
+# the scale multiply is a broadcast over P with long contiguous runs as well (torch's CPU
+# kernels are slow on short innermost runs).
 _PLANES = {8: 1, 4: 2, 2: 4, 3: 8}
 
 
@@ -341,35 +345,39 @@ def _default_scratch() -> ExpertScratch:
     return s
 
 
-def _shift_table(bits: int, planes: int, dtype: torch.dtype, device) -> torch.Tensor:
-    return (torch.arange(planes, dtype=dtype, device=device) * bits).view(1, planes, 1)
+_SHIFTS: dict[tuple, torch.Tensor] = {}
 
 
-def _unpack_planes(
-    q: torch.Tensor, bits: int, k32: int, scratch: ExpertScratch, tag: str
-) -> torch.Tensor:
-    """Packed rows [N, row_bytes] -> integer codes [N, P, K32/P] in plane order."""
+def _shifts(bits: int, planes: int, dtype: torch.dtype, device) -> torch.Tensor:
+    key = (bits, planes, dtype, str(device))
+    t = _SHIFTS.get(key)
+    if t is None:
+        t = _SHIFTS[key] = (torch.arange(planes, dtype=dtype, device=device) * bits).view(
+            1, 1, planes, 1
+        )
+    return t
+
+
+def _unpack_planes(q: torch.Tensor, bits: int, k32: int, out: torch.Tensor) -> None:
+    """Packed rows [N, row_bytes] -> integer codes out [N, P, K32/P] in plane order."""
     n = q.shape[0]
     p = _PLANES[bits]
     dev = q.device
     if bits == 8:
-        return q.view(n, 1, k32)
+        out.copy_(q.view(n, 1, k32))
+        return
     if bits in (2, 4):
-        out = scratch.get(tag + ".codes", (n, p, k32 // p), torch.uint8, dev)
-        torch.bitwise_right_shift(q.unsqueeze(1), _shift_table(bits, p, torch.uint8, dev), out=out)
+        torch.bitwise_right_shift(q.unsqueeze(1), _shifts(bits, p, torch.uint8, dev)[0], out=out)
         out.bitwise_and_((1 << bits) - 1)
-        return out
-    # 3 bits: low 2-bit stream read as little-endian int16 (8 codes each) + 1-bit stream.
-    low = q[:, : k32 // 4].view(torch.int16)
-    high = q[:, k32 // 4 :]
-    out = scratch.get(tag + ".codes", (n, 8, k32 // 8), torch.int16, dev)
-    tmp = scratch.get(tag + ".codes_hi", (n, 8, k32 // 8), torch.uint8, dev)
-    torch.bitwise_right_shift(low.unsqueeze(1), _shift_table(2, 8, torch.int16, dev), out=out)
+        return
+    # 3 bits: the 2-bit stream read as little-endian int16 (8 codes each), the 1-bit stream
+    # as bytes (8 codes each).
+    low = q[:, : k32 // 4].view(torch.int16).unsqueeze(1)
+    high = q[:, k32 // 4 :].unsqueeze(1)
+    torch.bitwise_right_shift(low, _shifts(2, 8, torch.int16, dev)[0], out=out)
     out.bitwise_and_(3)
-    torch.bitwise_right_shift(high.unsqueeze(1), _shift_table(1, 8, torch.uint8, dev), out=tmp)
-    tmp.bitwise_and_(1)
-    out.add_(tmp, alpha=4)
-    return out
+    hi = torch.bitwise_right_shift(high, _shifts(1, 8, torch.uint8, dev)[0]).bitwise_and_(1)
+    out.add_(hi.to(torch.int16).mul_(4))
 
 
 def _qmatmul(
@@ -392,28 +400,25 @@ def _qmatmul(
         return x.to(dtype) @ w.T
     geo = MatrixGeometry(t.bits, n, k, t.group_size)
     k32, g, ng, p = geo.k32, t.group_size, geo.groups, _PLANES[t.bits]
-    codes = _unpack_planes(view[f"{name}.qweight"], t.bits, k32, scratch, name)
-    w = scratch.get(name + ".w", (n, p, k32 // p), dtype, dev)
+    kp = k32 // p
+    code_dt = torch.int16 if t.bits == 3 else torch.uint8
+    codes = scratch.get(name + ".codes", (n, p, kp), code_dt, dev)
+    _unpack_planes(view[f"{name}.qweight"], t.bits, k32, codes)
+    w = scratch.get(name + ".w", (n, p, kp), dtype, dev)
     w.copy_(codes)
     s = view[f"{name}.scales"].to(torch.float32)  # [N, G], small
-    if k32 == ng * g:
-        w.view(n, p, ng, g // p).mul_(s.to(dtype).view(n, 1, ng, 1))
-    else:  # partial last group: per-column scales in plane order
-        s_cols = s.repeat_interleave(g, 1)[:, :k32].view(n, k32 // p, p).transpose(1, 2)
-        w.mul_(s_cols.to(dtype))
+    # Column P*j + p of the row is in group (P*j + p) // g = j // (g/P) (g % P == 0).
+    s_plane = s.to(dtype).repeat_interleave(g // p, dim=1)[:, :kp]
+    w.mul_(s_plane.unsqueeze(1))
     # The zero point is applied on the (small) input side: (q - z) s x = q s x - z s x.
     zeros = view.sections.get(f"{name}.zeros")
     z = zeros.to(torch.float32) if zeros is not None else float(1 << (t.bits - 1))
     m = -(z * s)  # [N, G]
     tt = x.shape[0]
-    xf = x.to(torch.float32)
-    if k32 != k or ng * g != k:
-        xp = torch.zeros(tt, ng * g, dtype=torch.float32, device=dev)
-        xp[:, :k] = xf
-    else:
-        xp = xf
+    xp = torch.zeros(tt, ng * g, dtype=torch.float32, device=dev)
+    xp[:, :k] = x
     xg = xp.view(tt, ng, g).sum(-1)  # [T, G]
-    xperm = xp[:, :k32].reshape(tt, k32 // p, p).transpose(1, 2).reshape(tt, k32)
+    xperm = xp[:, :k32].reshape(tt, kp, p).transpose(1, 2).reshape(tt, k32)
     y = xperm.to(dtype) @ w.view(n, k32).T
     return y.to(torch.float32) + xg @ m.T
 
