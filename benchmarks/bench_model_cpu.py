@@ -9,8 +9,10 @@ both alike:
   (time to generate new-tokens+1 tokens - time to generate 1) per token;
 at batch 1 and 8, on the embedded model if present (else a random checkpoint of a similar
 configuration: hidden 128, 6 layers, 64 experts, moe_intermediate 32, top-4, vocab 8192).
-Then the peak RSS of a fresh process loading a sharded copy of the checkpoint (ours and
-transformers' from_pretrained), against the checkpoint's size on disk.
+Then the peak RSS of a fresh process loading a sharded copy of the checkpoint and running
+one short forward, against the checkpoint's size on disk: ours (experts copied into
+memory), ours with MappedExperts (experts used in place from the mapped file) and
+transformers' from_pretrained.
 """
 
 from __future__ import annotations
@@ -40,16 +42,18 @@ def status(key):
             return int(line.split()[1]) / 1024  # kB -> MiB
 
 # Load every library first (imports, one tiny forward), so the baseline holds them.
-if which == "ours":
+if which.startswith("ours"):
     import dynaexq, dynaexq.engine
+    from dynaexq.model.experts import MappedExperts
 else:
     import transformers
 x = torch.randn(2, 4, 8, 16)
 torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True).sum()
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 base = status("VmRSS")
-if which == "ours":
-    engine = dynaexq.load(path, device="cpu")
+if which.startswith("ours"):
+    experts = MappedExperts.factory if which == "ours-mapped" else None
+    engine = dynaexq.load(path, device="cpu", experts=experts)
     engine.forward([[1, 2, 3]])
 else:
     model = transformers.AutoModelForCausalLM.from_pretrained(path)
@@ -243,7 +247,7 @@ def main() -> int:
                 f"peak RSS, fresh process, load + one forward: {label} "
                 f"({len(files)} shards, {size:.1f} MiB on disk)"
             )
-            for which in ("ours", "transformers"):
+            for which in ("ours", "ours-mapped", "transformers"):
                 r = bench_rss(ckpt, which)
                 grown = r["peak_mib"] - r["baseline_mib"]
                 print(

@@ -155,3 +155,17 @@ def test_finished_sequences_leave_the_batch(engine) -> None:
     assert outs[1].token_ids == second and outs[1].finish_reason == "length"
     # prefill shows 5 real tokens; decode steps show 2 rows until the first one ends, then 1
     assert rows == [5] + [2] * (stop - 1) + [1] * (3 - (stop - 1))
+
+
+def test_mapped_experts_give_the_same_logits(engine) -> None:
+    from dynaexq.model.experts import MappedExperts
+
+    mapped = dynaexq.load(
+        engine.checkpoint.path, dtype="float32", device="cpu", experts=MappedExperts.factory
+    )
+    assert isinstance(mapped.experts, MappedExperts)
+    ids = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(mapped.forward(ids), engine.forward(ids), atol=1e-5)
+    assert mapped.generate(ids.tolist(), max_new_tokens=6, ignore_eos=True)[1].token_ids == (
+        engine.generate(ids.tolist(), max_new_tokens=6, ignore_eos=True)[1].token_ids
+    )

@@ -107,9 +107,15 @@ class ModelConfig:
         if known:
             model_type = known[0]
         if model_type not in SUPPORTED_ARCHITECTURES.values():
+            hint = (
+                " (Qwen3-Next mixes linear-attention layers into the decoder; it is not "
+                "implemented yet)"
+                if raw.get("model_type") == "qwen3_next"
+                else ""
+            )
             raise UnsupportedArchitectureError(
                 f"{source}: unsupported architecture (architectures={archs}, "
-                f"model_type={raw.get('model_type')!r}); supported: "
+                f"model_type={raw.get('model_type')!r}){hint}; supported: "
                 + ", ".join(f"{a} ({t})" for a, t in SUPPORTED_ARCHITECTURES.items())
             )
         if raw.get("quantization_config"):

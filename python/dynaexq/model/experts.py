@@ -120,3 +120,58 @@ class FullPrecisionExperts:
         unsorted = torch.empty_like(out)
         unsorted[order] = out
         return unsorted.view(t, k, -1).sum(dim=1)
+
+
+class MappedExperts:
+    """Experts read straight from the memory-mapped checkpoint on every call (CPU only).
+
+    Nothing is copied when the checkpoint's dtype is the compute dtype: the weights are
+    the file's pages, which the kernel reads in on first use and may drop under memory
+    pressure. This runs a checkpoint larger than RAM, slowly; it is also the reference
+    for executors that stage experts themselves.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype) -> None:
+        # Keep every file mapped: reopening a shard on each call would re-parse its header.
+        self.checkpoint = Checkpoint(checkpoint.path, max_open_files=len(checkpoint.files))
+        self.dtype = dtype
+
+    @classmethod
+    def factory(
+        cls, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> MappedExperts:
+        if torch.device(device).type != "cpu":
+            raise ValueError("MappedExperts runs on the CPU only")
+        return cls(checkpoint, dtype)
+
+    def expert(self, layer: int, expert: int) -> ExpertTensors:
+        return self.checkpoint.expert(layer, expert, self.dtype)
+
+    def forward(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        t, k = expert_ids.shape
+        flat = expert_ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        sorted_ids = flat[order].tolist()
+        token_of = order // k
+        x = hidden[token_of]
+        out = torch.empty_like(x)
+        start = 0
+        while start < len(sorted_ids):
+            e = sorted_ids[start]
+            end = start
+            while end < len(sorted_ids) and sorted_ids[end] == e:
+                end += 1
+            w = self.expert(layer, e)
+            xs = x[start:end]
+            out[start:end] = F.linear(F.silu(F.linear(xs, w.gate)) * F.linear(xs, w.up), w.down)
+            start = end
+        out.mul_(weights.reshape(-1)[order].unsqueeze(-1))
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out
+        return unsorted.view(t, k, -1).sum(dim=1)
