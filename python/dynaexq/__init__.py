@@ -51,6 +51,13 @@ _LAZY = {
     "TensorShapeError": "dynaexq.checkpoint",
     "UnsupportedArchitectureError": "dynaexq.checkpoint",
     "UnsupportedDtypeError": "dynaexq.checkpoint",
+    # Expert quantization tiers and packed experts (issue 4; docs/packed-layout.md).
+    "TierSpec": "dynaexq.quant",
+    "parse_tier": "dynaexq.quant",
+    "expert_nbytes": "dynaexq.quant",
+    "pack_expert": "dynaexq.quant",
+    "PackedExpertView": "dynaexq.quant",
+    "expert_forward": "dynaexq.quant",
 }
 __all__ += list(_LAZY)
 
