@@ -78,7 +78,15 @@ def samples(model, tok, prompts: list[str], n: int) -> list[dict[str, str]]:  # 
         ids = tok(p, return_tensors="pt").input_ids
         torch.manual_seed(0)
         g = model.generate(ids, max_new_tokens=n, do_sample=False)
-        out.append({"prompt": p, "greedy": tok.decode(g[0, ids.shape[1] :])})
+        torch.manual_seed(0)
+        s = model.generate(ids, max_new_tokens=n, do_sample=True, temperature=0.8, top_p=0.95)
+        out.append(
+            {
+                "prompt": p,
+                "greedy": tok.decode(g[0, ids.shape[1] :]),
+                "sampled": tok.decode(s[0, ids.shape[1] :]),
+            }
+        )
     return out
 
 
@@ -239,9 +247,17 @@ def main(argv: list[str] | None = None) -> int:
         )  # noqa: E501
         md.append("")
     if "samples" in report:
-        md += ["## Greedy samples (48 tokens)", ""]
+        md += ["## Samples (48 new tokens; greedy, then T=0.8 top-p 0.95 seed 0)", ""]
         for s in report["samples"]:  # type: ignore[attr-defined]
-            md += [f"prompt `{s['prompt']!r}`:", "", "```", s["prompt"] + s["greedy"], "```", ""]
+            md += [
+                f"prompt `{s['prompt']!r}`, greedy:",
+                "",
+                "```",
+                s["prompt"] + s["greedy"],
+                "```",
+                "",
+            ]
+            md += ["sampled:", "", "```", s["prompt"] + s["sampled"], "```", ""]
     (d / "REPORT.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0

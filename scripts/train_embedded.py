@@ -418,8 +418,53 @@ def export(args: argparse.Namespace) -> int:
     for f in (work / "tokenizer").iterdir():
         shutil.copy(f, out / f.name)
     shutil.copy(run_dir / "train_log.jsonl", out / "train_log.jsonl")
+    _portable_metadata(out)
+    # Reference: the same weights rounded to the export dtype, computed in fp32 (the
+    # model converted with .to(bf16) would also have rounded its RoPE buffers).
+    ref = Qwen3MoeForCausalLM(config)
+    ref.load_state_dict({k: v.to(dtype).float() for k, v in state["model"].items()})
+    _verify_export(out, ref)
     print(f"exported step {state['step']} ({args.dtype}) to {out}")
     return 0
+
+
+def _portable_metadata(out: Path) -> None:
+    """Write the config/tokenizer keys real Qwen3-MoE checkpoints use.
+
+    transformers 5 saves ``num_local_experts`` (its internal name) and the tokenizer
+    class ``TokenizersBackend``; Qwen's own checkpoints (and older loaders) use
+    ``num_experts`` and a class every transformers version knows.
+    """
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if "num_local_experts" in cfg:
+        cfg["num_experts"] = cfg.pop("num_local_experts")
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tc_path = out / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text())
+    tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tc["chat_template"] = CHAT_TEMPLATE
+    tc_path.write_text(json.dumps(tc, indent=2) + "\n")
+
+
+def _verify_export(out: Path, model) -> None:  # type: ignore[no-untyped-def]
+    """Reload with AutoModelForCausalLM and check it computes what the exported weights do."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    if type(loaded) is not Qwen3MoeForCausalLM:
+        raise SystemExit(f"export check: loaded {type(loaded).__name__}")
+    ref = model.eval()
+    x = torch.randint(0, ref.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (loaded(input_ids=x).logits - ref(input_ids=x).logits).abs().max().item()
+    if diff > 1e-4:
+        raise SystemExit(f"export check: reloaded logits differ by {diff}")
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ids = tok("def main(", return_tensors="pt").input_ids
+    g = loaded.generate(ids, max_new_tokens=24, do_sample=False)
+    print(f"export check: reload max |dlogits| {diff:.2e}; greedy: {tok.decode(g[0])!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
