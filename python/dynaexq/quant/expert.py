@@ -401,9 +401,13 @@ def _qmatmul(
     geo = MatrixGeometry(t.bits, n, k, t.group_size)
     k32, g, ng, p = geo.k32, t.group_size, geo.groups, _PLANES[t.bits]
     kp = k32 // p
-    code_dt = torch.int16 if t.bits == 3 else torch.uint8
-    codes = scratch.get(name + ".codes", (n, p, kp), code_dt, dev)
-    _unpack_planes(view[f"{name}.qweight"], t.bits, k32, codes)
+    q = view[f"{name}.qweight"]
+    if t.bits == 8:  # the bytes are the codes
+        codes = q.view(n, 1, k32)
+    else:
+        code_dt = torch.int16 if t.bits == 3 else torch.uint8
+        codes = scratch.get(name + ".codes", (n, p, kp), code_dt, dev)
+        _unpack_planes(q, t.bits, k32, codes)
     w = scratch.get(name + ".w", (n, p, kp), dtype, dev)
     w.copy_(codes)
     s = view[f"{name}.scales"].to(torch.float32)  # [N, G], small
