@@ -103,7 +103,7 @@ def build_model(
     }
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary.to(device)  # its frequencies are computed on the CPU, even under meta
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 @dataclass
