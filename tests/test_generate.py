@@ -253,3 +253,29 @@ def test_cli_reports_a_missing_model(tmp_path, capsys) -> None:
 def test_sampling_params_defaults_are_greedy() -> None:
     p = SamplingParams()
     assert p.greedy and p.top_k == 0 and math.isclose(p.top_p, 1.0)
+
+
+def test_cli_stats_go_to_stderr(model_dir, capsys) -> None:
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--device",
+            "cpu",
+            "--stats",
+            "--max-new-tokens",
+            "5",
+            "--ignore-eos",
+            "The",
+        ]
+    )
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "1 prompt(s), 5 tokens" in err and "finished by: length" in err
+
+
+def test_stream_reports_the_result(engine) -> None:
+    done: list = []
+    text = "".join(engine.stream("The", max_new_tokens=7, ignore_eos=True, on_finish=done.append))
+    assert len(done) == 1 and done[0].text == text and len(done[0].token_ids) == 7

@@ -279,19 +279,27 @@ class Engine:
         ]
         return results[0] if single else results
 
-    def stream(self, prompt: Prompt, chat: bool = False, **kw: object) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: Prompt,
+        chat: bool = False,
+        on_finish: Callable[[GenerationResult], None] | None = None,
+        **kw: object,
+    ) -> Iterator[str]:
         """Yield the text of one generation piece by piece, as tokens are produced.
 
         Takes the same options as `generate`. Text that could still become a stop string,
-        or an incomplete UTF-8 character, is held back until it is settled.
+        or an incomplete UTF-8 character, is held back until it is settled. `on_finish`
+        receives the complete GenerationResult at the end.
         """
         tok = self._need_tokenizer()
         params = self._params(**kw)
+        prompt_ids = self.encode(prompt, chat)
         ids: list[int] = []
         sent = 0
         hold = max((len(s) for s in params.stop), default=1) - 1
         for events in iter_generate(
-            self.model, [self.encode(prompt, chat)], params, self.eos_token_ids, tok.decode
+            self.model, [prompt_ids], params, self.eos_token_ids, tok.decode
         ):
             ev = events[0]
             ids.append(ev.token_id)
@@ -299,6 +307,8 @@ class Engine:
                 text = self._text(ids, params.stop)
                 if len(text) > sent:
                     yield text[sent:]
+                if on_finish is not None:
+                    on_finish(GenerationResult(text, ids, prompt_ids, ev.finish_reason))
                 return
             text = tok.decode(ids)
             ready = len(text) - hold

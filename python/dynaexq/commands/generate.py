@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from dynaexq.checkpoint import CheckpointError
-    from dynaexq.engine import load
+    from dynaexq.engine import GenerationResult, load
 
     prompts = list(args.prompt)
     if not prompts or prompts == ["-"]:
@@ -114,23 +114,30 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         if len(prompts) == 1 and not args.no_stream:
-            for piece in engine.stream(prompts[0], chat=args.chat, **options):
+            done: list[GenerationResult] = []
+            for piece in engine.stream(
+                prompts[0], chat=args.chat, on_finish=done.append, **options
+            ):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
-            if args.stats:
-                print(f"[{time.perf_counter() - start:.2f}s]", file=sys.stderr)
-            return 0
-        results = engine.generate(prompts, chat=args.chat, **options)  # type: ignore[arg-type]
+            results = done
+        else:
+            results = engine.generate(prompts, chat=args.chat, **options)
+            for i, r in enumerate(results):
+                if len(results) > 1:
+                    print(f"--- [{i}] ({r.finish_reason})")
+                print(r.text)
     except ValueError as e:
         print(f"dynaexq generate: error: {e}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
-    for i, r in enumerate(results):
-        if len(results) > 1:
-            print(f"--- [{i}] ({r.finish_reason})")
-        print(r.text)
     if args.stats:
         n = sum(len(r.token_ids) for r in results)
-        print(f"[{n} tokens in {elapsed:.2f}s: {n / elapsed:.1f} tokens/s]", file=sys.stderr)
+        reasons = ", ".join(r.finish_reason for r in results)
+        print(
+            f"[{len(results)} prompt(s), {n} tokens in {elapsed:.2f}s = {n / elapsed:.1f} "
+            f"tokens/s (including the prefill); finished by: {reasons}]",
+            file=sys.stderr,
+        )
     return 0
