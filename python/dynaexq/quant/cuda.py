@@ -10,6 +10,7 @@ stream). The Rust core loads the same PTX with cudarc (see docs/packed-layout.md
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,60 @@ def nvrtc_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-# ------------------------------------------------------------------ launching (GPU only)
+# ------------------------------------------------------------------ launching
+
+
+@dataclass
+class Launch:
+    """One kernel launch: name, geometry, the 5 pointer and 5 int arguments, and the output."""
+
+    kernel: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    pointers: list[int]  # qweight, scales, zeros, x, y (0 = NULL)
+    ints: list[int]  # T, N, K, group_size, swiglu
+    y: torch.Tensor
+
+
+def prepare_launch(
+    view: PackedExpertView, name: str, x: torch.Tensor, swiglu: bool, force: str | None = None
+) -> Launch:
+    """Kernel, geometry and arguments for y = x @ W^T (or SwiGLU) of matrix `name`
+    ("gate_up" or "down") of a blob; allocates y on x's device. GEMV for T <= 8 tokens."""
+    t = view.tier
+    n_rows, k = view._nk(name)
+    n_out = n_rows // 2 if swiglu else n_rows
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x: expected [T, {k}], got {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous")
+    tt = x.shape[0]
+    op = force or ("gemv" if tt <= GEMV_MAX_T else "gemm")
+    if op == "gemv" and not 1 <= tt <= GEMV_MAX_T:
+        raise ValueError(f"gemv takes 1..{GEMV_MAX_T} tokens, got {tt}")
+    y = torch.empty(tt, n_out, dtype=x.dtype, device=x.device)
+    if t.is_quantized:
+        zs = view.sections.get(f"{name}.zeros")
+        ptrs = [
+            view[f"{name}.qweight"].data_ptr(),
+            view[f"{name}.scales"].data_ptr(),
+            zs.data_ptr() if zs is not None else 0,
+        ]
+        g = t.group_size
+    else:
+        ptrs, g = [view[f"{name}.weight"].data_ptr(), 0, 0], 0
+    if op == "gemv":
+        grid, block = ((n_out + 3) // 4, 1, 1), (128, 1, 1)
+    else:
+        grid, block = ((n_out + 63) // 64, (tt + 31) // 32, 1), (256, 1, 1)
+    return Launch(
+        kernel=f"dq_{op}_{weight_kind(t)}_{ACT_KINDS[x.dtype]}",
+        grid=grid,
+        block=block,
+        pointers=[*ptrs, x.data_ptr(), y.data_ptr()],
+        ints=[tt, n_out, k, g, 1 if swiglu else 0],
+        y=y,
+    )
 
 
 class CudaKernels:
@@ -167,43 +221,23 @@ class CudaKernels:
         """y = x @ W^T (or SwiGLU of the gate_up halves) for one matrix of a CUDA blob."""
         import ctypes
 
-        t = view.tier
-        n_rows, k = view._nk(name)
-        n_out = n_rows // 2 if swiglu else n_rows
-        tt = x.shape[0]
-        op = force or ("gemv" if tt <= GEMV_MAX_T else "gemm")
-        fn = self.functions[f"dq_{op}_{weight_kind(t)}_{ACT_KINDS[x.dtype]}"]
-        x = x.contiguous()
-        y = torch.empty(tt, n_out, dtype=x.dtype, device=x.device)
-        if t.is_quantized:
-            qw = view[f"{name}.qweight"].data_ptr()
-            sc = view[f"{name}.scales"].data_ptr()
-            zs = view.sections.get(f"{name}.zeros")
-            zp = zs.data_ptr() if zs is not None else 0
-            g = t.group_size
-        else:
-            qw, sc, zp, g = view[f"{name}.weight"].data_ptr(), 0, 0, 0
-        args = [
-            ctypes.c_void_p(qw),
-            ctypes.c_void_p(sc),
-            ctypes.c_void_p(zp),
-            ctypes.c_void_p(x.data_ptr()),
-            ctypes.c_void_p(y.data_ptr()),
-            ctypes.c_int(tt),
-            ctypes.c_int(n_out),
-            ctypes.c_int(k),
-            ctypes.c_int(g),
-            ctypes.c_int(1 if swiglu else 0),
+        launch = prepare_launch(view, name, x, swiglu, force)
+        args = [ctypes.c_void_p(p) for p in launch.pointers] + [
+            ctypes.c_int(v) for v in launch.ints
         ]
         ptrs = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-        if op == "gemv":
-            grid, block = ((n_out + 3) // 4, 1, 1), (128, 1, 1)
-        else:
-            grid, block = ((n_out + 63) // 64, (tt + 31) // 32, 1), (256, 1, 1)
         stream = self._drv.CUstream(torch.cuda.current_stream(x.device).cuda_stream)
-        (err,) = self._drv.cuLaunchKernel(fn, *grid, *block, 0, stream, ctypes.addressof(ptrs), 0)
-        self._check(err, "cuLaunchKernel")
-        return y
+        (err,) = self._drv.cuLaunchKernel(
+            self.functions[launch.kernel],
+            *launch.grid,
+            *launch.block,
+            0,
+            stream,
+            ctypes.addressof(ptrs),
+            0,
+        )
+        self._check(err, f"cuLaunchKernel({launch.kernel})")
+        return launch.y
 
     def expert_forward(
         self, view: PackedExpertView, x: torch.Tensor, force: str | None = None
