@@ -107,8 +107,9 @@ def bench_throughput(path: Path, args: argparse.Namespace) -> list[dict]:
     import dynaexq
     import transformers
 
-    engine = dynaexq.load(path, dtype="float32", device="cpu")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dtype = getattr(torch, args.dtype)
+    engine = dynaexq.load(path, dtype=dtype, device="cpu")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     vocab = engine.config.vocab_size
     rows = []
     for batch in (1, 8):
@@ -172,6 +173,7 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument(
         "--threads",
         type=int,
@@ -203,7 +205,7 @@ def main() -> int:
         cfg = json.loads((path / "config.json").read_text())
         print(f"model: {what}")
         print(
-            f"torch {torch.__version__}, {args.threads} threads, float32, load average "
+            f"torch {torch.__version__}, {args.threads} threads, {args.dtype}, load average "
             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; prompt {args.prompt_len} tokens, "
             f"{args.new_tokens} decode tokens, median of {args.repeats}"
         )

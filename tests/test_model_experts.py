@@ -66,6 +66,16 @@ def test_full_precision_executor_matches_definition(tokens, experts, k, seed) ->
     assert torch.allclose(got, _reference(gate_up, down, hidden, ids, weights), atol=1e-5)
 
 
+def test_executors_accept_zero_tokens(engine) -> None:
+    from dynaexq.model.experts import MappedExperts
+
+    h = torch.zeros(0, engine.config.hidden_size)
+    ids, w = torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3)
+    ck = engine.checkpoint
+    for ex in (engine.experts, MappedExperts(ck, torch.float32)):
+        assert ex.forward(0, h, ids, w).shape == (0, engine.config.hidden_size)
+
+
 def test_executor_weights_are_addressable_per_expert(engine) -> None:
     ck = Checkpoint(engine.checkpoint.path)
     ex = engine.experts

@@ -100,6 +100,8 @@ class FullPrecisionExperts:
         gate_up, down = self.gate_up[layer], self.down[layer]
         num_experts = gate_up.shape[0]
         t, k = expert_ids.shape
+        if t == 0:
+            return torch.zeros_like(hidden)
         flat = expert_ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=num_experts).tolist()  # the one host sync
@@ -155,6 +157,8 @@ class MappedExperts:
         weights: torch.Tensor,
     ) -> torch.Tensor:
         t, k = expert_ids.shape
+        if t == 0:
+            return torch.zeros_like(hidden)
         flat = expert_ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         sorted_ids = flat[order].tolist()
