@@ -12,6 +12,7 @@ import pytest
 import torch
 from dynaexq.quant import (
     PackedExpertView,
+    TierSpec,
     dequantize_matrix,
     pack_expert,
     parse_tier,
@@ -27,6 +28,8 @@ from dynaexq.quant.cuda import (
     ptx_entries,
 )
 from dynaexq.quant.packing import pack_codes
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 KERNELS = kernel_dir()
 
@@ -80,6 +83,23 @@ def test_header_dequant_matches_torch_reference(shim, tier, k):
     ref = dequantize_matrix(qm)
     for fn in ("dq_shim_dequant_ref", "dq_shim_dequant_oct"):
         torch.testing.assert_close(_shim_dequant(shim, fn, qm), ref, rtol=0, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    group=st.sampled_from([32, 64, 128]),
+    sym=st.booleans(),
+    n=st.integers(1, 4),
+    k=st.integers(1, 400),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_header_dequant_any_shape(shim, bits, group, sym, n, k, seed):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    qm = quantize_matrix(w, TierSpec(bits, group, sym, "rtn"))
+    ref = dequantize_matrix(qm)
+    for fn in ("dq_shim_dequant_ref", "dq_shim_dequant_oct"):
+        assert torch.equal(_shim_dequant(shim, fn, qm), ref)
 
 
 def test_header_half_conversion_is_exact_for_every_value(shim):

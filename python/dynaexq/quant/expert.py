@@ -358,6 +358,17 @@ def _shifts(bits: int, planes: int, dtype: torch.dtype, device) -> torch.Tensor:
     return t
 
 
+_ONES: dict[tuple, torch.Tensor] = {}
+
+
+def _ones(n: int, device) -> torch.Tensor:
+    key = (n, str(device))
+    t = _ONES.get(key)
+    if t is None:
+        t = _ONES[key] = torch.ones(n, device=device)
+    return t
+
+
 def _unpack_planes(q: torch.Tensor, bits: int, k32: int, out: torch.Tensor) -> None:
     """Packed rows [N, row_bytes] -> integer codes out [N, P, K32/P] in plane order."""
     n = q.shape[0]
@@ -412,19 +423,28 @@ def _qmatmul(
     w.copy_(codes)
     s = view[f"{name}.scales"].to(torch.float32)  # [N, G], small
     # Column P*j + p of the row is in group (P*j + p) // g = j // (g/P) (g % P == 0).
-    s_plane = s.to(dtype).repeat_interleave(g // p, dim=1)[:, :kp]
-    w.mul_(s_plane.unsqueeze(1))
+    if ng == 1:
+        w.mul_(s.to(dtype).view(n, 1, 1))
+    else:
+        w.mul_(s.to(dtype).repeat_interleave(g // p, dim=1)[:, :kp].unsqueeze(1))
     # The zero point is applied on the (small) input side: (q - z) s x = q s x - z s x.
     zeros = view.sections.get(f"{name}.zeros")
-    z = zeros.to(torch.float32) if zeros is not None else float(1 << (t.bits - 1))
-    m = -(z * s)  # [N, G]
+    z = float(1 << (t.bits - 1)) if zeros is None else zeros.to(torch.float32)
+    m = (z * s).neg_()  # [N, G]
     tt = x.shape[0]
-    xp = torch.zeros(tt, ng * g, dtype=torch.float32, device=dev)
-    xp[:, :k] = x
-    xg = xp.view(tt, ng, g).sum(-1)  # [T, G]
-    xperm = xp[:, :k32].reshape(tt, kp, p).transpose(1, 2).reshape(tt, k32)
-    y = xperm.to(dtype) @ w.view(n, k32).T
-    return y.to(torch.float32) + xg @ m.T
+    if k == ng * g:
+        xp = x.to(torch.float32)
+    else:
+        xp = torch.zeros(tt, ng * g, dtype=torch.float32, device=dev)
+        xp[:, :k] = x
+    # Per-group sums of x as a tiny matmul (torch's CPU sum has a high fixed cost).
+    xg = xp.view(tt, ng, g) @ _ones(g, dev)  # [T, G]
+    if p == 1:
+        xperm = xp[:, :k32]
+    else:
+        xperm = xp[:, :k32].reshape(tt, kp, p).transpose(1, 2).reshape(tt, k32)
+    y = (xperm.to(dtype) @ w.view(n, k32).T).to(torch.float32)
+    return torch.addmm(y, xg, m.T)
 
 
 def expert_forward(
