@@ -1,0 +1,141 @@
+"""`dynaexq eval`: every policy at equal device bytes on held-out text, the gap each
+recovers, a workload-shift run, plots and a markdown report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+HELP = "compare policies (full, static, static-map, dynamic, offload) at equal memory"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: embedded)")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a named text file to evaluate on (repeatable); default: the embedded model's "
+        "held-out splits",
+    )
+    p.add_argument("--tiers", default="int2,bf16", help="tiers, e.g. int2,bf16 or int2,int4,bf16")
+    p.add_argument(
+        "--policies", default="full,static,static-map,dynamic", help="policies to compare"
+    )
+    p.add_argument(
+        "--budgets",
+        default="10%,20%,30%",
+        help="budgets: N%% = the bytes at which static-map holds N%% of experts hot, or sizes "
+        "like 6GiB",
+    )
+    p.add_argument("--tokens", type=int, default=16384, help="scored tokens per domain")
+    p.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=16384,
+        help="tokens at the start of each domain used to rank experts (never scored)",
+    )
+    p.add_argument("--streams", type=int, default=4, help="parallel sequences per domain")
+    p.add_argument("--window", type=int, default=256, help="context window (tokens)")
+    p.add_argument("--chunk", type=int, default=32, help="tokens per sequence per step")
+    c = p.add_argument_group("controller (dynamic)")
+    c.add_argument("--signal", choices=("ema", "window"), default="ema")
+    c.add_argument("--alpha", type=float, default=0.9, help="EMA factor per step")
+    c.add_argument("--window-steps", type=int, default=16, help="steps in the window signal")
+    c.add_argument("--replan-every", type=int, default=4, help="steps between plans (T)")
+    c.add_argument("--delta", type=float, default=0.0, help="hysteresis margin")
+    c.add_argument("--max-bytes-per-token", type=float, default=float("inf"), help="churn cap")
+    c.add_argument("--in-flight", type=int, default=4, help="transitions in flight (K)")
+    c.add_argument("--split", choices=("per-layer", "global"), default="per-layer")
+    c.add_argument("--planner", choices=("top-n", "value"), default="top-n")
+    p.add_argument(
+        "--shift",
+        default="python,prose,c",
+        help="domain order of the workload-shift run ('none' to skip)",
+    )
+    p.add_argument("--shift-budget", default="20%", help="budget of the workload-shift run")
+    p.add_argument("--segment-tokens", type=int, default=4096, help="tokens per shift segment")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report and plots dir")
+    p.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from dynaexq.eval.report import plot_ppl_vs_budget, plot_shift, write_report
+    from dynaexq.eval.run import EvalConfig, embedded_domains, run_policies, text_domains
+    from dynaexq.eval.shift import run_shift
+    from dynaexq.runtime.policy import ControllerSettings
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    controller = ControllerSettings(
+        signal=args.signal,
+        alpha=args.alpha,
+        window=args.window_steps,
+        replan_every=args.replan_every,
+        delta=args.delta,
+        max_bytes_per_token=args.max_bytes_per_token,
+        in_flight=args.in_flight,
+        split=args.split,
+        planner=args.planner,
+    )
+    cfg = EvalConfig(
+        tiers=tuple(t.strip() for t in args.tiers.split(",")),
+        policies=tuple(p.strip() for p in args.policies.split(",")),
+        budgets=tuple(b.strip() for b in args.budgets.split(",")),
+        tokens_per_domain=args.tokens,
+        calibration_tokens=args.calibration_tokens,
+        streams=args.streams,
+        window=args.window,
+        chunk=args.chunk,
+        controller=controller,
+    )
+    if args.data:
+        from dynaexq.engine import load
+
+        engine = load(args.model)
+        domains = text_domains(args.data, engine.encode)
+    else:
+        if args.model is not None:
+            print("--model given without --data: evaluating on the embedded held-out text")
+        domains = embedded_domains()
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"dynaexq eval: domains {', '.join(f'{k} ({len(v)} tokens)' for k, v in domains.items())}"
+    )
+    summary = run_policies(args.model, domains, cfg)
+    plots = [plot_ppl_vs_budget(summary, args.out)]
+    shift = None
+    if args.shift != "none":
+        order = [d.strip() for d in args.shift.split(",")]
+        if all(d in domains for d in order):
+            shift, trace = run_shift(
+                args.model,
+                domains,
+                order,
+                cfg,
+                budget=args.shift_budget,
+                segment_tokens=args.segment_tokens,
+            )
+            if trace is not None:
+                plots += plot_shift(trace, order, args.out)
+        else:
+            print(f"skipping the shift run: {order} are not all among {sorted(domains)}")
+    command = "dynaexq eval " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    report = write_report(summary, shift, args.out, plots, command)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"eval": summary, "shift": shift}, indent=1))
+    print(f"report: {report}")
+    for g in summary["gaps"]:
+        print(
+            f"  gap recovered {g['policy']:10s} {g['budget']:>5s} {g['domain']:8s} "
+            f"log-ppl {100 * g['gap_recovered_ppl']:6.1f}%  "
+            f"acc {100 * g['gap_recovered_acc']:6.1f}%"
+        )
+    return 0

@@ -1,0 +1,141 @@
+"""The workload-shift run: one long stream that switches domain (e.g. code -> prose ->
+other code), read causally by one sequence. static-map is calibrated on the first domain
+only (what an offline calibration on yesterday's traffic gives); dynamic starts from the
+same ranking and follows the stream. Reported per segment: perplexity of every policy,
+transitions, and how many steps dynamic's hot set needs to settle after a shift.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dynaexq.engine import EMBEDDED_MODEL_DIR
+from dynaexq.eval.run import EvalConfig, budget_bytes, split_calibration
+from dynaexq.eval.stream import evaluate_streams, gap_recovered
+from dynaexq.runtime.budget import fixed_memory
+from dynaexq.runtime.load import calibration_scores, load_with_policy
+from dynaexq.runtime.policy import Policy
+from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
+
+
+@dataclass
+class ShiftTrace:
+    """What the plots need from dynamic's run: per step scores and tier maps."""
+
+    hotness: np.ndarray  # [steps, layers, experts]
+    tier_maps: np.ndarray  # [steps, layers, experts]
+    segment_starts: list[int]  # first step of every segment
+
+
+def settle_steps(maps: np.ndarray, start: int, end: int, top: int, share: float = 0.9) -> int:
+    """Steps after `start` until the high-tier set overlaps (Jaccard) the set it holds at
+    the end of the segment by at least `share`; -1 if it never does."""
+    final = maps[end - 1] == top
+    for s in range(start, end):
+        now = maps[s] == top
+        union = np.logical_or(now, final).sum()
+        if union == 0 or np.logical_and(now, final).sum() / union >= share:
+            return s - start
+    return -1
+
+
+def run_shift(
+    model_path: Path | None,
+    domains: dict[str, np.ndarray],
+    order: list[str],
+    cfg: EvalConfig,
+    *,
+    budget: str = "20%",
+    segment_tokens: int = 4096,
+    progress=print,
+) -> tuple[dict[str, Any], ShiftTrace | None]:
+    path = model_path or EMBEDDED_MODEL_DIR
+    missing = [d for d in order if d not in domains]
+    if missing:
+        raise ValueError(f"shift order names unknown domains {missing}; have {sorted(domains)}")
+    calib, evals = split_calibration(domains, cfg.calibration_tokens)
+    window, chunk = cfg.window, cfg.chunk
+    seg = segment_tokens // window * window
+    if seg <= 0:
+        raise ValueError(f"segments of {segment_tokens} tokens are shorter than a window")
+    parts = []
+    for d in order:
+        if len(evals[d]) < seg + 1:
+            raise ValueError(f"domain {d} has only {len(evals[d])} evaluation tokens")
+        parts.append(evals[d][:seg])
+    stream = np.concatenate(parts + [evals[order[-1]][seg : seg + 1]])[None, :]
+
+    tc = tiered_checkpoint_for(path, [*cfg.tiers], progress=True)
+    store = TierStore.from_tiered(tc)
+    full, _ = load_with_policy(path, policy="full")
+    config = full.config
+    first_scores = calibration_scores(full, [calib[order[0]]])
+    fixed = fixed_memory(config, dtype_bytes=4, batch=1, context=window, chunk=chunk)
+    nbytes, _ = budget_bytes(budget, store, fixed.total, len(config.moe_layers), config.num_experts)
+    steps_per_seg = seg // chunk
+    results: dict[str, Any] = {"order": order, "segment_tokens": seg, "budget": budget}
+    per_policy: dict[str, Any] = {}
+    trace = None
+    for name in ("full", "static", "static-map", "dynamic"):
+        if name == "full":
+            engine = full
+        else:
+            engine, _ = load_with_policy(
+                path,
+                policy=Policy(name, tiers=cfg.tiers, controller=cfg.controller),
+                budget=nbytes,
+                calibration=first_scores,
+                batch=1,
+                context=window,
+                chunk=chunk,
+                progress=False,
+            )
+        rt = getattr(engine, "precision", None)
+        if rt is not None and name == "dynamic":
+            rt.record_maps = True
+        r = evaluate_streams(engine.model, stream, window=window, chunk=chunk)
+        if rt is not None:
+            rt.flush()
+        segs = []
+        for i, d in enumerate(order):
+            sl = slice(i * seg, (i + 1) * seg)
+            entry: dict[str, Any] = {
+                "domain": d,
+                "perplexity": r.perplexity(sl),
+                "accuracy": r.accuracy(sl),
+            }
+            if rt is not None:
+                recs = rt.telemetry.records[i * steps_per_seg : (i + 1) * steps_per_seg]
+                entry["transitions"] = sum(x.started for x in recs)
+                entry["bytes_moved"] = sum(x.bytes_moved for x in recs)
+                entry["hi_share"] = float(np.mean([x.hi_share for x in recs])) if recs else 0.0
+            segs.append(entry)
+        if name == "dynamic" and rt is not None and rt.telemetry.tier_maps:
+            maps = np.stack(rt.telemetry.tier_maps)
+            top = len(store.tiers) - 1
+            for i, entry in enumerate(segs):
+                entry["settle_steps"] = settle_steps(
+                    maps, i * steps_per_seg, (i + 1) * steps_per_seg, top
+                )
+            hot = np.stack(rt.telemetry.hotness) if rt.telemetry.hotness else maps * 0.0
+            trace = ShiftTrace(hot, maps, [i * steps_per_seg for i in range(len(order))])
+        per_policy[name] = segs
+        progress(
+            f"  shift {name:10s} " + " ".join(f"{s['domain']}={s['perplexity']:.3f}" for s in segs)
+        )
+    for name in ("static-map", "dynamic"):
+        for i, entry in enumerate(per_policy[name]):
+            lo = per_policy["static"][i]["perplexity"]
+            hi = per_policy["full"][i]["perplexity"]
+            entry["gap_recovered_ppl"] = gap_recovered(
+                math.log(lo), math.log(hi), math.log(entry["perplexity"])
+            )
+    results["policies"] = per_policy
+    results["chunk"] = chunk
+    results["window"] = window
+    return results, trace

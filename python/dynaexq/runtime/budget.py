@@ -1,0 +1,314 @@
+"""From "this model, this many bytes" to a memory plan: what is fixed, what the expert pool
+gets, and how many slots of each tier every policy builds from it.
+
+Everything dynaexq owns is counted against the budget:
+
+    budget >= non-expert weights + KV cache + workspace + margin + expert pool
+
+and the expert pool of each policy is laid out from what is left:
+
+- static(t):   every expert at tier t                        N * m_t
+- static-map:  n_hot experts at the high tier, the rest low   n_hot * m_hi + (N - n_hot) * m_lo
+- dynamic:     as static-map, plus K staging slots of each tier for transitions in flight
+- offload:     a cache of high-tier experts                   slots * m_hi, slots < N
+
+so at one budget the policies hold the same bytes, and dynamic pays for its staging.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from dynaexq.model.config import ModelConfig
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+class BudgetError(ValueError):
+    """The budget cannot hold what the policy needs; the message names the minimum."""
+
+
+def parse_bytes(text: str | int) -> int:
+    """'6GiB', '512 MiB', '1.5GB', '123456' -> bytes."""
+    if isinstance(text, int):
+        if text <= 0:
+            raise BudgetError(f"a budget must be positive, got {text}")
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise BudgetError(
+            f"cannot read {text!r} as a size: use a number with an optional unit "
+            "(B, KB, MB, GB, KiB, MiB, GiB), e.g. 6GiB"
+        )
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value < 1:
+        raise BudgetError(f"a budget must be positive, got {text!r}")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def non_expert_bytes(config: ModelConfig, dtype_bytes: int) -> int:
+    """Bytes of every weight that is not a routed expert, at the compute dtype."""
+    h, v = config.hidden_size, config.vocab_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    attn = h * q + 2 * h * kv + q * h
+    if config.qkv_bias:
+        attn += q + 2 * kv
+    if config.o_bias:
+        attn += h
+    if config.qk_norm:
+        attn += 2 * config.head_dim
+    params = v * h * (1 if config.tie_word_embeddings else 2) + h  # embeddings, head, norm
+    for layer in range(config.num_hidden_layers):
+        params += attn + 2 * h  # two RMSNorms
+        if config.is_moe_layer(layer):
+            params += config.num_experts * h  # router
+            if config.shared_expert_intermediate_size:
+                params += 3 * h * config.shared_expert_intermediate_size + h
+        else:
+            params += 3 * h * config.intermediate_size
+    return params * dtype_bytes
+
+
+def kv_cache_bytes(config: ModelConfig, batch: int, context: int, dtype_bytes: int) -> int:
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    return per_token * batch * context * dtype_bytes
+
+
+def workspace_bytes(config: ModelConfig, batch: int, chunk: int, dtype_bytes: int) -> int:
+    """Activations of the largest step: a few hidden-sized buffers per token, the router
+    and logits rows, and one expert's dequantised weights (the CPU path's scratch)."""
+    tokens = batch * chunk
+    h = config.hidden_size
+    act = tokens * (8 * h + config.num_experts + config.vocab_size) * 4
+    scratch = 3 * h * config.moe_intermediate_size * 4
+    return act + scratch
+
+
+@dataclass(frozen=True)
+class FixedMemory:
+    """Everything besides the expert pool."""
+
+    weights: int
+    kv_cache: int
+    workspace: int
+    margin: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.workspace + self.margin
+
+
+def fixed_memory(
+    config: ModelConfig,
+    *,
+    dtype_bytes: int,
+    batch: int,
+    context: int,
+    chunk: int,
+    margin: int = 0,
+) -> FixedMemory:
+    return FixedMemory(
+        weights=non_expert_bytes(config, dtype_bytes),
+        kv_cache=kv_cache_bytes(config, batch, context, dtype_bytes),
+        workspace=workspace_bytes(config, batch, chunk, dtype_bytes),
+        margin=margin,
+    )
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """Slot counts of the expert pool for one policy.
+
+    `slots[t]` counts resident slots of tier t over all MoE layers (`per_layer[t]` per
+    layer when the split is per layer), `staging[t]` the extra slots of tier t for
+    transitions in flight, `slot_bytes[t]` the (aligned) size of one slot.
+    """
+
+    policy: str
+    slot_bytes: tuple[int, ...]
+    slots: tuple[int, ...]
+    staging: tuple[int, ...]
+    per_layer: tuple[int, ...] | None
+    pool_bytes: int
+    fixed: FixedMemory
+    budget: int | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.pool_bytes + self.fixed.total
+
+    def describe(self) -> str:
+        tiers = ", ".join(
+            f"tier {t}: {s} slots + {g} staging x {format_bytes(b)}"
+            for t, (s, g, b) in enumerate(
+                zip(self.slots, self.staging, self.slot_bytes, strict=False)
+            )
+        )
+        budget = "no budget" if self.budget is None else f"budget {format_bytes(self.budget)}"
+        return (
+            f"{self.policy}: {budget}; fixed {format_bytes(self.fixed.total)} "
+            f"(weights {format_bytes(self.fixed.weights)}, KV {format_bytes(self.fixed.kv_cache)},"
+            f" workspace {format_bytes(self.fixed.workspace)}); expert pool "
+            f"{format_bytes(self.pool_bytes)}: {tiers}"
+        )
+
+
+def plan_pool(
+    policy: str,
+    *,
+    layers: int,
+    experts: int,
+    slot_bytes: list[int],
+    fixed: FixedMemory,
+    budget: int | None,
+    in_flight: int = 4,
+    static_tier: int = 0,
+    split: str = "per-layer",
+) -> PoolPlan:
+    """Slot counts for `policy` within `budget` (bytes for everything dynaexq owns).
+
+    `slot_bytes[t]` per tier, tier 0 the lowest precision and the last the highest.
+    `split`: "per-layer" gives every layer the same number of high-tier slots (the paper's
+    split for layers of equal expert count), "global" lets them go where they are needed.
+    """
+    if layers <= 0 or experts <= 0:
+        raise BudgetError("the model has no MoE layers")
+    if not slot_bytes or any(b <= 0 for b in slot_bytes):
+        raise BudgetError(f"slot sizes must be positive, got {slot_bytes}")
+    if split not in ("per-layer", "global"):
+        raise BudgetError(f"split must be per-layer or global, got {split!r}")
+    n = layers * experts
+    top = len(slot_bytes) - 1
+    zero = (0,) * len(slot_bytes)
+
+    def pool_plan(slots: list[int], staging: list[int], per_layer=None, notes=()) -> PoolPlan:
+        pool = sum((s + g) * b for s, g, b in zip(slots, staging, slot_bytes, strict=False))
+        return PoolPlan(
+            policy,
+            tuple(slot_bytes),
+            tuple(slots),
+            tuple(staging),
+            per_layer,
+            pool,
+            fixed,
+            budget,
+            list(notes),
+        )
+
+    if policy == "full":
+        slots = [0] * len(slot_bytes)
+        slots[top] = n
+        return pool_plan(slots, list(zero))
+    if budget is None:
+        raise BudgetError(f"policy {policy!r} needs a budget")
+    room = budget - fixed.total
+    lowest_need = fixed.total + n * slot_bytes[0]
+    if room < n * slot_bytes[0]:
+        raise BudgetError(
+            f"a budget of {format_bytes(budget)} cannot hold every expert at the lowest tier: "
+            f"the minimum is {format_bytes(lowest_need)} ({lowest_need} bytes: fixed "
+            f"{format_bytes(fixed.total)} + {n} experts x {format_bytes(slot_bytes[0])})"
+        )
+    if policy == "static":
+        if not 0 <= static_tier <= top:
+            raise BudgetError(f"static tier {static_tier} out of range (0..{top})")
+        need = n * slot_bytes[static_tier]
+        if need > room:
+            raise BudgetError(
+                f"static at tier {static_tier} needs {format_bytes(fixed.total + need)}, "
+                f"the budget is {format_bytes(budget)}"
+            )
+        slots = [0] * len(slot_bytes)
+        slots[static_tier] = n
+        return pool_plan(slots, list(zero))
+    if policy == "offload":
+        k = in_flight
+        cache = min(n, (room - k * slot_bytes[top]) // slot_bytes[top])
+        if cache < experts:
+            raise BudgetError(
+                f"offload needs room for at least one layer's experts at the high tier "
+                f"({format_bytes(fixed.total + (experts + k) * slot_bytes[top])})"
+            )
+        slots = [0] * len(slot_bytes)
+        slots[top] = int(cache)
+        staging = [0] * len(slot_bytes)
+        staging[top] = k
+        return pool_plan(slots, staging)
+    if policy not in ("static-map", "dynamic"):
+        raise BudgetError(
+            f"unknown policy {policy!r}: use full, static, static-map, dynamic or offload"
+        )
+    if len(slot_bytes) != 2:
+        return _plan_multi_tier(
+            policy, layers, experts, slot_bytes, fixed, budget, room, in_flight, pool_plan
+        )
+    lo, hi = slot_bytes
+    k = in_flight if policy == "dynamic" else 0
+    staging_bytes = k * (lo + hi)
+    spare = room - n * lo - staging_bytes
+    if spare < 0:
+        need = fixed.total + n * lo + staging_bytes
+        raise BudgetError(
+            f"{policy} with {k} transitions in flight needs at least {format_bytes(need)} "
+            f"({need} bytes: every expert at the low tier plus {k} staging slots per tier); "
+            f"the budget is {format_bytes(budget)}"
+        )
+    hot = max(0, min(n, spare // (hi - lo))) if hi > lo else n
+    per_layer = None
+    notes = []
+    if split == "per-layer":
+        each = int(hot // layers)
+        per_layer = (experts - each, each)
+        hot = each * layers
+        if each == 0:
+            notes.append("the budget leaves no high-precision slot per layer")
+    return pool_plan([n - int(hot), int(hot)], [k, k], per_layer, notes)
+
+
+def _plan_multi_tier(policy, layers, experts, slot_bytes, fixed, budget, room, in_flight, mk):
+    """Three or more tiers: fill from the bottom, giving each upper tier an equal share of
+    the spare bytes (the controller's knapsack decides who sits where)."""
+    n = layers * experts
+    k = in_flight if policy == "dynamic" else 0
+    staging = [k] * len(slot_bytes)
+    spare = room - n * slot_bytes[0] - k * sum(slot_bytes)
+    if spare < 0:
+        raise BudgetError(
+            f"the budget leaves no room for staging: need {format_bytes(-spare)} more"
+        )
+    upper = len(slot_bytes) - 1
+    slots = [n] + [0] * upper
+    share = spare / upper
+    for t in range(1, len(slot_bytes)):
+        extra = slot_bytes[t] - slot_bytes[0]
+        count = min(slots[0], int(math.floor(share / extra))) // layers * layers
+        slots[t] = count
+        slots[0] -= count
+    per_layer = tuple(s // layers for s in slots)
+    return mk(slots, staging, per_layer)

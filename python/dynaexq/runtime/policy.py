@@ -1,0 +1,65 @@
+"""Policies are data given to one runtime, not five runtimes.
+
+- full:       every expert at the highest tier, no budget (the quality ceiling)
+- static:     every expert at one tier (uniform post-training quantization)
+- static-map: a hot set from offline calibration at the high tier, fixed thereafter
+- dynamic:    dynaexq: the hot set follows the workload under the controller
+- offload:    experts not resident; an LRU cache of high-tier experts filling the same
+              bytes, loaded on demand through the same copy path
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+POLICIES = ("full", "static", "static-map", "dynamic", "offload")
+
+
+class PolicyError(ValueError):
+    """A policy name or setting is not valid."""
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    """How `dynamic` decides (see method.md, section 1)."""
+
+    signal: str = "ema"  # "ema" (long horizon) or "window" (recent steps)
+    alpha: float = 0.9  # EMA factor per step
+    window: int = 16  # steps in the window signal
+    replan_every: int = 4  # T: steps between plans
+    delta: float = 0.0  # hysteresis, in routed-mass units
+    max_transitions: int = 1 << 30  # R: per plan
+    max_bytes_per_token: float = float("inf")  # churn cap: bytes moved per scored token
+    in_flight: int = 4  # K
+    split: str = "per-layer"  # hot slots per layer, or "global"
+    planner: str = "top-n"  # "top-n" (hotness) or "value" (hotness x error reduction)
+
+    def __post_init__(self) -> None:
+        if self.signal not in ("ema", "window"):
+            raise PolicyError(f"signal must be ema or window, got {self.signal!r}")
+        if not 0.0 <= self.alpha < 1.0:
+            raise PolicyError(f"alpha must be in [0, 1), got {self.alpha}")
+        if self.window < 1 or self.replan_every < 1 or self.in_flight < 1:
+            raise PolicyError("window, replan_every and in_flight must be >= 1")
+        if self.split not in ("per-layer", "global"):
+            raise PolicyError(f"split must be per-layer or global, got {self.split!r}")
+        if self.planner not in ("top-n", "value"):
+            raise PolicyError(f"planner must be top-n or value, got {self.planner!r}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    tiers: tuple[str, ...] = ("int2", "bf16")  # any order; the runtime sorts by precision
+    static_tier: str | None = None  # static: which tier (default the lowest)
+    controller: ControllerSettings = field(default_factory=ControllerSettings)
+    pcie_gbs: float = 25.0  # offload on the CPU backend: modelled link bandwidth
+
+    def __post_init__(self) -> None:
+        if self.name not in POLICIES:
+            raise PolicyError(f"unknown policy {self.name!r}: use one of {', '.join(POLICIES)}")
+        if len(self.tiers) < 1:
+            raise PolicyError("a policy needs at least one tier")
+
+    def with_controller(self, **kw: object) -> Policy:
+        return replace(self, controller=replace(self.controller, **kw))  # type: ignore[arg-type]

@@ -1,0 +1,483 @@
+"""The precision runtime: experts executed from the pool through leases, a controller that
+moves them between tiers between steps, and telemetry of every step.
+
+Where things happen (one place each):
+- a byte of expert memory is handed out: the Rust `ExpertPool` (classes built in
+  `_build_pool`);
+- a version becomes visible: `ExpertTable.complete`, called in `_land` when a copy has
+  finished;
+- a transfer completes: the mover's `poll` (`InlineMover` copies on the CPU between steps).
+
+The forward pass only reads published versions; nothing it does waits for a transition.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dynaexq._core import ExpertPool, ExpertTable
+from dynaexq.quant import PackedExpertView, expert_forward
+from dynaexq.runtime.budget import PoolPlan
+from dynaexq.runtime.policy import Policy
+from dynaexq.runtime.store import TierStore
+
+# Leased views are read-only memoryviews; torch warns that it cannot mark tensors
+# read-only. The executor never writes through them.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+@dataclass
+class StepRecord:
+    """Telemetry of one step (what the bench, the report and /metrics read)."""
+
+    step: int
+    tokens: int
+    hi_share: float  # share of routed (token, expert) pairs served at the highest tier
+    mass_hi_share: float  # share of routed probability mass served at the highest tier
+    started: int
+    finished: int
+    failed: int
+    bytes_moved: int
+    wait_s: float  # time the forward pass waited for experts (offload only)
+    tiers_per_layer: list[list[int]]  # [layer][tier] published counts
+
+
+@dataclass
+class Telemetry:
+    records: list[StepRecord] = field(default_factory=list)
+    hotness: list[np.ndarray] = field(default_factory=list)  # sampled score snapshots
+    tier_maps: list[np.ndarray] = field(default_factory=list)  # sampled [L, E] tier maps
+
+    def totals(self) -> dict[str, float]:
+        r = self.records
+        tokens = sum(x.tokens for x in r)
+        return {
+            "steps": len(r),
+            "tokens": tokens,
+            "transitions_started": sum(x.started for x in r),
+            "transitions_finished": sum(x.finished for x in r),
+            "transitions_failed": sum(x.failed for x in r),
+            "bytes_moved": sum(x.bytes_moved for x in r),
+            "bytes_moved_per_token": sum(x.bytes_moved for x in r) / max(1, tokens),
+            "wait_s": sum(x.wait_s for x in r),
+            "hi_share": float(np.mean([x.hi_share for x in r])) if r else 0.0,
+            "mass_hi_share": float(np.mean([x.mass_hi_share for x in r])) if r else 0.0,
+        }
+
+
+class InlineMover:
+    """The CPU copy path: transitions submitted during a step are copied from the host
+    store into their reserved blocks when polled at the next step boundary, so a new
+    version is published at the earliest one step after it was planned."""
+
+    def __init__(self, pool: ExpertPool, store: TierStore) -> None:
+        self.pool = pool
+        self.store = store
+        self.queue: list[tuple[int, int, int, int]] = []  # (ticket, layer_pos, expert, tier)
+        self._blocks: dict[int, object] = {}
+
+    def submit(self, ticket: int, layer_pos: int, expert: int, tier: int, block) -> None:
+        self.queue.append((ticket, layer_pos, expert, tier))
+        self._blocks[ticket] = block
+
+    def poll(self) -> list[tuple[int, bool, int]]:
+        """Finish the queued copies: [(ticket, ok, bytes)]."""
+        done = []
+        for ticket, li, e, t in self.queue:
+            block = self._blocks.pop(ticket)
+            src = self.store.blob(li, e, t)  # t is a store tier
+            dst = torch.frombuffer(self.pool.view(block), dtype=torch.uint8)
+            dst[: src.numel()].copy_(src)
+            done.append((ticket, True, int(src.numel())))
+        self.queue.clear()
+        return done
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.queue)
+
+
+class PrecisionRuntime:
+    """Expert executor + controller for the static, static-map and dynamic policies."""
+
+    def __init__(
+        self,
+        store: TierStore,
+        plan: PoolPlan,
+        policy: Policy,
+        initial: np.ndarray,
+        *,
+        compute_dtype: torch.dtype = torch.float32,
+        calibration: np.ndarray | None = None,
+    ) -> None:
+        self.store = store
+        self.plan = plan
+        self.policy = policy
+        self.compute_dtype = compute_dtype
+        self.layer_pos = {layer: i for i, layer in enumerate(store.layers)}
+        self.num_layers = len(store.layers)
+        self.experts = store.experts
+        self.tiers = len(store.tiers)
+        self.pool, self.table = self._build_pool(initial)
+        self.mover = InlineMover(self.pool, store)
+        self.busy: dict[int, tuple[int, int, int]] = {}  # ticket -> (layer_pos, expert, to)
+        self.first_layer = store.layers[0]
+        self._seen_first: set[str] = set()
+        self.telemetry = Telemetry()
+        self.record_maps = False  # keep every step's tier map and scores (plots)
+        self.step = 0
+        self._step = _StepCounters()
+        self.tracker = None
+        if policy.name == "dynamic" and len(self.real) > 1:
+            from dynaexq._core import HotnessTracker
+
+            c = policy.controller
+            self.tracker = HotnessTracker(
+                self.num_layers, self.experts, signal=c.signal, alpha=c.alpha, window=c.window
+            )
+            if calibration is not None:
+                self.tracker.seed(np.asarray(calibration, dtype=np.float32).ravel().tolist())
+
+    # -- construction --------------------------------------------------------------------
+    def _build_pool(self, initial: np.ndarray) -> tuple[ExpertPool, ExpertTable]:
+        """One slot class per tier that has slots (and one per tier for staging). Tiers
+        without slots are left out of the table: table tier k is store tier `real[k]`."""
+        p = self.plan
+        slot_bytes: dict[str, int] = {}
+        slots: dict[str, int] = {}
+        classes: list[list[str]] = []
+        self.real: list[int] = []
+        for t in range(self.tiers):
+            if not p.slots[t] and not p.staging[t]:
+                continue
+            names = []
+            for name, count in ((f"t{t}", p.slots[t]), (f"t{t}s", p.staging[t])):
+                if count:
+                    slot_bytes[name], slots[name] = p.slot_bytes[t], count
+                    names.append(name)
+            classes.append(names)
+            self.real.append(t)
+        self.table_tier = {t: k for k, t in enumerate(self.real)}
+        pool = ExpertPool(slot_bytes, slots)
+        table = ExpertTable(
+            pool,
+            [self.experts] * self.num_layers,
+            [classes],
+            initial_tiers=[[self.table_tier[int(t)] for t in row] for row in initial],
+        )
+        # Fill every published block with its tier's bytes before any reader exists.
+        for li in range(self.num_layers):
+            for e in range(self.experts):
+                with table.lease(li, e) as lease:
+                    src = self.store.blob(li, e, self.real[lease.tier])
+                    dst = torch.frombuffer(pool.view(lease.block), dtype=torch.uint8)
+                    dst[: src.numel()].copy_(src)
+        return pool, table
+
+    # -- the expert executor -------------------------------------------------------------
+    def forward(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        self._boundary(layer, "forward")
+        li = self.layer_pos[layer]
+        t, k = expert_ids.shape
+        flat = expert_ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.experts).tolist()
+        token_of = order // k
+        x = hidden[token_of]
+        out = torch.empty_like(x)
+        w_sorted = weights.reshape(-1)[order]
+        top = self.tiers - 1
+        start = 0
+        hi_pairs = 0
+        hi_mass = 0.0
+        specs = self.store.tiers
+        h, inter = self.store.hidden_size, self.store.intermediate_size
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            with self.table.lease(li, e) as lease:
+                tier = self.real[lease.tier]
+                blob = torch.frombuffer(lease.view(), dtype=torch.uint8)
+                view = PackedExpertView(specs[tier], h, inter, blob)
+                out[start : start + n] = expert_forward(view, x[start : start + n])
+            if tier == top:
+                hi_pairs += n
+                hi_mass += float(w_sorted[start : start + n].sum())
+            start += n
+        out.mul_(w_sorted.unsqueeze(-1))
+        self._step.pairs += t * k
+        self._step.hi_pairs += hi_pairs
+        self._step.mass += float(weights.sum())
+        self._step.hi_mass += hi_mass
+        self._step.tokens = max(self._step.tokens, t)
+        return _combine(out, order, t, k)
+
+    def observe(self, layer: int, expert_ids: torch.Tensor, router_probs: torch.Tensor) -> None:
+        """Routing hook: the routed probability mass of every pick feeds the tracker."""
+        self._boundary(layer, "observe")
+        if self.tracker is None:
+            return
+        k = expert_ids.shape[1]
+        mass = router_probs.gather(1, expert_ids).float()
+        self.tracker.observe(
+            self.layer_pos[layer],
+            expert_ids.reshape(-1).tolist(),
+            mass.reshape(-1).tolist(),
+            k,
+        )
+
+    # -- between steps -------------------------------------------------------------------
+    def _boundary(self, layer: int, kind: str) -> None:
+        """A second call of the same kind for the first MoE layer means a new forward pass
+        began: the previous step ends here, so any caller (generation, eval, server) gets
+        step-granular control without telling the runtime."""
+        if layer != self.first_layer:
+            return
+        if kind in self._seen_first:
+            self.end_step()
+        self._seen_first.add(kind)
+
+    def flush(self) -> StepRecord | None:
+        """Close the step in progress, if any (the end of a run)."""
+        if not self._seen_first:
+            return None
+        return self.end_step()
+
+    def end_step(self) -> StepRecord:
+        """Land finished copies, then (every T steps) plan and submit new transitions."""
+        finished, failed, moved = self._land()
+        started = 0
+        if self.tracker is not None:
+            self.tracker.end_step()
+            c = self.policy.controller
+            if (self.step + 1) % c.replan_every == 0:
+                started = self._plan()
+        rec = StepRecord(
+            step=self.step,
+            tokens=self._step.tokens,
+            hi_share=self._step.hi_pairs / max(1, self._step.pairs),
+            mass_hi_share=self._step.hi_mass / max(1e-12, self._step.mass),
+            started=started,
+            finished=finished,
+            failed=failed,
+            bytes_moved=moved,
+            wait_s=0.0,
+            tiers_per_layer=self.tiers_per_layer(),
+        )
+        self.telemetry.records.append(rec)
+        if self.record_maps:
+            self.telemetry.tier_maps.append(self.tier_map())
+            if self.tracker is not None:
+                scores = np.asarray(self.tracker.scores(), dtype=np.float32)
+                self.telemetry.hotness.append(scores.reshape(self.num_layers, self.experts))
+        self._step = _StepCounters()
+        self._seen_first = set()
+        self.step += 1
+        return rec
+
+    def _land(self) -> tuple[int, int, int]:
+        finished = failed = moved = 0
+        for ticket, ok, nbytes in self.mover.poll():
+            del self.busy[ticket]
+            if ok:
+                self.table.complete(ticket)
+                finished += 1
+                moved += nbytes
+            else:
+                self.table.abort(ticket)
+                failed += 1
+        self.table.reclaim()
+        return finished, failed, moved
+
+    def table_map(self) -> np.ndarray:
+        """Published table tier of every expert, [layers, experts]."""
+        return np.array(
+            [
+                [self.table.tier(li, e) for e in range(self.experts)]
+                for li in range(self.num_layers)
+            ],
+            dtype=np.uint8,
+        )
+
+    def tier_map(self) -> np.ndarray:
+        """Published store tier (0 = lowest precision) of every expert, [layers, experts]."""
+        return np.asarray(self.real, dtype=np.uint8)[self.table_map()]
+
+    def tiers_per_layer(self) -> list[list[int]]:
+        m = self.tier_map()
+        return [np.bincount(row, minlength=self.tiers).tolist() for row in m]
+
+    def _capacity(self) -> list[int]:
+        p = self.plan
+        if self.policy.controller.split == "per-layer" and p.per_layer is not None:
+            return list(p.per_layer)
+        return list(p.slots)
+
+    def _plan(self) -> int:
+        from dynaexq._core import plan_transitions
+
+        assert self.tracker is not None
+        c = self.policy.controller
+        current = self.table_map()
+        busy = np.zeros_like(current, dtype=bool)
+        for li, e, to in self.busy.values():
+            busy[li, e] = True
+            current[li, e] = to
+        gain = None
+        if c.planner == "value":
+            gain = self.store.gains()[..., self.real].reshape(-1).tolist()
+        tokens = self.telemetry.records[-1].tokens if self.telemetry.records else 1
+        max_bytes = c.max_bytes_per_token * max(1, tokens) * c.replan_every
+        _, moves, _ = plan_transitions(
+            self.num_layers,
+            self.experts,
+            self.tracker.scores(),
+            current.reshape(-1).tolist(),
+            busy.reshape(-1).tolist(),
+            [self.plan.slot_bytes[t] for t in self.real],
+            [self._capacity()[t] for t in self.real],
+            split=c.split,
+            gain=gain,
+            delta=c.delta,
+            max_transitions=c.max_transitions,
+            max_bytes=int(min(max_bytes, 2**63 - 1)),
+            max_in_flight=c.in_flight,
+            in_flight=len(self.busy),
+        )
+        started = 0
+        for layer, expert, _, to, _ in moves:
+            try:
+                tr = self.table.begin(layer, expert, to)
+            except Exception:  # no slot free yet (admission failed): re-planned later
+                continue
+            self.busy[tr.ticket] = (layer, expert, to)
+            self.mover.submit(tr.ticket, layer, expert, self.real[to], tr.block)
+            started += 1
+        return started
+
+
+@dataclass
+class _StepCounters:
+    tokens: int = 0
+    pairs: int = 0
+    hi_pairs: int = 0
+    mass: float = 0.0
+    hi_mass: float = 0.0
+
+
+class OffloadRuntime:
+    """Experts not resident: an LRU cache of high-tier experts in the pool, filled on
+    demand. A miss waits for its copy (the modelled PCIe time on the CPU backend)."""
+
+    def __init__(self, store: TierStore, plan: PoolPlan, policy: Policy) -> None:
+        self.store = store
+        self.plan = plan
+        self.policy = policy
+        self.layer_pos = {layer: i for i, layer in enumerate(store.layers)}
+        self.top = len(store.tiers) - 1
+        slots = plan.slots[self.top] + plan.staging[self.top]
+        self.pool = ExpertPool({"hi": plan.slot_bytes[self.top]}, {"hi": slots})
+        self.cache: OrderedDict[tuple[int, int], object] = OrderedDict()
+        self.capacity = slots
+        self.telemetry = Telemetry()
+        self.step = 0
+        self._wait = 0.0
+        self._misses = 0
+        self._moved = 0
+        self._tokens = 0
+        self.sleep: Callable[[float], None] = _spin_sleep
+
+    def _load(self, li: int, e: int):
+        key = (li, e)
+        block = self.cache.get(key)
+        if block is not None:
+            self.cache.move_to_end(key)
+            return block
+        t0 = time.perf_counter()
+        if len(self.cache) >= self.capacity:
+            _, old = self.cache.popitem(last=False)
+            self.pool.free(old)
+        block = self.pool.alloc("hi")
+        src = self.store.blob(li, e, self.top)
+        torch.frombuffer(self.pool.view(block), dtype=torch.uint8)[: src.numel()].copy_(src)
+        # The modelled link: the copy cannot finish faster than bytes / bandwidth.
+        link_s = src.numel() / (self.policy.pcie_gbs * 1e9)
+        remaining = link_s - (time.perf_counter() - t0)
+        if remaining > 0:
+            self.sleep(remaining)
+        self._wait += time.perf_counter() - t0
+        self._misses += 1
+        self._moved += src.numel()
+        self.cache[key] = block
+        return block
+
+    def forward(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        li = self.layer_pos[layer]
+        t, k = expert_ids.shape
+        flat = expert_ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.store.experts).tolist()
+        token_of = order // k
+        x = hidden[token_of]
+        out = torch.empty_like(x)
+        spec = self.store.tiers[self.top]
+        h, inter = self.store.hidden_size, self.store.intermediate_size
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            block = self._load(li, e)
+            blob = torch.frombuffer(self.pool.view(block), dtype=torch.uint8)
+            view = PackedExpertView(spec, h, inter, blob)
+            out[start : start + n] = expert_forward(view, x[start : start + n])
+            start += n
+        out.mul_(weights.reshape(-1)[order].unsqueeze(-1))
+        self._tokens = max(self._tokens, t)
+        return _combine(out, order, t, k)
+
+    def observe(self, layer: int, expert_ids: torch.Tensor, router_probs: torch.Tensor) -> None:
+        pass
+
+    def end_step(self) -> StepRecord:
+        rec = StepRecord(
+            step=self.step,
+            tokens=self._tokens,
+            hi_share=1.0,
+            mass_hi_share=1.0,
+            started=self._misses,
+            finished=self._misses,
+            failed=0,
+            bytes_moved=self._moved,
+            wait_s=self._wait,
+            tiers_per_layer=[],
+        )
+        self.telemetry.records.append(rec)
+        self._wait, self._misses, self._moved, self._tokens = 0.0, 0, 0, 0
+        self.step += 1
+        return rec
+
+
+def _combine(out: torch.Tensor, order: torch.Tensor, t: int, k: int) -> torch.Tensor:
+    """Expert outputs (sorted by expert) back to token order, summed over the k picks
+    (a deterministic gather-sum, as the full-precision executor does)."""
+    unsorted = torch.empty_like(out)
+    unsorted[order] = out
+    return unsorted.view(t, k, -1).sum(dim=1)
+
+
+def _spin_sleep(seconds: float) -> None:
+    # time.sleep has ~50-100 us granularity; the modelled copies are often shorter.
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass

@@ -1,0 +1,210 @@
+"""The precision runtime end to end on a tiny model: budgets, policies, transitions,
+contents of published versions, determinism and the memory limit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from dynaexq.eval.run import EvalConfig, run_policies
+from dynaexq.eval.stream import as_streams, evaluate_streams
+from dynaexq.model.testing import make_hf_model, save_checkpoint
+from dynaexq.runtime.budget import (
+    BudgetError,
+    fixed_memory,
+    format_bytes,
+    parse_bytes,
+)
+from dynaexq.runtime.load import load_with_policy
+from dynaexq.runtime.policy import ControllerSettings, Policy, PolicyError
+from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
+
+TIERS = ("int2", "bf16")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_checkpoint(make_hf_model(seed=5), tmp_path_factory.mktemp("rt") / "src")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiered")
+
+
+@pytest.fixture(scope="module")
+def store(model_dir: Path, cache: Path) -> TierStore:
+    return TierStore.from_tiered(tiered_checkpoint_for(model_dir, TIERS, cache_dir=cache))
+
+
+def tokens(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 128, size=n)
+
+
+def budget_for(store: TierStore, model_dir: Path, hot_per_layer: int, in_flight: int = 0) -> int:
+    """The budget at which static-map holds `hot_per_layer` hot experts in every layer."""
+    from dynaexq.checkpoint import Checkpoint
+
+    fixed = fixed_memory(Checkpoint(model_dir).config, dtype_bytes=4, batch=2, context=64, chunk=16)
+    lo, hi = store.slot_bytes
+    layers, experts = len(store.layers), store.experts
+    return fixed.total + layers * (experts * lo + hot_per_layer * (hi - lo)) + in_flight * (lo + hi)
+
+
+def load(model_dir, cache, policy, budget, **kw):
+    return load_with_policy(
+        model_dir,
+        policy=policy,
+        budget=budget,
+        tiers=TIERS,
+        calibration=[tokens(1024, seed=9)],
+        batch=2,
+        context=64,
+        chunk=16,
+        progress=False,
+        cache_dir=cache,
+        **kw,
+    )
+
+
+def test_sizes_parse_and_bad_ones_are_refused() -> None:
+    assert parse_bytes("6GiB") == 6 * 1024**3
+    assert parse_bytes("1.5 MB") == 1_500_000
+    assert parse_bytes(4096) == 4096
+    for bad in ("six", "-1GiB", "0", "12 parsecs"):
+        with pytest.raises(BudgetError):
+            parse_bytes(bad)
+    assert format_bytes(3 * 1024**2) == "3.00 MiB"
+    with pytest.raises(PolicyError):
+        Policy("fastest")
+
+
+def test_a_budget_below_the_lowest_tier_names_the_minimum(store, model_dir, cache) -> None:
+    need = budget_for(store, model_dir, 0)
+    with pytest.raises(BudgetError, match=f"the minimum is .*{need} bytes"):
+        load(model_dir, cache, "static-map", need - 1)
+
+
+def test_policies_hold_equal_bytes_and_dynamic_pays_for_staging(store, model_dir, cache) -> None:
+    budget = budget_for(store, model_dir, 3)
+    plans = {}
+    with pytest.raises(BudgetError, match="4 transitions in flight needs at least"):
+        load(model_dir, cache, "dynamic", budget)  # 4 staging pairs do not fit in 3 hot slots
+    for name in ("static", "static-map", "dynamic", "offload"):
+        pol = Policy(name, tiers=TIERS).with_controller(in_flight=1)
+        _, dep = load(model_dir, cache, pol, budget)
+        assert dep is not None
+        plans[name] = dep.plan
+        assert dep.plan.total_bytes <= budget, name
+    assert plans["static-map"].per_layer[1] == 3
+    assert plans["dynamic"].per_layer[1] < 3  # its staging slots come out of the same bytes
+    assert plans["dynamic"].staging == (1, 1)
+
+
+def test_static_high_tier_matches_full_precision(store, model_dir, cache) -> None:
+    x = torch.from_numpy(tokens(2 * 24).reshape(2, 24))
+    full, _ = load_with_policy(model_dir, policy="full")
+    ref = full.forward(x)
+    big = budget_for(store, model_dir, store.experts)
+    hi, _ = load(model_dir, cache, Policy("static", tiers=TIERS, static_tier="bf16"), big)
+    lo, _ = load(model_dir, cache, Policy("static", tiers=TIERS, static_tier="int2"), big)
+    # bf16 storage of float32 weights: equal up to bf16 rounding; int2 is clearly worse.
+    err_hi = (hi.forward(x) - ref).abs().max().item()
+    err_lo = (lo.forward(x) - ref).abs().max().item()
+    assert err_hi < 0.05
+    assert err_lo > 5 * err_hi
+
+
+def published_bytes_match_the_store(rt) -> None:
+    for li in range(rt.num_layers):
+        for e in range(rt.experts):
+            with rt.table.lease(li, e) as lease:
+                got = torch.frombuffer(lease.view(), dtype=torch.uint8)
+                want = rt.store.blob(li, e, rt.real[lease.tier])
+                assert torch.equal(got[: want.numel()], want), (li, e)
+
+
+def test_dynamic_moves_experts_and_every_published_version_is_complete(
+    store, model_dir, cache
+) -> None:
+    pol = Policy("dynamic", tiers=TIERS).with_controller(replan_every=1, in_flight=2)
+    budget = budget_for(store, model_dir, 3, in_flight=2)
+    engine, dep = load(model_dir, cache, pol, budget)
+    rt = engine.precision
+    top_per_layer = dep.plan.per_layer[1]
+    streams = as_streams(tokens(4000, seed=1), 2, 64, None)
+    steps_seen: list[int] = []
+
+    def check(step: int) -> None:
+        steps_seen.append(step)
+        # Capacity per layer is never exceeded, whatever is in flight.
+        assert all(row[1] <= top_per_layer for row in rt.tiers_per_layer())
+
+    evaluate_streams(engine.model, streams, window=64, chunk=16, on_step=check)
+    rt.flush()
+    totals = rt.telemetry.totals()
+    assert totals["transitions_started"] > 0
+    assert totals["transitions_finished"] > 0
+    assert totals["wait_s"] == 0.0  # no step ever waited for a migration
+    published_bytes_match_the_store(rt)
+    stats = rt.pool.stats()
+    assert stats["high_water_bytes"] <= stats["total_bytes"]
+    assert rt.pool.total_bytes + dep.fixed.total <= budget
+    # Steps are counted by the runtime itself, one per forward pass.
+    assert len(rt.telemetry.records) == len(steps_seen)
+
+
+def test_runs_are_deterministic(store, model_dir, cache) -> None:
+    pol = Policy("dynamic", tiers=TIERS).with_controller(replan_every=2)
+    budget = budget_for(store, model_dir, 2, in_flight=4)
+    streams = as_streams(tokens(3000, seed=2), 2, 64, None)
+    outs = []
+    for _ in range(2):
+        engine, _ = load(model_dir, cache, pol, budget)
+        r = evaluate_streams(engine.model, streams, window=64, chunk=16)
+        engine.precision.flush()
+        outs.append((r.nll.copy(), engine.precision.telemetry.totals()["transitions_started"]))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    assert outs[0][1] == outs[1][1]
+
+
+def test_offload_runs_at_full_tier_and_counts_waiting(store, model_dir, cache) -> None:
+    x = torch.from_numpy(tokens(2 * 24, seed=3).reshape(2, 24))
+    big = budget_for(store, model_dir, store.experts)
+    hi, _ = load(model_dir, cache, Policy("static", tiers=TIERS, static_tier="bf16"), big)
+    # A cache of one layer's experts: every layer change evicts, so misses repeat.
+    budget = (
+        budget_for(store, model_dir, 0)
+        + 4 * store.slot_bytes[1]
+        + store.experts * (store.slot_bytes[1])
+    )
+    off, dep = load(model_dir, cache, Policy("offload", tiers=TIERS, pcie_gbs=0.01), budget)
+    assert dep.plan.slots[1] < len(store.layers) * store.experts
+    torch.testing.assert_close(off.forward(x), hi.forward(x), rtol=0, atol=1e-5)
+    off.forward(x)
+    off.precision.end_step()
+    totals = off.precision.telemetry.totals()
+    assert totals["bytes_moved"] > 0 and totals["wait_s"] > 0
+
+
+def test_run_policies_reports_every_policy_and_the_gap(model_dir, cache, monkeypatch) -> None:
+    monkeypatch.setenv("DYNAEXQ_CACHE", str(cache))
+    domains = {"a": tokens(6000, seed=4), "b": tokens(6000, seed=5) % 64}
+    cfg = EvalConfig(
+        tiers=TIERS,
+        budgets=("25%",),
+        tokens_per_domain=1024,
+        calibration_tokens=1024,
+        streams=2,
+        window=64,
+        chunk=16,
+        controller=ControllerSettings(in_flight=1, replan_every=1),
+    )
+    summary = run_policies(model_dir, domains, cfg, progress=lambda s: None)
+    seen = {(r["policy"], r["domain"]) for r in summary["runs"]}
+    assert seen == {(p, d) for p in ("full", "static", "static-map", "dynamic") for d in "ab"}
+    assert {(g["policy"], g["domain"]) for g in summary["gaps"]} == {
+        (p, d) for p in ("static-map", "dynamic") for d in "ab"
+    }
