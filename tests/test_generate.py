@@ -279,3 +279,16 @@ def test_stream_reports_the_result(engine) -> None:
     done: list = []
     text = "".join(engine.stream("The", max_new_tokens=7, ignore_eos=True, on_finish=done.append))
     assert len(done) == 1 and done[0].text == text and len(done[0].token_ids) == 7
+
+
+def test_cli_parameter_estimate_is_exact(engine) -> None:
+    from dynaexq.commands.generate import _parameters
+
+    cfg = engine.config
+    routed = len(cfg.moe_layers) * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    norms = sum(p.numel() for n, p in engine.model.named_parameters() if n.endswith("norm.weight"))
+    routers = sum(
+        p.numel() for n, p in engine.model.named_parameters() if n.endswith("mlp.gate.weight")
+    )
+    total = sum(p.numel() for p in engine.model.parameters()) + routed
+    assert _parameters(cfg) == total - norms - routers

@@ -75,6 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch device such as cpu or cuda:0; default: cuda when available, else cpu",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch; default: 1 for models under 100M parameters (their "
+        "operations are too small to split, and extra threads stall on busy CPUs), "
+        "else torch's default",
+    )
+    parser.add_argument(
         "--no-stream",
         action="store_true",
         help="print the text once generation ends instead of token by token",
@@ -89,6 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
+    import torch
+
     from dynaexq.checkpoint import CheckpointError
     from dynaexq.engine import GenerationResult, load
 
@@ -96,7 +106,11 @@ def run(args: argparse.Namespace) -> int:
     if not prompts or prompts == ["-"]:
         prompts = [sys.stdin.read()]
     try:
+        if args.threads is not None:
+            torch.set_num_threads(max(1, args.threads))
         engine = load(args.model, dtype=args.dtype, device=args.device)
+        if args.threads is None and _parameters(engine.config) < 100_000_000:
+            torch.set_num_threads(1)
         if engine.tokenizer is None:
             raise CheckpointError(f"{engine.checkpoint.path}: no tokenizer.json to encode text")
     except (CheckpointError, ValueError) as e:
@@ -141,3 +155,14 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _parameters(config: Any) -> int:
+    """Approximate parameter count (embeddings, attention, MLPs and all experts)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    attn = h * config.head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    moe = config.num_experts * 3 * h * config.moe_intermediate_size
+    dense = 3 * h * config.intermediate_size
+    mlp = sum(moe if config.is_moe_layer(i) else dense for i in range(layers))
+    embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    return layers * attn + mlp + embed
