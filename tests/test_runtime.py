@@ -154,6 +154,12 @@ def test_dynamic_moves_experts_and_every_published_version_is_complete(
     assert rt.pool.total_bytes + dep.fixed.total <= budget
     # Steps are counted by the runtime itself, one per forward pass.
     assert len(rt.telemetry.records) == len(steps_seen)
+    snap = rt.snapshot()
+    assert (
+        snap["transitions"]["promote"] + snap["transitions"]["demote"]
+        == (totals["transitions_finished"])
+    )
+    assert sum(snap["tier_counts"][store.layers[0]].values()) == store.experts
 
 
 def test_runs_are_deterministic(store, model_dir, cache) -> None:
@@ -184,9 +190,13 @@ def test_offload_runs_at_full_tier_and_counts_waiting(store, model_dir, cache) -
     assert dep.plan.slots[1] < len(store.layers) * store.experts
     torch.testing.assert_close(off.forward(x), hi.forward(x), rtol=0, atol=1e-5)
     off.forward(x)
-    off.precision.end_step()
+    off.precision.flush()
     totals = off.precision.telemetry.totals()
     assert totals["bytes_moved"] > 0 and totals["wait_s"] > 0
+    assert totals["steps"] == 2  # the second forward pass opened a new step by itself
+    snap = off.precision.snapshot()
+    assert snap["expert_wait_seconds"] == pytest.approx(totals["wait_s"])
+    assert snap["pool_used_bytes"]["bf16"] <= snap["pool_capacity_bytes"]["bf16"]
 
 
 def test_run_policies_reports_every_policy_and_the_gap(model_dir, cache, monkeypatch) -> None:

@@ -127,7 +127,9 @@ class PrecisionRuntime:
         self.tiers = len(store.tiers)
         self.pool, self.table = self._build_pool(initial)
         self.mover = InlineMover(self.pool, store)
-        self.busy: dict[int, tuple[int, int, int]] = {}  # ticket -> (layer_pos, expert, to)
+        # ticket -> (layer_pos, expert, target table tier, is a promotion)
+        self.busy: dict[int, tuple[int, int, int, bool]] = {}
+        self._promotions = 0  # finished transitions that raised an expert's tier
         self.first_layer = store.layers[0]
         self._seen_first: set[str] = set()
         self.telemetry = Telemetry()
@@ -287,8 +289,9 @@ class PrecisionRuntime:
     def _land(self) -> tuple[int, int, int]:
         finished = failed = moved = 0
         for ticket, ok, nbytes in self.mover.poll():
-            del self.busy[ticket]
+            _, _, _, up = self.busy.pop(ticket)
             if ok:
+                self._promotions += int(up)
                 self.table.complete(ticket)
                 finished += 1
                 moved += nbytes
@@ -316,6 +319,37 @@ class PrecisionRuntime:
         m = self.tier_map()
         return [np.bincount(row, minlength=self.tiers).tolist() for row in m]
 
+    def snapshot(self) -> dict[str, object]:
+        """Counters and occupancy for /metrics and the bench (cheap, thread-safe reads)."""
+        names = [t.name for t in self.store.tiers]
+        counts = self.tiers_per_layer()
+        tot = self.telemetry.totals()
+        stats = self.pool.stats()
+        used: dict[str, int] = {}
+        cap: dict[str, int] = {}
+        for cls, c in stats["classes"].items():
+            tier = names[int(cls[1:].rstrip("s"))]
+            used[tier] = used.get(tier, 0) + c["live"] * c["slot_bytes"]
+            cap[tier] = cap.get(tier, 0) + c["capacity"] * c["slot_bytes"]
+        promote = self._promotions
+        return {
+            "policy": self.policy.name,
+            "budget_bytes": self.plan.budget,
+            "tier_counts": {
+                layer: {names[t]: n for t, n in enumerate(counts[i]) if n}
+                for i, layer in enumerate(self.store.layers)
+            },
+            "transitions": {
+                "promote": promote,
+                "demote": int(tot["transitions_finished"]) - promote,
+            },
+            "transitions_in_flight": len(self.busy),
+            "bytes_moved": {"h2d": int(tot["bytes_moved"]), "d2h": 0},
+            "pool_used_bytes": used,
+            "pool_capacity_bytes": cap,
+            "expert_wait_seconds": 0.0,
+        }
+
     def _capacity(self) -> list[int]:
         p = self.plan
         if self.policy.controller.split == "per-layer" and p.per_layer is not None:
@@ -329,7 +363,7 @@ class PrecisionRuntime:
         c = self.policy.controller
         current = self.table_map()
         busy = np.zeros_like(current, dtype=bool)
-        for li, e, to in self.busy.values():
+        for li, e, to, _ in self.busy.values():
             busy[li, e] = True
             current[li, e] = to
         gain = None
@@ -354,12 +388,12 @@ class PrecisionRuntime:
             in_flight=len(self.busy),
         )
         started = 0
-        for layer, expert, _, to, _ in moves:
+        for layer, expert, frm, to, _ in moves:
             try:
                 tr = self.table.begin(layer, expert, to)
             except Exception:  # no slot free yet (admission failed): re-planned later
                 continue
-            self.busy[tr.ticket] = (layer, expert, to)
+            self.busy[tr.ticket] = (layer, expert, to, to > frm)
             self.mover.submit(tr.ticket, layer, expert, self.real[to], tr.block)
             started += 1
         return started
@@ -394,6 +428,7 @@ class OffloadRuntime:
         self._misses = 0
         self._moved = 0
         self._tokens = 0
+        self._seen_first: set[str] = set()
         self.sleep: Callable[[float], None] = _spin_sleep
 
     def _load(self, li: int, e: int):
@@ -423,6 +458,7 @@ class OffloadRuntime:
     def forward(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
+        self._boundary(layer, "forward")
         li = self.layer_pos[layer]
         t, k = expert_ids.shape
         flat = expert_ids.reshape(-1)
@@ -447,7 +483,40 @@ class OffloadRuntime:
         return _combine(out, order, t, k)
 
     def observe(self, layer: int, expert_ids: torch.Tensor, router_probs: torch.Tensor) -> None:
-        pass
+        self._boundary(layer, "observe")
+
+    def _boundary(self, layer: int, kind: str) -> None:
+        # Same rule as PrecisionRuntime: a repeated first-layer call starts a new step.
+        if layer != self.store.layers[0]:
+            return
+        if kind in self._seen_first:
+            self.end_step()
+        self._seen_first.add(kind)
+
+    def flush(self) -> StepRecord | None:
+        return self.end_step() if self._seen_first else None
+
+    def snapshot(self) -> dict[str, object]:
+        name = self.store.tiers[self.top].name
+        tot = self.telemetry.totals()
+        counts: dict[int, int] = {}
+        for li, _ in self.cache:
+            counts[li] = counts.get(li, 0) + 1
+        slot = self.plan.slot_bytes[self.top]
+        return {
+            "policy": "offload",
+            "budget_bytes": self.plan.budget,
+            "tier_counts": {
+                layer: {name: counts.get(i, 0), "host": self.store.experts - counts.get(i, 0)}
+                for i, layer in enumerate(self.store.layers)
+            },
+            "transitions": {"promote": int(tot["transitions_finished"]), "demote": 0},
+            "transitions_in_flight": 0,
+            "bytes_moved": {"h2d": int(tot["bytes_moved"]), "d2h": 0},
+            "pool_used_bytes": {name: len(self.cache) * slot},
+            "pool_capacity_bytes": {name: self.capacity * slot},
+            "expert_wait_seconds": float(tot["wait_s"]),
+        }
 
     def end_step(self) -> StepRecord:
         rec = StepRecord(
@@ -464,6 +533,7 @@ class OffloadRuntime:
         )
         self.telemetry.records.append(rec)
         self._wait, self._misses, self._moved, self._tokens = 0.0, 0, 0, 0
+        self._seen_first = set()
         self.step += 1
         return rec
 
