@@ -30,6 +30,12 @@ class IllegalTransition(PoolError):
 class LayoutError(PoolError):
     """The byte budget cannot hold the layout; the message says how many bytes are missing."""
 
+class QueueFull(PoolError):
+    """The transfer queue is at capacity; the request was not queued."""
+
+class BackendError(PoolError):
+    """The copy backend failed (e.g. no CUDA driver library)."""
+
 @final
 class Block:
     """A live slot of an `ExpertPool`: `offset`/`nbytes` locate it in the arena."""

@@ -60,6 +60,15 @@ pub enum Error {
     /// (layer, expert) or tier outside the table.
     #[error("out of range: {0}")]
     OutOfRange(String),
+    /// The transfer queue is at capacity; the request was not queued.
+    #[error("the transfer queue is full ({capacity} requests queued); retry after completions")]
+    QueueFull { capacity: usize },
+    /// A transfer id the engine never issued.
+    #[error("unknown transfer id {0}")]
+    UnknownTransfer(u64),
+    /// The copy backend failed (driver missing, CUDA error, worker gone...).
+    #[error("copy backend: {0}")]
+    Backend(String),
     /// The byte budget cannot hold the requested layout.
     #[error("{what}: needs {needed} B but the budget is {budget} B ({missing} B missing)")]
     BudgetTooSmall {

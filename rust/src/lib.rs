@@ -10,8 +10,10 @@ pub mod pool;
 #[cfg(not(loom))]
 #[doc(hidden)]
 pub mod shadow;
+pub mod store;
 mod sync;
 pub mod table;
+pub mod transfer;
 
 pub use errors::{Error, Result};
 pub use layout::{plan_layout, HotSlots, LayerPlan, LayerShape, Layout, LayoutRequest};
@@ -24,6 +26,13 @@ pub use table::OwnedLease;
 pub use table::{
     EntryState, ExpertTable, LayerTiers, Lease, ManualFence, SyncUses, TableStats, Ticket,
     Transition, UseFence, Version,
+};
+
+pub use store::HostStore;
+pub use transfer::cpu::{CpuBackend, ManualBackend};
+pub use transfer::{
+    Completion, CopyBackend, EngineConfig, EngineStats, Fault, Priority, TransferEngine,
+    TransferId, TransferStatus,
 };
 
 #[cfg(feature = "python")]

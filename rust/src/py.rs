@@ -70,6 +70,19 @@ create_exception!(
     "The byte budget cannot hold the requested layout; the message says how many bytes are missing."
 );
 
+create_exception!(
+    dynaexq._core,
+    QueueFull,
+    PoolError,
+    "The transfer queue is at capacity; the request was not queued."
+);
+create_exception!(
+    dynaexq._core,
+    BackendError,
+    PoolError,
+    "The copy backend failed (e.g. no CUDA driver library)."
+);
+
 fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
@@ -85,6 +98,9 @@ fn to_py(e: Error) -> PyErr {
         }
         Error::BudgetTooSmall { .. } => LayoutError::new_err(msg),
         Error::NotPending { .. } => PoolError::new_err(msg),
+        Error::QueueFull { .. } => QueueFull::new_err(msg),
+        Error::UnknownTransfer(_) => PyValueError::new_err(msg),
+        Error::Backend(_) => BackendError::new_err(msg),
     }
 }
 
@@ -980,6 +996,8 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("BlockInUse", py.get_type::<BlockInUse>())?;
     m.add("IllegalTransition", py.get_type::<IllegalTransition>())?;
     m.add("LayoutError", py.get_type::<LayoutError>())?;
+    m.add("QueueFull", py.get_type::<QueueFull>())?;
+    m.add("BackendError", py.get_type::<BackendError>())?;
     m.add_class::<PyBlock>()?;
     m.add_class::<BlockView>()?;
     m.add_class::<PyExpertPool>()?;

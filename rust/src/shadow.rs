@@ -539,3 +539,224 @@ fn check(
         assert!(pool.readers(&v.block).unwrap() > 0);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Transfer engine operation language (fuzz target `transfer_ops`, proptest, corpus replay)
+
+/// Interpret `data` as a transfer-engine scenario on the deterministic [`ManualBackend`]:
+/// submit / finish (ok or fail) / cancel / poll / lease / release / reclaim. Checks after
+/// every step that every expert has exactly one published version whose bytes equal the
+/// host store's bytes for its tier, that completions move versions exactly as reported,
+/// that the pool stays consistent, and at the end (after draining) that no block is lost.
+pub fn run_transfer(data: &[u8]) -> crate::transfer::EngineStats {
+    use crate::layout::{plan_layout, HotSlots, LayerShape, LayoutRequest};
+    use crate::store::HostStore;
+    use crate::table::{OwnedLease, SyncUses};
+    use crate::transfer::cpu::ManualBackend;
+    use crate::transfer::{
+        CopyBackend, EngineConfig, Priority, TransferEngine, TransferId, TransferStatus,
+    };
+
+    let mut bytes = Bytes { data, pos: 0 };
+    let layers = 1 + (bytes.byte() % 2) as usize;
+    let experts: Vec<u32> = (0..layers).map(|_| 2 + (bytes.byte() % 4) as u32).collect();
+    let lo = 1 + bytes.byte() as u64;
+    let hi = lo + 1 + bytes.byte() as u64 * 3;
+    let hot = 1 + (bytes.byte() % 2) as u32;
+    let staging = 1 + (bytes.byte() % 3) as u32;
+    let config = EngineConfig {
+        max_in_flight: 1 + (bytes.byte() % 3) as usize,
+        queue_capacity: 1 + (bytes.byte() % 6) as usize,
+    };
+    let layout = plan_layout(&LayoutRequest {
+        budget: u64::MAX / 4,
+        layers: experts
+            .iter()
+            .map(|&e| LayerShape {
+                experts: e,
+                lo_bytes: lo,
+                hi_bytes: hi,
+            })
+            .collect(),
+        hot: HotSlots::PerLayer(hot),
+        staging,
+        alignment: 64,
+    })
+    .expect("layout fits");
+    let pool = ExpertPool::new(&layout.pool_config()).unwrap();
+    let tiers = layout.layer_tiers(&pool).unwrap();
+    let pool = Arc::new(Mutex::new(pool));
+    let table = Arc::new(
+        ExpertTable::new(
+            pool.clone(),
+            tiers,
+            Some(layout.initial_tiers()),
+            Arc::new(SyncUses) as Arc<dyn UseFence>,
+        )
+        .unwrap(),
+    );
+    let sizes: Vec<Vec<u64>> = experts.iter().map(|_| vec![lo, hi]).collect();
+    let store = Arc::new(HostStore::new(&experts, &sizes, 64).unwrap());
+    let mut seed = 0x9e37_79b9u32 ^ data.len() as u32;
+    for (l, &n) in experts.iter().enumerate() {
+        for e in 0..n {
+            for (t, &len) in [lo, hi].iter().enumerate() {
+                let v: Vec<u8> = (0..len)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                        (seed >> 24) as u8
+                    })
+                    .collect();
+                store.write(l as u32, e, t as u8, &v).unwrap();
+            }
+        }
+    }
+    let backend = Arc::new(ManualBackend::new());
+    let engine = TransferEngine::new(
+        table.clone(),
+        store.clone(),
+        backend.clone() as Arc<dyn CopyBackend>,
+        config,
+    )
+    .unwrap();
+    let entries: Vec<(u32, u32)> = experts
+        .iter()
+        .enumerate()
+        .flat_map(|(l, &n)| (0..n).map(move |e| (l as u32, e)))
+        .collect();
+    let mut model: Vec<(u8, u32)> = entries
+        .iter()
+        .map(|&(l, e)| {
+            let v = table.published(l, e).unwrap();
+            (v.tier, v.version)
+        })
+        .collect();
+    let mut ids: Vec<TransferId> = Vec::new();
+    let mut leases: Vec<(OwnedLease, u32, u32)> = Vec::new();
+
+    let check_contents = |lease: &OwnedLease, l: u32, e: u32| {
+        let v = lease.version();
+        let want = store.bytes(l, e, v.tier).unwrap();
+        let got = lease.bytes().unwrap();
+        assert_eq!(
+            &got[..want.len()],
+            want,
+            "published bytes differ from the store"
+        );
+    };
+    let apply = |model: &mut Vec<(u8, u32)>, done: Vec<crate::transfer::Completion>| {
+        for c in done {
+            let i = entries
+                .iter()
+                .position(|&x| x == (c.layer, c.expert))
+                .unwrap();
+            if let TransferStatus::Completed { version } = c.status {
+                assert_eq!(version, model[i].1 + 1, "a completion skipped a version");
+                model[i] = (c.to, version);
+            }
+        }
+    };
+
+    let mut steps = 0;
+    while bytes.more() && steps < 1000 {
+        steps += 1;
+        let op = bytes.byte() % 8;
+        let arg = bytes.byte();
+        match op {
+            0 | 1 => {
+                let (l, e) = entries[arg as usize % entries.len()];
+                let to = bytes.byte() % 2;
+                let prio = if op == 0 {
+                    Priority::Urgent
+                } else {
+                    Priority::Planned
+                };
+                let before = engine.stats();
+                match engine.submit(l, e, to, prio, None) {
+                    Ok(id) => ids.push(id),
+                    Err(Error::QueueFull { .. }) => {
+                        assert!(before.queue_depth >= config.queue_capacity)
+                    }
+                    Err(Error::IllegalTransition { .. }) => {}
+                    Err(x) => panic!("submit: {x}"),
+                }
+            }
+            2 | 3 => {
+                let pending = backend.pending();
+                if !pending.is_empty() {
+                    assert!(backend.finish(pending[arg as usize % pending.len()], op == 2));
+                }
+            }
+            4 => {
+                if !ids.is_empty() {
+                    let id = ids[arg as usize % ids.len()];
+                    let before = engine.status(id).unwrap();
+                    let r = engine.cancel(id).unwrap();
+                    assert_eq!(r, !before.is_final(), "cancel of {before:?}");
+                }
+            }
+            5 => {
+                let (l, e) = entries[arg as usize % entries.len()];
+                let lease = table.lease_owned(l, e).unwrap();
+                check_contents(&lease, l, e);
+                leases.push((lease, l, e));
+            }
+            6 => {
+                if !leases.is_empty() {
+                    leases.swap_remove(arg as usize % leases.len());
+                }
+            }
+            _ => {
+                apply(&mut model, engine.poll());
+                for (i, &(l, e)) in entries.iter().enumerate() {
+                    let v = table.published(l, e).unwrap();
+                    assert_eq!((v.tier, v.version), model[i], "published vs completions");
+                }
+            }
+        }
+        // Every expert: one published version with the store's bytes.
+        for &(l, e) in &entries {
+            let lease = table.lease_owned(l, e).unwrap();
+            check_contents(&lease, l, e);
+        }
+        // Old leases keep their version's bytes until released, even after newer
+        // versions were published (the block is neither reclaimed nor reused).
+        for (lease, l, e) in &leases {
+            assert!(pool.lock().unwrap().is_live(&lease.version().block));
+            check_contents(lease, *l, *e);
+        }
+        let s = pool.lock().unwrap().stats();
+        for c in &s.classes {
+            assert_eq!(c.free + c.live, c.capacity);
+        }
+        assert!(s.reserved_bytes <= s.budget);
+        let es = engine.stats();
+        assert!(es.in_flight <= config.max_in_flight && es.queue_depth <= config.queue_capacity);
+    }
+    // Drain: finish everything, release leases, reclaim; no block lost.
+    loop {
+        let pending = backend.pending();
+        if pending.is_empty() && engine.drain(Some(std::time::Duration::ZERO)) {
+            break;
+        }
+        for id in pending {
+            backend.finish(id, true);
+        }
+    }
+    apply(&mut model, engine.poll());
+    drop(leases);
+    table.reclaim();
+    let p = pool.lock().unwrap();
+    let live: u32 = p.stats().classes.iter().map(|c| c.live).sum();
+    assert_eq!(
+        live as usize,
+        entries.len(),
+        "blocks lost or leaked after draining"
+    );
+    for (i, &(l, e)) in entries.iter().enumerate() {
+        let v = table.published(l, e).unwrap();
+        assert_eq!((v.tier, v.version), model[i]);
+    }
+    drop(p);
+    engine.stats()
+}

@@ -348,6 +348,15 @@ impl ExpertTable {
         Ok(self.tiers[layer as usize].len() as u8)
     }
 
+    /// Slot classes tier `tier` of `layer` allocates from, in preference order.
+    pub fn tier_classes(&self, layer: u32, tier: u8) -> Result<&[ClassId]> {
+        self.check_layer(layer)?;
+        self.tiers[layer as usize]
+            .get(tier as usize)
+            .map(|v| v.as_slice())
+            .ok_or_else(|| Error::OutOfRange(format!("tier {tier} of layer {layer}")))
+    }
+
     fn check_layer(&self, layer: u32) -> Result<()> {
         if layer >= self.num_layers() {
             return Err(Error::OutOfRange(format!(

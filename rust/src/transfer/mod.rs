@@ -1,0 +1,696 @@
+//! The asynchronous transfer engine: a bounded, prioritised migration queue that moves
+//! experts between tiers without ever blocking a reader.
+//!
+//! `submit` queues (layer, expert, target tier); at most `max_in_flight` transfers are
+//! admitted at a time. Admission runs the state machine's `begin` (reserve a pending block
+//! of the target tier) and starts an asynchronous copy of the host store's packed bytes
+//! into it on a [`CopyBackend`]. Completion is discovered by [`TransferEngine::poll`]
+//! (never blocks), [`TransferEngine::wait`] (blocks, woken by the backend), or a driver
+//! thread; it publishes the new version (`complete`) and reclaims old blocks under the
+//! lease + last-use rule. A failed copy rolls the expert back (`abort`), returns the
+//! reserved block and is reported. A full queue rejects (`Error::QueueFull`) instead of
+//! blocking; an admission that finds no slot or budget is dropped (`Rejected`) so the
+//! controller can re-plan.
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::errors::{Error, Result};
+use crate::pool::{Arena, ArenaKind};
+use crate::store::HostStore;
+use crate::sync::lock;
+use crate::table::{ExpertTable, Ticket};
+
+/// Identifies one submitted transfer.
+pub type TransferId = u64;
+
+/// How soon the controller wants a transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Priority {
+    /// Wanted soon (e.g. an expert the current batch routes to): admitted first.
+    Urgent,
+    /// Merely planned (background re-balancing).
+    Planned,
+}
+
+/// Fault injection for tests: what a chosen transfer's copy does instead of succeeding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The copy reports failure.
+    Fail,
+    /// The copy starts only after this delay (later transfers overtake it).
+    Delay(Duration),
+    /// The copy does not start until [`CopyBackend::release_hung`].
+    Hang,
+}
+
+/// Where a transfer is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TransferStatus {
+    Queued,
+    InFlight,
+    /// Published as this version.
+    Completed {
+        version: u32,
+    },
+    /// The copy failed; the expert stayed at its old version.
+    Failed(String),
+    /// Cancelled before its copy finished; the expert stayed at its old version.
+    Cancelled,
+    /// Not admitted (no slot or budget, or the expert is already at that tier).
+    Rejected(String),
+}
+
+impl TransferStatus {
+    pub fn is_final(&self) -> bool {
+        !matches!(self, TransferStatus::Queued | TransferStatus::InFlight)
+    }
+    /// Short name: queued, in_flight, completed, failed, cancelled, rejected.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TransferStatus::Queued => "queued",
+            TransferStatus::InFlight => "in_flight",
+            TransferStatus::Completed { .. } => "completed",
+            TransferStatus::Failed(_) => "failed",
+            TransferStatus::Cancelled => "cancelled",
+            TransferStatus::Rejected(_) => "rejected",
+        }
+    }
+}
+
+/// A finished transfer, as reported by `poll`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    pub id: TransferId,
+    pub layer: u32,
+    pub expert: u32,
+    pub to: u8,
+    pub status: TransferStatus,
+}
+
+/// One copy for a backend: `len` bytes from the host store to the pool arena.
+pub struct CopyJob {
+    pub id: TransferId,
+    /// Host address of the source bytes (inside `store`).
+    pub src: *const u8,
+    /// Destination address in the pool arena (host pointer or device pointer value).
+    pub dst: u64,
+    pub len: usize,
+    pub fault: Option<Fault>,
+    /// Keep source and destination memory alive while the copy may run.
+    pub store: Arc<HostStore>,
+    pub arena: Arc<dyn Arena>,
+}
+
+// SAFETY: the raw source pointer points into `store`, which the job keeps alive and which
+// is frozen (read-only); the destination is a pending block owned by this transfer.
+unsafe impl Send for CopyJob {}
+
+/// The state of one copy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CopyState {
+    Pending,
+    Done,
+    Failed(String),
+}
+
+/// Polls one started copy.
+pub trait CopyHandle: Send + Sync {
+    fn state(&self) -> CopyState;
+}
+
+/// Wakes waiters when a backend finishes something (no lost wake-ups: waiters compare an
+/// epoch under the same lock).
+#[derive(Default)]
+pub struct Notifier {
+    epoch: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Notifier {
+    pub fn notify(&self) {
+        *lock(&self.epoch) += 1;
+        self.cv.notify_all();
+    }
+    pub fn epoch(&self) -> u64 {
+        *lock(&self.epoch)
+    }
+    /// Wait until the epoch moves past `seen` or `timeout` passes.
+    pub fn wait(&self, seen: u64, timeout: Duration) {
+        let g = lock(&self.epoch);
+        if *g == seen {
+            let _ = self.cv.wait_timeout(g, timeout);
+        }
+    }
+}
+
+/// A copy engine: CPU worker threads, a test-driven manual backend, or a CUDA stream.
+pub trait CopyBackend: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// The kind of pool arena this backend writes into.
+    fn arena_kind(&self) -> ArenaKind;
+    /// Start copying asynchronously.
+    ///
+    /// # Safety
+    /// `job.src` must be readable for `job.len` bytes and `job.dst` writable for `job.len`
+    /// bytes, and nobody else may access the destination until the copy has completed.
+    unsafe fn start(&self, job: CopyJob) -> Result<Arc<dyn CopyHandle>>;
+    /// Let copies held by [`Fault::Hang`] proceed.
+    fn release_hung(&self) {}
+    /// Woken when a copy finishes (backends without completion callbacks may never call it;
+    /// waiters then poll).
+    fn notifier(&self) -> Arc<Notifier>;
+}
+
+/// Engine limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Transfers admitted at once (K).
+    pub max_in_flight: usize,
+    /// Requests that may wait in the queue.
+    pub queue_capacity: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 4,
+            queue_capacity: 64,
+        }
+    }
+}
+
+/// Engine counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub submitted: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub rejected: u64,
+    pub bytes_moved: u64,
+    pub in_flight: usize,
+    pub queue_depth: usize,
+}
+
+struct Request {
+    id: TransferId,
+    layer: u32,
+    expert: u32,
+    to: u8,
+    fault: Option<Fault>,
+}
+
+struct Flight {
+    req: Request,
+    ticket: Ticket,
+    handle: Arc<dyn CopyHandle>,
+    cancel: bool,
+    len: u64,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: TransferId,
+    urgent: VecDeque<Request>,
+    planned: VecDeque<Request>,
+    flights: Vec<Flight>,
+    status: HashMap<TransferId, TransferStatus>,
+    busy: HashSet<(u32, u32)>,
+    done: Vec<Completion>,
+    stats: EngineStats,
+}
+
+/// The migration queue over a table, a host store and a backend.
+pub struct TransferEngine {
+    table: Arc<ExpertTable>,
+    store: Arc<HostStore>,
+    backend: Arc<dyn CopyBackend>,
+    notifier: Arc<Notifier>,
+    arena: Arc<dyn Arena>,
+    config: EngineConfig,
+    state: Mutex<State>,
+    driver: Mutex<Option<(Arc<std::sync::atomic::AtomicBool>, JoinHandle<()>)>>,
+}
+
+impl std::fmt::Debug for TransferEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransferEngine")
+            .field("backend", &self.backend.name())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl TransferEngine {
+    /// Check that the store matches the table, freeze the store, and upload every expert's
+    /// published version from it (synchronously: this is load time).
+    pub fn new(
+        table: Arc<ExpertTable>,
+        store: Arc<HostStore>,
+        backend: Arc<dyn CopyBackend>,
+        config: EngineConfig,
+    ) -> Result<Self> {
+        if config.max_in_flight == 0 || config.queue_capacity == 0 {
+            return Err(Error::InvalidConfig(
+                "max_in_flight and queue_capacity must be > 0".into(),
+            ));
+        }
+        let arena = {
+            let pool = lock(table.pool());
+            for l in 0..table.num_layers() {
+                if l >= store.num_layers() {
+                    return Err(Error::InvalidConfig(format!(
+                        "the host store has {} layers, the table {}",
+                        store.num_layers(),
+                        table.num_layers()
+                    )));
+                }
+                for t in 0..table.num_tiers(l)? {
+                    let need = store.tier_bytes(l, t)?;
+                    for &c in table.tier_classes(l, t)? {
+                        let have = pool.slot_bytes(c)?;
+                        if have < need {
+                            return Err(Error::InvalidConfig(format!(
+                                "layer {l} tier {t}: slot class {:?} holds {have} B, the packed expert needs {need} B",
+                                pool.class_name(c)?
+                            )));
+                        }
+                    }
+                }
+            }
+            pool.arena().clone()
+        };
+        if store.num_layers() != table.num_layers() {
+            return Err(Error::InvalidConfig(format!(
+                "the host store has {} layers, the table {}",
+                store.num_layers(),
+                table.num_layers()
+            )));
+        }
+        if arena.kind() != backend.arena_kind() {
+            return Err(Error::InvalidConfig(format!(
+                "the {} backend needs a {:?} pool arena, the pool has {:?}",
+                backend.name(),
+                backend.arena_kind(),
+                arena.kind()
+            )));
+        }
+        store.freeze()?;
+        let engine = Self {
+            notifier: backend.notifier(),
+            table,
+            store,
+            backend,
+            arena,
+            config,
+            state: Mutex::new(State {
+                next_id: 1,
+                ..State::default()
+            }),
+            driver: Mutex::new(None),
+        };
+        engine.upload_published()?;
+        Ok(engine)
+    }
+
+    /// Copy the store's bytes of every published version into its block (load time).
+    fn upload_published(&self) -> Result<()> {
+        let mut handles = Vec::new();
+        for l in 0..self.table.num_layers() {
+            for e in 0..self.table.experts(l)? {
+                let v = self.table.published(l, e)?;
+                let src = self.store.bytes(l, e, v.tier)?;
+                let job = CopyJob {
+                    id: 0,
+                    src: src.as_ptr(),
+                    dst: self.arena.base_address() + v.block.offset,
+                    len: src.len(),
+                    fault: None,
+                    store: self.store.clone(),
+                    arena: self.arena.clone(),
+                };
+                // SAFETY: the source is frozen store memory; the destination is the
+                // published block, which no reader uses before the engine exists.
+                handles.push(unsafe { self.backend.start(job)? });
+            }
+        }
+        for h in handles {
+            loop {
+                let seen = self.notifier.epoch();
+                match h.state() {
+                    CopyState::Pending => self.notifier.wait(seen, Duration::from_millis(1)),
+                    CopyState::Done => break,
+                    CopyState::Failed(m) => return Err(Error::Backend(m)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn table(&self) -> &Arc<ExpertTable> {
+        &self.table
+    }
+    pub fn store(&self) -> &Arc<HostStore> {
+        &self.store
+    }
+    pub fn backend(&self) -> &Arc<dyn CopyBackend> {
+        &self.backend
+    }
+    pub fn config(&self) -> EngineConfig {
+        self.config
+    }
+
+    /// Queue a transfer of (layer, expert) to tier `to`. Never blocks: a full queue is
+    /// `Error::QueueFull`; an expert with a transfer already queued or in flight is
+    /// `Error::IllegalTransition`.
+    pub fn submit(
+        &self,
+        layer: u32,
+        expert: u32,
+        to: u8,
+        priority: Priority,
+        fault: Option<Fault>,
+    ) -> Result<TransferId> {
+        self.table.entry_index(layer, expert)?;
+        let tiers = self.table.num_tiers(layer)?;
+        if to >= tiers {
+            return Err(Error::OutOfRange(format!(
+                "tier {to} (layer {layer} has {tiers} tiers)"
+            )));
+        }
+        let mut st = lock(&self.state);
+        if st.busy.contains(&(layer, expert)) {
+            return Err(Error::IllegalTransition {
+                layer,
+                expert,
+                reason: "a transfer of this expert is already queued or in flight".into(),
+            });
+        }
+        if st.urgent.len() + st.planned.len() >= self.config.queue_capacity {
+            return Err(Error::QueueFull {
+                capacity: self.config.queue_capacity,
+            });
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        let req = Request {
+            id,
+            layer,
+            expert,
+            to,
+            fault,
+        };
+        match priority {
+            Priority::Urgent => st.urgent.push_back(req),
+            Priority::Planned => st.planned.push_back(req),
+        }
+        st.busy.insert((layer, expert));
+        st.status.insert(id, TransferStatus::Queued);
+        st.stats.submitted += 1;
+        self.pump(&mut st);
+        Ok(id)
+    }
+
+    /// Cancel a transfer: a queued one is dropped, an in-flight one is rolled back when
+    /// its copy ends. Returns false if it had already finished.
+    pub fn cancel(&self, id: TransferId) -> Result<bool> {
+        let mut st = lock(&self.state);
+        let status = st
+            .status
+            .get(&id)
+            .cloned()
+            .ok_or(Error::UnknownTransfer(id))?;
+        let cancelled = match status {
+            TransferStatus::Queued => {
+                let st_ref = &mut *st;
+                let req = [&mut st_ref.urgent, &mut st_ref.planned]
+                    .into_iter()
+                    .find_map(|q| q.iter().position(|r| r.id == id).and_then(|i| q.remove(i)));
+                let req = req.expect("a queued status has a queued request");
+                st.busy.remove(&(req.layer, req.expert));
+                self.finish(&mut st, &req, TransferStatus::Cancelled);
+                true
+            }
+            TransferStatus::InFlight => {
+                if let Some(f) = st.flights.iter_mut().find(|f| f.req.id == id) {
+                    f.cancel = true;
+                }
+                true
+            }
+            _ => false,
+        };
+        self.pump(&mut st);
+        Ok(cancelled)
+    }
+
+    /// Process finished copies and admit queued requests; returns what finished since the
+    /// last call. Never blocks on a copy.
+    pub fn poll(&self) -> Vec<Completion> {
+        let mut st = lock(&self.state);
+        self.pump(&mut st);
+        std::mem::take(&mut st.done)
+    }
+
+    pub fn status(&self, id: TransferId) -> Result<TransferStatus> {
+        let mut st = lock(&self.state);
+        self.pump(&mut st);
+        st.status
+            .get(&id)
+            .cloned()
+            .ok_or(Error::UnknownTransfer(id))
+    }
+
+    /// Block until transfer `id` is final or `timeout` passes; returns its status.
+    pub fn wait(&self, id: TransferId, timeout: Option<Duration>) -> Result<TransferStatus> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let seen = self.notifier.epoch();
+            let status = self.status(id)?;
+            if status.is_final() {
+                return Ok(status);
+            }
+            let now = Instant::now();
+            let slice = match deadline {
+                Some(d) if now >= d => return Ok(status),
+                Some(d) => (d - now).min(Duration::from_millis(1)),
+                None => Duration::from_millis(1),
+            };
+            self.notifier.wait(seen, slice);
+        }
+    }
+
+    /// Block until nothing is queued or in flight (or `timeout`); true when drained.
+    pub fn drain(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let seen = self.notifier.epoch();
+            {
+                let mut st = lock(&self.state);
+                self.pump(&mut st);
+                if st.flights.is_empty() && st.urgent.is_empty() && st.planned.is_empty() {
+                    return true;
+                }
+            }
+            let now = Instant::now();
+            let slice = match deadline {
+                Some(d) if now >= d => return false,
+                Some(d) => (d - now).min(Duration::from_millis(1)),
+                None => Duration::from_millis(1),
+            };
+            self.notifier.wait(seen, slice);
+        }
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let st = lock(&self.state);
+        let mut s = st.stats.clone();
+        s.in_flight = st.flights.len();
+        s.queue_depth = st.urgent.len() + st.planned.len();
+        s
+    }
+
+    /// Run a thread that publishes completions as they happen (without anyone polling).
+    /// It holds only a weak reference and stops when the engine is dropped.
+    pub fn start_driver(self: &Arc<Self>) {
+        let mut d = lock(&self.driver);
+        if d.is_some() {
+            return;
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let weak: Weak<Self> = Arc::downgrade(self);
+        let notifier = self.notifier.clone();
+        let flag = stop.clone();
+        let h = std::thread::Builder::new()
+            .name("dynaexq-transfer-driver".into())
+            .spawn(move || loop {
+                let seen = notifier.epoch();
+                if flag.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                match weak.upgrade() {
+                    Some(e) => e.poll_keep(),
+                    None => return,
+                }
+                notifier.wait(seen, Duration::from_millis(2));
+            })
+            .expect("spawn the transfer driver thread");
+        *d = Some((stop, h));
+    }
+
+    /// Pump without draining the completion list (the driver's step).
+    fn poll_keep(&self) {
+        let mut st = lock(&self.state);
+        self.pump(&mut st);
+    }
+
+    fn finish(&self, st: &mut State, req: &Request, status: TransferStatus) {
+        match &status {
+            TransferStatus::Completed { .. } => st.stats.completed += 1,
+            TransferStatus::Failed(_) => st.stats.failed += 1,
+            TransferStatus::Cancelled => st.stats.cancelled += 1,
+            TransferStatus::Rejected(_) => st.stats.rejected += 1,
+            _ => {}
+        }
+        st.status.insert(req.id, status.clone());
+        st.done.push(Completion {
+            id: req.id,
+            layer: req.layer,
+            expert: req.expert,
+            to: req.to,
+            status,
+        });
+    }
+
+    fn pump(&self, st: &mut State) {
+        // Completions, in submission order.
+        let mut finished = Vec::new();
+        let mut i = 0;
+        while i < st.flights.len() {
+            match st.flights[i].handle.state() {
+                CopyState::Pending => i += 1,
+                s => finished.push((st.flights.swap_remove(i), s)),
+            }
+        }
+        finished.sort_by_key(|(f, _)| f.req.id);
+        for (f, s) in finished {
+            let status = match s {
+                CopyState::Done if !f.cancel => match self.table.complete(f.ticket) {
+                    Ok(v) => {
+                        st.stats.bytes_moved += f.len;
+                        TransferStatus::Completed { version: v.version }
+                    }
+                    Err(e) => {
+                        let _ = self.table.abort(f.ticket);
+                        TransferStatus::Failed(e.to_string())
+                    }
+                },
+                CopyState::Done => {
+                    let _ = self.table.abort(f.ticket);
+                    TransferStatus::Cancelled
+                }
+                CopyState::Failed(m) => {
+                    let _ = self.table.abort(f.ticket);
+                    if f.cancel {
+                        TransferStatus::Cancelled
+                    } else {
+                        TransferStatus::Failed(m)
+                    }
+                }
+                CopyState::Pending => unreachable!(),
+            };
+            st.busy.remove(&(f.req.layer, f.req.expert));
+            self.finish(st, &f.req, status);
+        }
+        // Reclaim on every pump, not only after completions: retired blocks wait for
+        // readers' leases to drain, and admissions below may need their slots.
+        self.table.reclaim();
+        // Admission: urgent first, up to K in flight.
+        while st.flights.len() < self.config.max_in_flight {
+            let Some(req) = st.urgent.pop_front().or_else(|| st.planned.pop_front()) else {
+                break;
+            };
+            match self.admit(&req) {
+                Ok((ticket, handle, len)) => {
+                    st.status.insert(req.id, TransferStatus::InFlight);
+                    st.flights.push(Flight {
+                        req,
+                        ticket,
+                        handle,
+                        cancel: false,
+                        len,
+                    });
+                }
+                Err(status) => {
+                    st.busy.remove(&(req.layer, req.expert));
+                    self.finish(st, &req, status);
+                }
+            }
+        }
+    }
+
+    fn admit(
+        &self,
+        req: &Request,
+    ) -> std::result::Result<(Ticket, Arc<dyn CopyHandle>, u64), TransferStatus> {
+        let t = self
+            .table
+            .begin(req.layer, req.expert, req.to)
+            .map_err(|e| TransferStatus::Rejected(e.to_string()))?;
+        let src = match self.store.bytes(req.layer, req.expert, req.to) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = self.table.abort(t.ticket);
+                return Err(TransferStatus::Failed(e.to_string()));
+            }
+        };
+        let job = CopyJob {
+            id: req.id,
+            src: src.as_ptr(),
+            dst: self.arena.base_address() + t.block.offset,
+            len: src.len(),
+            fault: req.fault.clone(),
+            store: self.store.clone(),
+            arena: self.arena.clone(),
+        };
+        // SAFETY: the source is frozen store memory kept alive by the job; the
+        // destination is the pending block `begin` just reserved for this transfer only
+        // (no reader can lease it before `complete`), at least `len` bytes long (checked
+        // against the slot classes in `new`).
+        match unsafe { self.backend.start(job) } {
+            Ok(h) => Ok((t.ticket, h, src.len() as u64)),
+            Err(e) => {
+                let _ = self.table.abort(t.ticket);
+                Err(TransferStatus::Failed(e.to_string()))
+            }
+        }
+    }
+}
+
+impl Drop for TransferEngine {
+    fn drop(&mut self) {
+        if let Some((stop, h)) = lock(&self.driver).take() {
+            stop.store(true, std::sync::atomic::Ordering::Release);
+            self.notifier.notify();
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+        // Let hung copies run, then settle every flight so no block stays reserved.
+        self.backend.release_hung();
+        let mut st = lock(&self.state);
+        for f in std::mem::take(&mut st.flights) {
+            while f.handle.state() == CopyState::Pending {
+                let seen = self.notifier.epoch();
+                self.notifier.wait(seen, Duration::from_millis(1));
+            }
+            let _ = self.table.abort(f.ticket);
+        }
+    }
+}
