@@ -218,3 +218,24 @@ def test_run_policies_reports_every_policy_and_the_gap(model_dir, cache, monkeyp
     assert {(g["policy"], g["domain"]) for g in summary["gaps"]} == {
         (p, d) for p in ("static-map", "dynamic") for d in "ab"
     }
+
+
+def test_dynaexq_load_takes_a_budget_and_a_policy(model_dir, cache) -> None:
+    import dynaexq
+
+    plain = dynaexq.load(model_dir)
+    assert not hasattr(plain, "precision")
+    with pytest.raises(ValueError, match="calibration"):
+        dynaexq.load(model_dir, budget="1MiB", policy="static-map")
+    engine = dynaexq.load(
+        model_dir,
+        budget="1MiB",
+        calibration=[tokens(512)],
+        context=64,
+        progress=False,
+        cache_dir=cache,
+    )
+    assert engine.deployment.policy.name == "dynamic"  # the default with a budget
+    assert engine.deployment.plan.total_bytes <= 1024**2
+    out = engine.generate([[1, 2, 3]], max_new_tokens=4)[0]
+    assert len(out.token_ids) == 4

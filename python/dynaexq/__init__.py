@@ -41,7 +41,10 @@ __all__ = [
 # The model runtime (issue 5). Imported lazily: it pulls in torch, and `dynaexq --help`
 # should stay fast.
 _LAZY = {
-    "load": "dynaexq.engine",
+    "load": "dynaexq.runtime.load",
+    "Policy": "dynaexq.runtime.policy",
+    "ControllerSettings": "dynaexq.runtime.policy",
+    "BudgetError": "dynaexq.runtime.budget",
     "Engine": "dynaexq.engine",
     "GenerationResult": "dynaexq.engine",
     "CheckpointError": "dynaexq.checkpoint",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dynaexq.checkpoint import Checkpoint
-from dynaexq.engine import Engine, embedded_model_path
+from dynaexq.engine import EMBEDDED_MODEL_DIR, Engine, embedded_model_path
 from dynaexq.engine import load as load_engine
 from dynaexq.quant import parse_tier
 from dynaexq.runtime.budget import FixedMemory, PoolPlan, fixed_memory, parse_bytes, plan_pool
@@ -178,3 +178,70 @@ def load_with_policy(
     engine.add_routing_hook(runtime.observe)
     engine.precision = runtime  # type: ignore[attr-defined]
     return engine, Deployment(pol, plan, fixed, store, scores)
+
+
+def default_calibration(path: Path | None, tokens: int = 16384) -> list[np.ndarray] | None:
+    """The embedded model's calibration text: the first `tokens` of each held-out domain
+    (`dynaexq eval` never scores them)."""
+    if path is not None and Path(path).resolve() != EMBEDDED_MODEL_DIR.resolve():
+        return None
+    heldout = EMBEDDED_MODEL_DIR / "heldout"
+    if not heldout.is_dir():
+        return None
+    return [np.load(p).astype(np.int64)[:tokens] for p in sorted(heldout.glob("*.npy"))]
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    budget: str | int | None = None,
+    policy: Policy | str | None = None,
+    tiers: str | Sequence[str] | None = None,
+    calibration: Sequence[str] | Sequence[np.ndarray] | np.ndarray | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+    experts=None,
+    **kw,
+) -> Engine:
+    """Load a Qwen3-MoE checkpoint (default: the embedded model).
+
+    Without `budget` and `policy` the experts run at full precision. With a `budget`
+    ("6GiB", bytes) the pool is sized from it and `policy` (default "dynamic"; also
+    "static", "static-map", "offload", "full") decides which experts hold which tier;
+    `tiers` picks them (default int2,bf16). `calibration`: texts or token arrays that rank
+    experts for the initial hot set (the embedded model ships its own). The engine's
+    `precision` is the runtime and `deployment` what was sized. Other keyword arguments go
+    to the runtime (batch, context, chunk, progress, cache_dir).
+    """
+    if budget is None and policy in (None, "full"):
+        return load_engine(path, dtype=dtype, device=device, experts=experts)
+    if experts is not None:
+        raise ValueError("experts= replaces the expert executor; it cannot go with a policy")
+    pol = policy or "dynamic"
+    name = pol if isinstance(pol, str) else pol.name
+    cal: Sequence[np.ndarray] | np.ndarray | None
+    if calibration is not None and len(calibration) and isinstance(calibration[0], str):
+        full = load_engine(path, dtype="float32", device="cpu")
+        cal = [np.asarray(full.encode(t)) for t in calibration]  # type: ignore[arg-type]
+    else:
+        cal = calibration  # type: ignore[assignment]
+    if cal is None and name in ("static-map", "dynamic"):
+        cal = default_calibration(None if path is None else Path(path))
+        if cal is None:
+            raise ValueError(
+                f"policy {name!r} ranks experts on calibration text: pass calibration=[...] "
+                "(a few hundred tokens per domain of your workload)"
+            )
+    if device not in (None, "cpu") and str(device) != "cpu":
+        raise ValueError("the precision runtime runs on the CPU backend in this build")
+    engine, dep = load_with_policy(
+        path,
+        policy=pol,
+        budget=budget,
+        tiers=tiers,
+        calibration=cal,
+        dtype="float32" if dtype == "auto" else str(dtype).replace("torch.", ""),
+        **kw,
+    )
+    engine.deployment = dep  # type: ignore[attr-defined]
+    return engine
