@@ -1,0 +1,183 @@
+"""`dynaexq serve`: an OpenAI-compatible HTTP server with continuous batching."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "serve a Qwen3-MoE checkpoint over an OpenAI-compatible HTTP API (continuous batching)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dynaexq.serve.runtime import POLICIES
+
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face checkpoint directory; default: the embedded model shipped with dynaexq",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id clients send; default: dynaexq-embedded or the checkpoint "
+        "directory's name",
+    )
+    parser.add_argument(
+        "--policy",
+        default="full",
+        choices=POLICIES,
+        help="expert precision policy (only 'full' is available until the precision runtime lands)",
+    )
+    parser.add_argument(
+        "--budget",
+        default=None,
+        help="device byte budget for the experts, e.g. 6GiB or 1.5GB (used by the "
+        "precision policies)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    parser.add_argument(
+        "--max-batch", type=int, default=32, help="most sequences in the running batch"
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="most requests waiting for a batch slot; beyond it requests get HTTP 429",
+    )
+    parser.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="tokens per sequence (prompt + generated); the KV cache for max-batch "
+        "sequences of this length is reserved at start; default: min(model limit, 4096)",
+    )
+    parser.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=1024,
+        help="prompt tokens prefilled per step (long prompts are chunked and interleaved "
+        "with decode steps)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to let running requests finish after SIGTERM/SIGINT",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype; auto keeps the checkpoint's (float16 runs as float32 on CPU)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="torch device; default: cuda when available, else cpu"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="server log level",
+    )
+
+
+def _fail(message: str) -> int:
+    print(f"dynaexq serve: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    import contextlib
+    import signal
+    import socket
+    from collections.abc import Iterator
+
+    from dynaexq.serve.runtime import RuntimeSpec, check_policy, parse_bytes
+
+    # Cheap checks first, before the model is loaded.
+    try:
+        check_policy(args.policy)
+        budget = parse_bytes(args.budget) if args.budget is not None else None
+    except ValueError as e:
+        return _fail(str(e))
+    for name in ("max_batch", "max_prefill_tokens"):
+        if getattr(args, name) < 1:
+            return _fail(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_queue < 0:
+        return _fail("--max-queue must be >= 0")
+    if args.max_context is not None and args.max_context < 2:
+        return _fail("--max-context must be >= 2")
+    if not 0 <= args.port <= 65535:
+        return _fail("--port must be in 0..65535")
+    try:
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {e}")
+
+    import uvicorn
+
+    from dynaexq.checkpoint import CheckpointError
+    from dynaexq.serve.app import ServerConfig, create_app
+    from dynaexq.serve.runtime import build_runtime
+
+    try:
+        engine, stats = build_runtime(
+            RuntimeSpec(args.model, args.policy, budget, args.dtype, args.device)
+        )
+    except (CheckpointError, ValueError) as e:
+        sock.close()
+        return _fail(str(e))
+    name = args.served_model_name or (
+        "dynaexq-embedded" if args.model is None else engine.checkpoint.path.resolve().name
+    )
+    max_context = args.max_context or min(engine.config.max_position_embeddings, 4096)
+    config = ServerConfig(
+        model_name=name,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_context=max_context,
+        max_prefill_tokens=args.max_prefill_tokens,
+        drain_timeout=args.drain_timeout,
+    )
+    try:
+        app = create_app(engine, stats, config)
+    except ValueError as e:
+        sock.close()
+        return _fail(str(e))
+
+    class Server(uvicorn.Server):
+        # uvicorn re-raises a caught SIGTERM after its graceful shutdown (so the process
+        # ends "killed by signal"); a drained shutdown is a clean exit here, status 0.
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {s: signal.signal(s, self.handle_exit) for s in handled}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    server = Server(
+        uvicorn.Config(
+            app,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=int(args.drain_timeout),
+            timeout_keep_alive=5,
+        )
+    )
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    print(
+        f"dynaexq serve: {name} (policy {args.policy}, {engine.device}, {engine.dtype}) on "
+        f"http://{shown}:{port}/v1  max batch {args.max_batch}, max queue {args.max_queue}, "
+        f"context {app.state.scheduler.max_context}",
+        file=sys.stderr,
+        flush=True,
+    )
+    server.run(sockets=[sock])
+    return 0

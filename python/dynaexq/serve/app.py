@@ -1,0 +1,640 @@
+"""The ASGI app (FastAPI): OpenAI-compatible endpoints over the continuous-batching scheduler.
+
+    POST /v1/completions, /v1/chat/completions   (stream: true -> server-sent events)
+    GET  /v1/models, /v1/models/{id}, /health, /metrics (Prometheus), /stats (JSON)
+
+Every error is a JSON body `{"error": {"message", "type", "param", "code"}}` as the OpenAI
+API sends it: 400 for invalid requests (malformed JSON, unknown fields, bad values, prompts
+that do not fit the context), 404 for unknown models and routes, 413 for oversized bodies,
+429 when the queue is full, 503 while shutting down, 500 if the model step fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dynaexq.serve.chat import end_of_turn_ids, render_chat
+from dynaexq.serve.metrics import CONTENT_TYPE, ServerMetrics
+from dynaexq.serve.protocol import (
+    UNSUPPORTED,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+    error_body,
+)
+from dynaexq.serve.runtime import RuntimeStats
+from dynaexq.serve.scheduler import (
+    GenerationError,
+    GenerationRequest,
+    QueueFullError,
+    Scheduler,
+    SequenceEvent,
+    SequenceSpec,
+    ShuttingDownError,
+)
+
+if TYPE_CHECKING:
+    from dynaexq.engine import Engine
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+# Below these, sampling is numerically the same as keeping only the most likely token.
+MIN_TEMPERATURE = 1e-5
+MIN_TOP_P = 1e-6
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    max_batch: int = 32
+    max_queue: int = 256
+    max_context: int | None = None  # default: the model's max_position_embeddings
+    max_prefill_tokens: int = 1024
+    max_body_bytes: int = 8 * 1024 * 1024
+    drain_timeout: float = 60.0
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            error_body(self.message, self.type, self.param, self.code),
+            status_code=self.status,
+            headers=self.headers,
+        )
+
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": desc}
+    for code, desc in [
+        (400, "invalid request"),
+        (404, "unknown model"),
+        (413, "request body too large"),
+        (429, "queue full"),
+        (500, "generation failed"),
+        (503, "shutting down"),
+    ]
+}
+
+
+class _BodyLimit:
+    """Refuse request bodies over a size limit (413) before they are read into memory."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = APIError(413, f"request body larger than {self.limit} bytes")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                return await too_big.response()(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise too_big
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class _CountRequests:
+    """Count answered requests by endpoint and status (unknown paths share one label)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, known: set[str]) -> None:
+        self.app, self.metrics, self.known = app, metrics, known
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = path if path in self.known else "other"
+
+        async def counting(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        return f"could not parse the JSON body: {err.get('ctx', {}).get('error', '')}", None
+    if err.get("type") == "model_attributes_type" and not loc:
+        return "the request body must be a JSON object (Content-Type: application/json)", None
+    if err.get("type") == "missing" and not loc:
+        return "the request needs a JSON body", None
+    if err.get("type") == "extra_forbidden":
+        return f"unknown field: {'.'.join(loc)}", loc[0] if loc else None
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    param = loc[0] if loc else None
+    if param in UNSUPPORTED:
+        return f"{param}: not supported by this server (leave it unset)", param
+    where = ".".join(loc)
+    return (f"{where}: {msg}" if where and not msg.startswith(f"{param}:") else msg), param
+
+
+def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: ServerConfig) -> FastAPI:
+    """The app; the scheduler's worker thread starts with the app's lifespan."""
+    metrics = ServerMetrics(runtime_stats)
+    scheduler = Scheduler(
+        engine,
+        max_batch=config.max_batch,
+        max_queue=config.max_queue,
+        max_context=config.max_context,
+        max_prefill_tokens=config.max_prefill_tokens,
+        metrics=metrics,
+    )
+    metrics.bind_scheduler(lambda: scheduler.queue_depth, lambda: scheduler.running)
+    created = int(time.time())
+    tokenizer = engine.tokenizer
+    vocab = engine.config.vocab_size
+    eos = frozenset(engine.eos_token_ids)
+    chat_eos = eos | (end_of_turn_ids(tokenizer) if tokenizer is not None else set())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(scheduler.stop, True, config.drain_timeout)
+
+    app = FastAPI(
+        title="dynaexq",
+        summary="OpenAI-compatible serving of Mixture-of-Experts models",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.scheduler = scheduler
+    app.state.metrics = metrics
+    app.state.config = config
+
+    # -- errors ---------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return APIError(400, message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        return APIError(
+            status,
+            str(exc.detail),
+            _ERROR_TYPES.get(status, "invalid_request_error"),
+            headers=exc.headers,
+        ).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
+
+    # -- helpers --------------------------------------------------------------------------
+    def check_model(name: str) -> None:
+        if name != config.model_name:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {config.model_name!r}",
+                "invalid_request_error",
+                param="model",
+                code="model_not_found",
+            )
+
+    def encode_text(text: str, chat: bool = False) -> list[int]:
+        if tokenizer is None:
+            raise APIError(
+                400, "this model has no tokenizer: send prompts as token ids", param="prompt"
+            )
+        return tokenizer.encode(text, add_special_tokens=not chat)
+
+    def fit(prompt: list[int], limit: int | None, default: int | None, param: str) -> int:
+        """The token limit of one sequence, or a 400 when it does not fit the context."""
+        ctx = scheduler.max_context
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param=param)
+        room = ctx - len(prompt)
+        max_new = limit if limit is not None else (default if default is not None else room)
+        if max_new > room or room < 1:
+            raise APIError(
+                400,
+                f"this model's maximum context length is {ctx} tokens; the request asks for "
+                f"{len(prompt) + max(max_new, 1)} ({len(prompt)} in the prompt, "
+                f"{max(max_new, 1)} to generate)",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return max_new
+
+    def specs_for(
+        req: CompletionRequest | ChatCompletionRequest,
+        prompts: list[list[int]],
+        max_new: list[int],
+        eos_ids: frozenset[int],
+    ) -> list[SequenceSpec]:
+        n = req.n or 1
+        if n * len(prompts) > scheduler.max_batch:
+            raise APIError(
+                400,
+                f"{len(prompts)} prompt(s) x n={n} sequences exceed the server's batch size "
+                f"{scheduler.max_batch}",
+                param="n",
+                code="too_many_sequences",
+            )
+        temperature = 1.0 if req.temperature is None else req.temperature
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0  # dividing by a tiny temperature overflows: it is greedy anyway
+        top_p = 1.0 if req.top_p is None else max(req.top_p, MIN_TOP_P)
+        specs = []
+        for i, (ids, m) in enumerate(zip(prompts, max_new, strict=True)):
+            for j in range(n):
+                k = i * n + j  # choice index; seed + k as engine.generate does per prompt
+                specs.append(
+                    SequenceSpec(
+                        prompt_ids=tuple(ids),
+                        max_new_tokens=m,
+                        temperature=temperature,
+                        top_p=top_p,
+                        top_k=max(req.top_k or 0, 0),
+                        seed=None if req.seed is None else req.seed + k,
+                        stop=req.stop_strings,
+                        eos_ids=frozenset() if req.ignore_eos else eos_ids,
+                        stream_text=bool(req.stream),
+                    )
+                )
+        return specs
+
+    def submit(specs: list[SequenceSpec]) -> GenerationRequest:
+        try:
+            handle = scheduler.submit(specs)
+        except QueueFullError as e:
+            raise APIError(
+                429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}
+            ) from None
+        except ShuttingDownError as e:
+            raise APIError(503, str(e), "service_unavailable") from None
+        metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in specs))
+        return handle
+
+    async def collect(
+        handle: GenerationRequest, request: Request, count: int
+    ) -> tuple[list[str], list[str | None], int]:
+        """Wait for all sequences; cancel if the client goes away."""
+        texts = [""] * count
+        reasons: list[str | None] = [None] * count
+        tokens, left = 0, count
+        try:
+            while left:
+                try:
+                    item = await asyncio.wait_for(handle.events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise APIError(499, "client disconnected") from None
+                    continue
+                if isinstance(item, BaseException):
+                    raise _as_api_error(item)
+                texts[item.index] += item.text
+                tokens += len(item.token_ids)
+                if item.finish_reason is not None:
+                    reasons[item.index] = item.finish_reason
+                    left -= 1
+        finally:
+            handle.cancel()  # no-op when finished; frees the rows otherwise
+        return texts, reasons, tokens
+
+    async def stream_events(
+        handle: GenerationRequest, count: int
+    ) -> AsyncIterator[SequenceEvent | BaseException]:
+        left = count
+        while left:
+            item = await handle.events.get()
+            yield item
+            if isinstance(item, BaseException):
+                return
+            if item.finish_reason is not None:
+                left -= 1
+
+    def sse(data: dict[str, Any] | str) -> str:
+        payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+        return f"data: {payload}\n\n"
+
+    def stream_response(
+        handle: GenerationRequest,
+        count: int,
+        prompt_tokens: int,
+        include_usage: bool,
+        chunk: Callable[[SequenceEvent, bool], dict[str, Any]],
+        usage_chunk: Callable[[Usage], dict[str, Any]],
+    ) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            started = [False] * count
+            tokens = 0
+            try:
+                async for item in stream_events(handle, count):
+                    if isinstance(item, BaseException):
+                        err = _as_api_error(item)
+                        yield sse(error_body(err.message, err.type, code=err.code))
+                        break
+                    tokens += len(item.token_ids)
+                    if item.text or item.finish_reason is not None or not started[item.index]:
+                        yield sse(chunk(item, not started[item.index]))
+                        started[item.index] = True
+                if include_usage:
+                    usage = Usage(
+                        prompt_tokens=prompt_tokens,
+                        completion_tokens=tokens,
+                        total_tokens=prompt_tokens + tokens,
+                    )
+                    yield sse(usage_chunk(usage))
+                yield sse("[DONE]")
+            finally:
+                handle.cancel()  # the client went away, or we are done
+
+        return StreamingResponse(
+            body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    # -- endpoints ------------------------------------------------------------------------
+    @app.get("/health", responses={503: {"description": "draining or stopped"}})
+    async def health() -> JSONResponse:
+        ok = scheduler.accepting
+        return JSONResponse(
+            {
+                "status": "ok" if ok else ("draining" if scheduler.alive else "stopped"),
+                "running": scheduler.running,
+                "queued": scheduler.queue_depth,
+            },
+            status_code=200 if ok else 503,
+        )
+
+    def model_card() -> ModelCard:
+        return ModelCard(id=config.model_name, created=created, max_model_len=scheduler.max_context)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(data=[model_card()])
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=_ERRORS)
+    async def get_model(model: str) -> ModelCard:
+        check_model(model)
+        return model_card()
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        """Server and expert-runtime figures as JSON (for `dynaexq bench --url`)."""
+        snap = runtime_stats.runtime_snapshot().to_json() if runtime_stats else None
+        return {
+            "model": config.model_name,
+            "max_batch": scheduler.max_batch,
+            "max_queue": scheduler.max_queue,
+            "max_context": scheduler.max_context,
+            "running": scheduler.running,
+            "queued": scheduler.queue_depth,
+            "steps": scheduler.steps,
+            "requests_finished": scheduler.requests_finished,
+            "generated_tokens": scheduler.generated_tokens,
+            "tokens_per_second": metrics.tokens_rate(),
+            "runtime": snap,
+        }
+
+    @app.post(
+        "/v1/completions",
+        response_model=Completion,
+        responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    )
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        check_model(req.model)
+        prompts: list[list[int]] = []
+        for p in req.prompts():
+            ids = encode_text(p) if isinstance(p, str) else p
+            if any(t >= vocab for t in ids):
+                raise APIError(400, f"prompt: token ids must be < {vocab}", param="prompt")
+            prompts.append(ids)
+        max_new = [fit(p, req.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt") for p in prompts]
+        specs = specs_for(req, prompts, max_new, eos)
+        handle = submit(specs)
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        prompt_tokens = sum(len(p) for p in prompts)
+
+        def base() -> dict[str, Any]:
+            return {"id": rid, "object": "text_completion", "created": now, "model": req.model}
+
+        if req.stream:
+            return stream_response(
+                handle,
+                len(specs),
+                prompt_tokens,
+                bool(req.stream_options and req.stream_options.include_usage),
+                lambda ev, _first: {
+                    **base(),
+                    "choices": [
+                        {
+                            "index": ev.index,
+                            "text": ev.text,
+                            "logprobs": None,
+                            "finish_reason": ev.finish_reason,
+                        }
+                    ],
+                },
+                lambda usage: {**base(), "choices": [], "usage": usage.model_dump()},
+            )
+        texts, reasons, tokens = await collect(handle, request, len(specs))
+        return Completion(
+            id=rid,
+            created=now,
+            model=req.model,
+            choices=[
+                CompletionChoice(index=i, text=t, finish_reason=r)  # type: ignore[arg-type]
+                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+            ],
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=tokens,
+                total_tokens=prompt_tokens + tokens,
+            ),
+        )
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    )
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
+        check_model(req.model)
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: use /v1/completions with token ids")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = render_chat(tokenizer, messages)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        ids = encode_text(text, chat=True)
+        max_new = fit(ids, req.token_limit, None, "messages")
+        specs = specs_for(req, [ids], [max_new], chat_eos)
+        handle = submit(specs)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def base() -> dict[str, Any]:
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": now,
+                "model": req.model,
+            }
+
+        def chunk(ev: SequenceEvent, first: bool) -> dict[str, Any]:
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if ev.text or first:
+                delta["content"] = ev.text
+            return {
+                **base(),
+                "choices": [
+                    {
+                        "index": ev.index,
+                        "delta": delta,
+                        "logprobs": None,
+                        "finish_reason": ev.finish_reason,
+                    }
+                ],
+            }
+
+        if req.stream:
+            return stream_response(
+                handle,
+                len(specs),
+                len(ids),
+                bool(req.stream_options and req.stream_options.include_usage),
+                chunk,
+                lambda usage: {**base(), "choices": [], "usage": usage.model_dump()},
+            )
+        texts, reasons, tokens = await collect(handle, request, len(specs))
+        return ChatCompletion(
+            id=rid,
+            created=now,
+            model=req.model,
+            choices=[
+                ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=r)  # type: ignore[arg-type]
+                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+            ],
+            usage=Usage(
+                prompt_tokens=len(ids), completion_tokens=tokens, total_tokens=len(ids) + tokens
+            ),
+        )
+
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # Name the one served model in the schema, so that generated clients (and fuzzers)
+        # know it; any other name is answered with 404 model_not_found.
+        if app.openapi_schema is None:
+            schema = base_openapi()
+            # Also state the limits this model sets (token ids, tokens per sequence).
+            for name in ("CompletionRequest", "ChatCompletionRequest"):
+                props = schema["components"]["schemas"][name]["properties"]
+                props["model"] = {**props["model"], "type": "string", "enum": [config.model_name]}
+                for key in ("max_tokens", "max_completion_tokens"):
+                    if key in props:
+                        _set_integer_maximum(props[key], scheduler.max_context - 1)
+                _set_integer_maximum(props["n"], scheduler.max_batch)
+            _set_integer_maximum(
+                schema["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"],
+                vocab - 1,
+            )
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    known = {r.path for r in app.routes if hasattr(r, "path")} | {"/v1/models/"}
+    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(_CountRequests, metrics=metrics, known=known)  # outermost: counts 413s
+    return app
+
+
+def _as_api_error(exc: BaseException) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ShuttingDownError):
+        return APIError(503, str(exc), "service_unavailable")
+    if isinstance(exc, GenerationError):
+        return APIError(500, str(exc), "server_error")
+    return APIError(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
+def _set_integer_maximum(node: Any, maximum: int) -> None:
+    """Give every integer schema inside `node` (anyOf/items included) a maximum."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node["maximum"] = maximum
+        for value in node.values():
+            _set_integer_maximum(value, maximum)
+    elif isinstance(node, list):
+        for value in node:
+            _set_integer_maximum(value, maximum)

@@ -1,0 +1,182 @@
+"""What the server needs from the precision runtime: a loaded engine and its statistics.
+
+The server does not know how experts are stored. It asks `build_runtime(policy, budget,
+...)` for an `Engine` plus a `RuntimeStats` provider, and reads the provider whenever
+/metrics or /stats is scraped. Only the `full` policy (every expert at the compute dtype)
+exists today; the precision runtime (issue 6) adds `static`, `static-map`, `dynamic` and
+`offload` by registering a builder in `POLICY_BUILDERS` and implementing `RuntimeStats`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from dynaexq.engine import Engine
+
+POLICIES = ("full", "static", "static-map", "dynamic", "offload")
+
+
+class PolicyUnavailableError(ValueError):
+    """The policy is known but not implemented by this build."""
+
+
+@dataclass(frozen=True)
+class RuntimeSnapshot:
+    """A consistent view of the expert runtime at one instant (cheap to take).
+
+    Counters (transitions, bytes moved, expert wait) are totals since start; scrapers take
+    differences. Tier names are the runtime's own (e.g. "bf16", "int4", "int2", "host").
+    """
+
+    policy: str
+    budget_bytes: int | None = None
+    # MoE layer -> tier -> number of that layer's experts whose published version is there.
+    tier_counts: Mapping[int, Mapping[str, int]] = field(default_factory=dict)
+    # "promote" / "demote" -> completed transitions.
+    transitions: Mapping[str, int] = field(default_factory=dict)
+    transitions_in_flight: int = 0
+    # "h2d" / "d2h" -> bytes copied by the transfer engine.
+    bytes_moved: Mapping[str, int] = field(default_factory=dict)
+    # tier -> bytes of device blocks in use, and tier -> bytes reserved for that tier's pool.
+    pool_used_bytes: Mapping[str, int] = field(default_factory=dict)
+    pool_capacity_bytes: Mapping[str, int] = field(default_factory=dict)
+    # Seconds the forward pass spent waiting for experts to arrive (offload only).
+    expert_wait_seconds: float = 0.0
+
+    @property
+    def pool_occupancy(self) -> float:
+        """Used / reserved bytes over all tiers (0 when nothing is reserved)."""
+        cap = sum(self.pool_capacity_bytes.values())
+        return sum(self.pool_used_bytes.values()) / cap if cap else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["tier_counts"] = {str(k): dict(v) for k, v in self.tier_counts.items()}
+        out["pool_occupancy"] = self.pool_occupancy
+        return out
+
+
+@runtime_checkable
+class RuntimeStats(Protocol):
+    """Implemented by the expert runtime; called from the HTTP threads, must be thread-safe
+    and must not block on the model worker."""
+
+    def runtime_snapshot(self) -> RuntimeSnapshot: ...
+
+
+_TIER_OF_DTYPE = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+
+
+class FullPrecisionStats:
+    """`RuntimeStats` of the full-precision engine: every expert resident at the compute
+    dtype, nothing ever moves."""
+
+    def __init__(self, engine: Engine, budget_bytes: int | None = None) -> None:
+        config = engine.config
+        self._tier = _TIER_OF_DTYPE.get(str(engine.dtype), str(engine.dtype))
+        experts = engine.experts
+        tensors = [
+            *getattr(experts, "gate_up", {}).values(),
+            *getattr(experts, "down", {}).values(),
+        ]
+        used = sum(t.numel() * t.element_size() for t in tensors)
+        self._snapshot = RuntimeSnapshot(
+            policy="full",
+            budget_bytes=budget_bytes,
+            tier_counts={layer: {self._tier: config.num_experts} for layer in config.moe_layers},
+            transitions={"promote": 0, "demote": 0},
+            bytes_moved={"h2d": 0, "d2h": 0},
+            pool_used_bytes={self._tier: used},
+            pool_capacity_bytes={self._tier: used},
+        )
+
+    def runtime_snapshot(self) -> RuntimeSnapshot:
+        return self._snapshot
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """How to build the runtime: the checkpoint, the policy and its device byte budget."""
+
+    model: str | Path | None = None
+    policy: str = "full"
+    budget_bytes: int | None = None
+    dtype: str = "auto"
+    device: str | None = None
+
+
+RuntimeBuilder = Callable[[RuntimeSpec], "tuple[Engine, RuntimeStats]"]
+
+
+def _build_full(spec: RuntimeSpec) -> tuple[Engine, RuntimeStats]:
+    from dynaexq.engine import load
+
+    engine = load(spec.model, dtype=spec.dtype, device=spec.device)
+    return engine, FullPrecisionStats(engine, spec.budget_bytes)
+
+
+# The precision runtime registers its policies here (policy name -> builder).
+POLICY_BUILDERS: dict[str, RuntimeBuilder] = {"full": _build_full}
+_BUILDERS_LOCK = threading.Lock()
+
+
+def register_policy(name: str, builder: RuntimeBuilder) -> None:
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
+    with _BUILDERS_LOCK:
+        POLICY_BUILDERS[name] = builder
+
+
+def check_policy(policy: str) -> None:
+    """Raise a clear error for unknown or not-yet-implemented policies."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if policy not in POLICY_BUILDERS:
+        raise PolicyUnavailableError(
+            f"policy {policy!r} is not available in this build: the precision runtime "
+            f"(static/static-map/dynamic/offload) has not landed yet; available: "
+            f"{', '.join(sorted(POLICY_BUILDERS))}"
+        )
+
+
+def build_runtime(spec: RuntimeSpec) -> tuple[Engine, RuntimeStats]:
+    check_policy(spec.policy)
+    return POLICY_BUILDERS[spec.policy](spec)
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """'6GiB' -> 6442450944, '1.5GB' -> 1500000000, '4096' -> 4096 (must be > 0)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise ValueError(
+            f"cannot read {text!r} as a byte size; use e.g. 6GiB, 512MiB, 1.5GB or 4096"
+        )
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"byte size must be positive, got {text!r}")
+    return value

@@ -1,0 +1,473 @@
+"""Continuous batching: one model worker thread, sequences join and leave at step granularity.
+
+Every generated sequence (one "choice" of a request) owns one row of a KV-cache slab that
+is allocated once at start: [max_batch, kv_heads, max_context, head_dim] per layer. The
+rows are kept in two contiguous regions so that the model always sees a plain slice (a
+view, no copy) of the slab as its cache:
+
+    rows [0, n_decode)           decoding: one token per step each
+    rows [n_decode, n_rows)      prefilling, in admission order (chunked prompts)
+
+One iteration of the worker:
+ 1. admit queued requests while their sequences fit in the free rows;
+ 2. prefill: up to `max_prefill_tokens` prompt tokens of the prefilling rows, front first,
+    as one padded forward; rows whose prompt is complete sample their first token and
+    become the front of the decode region (a boundary move, no copy);
+ 3. decode: one forward for all decoding rows, sample, emit;
+ 4. drop finished or cancelled rows, compacting the regions (copy of a row's used slots).
+
+Prefill chunks and decode steps alternate, so a long prompt never stalls the running
+batch for more than one chunk. Tokens, text pieces and finish reasons go back to the
+asyncio side through `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from dynaexq.generation import filter_logits
+from dynaexq.model.qwen3_moe import KVCache
+
+if TYPE_CHECKING:
+    from dynaexq.engine import Engine
+    from dynaexq.serve.metrics import ServerMetrics
+
+log = logging.getLogger("dynaexq.serve")
+
+
+class QueueFullError(Exception):
+    """Too many requests are waiting; the client should retry later (HTTP 429)."""
+
+
+class ShuttingDownError(Exception):
+    """The server is draining and accepts no new work (HTTP 503)."""
+
+
+class GenerationError(Exception):
+    """The model worker failed while running this request (HTTP 500)."""
+
+
+@dataclass(frozen=True)
+class SequenceSpec:
+    """What one generated sequence asks for."""
+
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    eos_ids: frozenset[int] = frozenset()
+    stream_text: bool = False  # produce text pieces as tokens arrive (else text at the end)
+
+
+@dataclass
+class SequenceEvent:
+    """New output of sequence `index` of a request."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # None while running, else "stop" or "length"
+
+
+class GenerationRequest:
+    """One submitted request: several sequences sharing a result queue."""
+
+    _ids = itertools.count()
+
+    def __init__(self, specs: Sequence[SequenceSpec], loop: asyncio.AbstractEventLoop) -> None:
+        self.id = next(self._ids)
+        self.specs = list(specs)
+        self.loop = loop
+        self.events: asyncio.Queue[SequenceEvent | BaseException] = asyncio.Queue()
+        self.arrival = time.perf_counter()
+        self.cancelled = False  # set from the event loop, read by the worker
+        self.unfinished = len(self.specs)
+
+    def cancel(self) -> None:
+        """Stop generating (client went away); the worker frees the rows at its next step."""
+        self.cancelled = True
+
+    # called on the worker thread
+    def _post(self, item: SequenceEvent | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: GenerationRequest
+    index: int
+    spec: SequenceSpec
+    prefilled: int = 0  # prompt tokens already in the cache
+    generated: list[int] = field(default_factory=list)
+    sent_chars: int = 0
+    posted: int = 0  # tokens already reported to the request
+    generator: torch.Generator | None = None
+    first_token_at: float | None = None
+    finished: bool = False
+
+    @property
+    def cached(self) -> int:
+        """Slots of this row's cache that hold real keys/values."""
+        if self.prefilled < len(self.spec.prompt_ids):
+            return self.prefilled
+        return len(self.spec.prompt_ids) + max(len(self.generated) - 1, 0)
+
+
+class Scheduler:
+    """Owns the model worker thread; `submit` is called from the event loop."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        max_context: int | None = None,
+        max_prefill_tokens: int = 1024,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1:
+            raise ValueError("max_batch and max_prefill_tokens must be >= 1, max_queue >= 0")
+        config = engine.config
+        limit = config.max_position_embeddings
+        self.max_context = min(max_context or limit, limit)
+        if self.max_context < 2:
+            raise ValueError(f"max_context must be >= 2, got {self.max_context}")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+        self.metrics = metrics
+        self._decode = engine.tokenizer.decode if engine.tokenizer is not None else None
+        # All KV memory is reserved here, once.
+        self._slab = KVCache.allocate(
+            config, max_batch, self.max_context, engine.dtype, engine.device
+        )
+        self._rows: list[_Sequence] = []
+        self._n_decode = 0
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._drain = True
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.generated_tokens = 0
+        self.requests_finished = 0
+
+    # -- event-loop side ------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def accepting(self) -> bool:
+        return not self._stopping and self.alive
+
+    def submit(self, specs: Sequence[SequenceSpec]) -> GenerationRequest:
+        """Queue a request; raises QueueFullError or ShuttingDownError."""
+        if not specs:
+            raise ValueError("a request needs at least one sequence")
+        if len(specs) > self.max_batch:
+            raise ValueError(f"{len(specs)} sequences exceed the batch size {self.max_batch}")
+        for s in specs:
+            need = len(s.prompt_ids) + s.max_new_tokens
+            if not s.prompt_ids or s.max_new_tokens < 1 or need > self.max_context:
+                raise ValueError(f"sequence needs {need} slots, context is {self.max_context}")
+        request = GenerationRequest(specs, asyncio.get_running_loop())
+        with self._cond:
+            if self._stopping or not self.alive:
+                raise ShuttingDownError("the server is shutting down")
+            # Requests the worker will admit at its next step (they fit in free rows) are
+            # not queued; the limit applies to those that have to wait for rows.
+            free = self.max_batch - len(self._rows)
+            queued = 0
+            for other in self._waiting:
+                if queued == 0 and len(other.specs) <= free:
+                    free -= len(other.specs)
+                else:
+                    queued += 1
+            if queued >= self.max_queue and len(specs) > free:
+                raise QueueFullError(
+                    f"the server is busy: {queued} requests are waiting for a batch slot "
+                    f"(limit {self.max_queue}); retry later"
+                )
+            self._waiting.append(request)
+            self._cond.notify()
+        return request
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="dynaexq-model", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> bool:
+        """Stop accepting work; with drain, finish what is queued and running first.
+
+        Returns True if the worker ended within the timeout."""
+        with self._cond:
+            self._stopping = True
+            self._drain = drain
+            self._cond.notify()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        if self._thread.is_alive() and drain:  # drain took too long: cancel the rest
+            with self._cond:
+                self._drain = False
+                self._cond.notify()
+            self._thread.join(5.0)
+        return not self._thread.is_alive()
+
+    # -- worker side ----------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not self._rows and not self._waiting and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._drain:
+                    self._fail_all(ShuttingDownError("the server shut down"))
+                    return
+                if self._stopping and not self._rows and not self._waiting:
+                    return
+                admitted = self._admit()
+            try:
+                self._iteration(admitted)
+            except Exception as e:  # never let one bad step kill the server
+                log.exception("model step failed; failing the running requests")
+                self._fail_all(GenerationError(f"generation failed: {type(e).__name__}: {e}"))
+
+    def _admit(self) -> list[_Sequence]:
+        """Move queued requests into free rows (called with the lock held)."""
+        admitted: list[_Sequence] = []
+        while self._waiting:
+            req = self._waiting[0]
+            if req.cancelled:
+                self._waiting.popleft()
+                continue
+            if len(self._rows) + len(req.specs) > self.max_batch:
+                break
+            self._waiting.popleft()
+            for i, spec in enumerate(req.specs):
+                seq = _Sequence(req, i, spec)
+                if spec.seed is not None and spec.temperature > 0:
+                    seq.generator = torch.Generator(device=self.engine.device)
+                    seq.generator.manual_seed(spec.seed)
+                self._rows.append(seq)
+                admitted.append(seq)
+        return admitted
+
+    def _iteration(self, admitted: list[_Sequence]) -> None:
+        self._drop(lambda s: s.request.cancelled)
+        if self._n_decode < len(self._rows):
+            t0 = time.perf_counter()
+            n = self._prefill()
+            if self.metrics is not None:
+                self.metrics.observe_step("prefill", time.perf_counter() - t0, n)
+            self._drop(lambda s: s.finished)
+        if self._n_decode:
+            t0 = time.perf_counter()
+            n = self._decode_step()
+            if self.metrics is not None:
+                self.metrics.observe_step("decode", time.perf_counter() - t0, n)
+            self._drop(lambda s: s.finished)
+        self.steps += 1
+
+    def _cache_view(self, start: int, stop: int) -> KVCache:
+        return KVCache(
+            keys=[k[start:stop] for k in self._slab.keys],
+            values=[v[start:stop] for v in self._slab.values],
+        )
+
+    def _prefill(self) -> int:
+        """One chunked-prefill forward over the front of the prefill region."""
+        budget = self.max_prefill_tokens
+        chunks: list[tuple[_Sequence, int, int]] = []  # (seq, start, length)
+        for seq in self._rows[self._n_decode :]:
+            if budget == 0:
+                break
+            start = seq.prefilled
+            length = min(len(seq.spec.prompt_ids) - start, budget)
+            chunks.append((seq, start, length))
+            budget -= length
+        device = self.engine.device
+        k, longest = len(chunks), max(c[2] for c in chunks)
+        ids = torch.zeros(k, longest, dtype=torch.long)
+        lengths = torch.tensor([c[2] for c in chunks])
+        starts = torch.tensor([c[1] for c in chunks])
+        for r, (seq, start, length) in enumerate(chunks):
+            ids[r, :length] = torch.tensor(seq.spec.prompt_ids[start : start + length])
+        offsets = torch.arange(longest).unsqueeze(0)
+        # Padding writes into the row's own future slots (overwritten before they are read);
+        # clamp so it stays inside the slab.
+        positions = (starts.unsqueeze(1) + offsets).clamp(max=self.max_context - 1)
+        mask = offsets < lengths.unsqueeze(1)
+        first = self._n_decode
+        logits = self.engine.model(
+            ids.to(device),
+            positions.to(device),
+            self._cache_view(first, first + k),
+            mask.to(device),
+            logits_index=(lengths - 1).to(device),
+        )[:, 0]
+        done_rows: list[int] = []
+        for r, (seq, _start, length) in enumerate(chunks):
+            seq.prefilled += length
+            if seq.prefilled == len(seq.spec.prompt_ids):
+                done_rows.append(r)
+        # Completed prompts are a prefix of the chunk list (only the last chunk can be
+        # partial), so they are already the front of the prefill region.
+        assert done_rows == list(range(len(done_rows)))
+        if done_rows:
+            seqs = [chunks[r][0] for r in done_rows]
+            self._n_decode += len(seqs)
+            self._sample_and_emit(seqs, logits[: len(seqs)])
+        return int(lengths.sum())
+
+    def _decode_step(self) -> int:
+        n = self._n_decode
+        seqs = self._rows[:n]
+        device = self.engine.device
+        last = torch.tensor([s.generated[-1] for s in seqs], device=device).unsqueeze(1)
+        pos = torch.tensor([s.cached for s in seqs], device=device).unsqueeze(1)
+        logits = self.engine.model(last, pos, self._cache_view(0, n))[:, 0]
+        self._sample_and_emit(seqs, logits)
+        return n
+
+    def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        tokens = logits.argmax(dim=-1)
+        for r, seq in enumerate(seqs):
+            spec = seq.spec
+            if spec.temperature > 0:
+                row = filter_logits(
+                    logits[r : r + 1].float() / spec.temperature, spec.top_k, spec.top_p
+                )
+                probs = row.softmax(-1)[0]
+                if bool(torch.isfinite(probs).all()):  # else keep the argmax, never fail
+                    tokens[r] = torch.multinomial(probs, 1, generator=seq.generator)[0]
+        now = time.perf_counter()
+        for seq, tok in zip(seqs, tokens.tolist(), strict=True):
+            self._advance(seq, int(tok), now)
+        if self.metrics is not None:
+            self.metrics.add_generated(len(seqs), now)
+
+    def _advance(self, seq: _Sequence, tok: int, now: float) -> None:
+        spec = seq.spec
+        seq.generated.append(tok)
+        self.generated_tokens += 1
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            if self.metrics is not None:
+                self.metrics.ttft.observe(now - seq.request.arrival)
+        reason: str | None = None
+        if tok in spec.eos_ids:
+            reason = "stop"
+        text = ""
+        if self._decode is not None and (
+            spec.stream_text
+            or spec.stop
+            or reason is not None
+            or len(seq.generated) >= spec.max_new_tokens
+        ):
+            full = self._decode(seq.generated)
+            cuts = [full.find(s) for s in spec.stop if s in full]
+            if cuts:
+                reason, full = "stop", full[: min(cuts)]
+            if reason is None and len(seq.generated) >= spec.max_new_tokens:
+                reason = "length"
+            if reason is None:
+                if spec.stream_text:
+                    # Hold back what could still turn into a stop string, and partial UTF-8.
+                    hold = max((len(s) for s in spec.stop), default=1) - 1
+                    ready = len(full) - hold
+                    while ready > seq.sent_chars and full[ready - 1] == "\ufffd":
+                        ready -= 1
+                    if ready > seq.sent_chars:
+                        text = full[seq.sent_chars : ready]
+                        seq.sent_chars = ready
+            else:
+                text = full[seq.sent_chars :]
+                seq.sent_chars = max(len(full), seq.sent_chars)
+        elif reason is None and len(seq.generated) >= spec.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            seq.finished = True
+            self._finish_metrics(seq, now)
+        if spec.stream_text or reason is not None:
+            new, seq.posted = seq.generated[seq.posted :], len(seq.generated)
+            seq.request._post(SequenceEvent(seq.index, new, text, reason))
+
+    def _finish_metrics(self, seq: _Sequence, now: float) -> None:
+        req = seq.request
+        req.unfinished -= 1
+        if req.unfinished == 0:
+            self.requests_finished += 1
+        if self.metrics is None:
+            return
+        n = len(seq.generated)
+        if n > 1 and seq.first_token_at is not None:
+            self.metrics.tpot.observe((now - seq.first_token_at) / (n - 1))
+        if req.unfinished == 0:
+            self.metrics.request_latency.observe(now - req.arrival)
+
+    def _drop(self, condition: Callable[[_Sequence], bool]) -> None:
+        """Remove the rows matching `condition`, keeping both regions contiguous."""
+        while True:
+            victims = [r for r, s in enumerate(self._rows) if condition(s)]
+            if not victims:
+                return
+            self._remove_row(victims[-1])
+
+    def _remove_row(self, row: int) -> None:
+        hole = row
+        if row < self._n_decode:
+            last = self._n_decode - 1
+            if row != last:
+                self._move_row(last, row)
+            self._n_decode -= 1
+            hole = last
+        for r in range(hole + 1, len(self._rows)):  # shift the prefill region down by one
+            self._move_row(r, r - 1)
+        self._rows.pop()
+
+    def _move_row(self, src: int, dst: int) -> None:
+        seq = self._rows[src]
+        used = seq.cached
+        if used:
+            for k, v in zip(self._slab.keys, self._slab.values, strict=True):
+                k[dst, :, :used].copy_(k[src, :, :used])
+                v[dst, :, :used].copy_(v[src, :, :used])
+        self._rows[dst] = seq
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cond:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        failed = {s.request for s in self._rows} | set(waiting)
+        for req in failed:
+            req._post(error)
+        self._rows.clear()
+        self._n_decode = 0
