@@ -51,19 +51,39 @@ def _reference(gate_up, down, hidden, ids, weights):
     experts=st.integers(1, 9),
     k=st.integers(1, 4),
     seed=st.integers(0, 2**16),
+    inter=st.sampled_from([6, 8]),  # 6: rows of 24 bytes, which grouped_mm refuses
+    grouped=st.booleans(),
 )
-def test_full_precision_executor_matches_definition(tokens, experts, k, seed) -> None:
+def test_full_precision_executor_matches_definition(
+    tokens, experts, k, seed, inter, grouped
+) -> None:
     k = min(k, experts)
     g = torch.Generator().manual_seed(seed)
-    h, i = 8, 6
+    h, i = 8, inter
     gate_up = torch.randn(experts, 2 * i, h, generator=g)
     down = torch.randn(experts, h, i, generator=g)
     hidden = torch.randn(tokens, h, generator=g)
     ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
     weights = torch.rand(tokens, k, generator=g)
-    ex = FullPrecisionExperts({0: gate_up}, {0: down})
+    ex = FullPrecisionExperts({0: gate_up}, {0: down}, use_grouped_mm=grouped)
     got = ex.forward(0, hidden, ids, weights)
     assert torch.allclose(got, _reference(gate_up, down, hidden, ids, weights), atol=1e-5)
+
+
+def test_grouped_and_looped_expert_paths_agree(engine) -> None:
+    ex = engine.experts
+    looped = FullPrecisionExperts(ex.gate_up, ex.down, use_grouped_mm=False)
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(40, engine.config.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(40)])
+    w = torch.rand(40, 3, generator=g)
+    assert torch.allclose(
+        ex.forward(0, hidden, ids, w), looped.forward(0, hidden, ids, w), atol=1e-6
+    )
+    if hasattr(torch, "_grouped_mm"):  # the fast path really ran (no silent fallback)
+        from dynaexq.model.experts import _GROUPED_OK
+
+        assert _GROUPED_OK[("cpu", torch.float32, tuple(ex.gate_up[0].shape))] is True
 
 
 def test_executors_accept_zero_tokens(engine) -> None:

@@ -48,14 +48,22 @@ class FullPrecisionExperts:
     Weights of a layer are kept stacked like transformers 5.x holds them in memory
     (`gate_up` [E, 2I, H] with gate rows first, `down` [E, H, I]); `expert(layer, e)`
     addresses one expert. The forward pass sorts the T*k (token, expert) pairs by expert
-    and runs two matmuls per expert that received tokens: no per-token Python loop.
+    and runs two grouped matmuls over all experts (`torch._grouped_mm`, where the build
+    supports the device, dtype and shapes), else two matmuls per expert that received
+    tokens: no per-token Python loop either way.
     """
 
-    def __init__(self, gate_up: dict[int, torch.Tensor], down: dict[int, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        gate_up: dict[int, torch.Tensor],
+        down: dict[int, torch.Tensor],
+        use_grouped_mm: bool = True,
+    ) -> None:
         if gate_up.keys() != down.keys():
             raise ValueError("gate_up and down must cover the same layers")
         self.gate_up = gate_up
         self.down = down
+        self.use_grouped_mm = use_grouped_mm
 
     @classmethod
     def from_checkpoint(
@@ -104,9 +112,45 @@ class FullPrecisionExperts:
             return torch.zeros_like(hidden)
         flat = expert_ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=num_experts).tolist()  # the one host sync
         token_of = order // k
         x = hidden[token_of]  # [T*k, H], grouped by expert
+        counts = torch.bincount(flat, minlength=num_experts)
+        out = self._grouped(gate_up, down, x, counts) if self.use_grouped_mm else None
+        if out is None:
+            out = self._looped(gate_up, down, x, counts.tolist())
+        out.mul_(weights.reshape(-1)[order].unsqueeze(-1))
+        # Undo the sort and sum each token's k outputs in slot order: deterministic, and
+        # unlike index_add_ it does not stall on a busy CPU.
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out
+        return unsorted.view(t, k, -1).sum(dim=1)
+
+    def _grouped(
+        self, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor | None:
+        """All experts in two grouped matmuls (torch._grouped_mm), without a host sync.
+
+        Returns None where this torch build, device, dtype or shape cannot (decided once
+        per combination); the per-expert loop then runs instead.
+        """
+        key = (x.device.type, x.dtype, tuple(gate_up.shape))
+        if not hasattr(torch, "_grouped_mm") or _GROUPED_OK.get(key) is False:
+            return None
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        try:
+            g, u = torch._grouped_mm(x, gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            out = torch._grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offs)
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_OK[key] = False
+            return None
+        _GROUPED_OK[key] = True
+        return out
+
+    @staticmethod
+    def _looped(
+        gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
+        """Two matmuls per expert that received tokens (x is sorted by expert)."""
         out = torch.empty_like(x)
         start = 0
         for e, n in enumerate(counts):
@@ -116,12 +160,11 @@ class FullPrecisionExperts:
             g, u = F.linear(xs, gate_up[e]).chunk(2, dim=-1)
             out[start : start + n] = F.linear(F.silu(g) * u, down[e])
             start += n
-        out.mul_(weights.reshape(-1)[order].unsqueeze(-1))
-        # Undo the sort and sum each token's k outputs in slot order: deterministic, and
-        # unlike index_add_ it does not stall on a busy CPU.
-        unsorted = torch.empty_like(out)
-        unsorted[order] = out
-        return unsorted.view(t, k, -1).sum(dim=1)
+        return out
+
+
+# (device type, dtype, gate_up shape) -> whether torch._grouped_mm ran there.
+_GROUPED_OK: dict[tuple[str, torch.dtype, tuple[int, ...]], bool] = {}
 
 
 class MappedExperts:
