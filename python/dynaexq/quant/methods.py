@@ -67,9 +67,14 @@ def _codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int) -> torc
     return torch.clamp(torch.round(w / safe + z), 0, qmax)
 
 
-def _werr(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, h: torch.Tensor):
+def _werr(w, q, s, z, h):
     d = (q - z) * s - w
-    return (d * d * h).sum(-1, keepdim=True)
+    d = d * d
+    return (d if h is None else d * h).sum(-1, keepdim=True)
+
+
+def _hsum(h, t: torch.Tensor) -> torch.Tensor:
+    return (t if h is None else h * t).sum(-1, keepdim=True)
 
 
 def _to_fp16(s: torch.Tensor, what: str) -> torch.Tensor:
@@ -96,7 +101,7 @@ def _rtn_params(w, valid, bits, symmetric):
 
 
 def quantize_matrix(
-    weight: torch.Tensor, tier: TierSpec, col_weight: torch.Tensor | None = None, iters: int = 12
+    weight: torch.Tensor, tier: TierSpec, col_weight: torch.Tensor | None = None, iters: int = 4
 ) -> QuantizedMatrix:
     """Quantize weight [N, K] at an integer tier.
 
@@ -114,7 +119,9 @@ def quantize_matrix(
     bits, g = tier.bits, tier.group_size
     qmax = (1 << bits) - 1
     w, valid = _grouped(w0, g)
-    h = valid.to(torch.float32).expand_as(w)
+    # Per-element weights of the least-squares fit; None = all ones (no padding, no
+    # activations), which saves a multiply per pass.
+    h: torch.Tensor | None = None if k % g == 0 else valid.to(torch.float32).expand_as(w)
     if col_weight is not None and tier.method == "als":
         cw = col_weight.detach().to(torch.float32).flatten()
         if cw.numel() != k:
@@ -162,35 +169,28 @@ def _als(w, h, s_rtn, z_rtn, bits, symmetric, iters):
         best_z = torch.where(better, z, best_z)
         best_e = torch.minimum(e, best_e)
     s, z = best_s, best_z
-    for _ in range(iters):
-        q = _codes(w, s, z, qmax)
-        if symmetric:
-            u = q - z
-            num = (h * u * w).sum(-1, keepdim=True)
-            den = (h * u * u).sum(-1, keepdim=True)
+    # Each step is exact (optimal codes for (s, z), then the least-squares (s, z) for the
+    # codes), so the weighted error never increases.
+    if symmetric:
+        for _ in range(iters):
+            u = _codes(w, s, z, qmax) - z
+            num, den = _hsum(h, u * w), _hsum(h, u * u)
             ok = den > 0
-            s_new = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), s)
-            z_new = z
-        else:
-            sh = h.sum(-1, keepdim=True)
-            sq = (h * q).sum(-1, keepdim=True)
-            sqq = (h * q * q).sum(-1, keepdim=True)
-            sw = (h * w).sum(-1, keepdim=True)
-            sqw = (h * q * w).sum(-1, keepdim=True)
+            s = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), s)
+    else:
+        sh = _hsum(h, torch.ones_like(w)) if h is not None else torch.full_like(s, w.shape[-1])
+        sw = _hsum(h, w)
+        for _ in range(iters):
+            q = _codes(w, s, z, qmax)
+            sq, sqq, sqw = _hsum(h, q), _hsum(h, q * q), _hsum(h, q * w)
             det = sh * sqq - sq * sq
             ok = (det.abs() > 1e-12 * sh * sqq.clamp_min(1e-30)) & (sh > 0)
-            detn = torch.where(ok, det, torch.ones_like(det))
-            a = (sh * sqw - sq * sw) / detn  # w ~ a*q + m
+            a = (sh * sqw - sq * sw) / torch.where(ok, det, torch.ones_like(det))  # w ~ a q + m
             m = (sw - a * sq) / torch.where(sh > 0, sh, torch.ones_like(sh))
             ok = ok & (a.abs() > 0)
             a_safe = torch.where(ok, a, torch.ones_like(a))
-            s_new = torch.where(ok, a, s)
-            z_new = torch.where(ok, -m / a_safe, z)
-        e_new = _werr(w, q, s_new, z_new, h)
-        e_old = _werr(w, q, s, z, h)
-        keep = e_new <= e_old
-        s = torch.where(keep, s_new, s)
-        z = torch.where(keep, z_new, z)
+            s = torch.where(ok, a, s)
+            z = torch.where(ok, -m / a_safe, z)
     # FP16 rounding, then the optimal codes for the rounded parameters; per group keep
     # whichever of (ALS, RTN) has the lower error after rounding.
     s16 = _to_fp16(s, "scale")
