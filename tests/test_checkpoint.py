@@ -156,6 +156,8 @@ def test_rope_scaling_variants_parse() -> None:
         {**base, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5e5}}
     )
     assert (dyn.rope.rope_type, dyn.rope.theta) == ("dynamic", 5e5)
+    with pytest.raises(UnsupportedArchitectureError, match="partial_rotary_factor"):
+        ModelConfig.from_dict({**base, "partial_rotary_factor": 0.5})
     with pytest.raises(UnsupportedArchitectureError, match="longrope"):
         ModelConfig.from_dict({**base, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
 

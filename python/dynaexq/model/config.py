@@ -197,6 +197,11 @@ def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
             + ", ".join(SUPPORTED_ROPE_TYPES)
         )
     partial = float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
+    if partial != 1.0:
+        raise UnsupportedArchitectureError(
+            f"{source}: partial_rotary_factor={partial} is not supported (Qwen MoE models "
+            "rotate the whole head)"
+        )
     omax = params.get("original_max_position_embeddings")
     if rope_type == "yarn" and omax is None:
         omax = raw.get("original_max_position_embeddings", raw.get("max_position_embeddings"))
