@@ -92,7 +92,10 @@ class Checkpoint:
         if path.is_file() and path.name == "config.json":
             path = path.parent
         if not path.exists():
-            raise CheckpointFileNotFoundError(f"{path}: checkpoint directory does not exist")
+            hint = ""
+            if len(path.parts) == 2 and not path.is_absolute():
+                hint = " (dynaexq does not download models: pass a local directory)"
+            raise CheckpointFileNotFoundError(f"{path}: checkpoint directory does not exist{hint}")
         if not path.is_dir():
             raise CheckpointError(f"{path}: expected a checkpoint directory")
         self.path = path
