@@ -170,6 +170,15 @@ impl HostStore {
         unsafe { NonNull::new_unchecked(base.as_ptr().add(self.offsets[entry][tier] as usize)) }
     }
 
+    /// `(offset, len)` of (layer, expert, tier) inside the store's arena.
+    pub fn locate(&self, layer: u32, expert: u32, tier: u8) -> Result<(u64, u64)> {
+        let e = self.entry(layer, expert, tier)?;
+        Ok((
+            self.offsets[e][tier as usize],
+            self.tier_bytes[layer as usize][tier as usize],
+        ))
+    }
+
     /// Make the store read-only. Fails if some (expert, tier) was never written.
     pub fn freeze(&self) -> Result<()> {
         let written = crate::sync::lock(&self.written);
