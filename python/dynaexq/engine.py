@@ -62,11 +62,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UnsupportedDtypeError(f"device {dev} requested but no CUDA device is available")
+        raise ValueError(f"device {dev} requested but no CUDA device is available")
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.device):
+def resolve_dtype(
+    dtype: str | torch.dtype, config: ModelConfig, device: torch.device
+) -> torch.dtype:
     """'auto' keeps the checkpoint's bfloat16/float32; float16 runs as float32 on the CPU."""
     if isinstance(dtype, torch.dtype):
         chosen = dtype
@@ -94,14 +96,16 @@ def build_model(
 ) -> Qwen3MoeForCausalLM:
     """The model with its non-expert weights read from the checkpoint, by name."""
     config = checkpoint.config
-    executor = (experts or FullPrecisionExperts.from_checkpoint)(checkpoint, dtype, device)
     with torch.device("meta"):  # no random init: every parameter comes from the checkpoint
-        model = Qwen3MoeForCausalLM(config, executor)
+        model = Qwen3MoeForCausalLM(config, experts=None)  # type: ignore[arg-type]
+    # The non-expert weights first (small, and their errors show before the long part).
     state = {
         name: checkpoint.tensor(name, tuple(p.shape), dtype).to(device)
         for name, p in model.named_parameters()
     }
     model.load_state_dict(state, strict=True, assign=True)
+    factory = experts or FullPrecisionExperts.from_checkpoint
+    model.runtime.experts = factory(checkpoint, dtype, device)
     model.rotary.to(device)  # its frequencies are computed on the CPU, even under meta
     return model.eval().requires_grad_(False)
 
