@@ -175,6 +175,8 @@ def test_generation_parameters_are_validated(engine) -> None:
         engine.generate([[]])
     with pytest.raises(ValueError, match="token ids"):
         engine.forward([[0, 10**6]])
+    with pytest.raises(ValueError, match="token ids"):
+        engine.generate([[1, -1]])
 
 
 # -- CLI ---------------------------------------------------------------------------------

@@ -115,9 +115,11 @@ def iter_generate(
         raise ValueError("every prompt needs at least one token")
     if params.stop and decode is None:
         raise ValueError("stop strings need a decode function")
+    cfg = model.config
+    if any(not 0 <= t < cfg.vocab_size for p in prompts for t in p):
+        raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size})")
     if params.max_new_tokens == 0:
         return
-    cfg = model.config
     device = model.model.embed_tokens.weight.device
     dtype = model.model.embed_tokens.weight.dtype
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -134,7 +136,8 @@ def iter_generate(
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
     positions = torch.arange(longest, device=device).unsqueeze(0).expand(batch, longest)
-    token_mask = positions < lengths.unsqueeze(1)
+    # Padding only exists when prompt lengths differ.
+    token_mask = positions < lengths.unsqueeze(1) if int(lengths.min()) < longest else None
     cache = KVCache.allocate(cfg, batch, capacity, dtype, device)
     with torch.inference_mode():
         logits = model(ids, positions, cache, token_mask, logits_index=lengths - 1)[:, 0]
