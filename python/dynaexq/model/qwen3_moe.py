@@ -112,7 +112,7 @@ def _rope_inv_freq(
     base: float | torch.Tensor = rope.theta
     if rope.rope_type == "dynamic" and seq_len is not None and int(seq_len) > max_pos:
         # NTK-aware: grow the base with the current length (computed as transformers does).
-        s = seq_len.to(torch.float32)
+        s = seq_len.to("cpu", torch.float32)  # the frequencies are computed on the CPU
         base = rope.theta * ((rope.factor * s / max_pos) - (rope.factor - 1)) ** (dim / (dim - 2))
     inv_freq = 1.0 / (base ** (arange / dim))
     if rope.rope_type == "linear":
