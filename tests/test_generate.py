@@ -294,3 +294,13 @@ def test_cli_parameter_estimate_is_exact(engine) -> None:
     )
     total = sum(p.numel() for p in engine.model.parameters()) + routed
     assert _parameters(cfg) == total - norms - routers
+
+
+def test_cli_reads_the_prompt_from_stdin(model_dir, engine, capsys, monkeypatch) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("The quick"))
+    rc = main(["generate", "--model", str(model_dir), "--no-stream", "--ignore-eos", "-"])
+    assert rc == 0
+    want = engine.generate("The quick", max_new_tokens=64, ignore_eos=True).text
+    assert capsys.readouterr().out == want + "\n"
