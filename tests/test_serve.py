@@ -288,7 +288,7 @@ def test_bad_requests_get_openai_style_errors(server: Server) -> None:
 
 def test_queue_limit_gives_429(server: Server) -> None:
     """max_batch running + max_queue waiting; the rest are refused with 429."""
-    body = {"model": MODEL, "prompt": "The", "max_tokens": 40, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "The", "max_tokens": 48, "ignore_eos": True}
     total = MAX_BATCH + MAX_QUEUE + 4
     with ThreadPoolExecutor(total) as pool:
         results = list(
@@ -458,7 +458,7 @@ def test_schemathesis_against_the_openapi_schema(server: Server) -> None:
         )
 
         @settings(
-            max_examples=15,
+            max_examples=10,
             deadline=None,
             derandomize=True,
             suppress_health_check=list(HealthCheck),

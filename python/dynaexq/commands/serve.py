@@ -26,7 +26,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy",
         default="full",
         choices=POLICIES,
-        help="expert precision policy (only 'full' is available until the precision runtime lands)",
+        help="expert precision policy: full (every expert at the compute dtype), static, "
+        "static-map, dynamic or offload (the precision runtime, within --budget)",
+    )
+    parser.add_argument(
+        "--tiers",
+        default=None,
+        help="precision tiers for the precision policies, low to high, e.g. int2,bf16",
+    )
+    parser.add_argument(
+        "--calibration",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="text file(s) of your workload that rank experts for static-map and dynamic "
+        "(not needed for the embedded model); repeat for several",
     )
     parser.add_argument(
         "--budget",
@@ -92,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import socket
     from collections.abc import Iterator
+    from pathlib import Path
 
     from dynaexq.serve.runtime import RuntimeSpec, check_policy, parse_bytes
 
@@ -121,20 +136,35 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from dynaexq.checkpoint import CheckpointError
+    from dynaexq.engine import embedded_model_path
+    from dynaexq.model.config import ModelConfig
     from dynaexq.serve.app import ServerConfig, create_app
     from dynaexq.serve.runtime import build_runtime
 
     try:
+        ckpt = embedded_model_path() if args.model is None else Path(args.model)
+        model_config = ModelConfig.from_file(ckpt / "config.json")
+        limit = model_config.max_position_embeddings
+        max_context = min(args.max_context or min(limit, 4096), limit)
         engine, stats = build_runtime(
-            RuntimeSpec(args.model, args.policy, budget, args.dtype, args.device)
+            RuntimeSpec(
+                args.model,
+                args.policy,
+                budget,
+                args.dtype,
+                args.device,
+                batch=args.max_batch,
+                context=max_context,
+                tiers=args.tiers,
+                calibration=tuple(Path(f).read_text() for f in args.calibration) or None,
+            )
         )
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError, OSError) as e:
         sock.close()
         return _fail(str(e))
     name = args.served_model_name or (
         "dynaexq-embedded" if args.model is None else engine.checkpoint.path.resolve().name
     )
-    max_context = args.max_context or min(engine.config.max_position_embeddings, 4096)
     config = ServerConfig(
         model_name=name,
         max_batch=args.max_batch,

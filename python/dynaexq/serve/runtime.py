@@ -3,8 +3,8 @@
 The server does not know how experts are stored. It asks `build_runtime(policy, budget,
 ...)` for an `Engine` plus a `RuntimeStats` provider, and reads the provider whenever
 /metrics or /stats is scraped. Only the `full` policy (every expert at the compute dtype)
-exists today; the precision runtime (issue 6) adds `static`, `static-map`, `dynamic` and
-`offload` by registering a builder in `POLICY_BUILDERS` and implementing `RuntimeStats`.
+runs on the plain engine; `static`, `static-map`, `dynamic` and `offload` are built by the
+precision runtime (`dynaexq.runtime.load`), whose `snapshot()` feeds `SnapshotStats`.
 """
 
 from __future__ import annotations
@@ -100,15 +100,37 @@ class FullPrecisionStats:
         return self._snapshot
 
 
+class SnapshotStats:
+    """`RuntimeStats` over the precision runtime (`engine.precision`), whose `snapshot()`
+    returns a dict with the fields of `RuntimeSnapshot`."""
+
+    _FIELDS = frozenset(RuntimeSnapshot.__dataclass_fields__)
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+
+    def runtime_snapshot(self) -> RuntimeSnapshot:
+        raw = self.runtime.snapshot()
+        return RuntimeSnapshot(**{k: v for k, v in raw.items() if k in self._FIELDS})
+
+
 @dataclass(frozen=True)
 class RuntimeSpec:
-    """How to build the runtime: the checkpoint, the policy and its device byte budget."""
+    """How to build the runtime: the checkpoint, the policy and its device byte budget.
+
+    batch and context are what the server will run (its KV cache); the precision runtime
+    counts them as fixed memory when it sizes the expert pool from the budget."""
 
     model: str | Path | None = None
     policy: str = "full"
     budget_bytes: int | None = None
     dtype: str = "auto"
     device: str | None = None
+    batch: int = 1
+    context: int | None = None
+    tiers: str | None = None  # e.g. "int2,bf16" (precision policies; default: the runtime's)
+    # Texts that rank experts for static-map / dynamic (the embedded model ships its own).
+    calibration: tuple[str, ...] | None = None
 
 
 RuntimeBuilder = Callable[[RuntimeSpec], "tuple[Engine, RuntimeStats]"]
@@ -121,8 +143,38 @@ def _build_full(spec: RuntimeSpec) -> tuple[Engine, RuntimeStats]:
     return engine, FullPrecisionStats(engine, spec.budget_bytes)
 
 
-# The precision runtime registers its policies here (policy name -> builder).
+def _build_precision(spec: RuntimeSpec) -> tuple[Engine, RuntimeStats]:
+    """static / static-map / dynamic / offload through the precision runtime (issue 6)."""
+    from dynaexq.runtime.load import load
+
+    engine = load(
+        spec.model,
+        budget=spec.budget_bytes,
+        policy=spec.policy,
+        dtype=spec.dtype,
+        device=spec.device,
+        tiers=spec.tiers,
+        calibration=list(spec.calibration) if spec.calibration else None,
+        batch=spec.batch,
+        context=spec.context,
+    )
+    runtime = getattr(engine, "precision", None)
+    if runtime is None:  # e.g. "full" within a budget: nothing is managed
+        return engine, FullPrecisionStats(engine, spec.budget_bytes)
+    return engine, SnapshotStats(runtime)
+
+
+def _precision_runtime_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("dynaexq.runtime.load") is not None
+
+
+# Policy name -> builder. The precision policies are there when the runtime is installed.
 POLICY_BUILDERS: dict[str, RuntimeBuilder] = {"full": _build_full}
+if _precision_runtime_available():
+    for _name in ("static", "static-map", "dynamic", "offload"):
+        POLICY_BUILDERS[_name] = _build_precision
 _BUILDERS_LOCK = threading.Lock()
 
 
@@ -134,14 +186,13 @@ def register_policy(name: str, builder: RuntimeBuilder) -> None:
 
 
 def check_policy(policy: str) -> None:
-    """Raise a clear error for unknown or not-yet-implemented policies."""
+    """Raise a clear error for unknown or unavailable policies."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if policy not in POLICY_BUILDERS:
         raise PolicyUnavailableError(
-            f"policy {policy!r} is not available in this build: the precision runtime "
-            f"(static/static-map/dynamic/offload) has not landed yet; available: "
-            f"{', '.join(sorted(POLICY_BUILDERS))}"
+            f"policy {policy!r} is not available in this build (the precision runtime, "
+            f"dynaexq.runtime, is missing); available: {', '.join(sorted(POLICY_BUILDERS))}"
         )
 
 
