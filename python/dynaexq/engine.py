@@ -99,8 +99,11 @@ def build_model(
     with torch.device("meta"):  # no random init: every parameter comes from the checkpoint
         model = Qwen3MoeForCausalLM(config, experts=None)  # type: ignore[arg-type]
     # The non-expert weights first (small, and their errors show before the long part).
+    # copy=True: a tensor read from the checkpoint may be a view of the mapped file, and
+    # one such view would keep its whole shard mapped (and every page later touched in it
+    # counted in our RSS) for the life of the model.
     state = {
-        name: checkpoint.tensor(name, tuple(p.shape), dtype).to(device)
+        name: checkpoint.tensor(name, tuple(p.shape), dtype).to(device, copy=True)
         for name, p in model.named_parameters()
     }
     model.load_state_dict(state, strict=True, assign=True)
