@@ -304,3 +304,33 @@ def test_cli_reads_the_prompt_from_stdin(model_dir, engine, capsys, monkeypatch)
     assert rc == 0
     want = engine.generate("The quick", max_new_tokens=64, ignore_eos=True).text
     assert capsys.readouterr().out == want + "\n"
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 20), min_size=1, max_size=5),
+    new=st.integers(1, 8),
+    seed=st.integers(0, 1000),
+)
+def test_batching_never_changes_a_sequence(engine, lengths, new, seed) -> None:
+    """Whatever the mix of prompt lengths, each sequence's greedy continuation and its
+    seeded sample are those it gets alone."""
+    from dynaexq.generation import generate_tokens
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+    for params in (
+        SamplingParams(max_new_tokens=new, ignore_eos=True),
+        SamplingParams(max_new_tokens=new, ignore_eos=True, temperature=1.0, seed=seed),
+    ):
+        together = generate_tokens(engine.model, prompts, params)
+        for i, p in enumerate(prompts):
+            alone_params = SamplingParams(
+                max_new_tokens=new,
+                ignore_eos=True,
+                temperature=params.temperature,
+                seed=None if params.seed is None else params.seed + i,
+            )
+            alone = generate_tokens(engine.model, [p], alone_params)[0]
+            assert together[i].token_ids == alone.token_ids
