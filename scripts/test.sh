@@ -14,7 +14,7 @@ cargo fmt --all -- --check
 
 stage "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-cargo clippy --workspace --all-targets --features python --quiet -- -D warnings
+cargo clippy --workspace --all-targets --features python,cuda --quiet -- -D warnings
 
 stage "ruff"
 "$VIRTUAL_ENV/bin/ruff" check python tests scripts benchmarks

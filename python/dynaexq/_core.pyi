@@ -72,7 +72,9 @@ class ExpertPool:
         slots: dict[str, int],
         alignment: int = 256,
         budget: int | None = None,
-    ) -> ExpertPool: ...
+        device: int | None = None,
+    ) -> ExpertPool:
+        """`device=N` reserves the arena on CUDA device N (BackendError without CUDA)."""
     def alloc(self, cls: str) -> Block:
         """Allocate a committed block (lowest free slot); PoolExhausted when full."""
     def reserve(self, cls: str) -> Block:
@@ -90,6 +92,8 @@ class ExpertPool:
     def view(self, block: Block) -> memoryview:
         """A writable zero-copy view of the block (e.g. for `torch.frombuffer`)."""
     def address(self, block: Block) -> int: ...
+    def read(self, block: Block) -> bytes:
+        """A copy of the block's bytes (host or device arena; for checks)."""
     @property
     def classes(self) -> list[str]: ...
     @property
@@ -172,7 +176,10 @@ class ExpertTable:
         tier_classes: Sequence[Sequence[str | Sequence[str]]],
         initial_tiers: Sequence[Sequence[int]] | None = None,
         manual_fence: bool = False,
-    ) -> ExpertTable: ...
+        compute_stream: int | None = None,
+    ) -> ExpertTable:
+        """`compute_stream`: a raw CUstream (e.g. `torch.cuda.current_stream().cuda_stream`)
+        on which `Lease.record_use` records each block's last use (device pools only)."""
     def lease(self, layer: int, expert: int) -> Lease: ...
     def published(self, layer: int, expert: int) -> Version: ...
     def tier(self, layer: int, expert: int) -> int: ...
@@ -282,8 +289,13 @@ class HostStore:
     """Every tier of every expert, packed, in host memory; filled once, then frozen."""
 
     def __new__(
-        cls, experts: Sequence[int], tier_bytes: Sequence[Sequence[int]], alignment: int = 256
-    ) -> HostStore: ...
+        cls,
+        experts: Sequence[int],
+        tier_bytes: Sequence[Sequence[int]],
+        alignment: int = 256,
+        device: int | None = None,
+    ) -> HostStore:
+        """`device=N` allocates pinned (page-locked) memory for device N's copies."""
     def write(self, layer: int, expert: int, tier: int, data: Any) -> None:
         """Copy the packed bytes in (any buffer); only before `freeze`."""
     def freeze(self) -> None: ...

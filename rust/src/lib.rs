@@ -10,9 +10,11 @@ pub mod pool;
 #[cfg(not(loom))]
 #[doc(hidden)]
 pub mod shadow;
+#[cfg(not(loom))]
 pub mod store;
 mod sync;
 pub mod table;
+#[cfg(not(loom))]
 pub mod transfer;
 
 pub use errors::{Error, Result};
@@ -28,8 +30,11 @@ pub use table::{
     Transition, UseFence, Version,
 };
 
+#[cfg(not(loom))]
 pub use store::HostStore;
+#[cfg(not(loom))]
 pub use transfer::cpu::{CpuBackend, ManualBackend};
+#[cfg(not(loom))]
 pub use transfer::{
     Completion, CopyBackend, EngineConfig, EngineStats, Fault, Priority, TransferEngine,
     TransferId, TransferStatus,

@@ -54,6 +54,29 @@ pub trait Arena: Send + Sync + fmt::Debug {
     fn host_ptr(&self) -> Option<NonNull<u8>> {
         None
     }
+    /// Copy `buf.len()` bytes at `offset` out (works for device arenas too; tests and
+    /// checks, not the serving path).
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let base = self
+            .host_ptr()
+            .ok_or_else(|| Error::InvalidConfig("this arena holds no readable memory".into()))?;
+        if offset + buf.len() as u64 > self.len() {
+            return Err(Error::OutOfRange(format!(
+                "read of {} B at {offset} in a {} B arena",
+                buf.len(),
+                self.len()
+            )));
+        }
+        // SAFETY: the range lies inside the arena (checked above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                base.as_ptr().add(offset as usize),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
 }
 
 /// Aligned, zeroed host memory reserved once and freed when the last owner drops it.

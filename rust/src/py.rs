@@ -13,7 +13,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyBufferError, PyException, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyMemoryView, PyString};
+use pyo3::types::{PyBytes, PyDict, PyMemoryView, PyString};
 
 use crate::controller::{
     knapsack_exact, knapsack_greedy, plan as plan_controller, Capacity, ControllerError,
@@ -120,6 +120,30 @@ fn with_locked<T: Send, R: Send>(
         Err(TryLockError::Poisoned(p)) => f(&mut p.into_inner()),
         Err(TryLockError::WouldBlock) => py.detach(|| f(&mut crate::sync::lock(m))),
     }
+}
+
+/// The CUDA context of a device pool (feature "cuda"); a unit type otherwise.
+#[cfg(feature = "cuda")]
+#[derive(Clone)]
+struct DeviceCtx(Arc<cudarc::driver::CudaContext>);
+#[cfg(not(feature = "cuda"))]
+#[derive(Clone)]
+struct DeviceCtx;
+
+#[cfg(feature = "cuda")]
+fn open_device(py: Python<'_>, ordinal: i64) -> PyResult<DeviceCtx> {
+    let ordinal = usize::try_from(ordinal)
+        .map_err(|_| PyValueError::new_err(format!("device must be >= 0, got {ordinal}")))?;
+    py.detach(|| crate::transfer::cuda::context(ordinal))
+        .map(DeviceCtx)
+        .map_err(to_py)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_device(_py: Python<'_>, _ordinal: i64) -> PyResult<DeviceCtx> {
+    Err(BackendError::new_err(
+        "this build has no CUDA support (build the extension with the 'cuda' feature)",
+    ))
 }
 
 fn positive(what: &str, v: i64) -> PyResult<u64> {
@@ -252,6 +276,25 @@ fn memoryview<'py>(py: Python<'py>, v: BlockView) -> PyResult<Bound<'py, PyMemor
     PyMemoryView::from(obj.as_any())
 }
 
+#[cfg(feature = "cuda")]
+fn device_pool(py: Python<'_>, cfg: &PoolConfig, ctx: &DeviceCtx) -> PyResult<pool::ExpertPool> {
+    let ctx = ctx.0.clone();
+    py.detach(|| {
+        pool::ExpertPool::with_arena(cfg, |len, align| {
+            Ok(
+                Arc::new(crate::transfer::cuda::DeviceArena::new(&ctx, len, align)?)
+                    as Arc<dyn Arena>,
+            )
+        })
+    })
+    .map_err(to_py)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_pool(_py: Python<'_>, _cfg: &PoolConfig, _ctx: &DeviceCtx) -> PyResult<pool::ExpertPool> {
+    Err(BackendError::new_err("this build has no CUDA support"))
+}
+
 /// The fragmentation-free expert pool: one arena reserved at construction, one fixed
 /// region of equal-size slots per class, O(1) deterministic alloc/free.
 #[pyclass(frozen, name = "ExpertPool", module = "dynaexq._core")]
@@ -260,6 +303,8 @@ pub struct PyExpertPool {
     names: Vec<Py<PyString>>,
     ids: HashMap<String, ClassId>,
     arena: Arc<dyn Arena>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    device: Option<DeviceCtx>,
 }
 
 impl PyExpertPool {
@@ -290,13 +335,14 @@ impl PyExpertPool {
 #[pymethods]
 impl PyExpertPool {
     #[new]
-    #[pyo3(signature = (slot_bytes, slots, alignment = 256, budget = None))]
+    #[pyo3(signature = (slot_bytes, slots, alignment = 256, budget = None, device = None))]
     fn new(
         py: Python<'_>,
         slot_bytes: &Bound<'_, PyDict>,
         slots: &Bound<'_, PyDict>,
         alignment: i64,
         budget: Option<i64>,
+        device: Option<i64>,
     ) -> PyResult<Self> {
         let mut classes = Vec::new();
         for (k, v) in slot_bytes.iter() {
@@ -321,7 +367,11 @@ impl PyExpertPool {
         let alignment = positive("alignment", alignment)?;
         let budget = budget.map(|b| positive("budget", b)).transpose()?;
         let cfg = PoolConfig::new(classes).alignment(alignment).budget(budget);
-        let p = py.detach(|| pool::ExpertPool::new(&cfg)).map_err(to_py)?;
+        let device = device.map(|d| open_device(py, d)).transpose()?;
+        let p = match &device {
+            None => py.detach(|| pool::ExpertPool::new(&cfg)).map_err(to_py)?,
+            Some(ctx) => device_pool(py, &cfg, ctx)?,
+        };
         let names = p
             .class_names()
             .iter()
@@ -338,7 +388,20 @@ impl PyExpertPool {
             inner: Arc::new(Mutex::new(p)),
             names,
             ids,
+            device,
         })
+    }
+
+    /// A copy of the block's bytes (host or device arena; for checks, not serving).
+    fn read<'py>(&self, py: Python<'py>, block: &PyBlock) -> PyResult<Bound<'py, PyBytes>> {
+        let b = block.inner;
+        self.with(py, |p| p.check_live(&b).map(|_| ()))
+            .map_err(to_py)?;
+        let mut buf = vec![0u8; b.nbytes as usize];
+        let arena = self.arena.clone();
+        py.detach(|| arena.read(b.offset, &mut buf))
+            .map_err(to_py)?;
+        Ok(PyBytes::new(py, &buf))
     }
 
     /// Allocate a committed block of class `cls` (the lowest free slot).
@@ -660,6 +723,23 @@ fn tier_list(item: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
     item.extract::<Vec<String>>()
 }
 
+#[cfg(feature = "cuda")]
+fn stream_fence(pool: &PyExpertPool, slots: u32, stream: u64) -> PyResult<Arc<dyn UseFence>> {
+    let ctx = pool.device.as_ref().ok_or_else(|| {
+        PyValueError::new_err("compute_stream needs a device pool (ExpertPool(..., device=N))")
+    })?;
+    // SAFETY: the caller passes a live CUstream of this device (e.g.
+    // torch.cuda.current_stream().cuda_stream) that outlives the table's use of it.
+    Ok(Arc::new(unsafe {
+        crate::transfer::cuda::CudaUseFence::new(&ctx.0, slots, stream)
+    }))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn stream_fence(_pool: &PyExpertPool, _slots: u32, _stream: u64) -> PyResult<Arc<dyn UseFence>> {
+    Err(BackendError::new_err("this build has no CUDA support"))
+}
+
 /// The per-expert precision state machine over a pool.
 #[pyclass(frozen, name = "ExpertTable", module = "dynaexq._core")]
 pub struct PyExpertTable {
@@ -684,7 +764,8 @@ impl PyExpertTable {
 #[pymethods]
 impl PyExpertTable {
     #[new]
-    #[pyo3(signature = (pool, experts, tier_classes, initial_tiers = None, manual_fence = false))]
+    #[pyo3(signature = (pool, experts, tier_classes, initial_tiers = None, manual_fence = false, compute_stream = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         pool: Py<PyExpertPool>,
@@ -692,6 +773,7 @@ impl PyExpertTable {
         tier_classes: Vec<Vec<Bound<'_, PyAny>>>,
         initial_tiers: Option<Vec<Vec<u8>>>,
         manual_fence: bool,
+        compute_stream: Option<u64>,
     ) -> PyResult<Self> {
         let p = pool.get();
         if tier_classes.len() != 1 && tier_classes.len() != experts.len() {
@@ -721,9 +803,15 @@ impl PyExpertTable {
         }
         let slots = with_locked(py, &p.inner, |p| p.num_slots());
         let manual = manual_fence.then(|| Arc::new(ManualFence::new(slots)));
-        let fence: Arc<dyn UseFence> = match &manual {
-            Some(m) => m.clone(),
-            None => Arc::new(SyncUses),
+        let fence: Arc<dyn UseFence> = match (&manual, compute_stream) {
+            (Some(_), Some(_)) => {
+                return Err(PyValueError::new_err(
+                    "give either manual_fence or compute_stream, not both",
+                ))
+            }
+            (Some(m), None) => m.clone(),
+            (None, Some(stream)) => stream_fence(p, slots, stream)?,
+            (None, None) => Arc::new(SyncUses),
         };
         let shared = p.inner.clone();
         let t = py
@@ -992,6 +1080,25 @@ fn plan_layout(
 
 // ---------------------------------------------------------------------------------------
 
+#[cfg(feature = "cuda")]
+fn pinned_store(
+    experts: &[u32],
+    sizes: &[Vec<u64>],
+    align: u64,
+    ctx: &DeviceCtx,
+) -> PyResult<HostStore> {
+    let ctx = ctx.0.clone();
+    HostStore::with_arena(experts, sizes, align, |len, a| {
+        Ok(Arc::new(crate::transfer::cuda::PinnedArena::new(&ctx, len, a)?) as Arc<dyn Arena>)
+    })
+    .map_err(to_py)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn pinned_store(_e: &[u32], _s: &[Vec<u64>], _a: u64, _ctx: &DeviceCtx) -> PyResult<HostStore> {
+    Err(BackendError::new_err("this build has no CUDA support"))
+}
+
 /// Every tier of every expert, packed, in host memory; filled once, then frozen.
 #[pyclass(frozen, name = "HostStore", module = "dynaexq._core")]
 pub struct PyHostStore {
@@ -1001,8 +1108,14 @@ pub struct PyHostStore {
 #[pymethods]
 impl PyHostStore {
     #[new]
-    #[pyo3(signature = (experts, tier_bytes, alignment = 256))]
-    fn new(experts: Vec<i64>, tier_bytes: Vec<Vec<i64>>, alignment: i64) -> PyResult<Self> {
+    #[pyo3(signature = (experts, tier_bytes, alignment = 256, device = None))]
+    fn new(
+        py: Python<'_>,
+        experts: Vec<i64>,
+        tier_bytes: Vec<Vec<i64>>,
+        alignment: i64,
+        device: Option<i64>,
+    ) -> PyResult<Self> {
         let experts = experts
             .iter()
             .enumerate()
@@ -1022,8 +1135,11 @@ impl PyHostStore {
                     .collect::<PyResult<Vec<_>>>()
             })
             .collect::<PyResult<Vec<_>>>()?;
-        let store =
-            HostStore::new(&experts, &sizes, positive("alignment", alignment)?).map_err(to_py)?;
+        let alignment = positive("alignment", alignment)?;
+        let store = match device {
+            None => HostStore::new(&experts, &sizes, alignment).map_err(to_py)?,
+            Some(d) => pinned_store(&experts, &sizes, alignment, &open_device(py, d)?)?,
+        };
         Ok(Self {
             inner: Arc::new(store),
         })
@@ -1209,7 +1325,7 @@ impl PyTransferEngine {
                 manual = Some(m.clone());
                 m
             }
-            "cuda" => cuda_backend(py)?,
+            "cuda" => cuda_backend(table.get().pool.get())?,
             other => {
                 return Err(PyValueError::new_err(format!(
                     "backend must be 'cpu', 'manual' or 'cuda', got {other:?}"
@@ -1346,16 +1462,19 @@ impl PyTransferEngine {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_backend(_py: Python<'_>) -> PyResult<Arc<dyn CopyBackend>> {
+fn cuda_backend(_pool: &PyExpertPool) -> PyResult<Arc<dyn CopyBackend>> {
     Err(BackendError::new_err(
-        "this build has no CUDA backend (build with the 'cuda' feature)",
+        "this build has no CUDA backend (build the extension with the 'cuda' feature)",
     ))
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_backend(_py: Python<'_>) -> PyResult<Arc<dyn CopyBackend>> {
-    Err(BackendError::new_err(
-        "the CUDA backend needs a device pool arena: create the pool with arena='cuda'",
+fn cuda_backend(pool: &PyExpertPool) -> PyResult<Arc<dyn CopyBackend>> {
+    let ctx = pool.device.as_ref().ok_or_else(|| {
+        BackendError::new_err("the CUDA backend needs a device pool (ExpertPool(..., device=N))")
+    })?;
+    Ok(Arc::new(
+        crate::transfer::cuda::CudaBackend::new(&ctx.0).map_err(to_py)?,
     ))
 }
 

@@ -1,1 +1,341 @@
-//! CUDA copy backend (in progress).
+//! The CUDA copy backend (feature "cuda"): cudarc's driver API, loaded at run time, so the
+//! crate builds and its CPU tests run on machines without CUDA.
+//!
+//! - [`driver_available`] checks for the driver library before the first CUDA call (a
+//!   missing library is an `Error::Backend`, never a panic inside cudarc).
+//! - [`DeviceArena`]: the pool's arena in device memory (reserved once, `cuMemAlloc`).
+//! - [`PinnedArena`]: page-locked host memory for the host tier store, so host-to-device
+//!   copies are truly asynchronous.
+//! - [`CudaBackend`]: a dedicated non-blocking migration stream; each transfer is one
+//!   `cuMemcpyHtoDAsync` followed by an event; completion is `cuEventQuery` (polling).
+//! - [`CudaUseFence`]: the compute side's last use of a block is an event recorded on the
+//!   compute stream (a raw `CUstream` borrowed from e.g. torch, never owned), so an old
+//!   block is reclaimed only after the kernels that read it have finished.
+
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream};
+
+use super::{CopyBackend, CopyHandle, CopyJob, CopyState, Fault, Notifier};
+use crate::errors::{Error, Result};
+use crate::pool::{Arena, ArenaKind};
+use crate::sync::lock;
+use crate::table::UseFence;
+
+fn backend_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Backend(format!("{what}: {e:?}"))
+}
+
+/// Whether the CUDA driver library can be loaded (checked before any CUDA call).
+pub fn driver_available() -> bool {
+    // SAFETY: only tries to dlopen the driver library by its usual names.
+    unsafe { sys::is_culib_present() }
+}
+
+/// The context of device `ordinal`, or a clear error when there is no driver or device.
+pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    if !driver_available() {
+        return Err(Error::Backend(
+            "the CUDA driver library (libcuda.so) is not available on this machine".into(),
+        ));
+    }
+    CudaContext::new(ordinal).map_err(|e| backend_err(&format!("CUDA device {ordinal}"), e))
+}
+
+/// Device memory reserved once for a pool.
+pub struct DeviceArena {
+    ctx: Arc<CudaContext>,
+    raw: sys::CUdeviceptr,
+    base: u64,
+    len: u64,
+}
+
+impl DeviceArena {
+    pub fn new(ctx: &Arc<CudaContext>, len: u64, align: u64) -> Result<Self> {
+        ctx.bind_to_thread()
+            .map_err(|e| backend_err("bind context", e))?;
+        // cuMemAlloc aligns to at least 256 B; over-allocate for larger alignments.
+        let extra = if align > 256 { align } else { 0 };
+        let bytes = usize::try_from(len + extra)
+            .map_err(|_| Error::InvalidConfig("device arena too large".into()))?;
+        // SAFETY: plain allocation on the bound context; freed once in Drop.
+        let raw = unsafe { result::malloc_sync(bytes) }
+            .map_err(|e| backend_err(&format!("cuMemAlloc({bytes} B)"), e))?;
+        let base = if extra == 0 {
+            raw
+        } else {
+            raw.div_ceil(align) * align
+        };
+        Ok(Self {
+            ctx: ctx.clone(),
+            raw,
+            base,
+            len,
+        })
+    }
+}
+
+impl Drop for DeviceArena {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: `raw` came from `malloc_sync` and is freed once.
+            let _ = unsafe { result::free_sync(self.raw) };
+        }
+    }
+}
+
+impl std::fmt::Debug for DeviceArena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceArena({:#x}, {} B)", self.base, self.len)
+    }
+}
+
+impl Arena for DeviceArena {
+    fn kind(&self) -> ArenaKind {
+        ArenaKind::Device
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if offset + buf.len() as u64 > self.len {
+            return Err(Error::OutOfRange(format!(
+                "read of {} B at {offset} in a {} B arena",
+                buf.len(),
+                self.len
+            )));
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| backend_err("bind context", e))?;
+        // SAFETY: the range lies inside this allocation (checked above); synchronous copy.
+        unsafe { result::memcpy_dtoh_sync(buf, self.base + offset) }
+            .map_err(|e| backend_err("cuMemcpyDtoH", e))
+    }
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn base_address(&self) -> u64 {
+        self.base
+    }
+}
+
+/// Page-locked host memory (for the host tier store).
+pub struct PinnedArena {
+    ctx: Arc<CudaContext>,
+    ptr: NonNull<u8>,
+    len: u64,
+}
+
+// SAFETY: an owned allocation; access rules are the store's (written before freezing,
+// read-only afterwards).
+unsafe impl Send for PinnedArena {}
+// SAFETY: as above.
+unsafe impl Sync for PinnedArena {}
+
+impl PinnedArena {
+    pub fn new(ctx: &Arc<CudaContext>, len: u64, align: u64) -> Result<Self> {
+        if align > 4096 {
+            return Err(Error::InvalidConfig(
+                "pinned host memory is page aligned (alignment <= 4096)".into(),
+            ));
+        }
+        ctx.bind_to_thread()
+            .map_err(|e| backend_err("bind context", e))?;
+        let bytes = usize::try_from(len.max(1))
+            .map_err(|_| Error::InvalidConfig("pinned arena too large".into()))?;
+        // SAFETY: plain allocation; freed once in Drop.
+        let p = unsafe { result::malloc_host(bytes, 0) }
+            .map_err(|e| backend_err(&format!("cuMemHostAlloc({bytes} B)"), e))?;
+        let ptr = NonNull::new(p as *mut u8)
+            .ok_or_else(|| Error::Backend("cuMemHostAlloc returned null".into()))?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            ptr,
+            len,
+        })
+    }
+}
+
+impl Drop for PinnedArena {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: `ptr` came from `malloc_host` and is freed once.
+            let _ = unsafe { result::free_host(self.ptr.as_ptr() as *mut std::ffi::c_void) };
+        }
+    }
+}
+
+impl std::fmt::Debug for PinnedArena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PinnedArena({:#x}, {} B)",
+            self.ptr.as_ptr() as usize,
+            self.len
+        )
+    }
+}
+
+impl Arena for PinnedArena {
+    fn kind(&self) -> ArenaKind {
+        ArenaKind::Host
+    }
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn base_address(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+    fn host_ptr(&self) -> Option<NonNull<u8>> {
+        Some(self.ptr)
+    }
+}
+
+/// One transfer in flight: its event, and the job (which keeps source and destination
+/// memory alive until the copy is done).
+struct CudaHandle {
+    event: Option<CudaEvent>,
+    failed: Option<String>,
+    _job: Mutex<Option<CopyJob>>,
+}
+
+impl CopyHandle for CudaHandle {
+    fn state(&self) -> CopyState {
+        if let Some(m) = &self.failed {
+            return CopyState::Failed(m.clone());
+        }
+        match self.event.as_ref().map(|e| e.try_is_complete()) {
+            None | Some(Ok(true)) => CopyState::Done,
+            Some(Ok(false)) => CopyState::Pending,
+            Some(Err(e)) => CopyState::Failed(format!("CUDA copy failed: {e:?}")),
+        }
+    }
+}
+
+/// Host-to-device copies on a dedicated non-blocking stream.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    notifier: Arc<Notifier>,
+}
+
+impl CudaBackend {
+    pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| backend_err("create the migration stream", e))?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            stream,
+            notifier: Arc::new(Notifier::default()),
+        })
+    }
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+}
+
+impl CopyBackend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+    fn arena_kind(&self) -> ArenaKind {
+        ArenaKind::Device
+    }
+    unsafe fn start(&self, job: CopyJob) -> Result<Arc<dyn CopyHandle>> {
+        match job.fault {
+            None => {}
+            Some(Fault::Fail) => {
+                return Ok(Arc::new(CudaHandle {
+                    event: None,
+                    failed: Some(format!("injected failure of transfer {}", job.id)),
+                    _job: Mutex::new(Some(job)),
+                }))
+            }
+            Some(_) => {
+                return Err(Error::Backend(
+                    "the CUDA backend injects only 'fail' faults".into(),
+                ))
+            }
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| backend_err("bind context", e))?;
+        // SAFETY: the caller guarantees `src` readable and `dst` (a device address inside
+        // the pool's device arena) writable for `len` bytes and unshared until the copy
+        // completes; the handle keeps the job (and so both memories) alive until then.
+        let src = unsafe { std::slice::from_raw_parts(job.src, job.len) };
+        unsafe { result::memcpy_htod_async(job.dst, src, self.stream.cu_stream()) }
+            .map_err(|e| backend_err("cuMemcpyHtoDAsync", e))?;
+        let event = self
+            .stream
+            .record_event(None)
+            .map_err(|e| backend_err("record the copy event", e))?;
+        Ok(Arc::new(CudaHandle {
+            event: Some(event),
+            failed: None,
+            _job: Mutex::new(Some(job)),
+        }))
+    }
+    fn notifier(&self) -> Arc<Notifier> {
+        // Copies finish on the device without a host callback: waiters poll events.
+        self.notifier.clone()
+    }
+}
+
+/// Last use of a block = the latest event recorded for it on the compute stream.
+pub struct CudaUseFence {
+    ctx: Arc<CudaContext>,
+    stream: Mutex<Arc<CudaStream>>,
+    last: Box<[Mutex<Option<CudaEvent>>]>,
+}
+
+impl CudaUseFence {
+    /// `compute_stream` is a raw `CUstream` owned by the caller (e.g. torch's current
+    /// stream); it is borrowed, never destroyed. 0 is the legacy default stream.
+    ///
+    /// # Safety
+    /// The stream must belong to `ctx` and outlive every `record_use` call made while it
+    /// is set.
+    pub unsafe fn new(ctx: &Arc<CudaContext>, slots: u32, compute_stream: u64) -> Self {
+        // SAFETY: as documented; a borrowed stream is not destroyed on drop.
+        let stream = unsafe { ctx.wrap_borrowed_stream(compute_stream as sys::CUstream) };
+        Self {
+            ctx: ctx.clone(),
+            stream: Mutex::new(stream),
+            last: (0..slots).map(|_| Mutex::new(None)).collect(),
+        }
+    }
+
+    /// Record later uses on another borrowed compute stream.
+    ///
+    /// # Safety
+    /// As [`CudaUseFence::new`].
+    pub unsafe fn set_stream(&self, compute_stream: u64) {
+        // SAFETY: as documented.
+        *lock(&self.stream) = unsafe {
+            self.ctx
+                .wrap_borrowed_stream(compute_stream as sys::CUstream)
+        };
+    }
+}
+
+impl UseFence for CudaUseFence {
+    fn record_use(&self, slot: u32) {
+        let stream = lock(&self.stream).clone();
+        // A failed record leaves the previous event: conservative only if one existed, so
+        // fall back to synchronising the stream (the use is then certainly complete).
+        match stream.record_event(None) {
+            Ok(ev) => *lock(&self.last[slot as usize]) = Some(ev),
+            Err(_) => {
+                let _ = stream.synchronize();
+            }
+        }
+    }
+    fn uses_completed(&self, slot: u32) -> bool {
+        match &*lock(&self.last[slot as usize]) {
+            None => true,
+            // An error (e.g. a failed kernel) must not free memory still in use: wait.
+            Some(ev) => ev.try_is_complete().unwrap_or(false),
+        }
+    }
+}
