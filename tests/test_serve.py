@@ -317,30 +317,37 @@ def wait_idle(server: Server, timeout: float = 30) -> dict[str, Any]:
 
 
 def test_client_disconnect_frees_its_slot(server: Server) -> None:
-    wait_idle(server)
-    conns = []
-    for _ in range(MAX_BATCH):  # fill every row with long streams, read a little, hang up
+    def send(stream: bool) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse | None]:
         conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
-        body = {
-            "model": MODEL,
-            "prompt": "The",
-            "max_tokens": MAX_CONTEXT - 8,
-            "ignore_eos": True,
-            "stream": True,
-        }
+        body = {"model": MODEL, "prompt": "The", "max_tokens": MAX_CONTEXT - 8}
+        body |= {"ignore_eos": True, "stream": stream}
         conn.request(
             "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
         )
+        if not stream:
+            return conn, None
         resp = conn.getresponse()
-        assert resp.status == 200
-        assert resp.readline().startswith(b"data: ")
-        conns.append((conn, resp))
-    assert server.stats()["running"] >= 1
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        return conn, resp
+
+    # Streams: fill every row, read one event, hang up. The rows are dropped before the
+    # sequences run to their end (they would count as finished requests).
+    before = wait_idle(server)
+    conns = [send(stream=True) for _ in range(MAX_BATCH)]
     for conn, resp in conns:
+        assert resp is not None
         resp.close()
         conn.close()
-    stats = wait_idle(server)
-    assert stats["running"] == 0
+    after = wait_idle(server)
+    assert after["requests_finished"] - before["requests_finished"] < MAX_BATCH
+    # Non-streaming: hang up without reading; the server notices within its poll interval.
+    conns = [send(stream=False) for _ in range(MAX_BATCH)]
+    deadline = time.monotonic() + 30
+    while server.stats()["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # until they have been admitted
+    for conn, _ in conns:
+        conn.close()
+    assert wait_idle(server)["running"] == 0
     # and the server still answers
     r = server.client().completions.create(model=MODEL, prompt="M", max_tokens=2)
     assert r.choices[0].finish_reason in ("length", "stop")

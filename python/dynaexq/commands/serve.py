@@ -205,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"dynaexq serve: {name} (policy {args.policy}, {engine.device}, {engine.dtype}) on "
         f"http://{shown}:{port}/v1  max batch {args.max_batch}, max queue {args.max_queue}, "
-        f"context {app.state.scheduler.max_context}",
+        f"context {app.state.scheduler.max_context} "
+        f"(KV cache {app.state.scheduler.kv_cache_bytes / 2**20:.1f} MiB reserved)",
         file=sys.stderr,
         flush=True,
     )

@@ -62,6 +62,7 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 # Below these, sampling is numerically the same as keeping only the most likely token.
 MIN_TEMPERATURE = 1e-5
 MIN_TOP_P = 1e-6
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks its client
 
 
 @dataclass
@@ -347,14 +348,18 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
         texts = [""] * count
         reasons: list[str | None] = [None] * count
         tokens, left = 0, count
+        getter: asyncio.Future[SequenceEvent | BaseException] | None = None
         try:
             while left:
-                try:
-                    item = await asyncio.wait_for(handle.events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                # One pending get() at a time, kept across the disconnect checks: cancelling
+                # a get() on timeout could drop an event that arrived at the same moment.
+                getter = getter or asyncio.ensure_future(handle.events.get())
+                done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+                if not done:
                     if await request.is_disconnected():
-                        raise APIError(499, "client disconnected") from None
+                        raise APIError(499, "client disconnected")
                     continue
+                item, getter = getter.result(), None
                 if isinstance(item, BaseException):
                     raise _as_api_error(item)
                 texts[item.index] += item.text
@@ -363,6 +368,8 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
                     reasons[item.index] = item.finish_reason
                     left -= 1
         finally:
+            if getter is not None:
+                getter.cancel()
             handle.cancel()  # no-op when finished; frees the rows otherwise
         return texts, reasons, tokens
 

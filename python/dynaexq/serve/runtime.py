@@ -157,6 +157,7 @@ def _build_precision(spec: RuntimeSpec) -> tuple[Engine, RuntimeStats]:
         calibration=list(spec.calibration) if spec.calibration else None,
         batch=spec.batch,
         context=spec.context,
+        lockstep=False,  # serving: copies publish whenever they land, nothing waits
     )
     runtime = getattr(engine, "precision", None)
     if runtime is None:  # e.g. "full" within a budget: nothing is managed

@@ -170,6 +170,11 @@ class Scheduler:
         self.generated_tokens = 0
         self.requests_finished = 0
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes reserved for the KV cache of max_batch sequences of max_context tokens."""
+        return sum(t.numel() * t.element_size() for t in (*self._slab.keys, *self._slab.values))
+
     # -- event-loop side ------------------------------------------------------------------
     @property
     def queue_depth(self) -> int:
