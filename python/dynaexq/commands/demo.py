@@ -28,7 +28,15 @@ def _fill(view: memoryview, tag: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dynaexq import ExpertPool, ExpertTable, LayoutError, PoolExhausted, plan_layout
+    from dynaexq import (
+        ExpertPool,
+        ExpertTable,
+        HostStore,
+        LayoutError,
+        PoolExhausted,
+        TransferEngine,
+        plan_layout,
+    )
 
     n = args.layers
     try:
@@ -93,6 +101,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"admitted {len(admitted)}, then: {e}")
     for t in admitted:
         table.abort(t.ticket)
+
+    print("\n-- the transfer engine: copies from a host tier store, published when done")
+    store = HostStore(layout.experts, [[args.lo_bytes, args.hi_bytes]] * n)
+    for layer in range(n):
+        for e in range(args.experts):
+            for tier, size in ((0, args.lo_bytes), (1, args.hi_bytes)):
+                store.write(layer, e, tier, bytes([(layer * 16 + e * 2 + tier) % 256]) * size)
+    engine = TransferEngine(table, store, max_in_flight=2, backend="cpu")
+    steps = [("demote (1, 0)", (1, 0, 0), None), ("promote (1, 6)", (1, 6, 1), None)]
+    steps.append(("promote (1, 7) with an injected copy failure", (1, 7, 1), "fail"))
+    for what, (layer, e, tier), fault in steps:
+        tid = engine.submit(layer, e, tier, urgent=True, fault=fault)
+        print(f"{what}: {engine.wait(tid, timeout=10)}")
+    with table.lease(1, 6) as lease:
+        same = bytes(lease.view()[: args.hi_bytes]) == bytes(store.view(1, 6, 1))
+        print(f"(1, 6) now {lease.version}; its bytes equal the store's: {same}")
+    print(f"(1, 7) stayed {table.published(1, 7)}; engine: {engine.stats()}")
 
     s = pool.stats()
     print(
