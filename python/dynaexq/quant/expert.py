@@ -24,6 +24,7 @@ from dynaexq.quant.methods import (
     dequantize_matrix,
     quantize_matrix,
     relative_error,
+    squared_error,
 )
 from dynaexq.quant.packing import MatrixGeometry, align_up, pack_codes, unpack_codes
 from dynaexq.quant.tiers import TierSpec
@@ -172,14 +173,15 @@ def quantize_expert(
         gu_q = quantize_matrix(gate_up, tier, cw_gu)
         dn_q = quantize_matrix(down, tier, cw_dn)
         gu_hat, dn_hat = dequantize_matrix(gu_q), dequantize_matrix(dn_q)
+    parts = {
+        "gate_proj": squared_error(gate_up[:i], gu_hat[:i]),
+        "up_proj": squared_error(gate_up[i:], gu_hat[i:]),
+        "down_proj": squared_error(down, dn_hat),
+    }
+    parts["weights"] = (sum(d for d, _ in parts.values()), sum(r for _, r in parts.values()))
     metrics = {
-        "gate_proj": relative_error(gate_up[:i], gu_hat[:i]),
-        "up_proj": relative_error(gate_up[i:], gu_hat[i:]),
-        "down_proj": relative_error(down, dn_hat),
-        "weights": relative_error(
-            torch.cat([gate_up.flatten(), down.flatten()]),
-            torch.cat([gu_hat.flatten(), dn_hat.flatten()]),
-        ),
+        k: (d / r) ** 0.5 if r > 0 else (0.0 if d == 0 else float("inf"))
+        for k, (d, r) in parts.items()
     }
     if x is not None and x.shape[0] > 0:
         y_ref = swiglu_reference(gate_up[:i], gate_up[i:], down, x)
