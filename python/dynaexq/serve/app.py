@@ -452,12 +452,16 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
 
     @app.get("/metrics", response_class=Response)
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        # Off the event loop: the runtime's snapshot walks its tier map.
+        body = await anyio.to_thread.run_sync(metrics.render)
+        return Response(body, media_type=CONTENT_TYPE)
 
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
         """Server and expert-runtime figures as JSON (for `dynaexq bench --url`)."""
-        snap = runtime_stats.runtime_snapshot().to_json() if runtime_stats else None
+        snap = None
+        if runtime_stats is not None:
+            snap = (await anyio.to_thread.run_sync(runtime_stats.runtime_snapshot)).to_json()
         return {
             "model": config.model_name,
             "max_batch": scheduler.max_batch,

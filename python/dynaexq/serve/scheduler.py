@@ -258,16 +258,15 @@ class Scheduler:
                     return
                 if self._stopping and not self._rows and not self._waiting:
                     return
-                admitted = self._admit()
+                self._admit()
             try:
-                self._iteration(admitted)
+                self._iteration()
             except Exception as e:  # never let one bad step kill the server
                 log.exception("model step failed; failing the running requests")
                 self._fail_all(GenerationError(f"generation failed: {type(e).__name__}: {e}"))
 
-    def _admit(self) -> list[_Sequence]:
+    def _admit(self) -> None:
         """Move queued requests into free rows (called with the lock held)."""
-        admitted: list[_Sequence] = []
         while self._waiting:
             req = self._waiting[0]
             if req.cancelled:
@@ -282,10 +281,8 @@ class Scheduler:
                     seq.generator = torch.Generator(device=self.engine.device)
                     seq.generator.manual_seed(spec.seed)
                 self._rows.append(seq)
-                admitted.append(seq)
-        return admitted
 
-    def _iteration(self, admitted: list[_Sequence]) -> None:
+    def _iteration(self) -> None:
         self._drop(lambda s: s.request.cancelled)
         if self._n_decode < len(self._rows):
             t0 = time.perf_counter()
