@@ -4,6 +4,7 @@ kernels against the torch reference (GPU tests are marked `gpu` and skip without
 from __future__ import annotations
 
 import ctypes
+import functools
 import shutil
 import subprocess
 
@@ -235,6 +236,13 @@ GPU_TIERS = ["bf16", "fp16", "int8", "int8g64a", "int4", "int4g32a", "int3", "in
              "int2g64a"]  # fmt: skip
 
 
+@functools.cache
+def _gpu_blob(tier: str, h: int, i: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(h + i)
+    gate, up, down = (torch.randn(*s, generator=gen) * 0.05 for s in ((i, h), (i, h), (h, i)))
+    return pack_expert(parse_tier(tier), gate, up, down)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tier", GPU_TIERS)
 @pytest.mark.parametrize("op", ["gemv", "gemm"])
@@ -243,9 +251,8 @@ GPU_TIERS = ["bf16", "fp16", "int8", "int8g64a", "int4", "int4g32a", "int3", "in
 def test_gpu_kernels_match_reference(cuda_kernels, tier, op, act, shape):
     t = parse_tier(tier)
     h, i = shape
-    gen = torch.Generator().manual_seed(h + i)
-    gate, up, down = (torch.randn(*s, generator=gen) * 0.05 for s in ((i, h), (i, h), (h, i)))
-    blob = pack_expert(t, gate, up, down)
+    blob = _gpu_blob(tier, h, i)
+    gen = torch.Generator().manual_seed(h + i + 1)
     tokens = 5 if op == "gemv" else 67
     x = torch.randn(tokens, h, generator=gen)
     ref = reference_expert_forward(PackedExpertView(t, h, i, blob), x.to(act).float())
