@@ -24,10 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--policy",
-        default="full",
+        default=None,
         choices=POLICIES,
         help="expert precision policy: full (every expert at the compute dtype), static, "
-        "static-map, dynamic or offload (the precision runtime, within --budget)",
+        "static-map, dynamic or offload (the precision runtime, within --budget); "
+        "default: dynamic with --budget, else full",
     )
     parser.add_argument(
         "--tiers",
@@ -111,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     from dynaexq.serve.runtime import RuntimeSpec, check_policy, parse_bytes
 
     # Cheap checks first, before the model is loaded.
+    if args.policy is None:
+        args.policy = "dynamic" if args.budget is not None else "full"
     try:
         check_policy(args.policy)
         budget = parse_bytes(args.budget) if args.budget is not None else None
