@@ -108,11 +108,14 @@ def load_with_policy(
     dtype: str = "float32",
     progress: bool = True,
     cache_dir: Path | None = None,
+    lockstep: bool = True,
 ) -> tuple[Engine, Deployment | None]:
     """Load `path` (default: the embedded model) to run under `policy` within `budget`.
 
     `calibration`: token streams to rank experts on (or a precomputed [layers, experts]
-    score array); needed by static-map and dynamic. Returns the engine (its experts run
+    score array); needed by static-map and dynamic. `lockstep` publishes every copy in
+    flight at the next step boundary (reproducible evaluation); serving turns it off so
+    that nothing ever waits. Returns the engine (its experts run
     through the runtime, `engine.precision` is the runtime) and what was deployed.
     """
     pol = Policy(policy) if isinstance(policy, str) else policy
@@ -173,7 +176,7 @@ def load_with_policy(
             init = np.full(shape, plan.slots.index(max(plan.slots)), dtype=np.uint8)
         else:
             init = initial_tiers(plan, scores)
-        runtime = PrecisionRuntime(store, plan, pol, init, calibration=scores)
+        runtime = PrecisionRuntime(store, plan, pol, init, calibration=scores, lockstep=lockstep)
     engine = load_engine(ckpt_path, dtype=dtype, device="cpu", experts=lambda c, d, dev: runtime)
     engine.add_routing_hook(runtime.observe)
     engine.precision = runtime  # type: ignore[attr-defined]

@@ -4,9 +4,8 @@ moves them between tiers between steps, and telemetry of every step.
 Where things happen (one place each):
 - a byte of expert memory is handed out: the Rust `ExpertPool` (classes built in
   `_build_pool`);
-- a version becomes visible: `ExpertTable.complete`, called in `_land` when a copy has
-  finished;
-- a transfer completes: the mover's `poll` (`InlineMover` copies on the CPU between steps).
+- a transfer completes and its version becomes visible: the Rust `TransferEngine`'s
+  poll (it calls `ExpertTable.complete`), run by `TransferMover.land` between steps.
 
 The forward pass only reads published versions; nothing it does waits for a transition.
 """
@@ -46,6 +45,7 @@ class StepRecord:
     failed: int
     bytes_moved: int
     wait_s: float  # time the forward pass waited for experts (offload only)
+    boundary_wait_s: float  # lockstep only: time between steps spent letting copies land
     tiers_per_layer: list[list[int]]  # [layer][tier] published counts
 
 
@@ -67,41 +67,80 @@ class Telemetry:
             "bytes_moved": sum(x.bytes_moved for x in r),
             "bytes_moved_per_token": sum(x.bytes_moved for x in r) / max(1, tokens),
             "wait_s": sum(x.wait_s for x in r),
+            "boundary_wait_s": sum(x.boundary_wait_s for x in r),
             "hi_share": float(np.mean([x.hi_share for x in r])) if r else 0.0,
             "mass_hi_share": float(np.mean([x.mass_hi_share for x in r])) if r else 0.0,
         }
 
 
-class InlineMover:
-    """The CPU copy path: transitions submitted during a step are copied from the host
-    store into their reserved blocks when polled at the next step boundary, so a new
-    version is published at the earliest one step after it was planned."""
+class TransferMover:
+    """Transitions through the Rust transfer engine (CPU backend: a worker thread copies
+    from the host store into the reserved block; the engine publishes on `poll`).
 
-    def __init__(self, pool: ExpertPool, store: TierStore) -> None:
-        self.pool = pool
-        self.store = store
-        self.queue: list[tuple[int, int, int, int]] = []  # (ticket, layer_pos, expert, tier)
-        self._blocks: dict[int, object] = {}
+    The engine runs without its driver thread, so versions are published only when the
+    runtime calls `land`, between steps. Serving (`lockstep=False`) submits at once and
+    publishes whatever has finished by the next boundary; nothing ever waits. Evaluation
+    (`lockstep=True`) must not depend on thread timing: a transition requested at the
+    boundary after step s is submitted at the next boundary, which waits for its copy and
+    publishes it, so it is visible from step s+2 on, on any machine.
+    """
 
-    def submit(self, ticket: int, layer_pos: int, expert: int, tier: int, block) -> None:
-        self.queue.append((ticket, layer_pos, expert, tier))
-        self._blocks[ticket] = block
+    def __init__(
+        self, table: ExpertTable, store: TierStore, real: list[int], in_flight: int, lockstep: bool
+    ) -> None:
+        from dynaexq._core import HostStore, TransferEngine
 
-    def poll(self) -> list[tuple[int, bool, int]]:
-        """Finish the queued copies: [(ticket, ok, bytes)]."""
-        done = []
-        for ticket, li, e, t in self.queue:
-            block = self._blocks.pop(ticket)
-            src = self.store.blob(li, e, t)  # t is a store tier
-            dst = torch.frombuffer(self.pool.view(block), dtype=torch.uint8)
-            dst[: src.numel()].copy_(src)
-            done.append((ticket, True, int(src.numel())))
-        self.queue.clear()
-        return done
+        layers = len(store.layers)
+        host = HostStore([store.experts] * layers, [[store.slot_bytes[t] for t in real]] * layers)
+        for li in range(layers):
+            for k, t in enumerate(real):
+                blobs = store.blobs[(li, t)].numpy()
+                for e in range(store.experts):
+                    host.write(li, e, k, blobs[e])
+        host.freeze()
+        self.host = host
+        self.engine = TransferEngine(
+            table, host, max_in_flight=in_flight, queue_capacity=1024, workers=1, driver=False
+        )
+        self.lockstep = lockstep
+        self.requested: list[tuple[int, int, int, int]] = []  # (key, layer, expert, tier)
+        self.key_of: dict[int, int] = {}  # transfer id -> request key
+        self.next_key = 0
+
+    def request(self, layer_pos: int, expert: int, table_tier: int) -> int | None:
+        """Ask for a transition; returns its key, or None if the engine refused it now."""
+        key = self.next_key
+        self.next_key += 1
+        if self.lockstep:
+            self.requested.append((key, layer_pos, expert, table_tier))
+            return key
+        return key if self._submit(key, layer_pos, expert, table_tier) else None
+
+    def _submit(self, key: int, layer_pos: int, expert: int, table_tier: int) -> bool:
+        from dynaexq._core import PoolError
+
+        try:
+            tid = self.engine.submit(layer_pos, expert, table_tier)
+        except PoolError:  # queue full or already moving: re-planned later
+            return False
+        self.key_of[tid] = key
+        return True
+
+    def land(self) -> list[tuple[int, str, int]]:
+        """Publish what has finished: [(key, status, table tier)]."""
+        refused: list[tuple[int, str, int]] = []
+        if self.lockstep:
+            for key, layer, expert, tier in self.requested:
+                if not self._submit(key, layer, expert, tier):
+                    refused.append((key, "rejected", tier))
+            self.requested = []
+            self.engine.drain()
+        done = [(self.key_of.pop(c.id), c.status, c.tier) for c in self.engine.poll()]
+        return refused + done
 
     @property
     def in_flight(self) -> int:
-        return len(self.queue)
+        return len(self.key_of) + len(self.requested)
 
 
 class PrecisionRuntime:
@@ -116,6 +155,7 @@ class PrecisionRuntime:
         *,
         compute_dtype: torch.dtype = torch.float32,
         calibration: np.ndarray | None = None,
+        lockstep: bool = True,
     ) -> None:
         self.store = store
         self.plan = plan
@@ -126,8 +166,12 @@ class PrecisionRuntime:
         self.experts = store.experts
         self.tiers = len(store.tiers)
         self.pool, self.table = self._build_pool(initial)
-        self.mover = InlineMover(self.pool, store)
-        # ticket -> (layer_pos, expert, target table tier, is a promotion)
+        self.mover: TransferMover | None = None
+        if len(self.real) > 1 and policy.name == "dynamic":
+            self.mover = TransferMover(
+                self.table, store, self.real, policy.controller.in_flight, lockstep=lockstep
+            )
+        # request key -> (layer_pos, expert, target table tier, is a promotion)
         self.busy: dict[int, tuple[int, int, int, bool]] = {}
         self._promotions = 0  # finished transitions that raised an expert's tier
         self.first_layer = store.layers[0]
@@ -256,7 +300,11 @@ class PrecisionRuntime:
 
     def end_step(self) -> StepRecord:
         """Land finished copies, then (every T steps) plan and submit new transitions."""
+        t0 = time.perf_counter()
         finished, failed, moved = self._land()
+        landed_s = (
+            time.perf_counter() - t0 if self.mover is not None and self.mover.lockstep else 0.0
+        )
         started = 0
         if self.tracker is not None:
             self.tracker.end_step()
@@ -273,6 +321,7 @@ class PrecisionRuntime:
             failed=failed,
             bytes_moved=moved,
             wait_s=0.0,
+            boundary_wait_s=landed_s,
             tiers_per_layer=self.tiers_per_layer(),
         )
         self.telemetry.records.append(rec)
@@ -288,17 +337,16 @@ class PrecisionRuntime:
 
     def _land(self) -> tuple[int, int, int]:
         finished = failed = moved = 0
-        for ticket, ok, nbytes in self.mover.poll():
-            _, _, _, up = self.busy.pop(ticket)
-            if ok:
-                self._promotions += int(up)
-                self.table.complete(ticket)
+        if self.mover is None:
+            return 0, 0, 0
+        for key, status, tier in self.mover.land():
+            _, _, _, up = self.busy.pop(key)
+            if status == "completed":
                 finished += 1
-                moved += nbytes
-            else:
-                self.table.abort(ticket)
-                failed += 1
-        self.table.reclaim()
+                moved += self.plan.slot_bytes[self.real[tier]]
+                self._promotions += int(up)
+            else:  # failed, cancelled or rejected (no slot yet): the old version stays
+                failed += int(status == "failed")
         return finished, failed, moved
 
     def table_map(self) -> np.ndarray:
@@ -388,13 +436,12 @@ class PrecisionRuntime:
             in_flight=len(self.busy),
         )
         started = 0
+        assert self.mover is not None
         for layer, expert, frm, to, _ in moves:
-            try:
-                tr = self.table.begin(layer, expert, to)
-            except Exception:  # no slot free yet (admission failed): re-planned later
+            key = self.mover.request(layer, expert, to)
+            if key is None:
                 continue
-            self.busy[tr.ticket] = (layer, expert, to, to > frm)
-            self.mover.submit(tr.ticket, layer, expert, self.real[to], tr.block)
+            self.busy[key] = (layer, expert, to, to > frm)
             started += 1
         return started
 
@@ -529,6 +576,7 @@ class OffloadRuntime:
             failed=0,
             bytes_moved=self._moved,
             wait_s=self._wait,
+            boundary_wait_s=0.0,
             tiers_per_layer=[],
         )
         self.telemetry.records.append(rec)
