@@ -279,7 +279,8 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
         if not prompt:
             raise APIError(400, "the prompt is empty", param=param)
         room = ctx - len(prompt)
-        max_new = limit if limit is not None else (default if default is not None else room)
+        # An unset limit takes the default, shortened to what the context still holds.
+        max_new = limit if limit is not None else min(default or room, room)
         if max_new > room or room < 1:
             raise APIError(
                 400,
