@@ -136,3 +136,46 @@ def test_precision_policy_serves_and_reports_its_snapshot(model_dir: Path, tmp_p
             sched.stop(drain=False, timeout=30)
 
     assert asyncio.run(serve()) == want
+
+
+def test_runtime_stats_are_exported_at_scrape_time() -> None:
+    """Gauges and counters come from the provider's snapshot when /metrics is rendered."""
+    from dynaexq.serve.metrics import ServerMetrics
+    from prometheus_client.parser import text_string_to_metric_families
+
+    class Provider:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def runtime_snapshot(self) -> RuntimeSnapshot:
+            self.n += 1
+            return RuntimeSnapshot(
+                policy="dynamic",
+                budget_bytes=1000,
+                tier_counts={0: {"bf16": self.n, "int2": 8 - self.n}, 2: {"int2": 8}},
+                transitions={"promote": 3 * self.n, "demote": 2 * self.n},
+                transitions_in_flight=1,
+                bytes_moved={"h2d": 100 * self.n},
+                pool_used_bytes={"bf16": 300, "int2": 100},
+                pool_capacity_bytes={"bf16": 400, "int2": 400},
+                expert_wait_seconds=0.5,
+            )
+
+    metrics = ServerMetrics(Provider())
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = metrics.render().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+
+    first, second = scrape(), scrape()
+    assert first[("dynaexq_experts", (("layer", "0"), ("tier", "bf16")))] == 1
+    assert second[("dynaexq_experts", (("layer", "0"), ("tier", "bf16")))] == 2
+    assert second[("dynaexq_transitions_total", (("kind", "promote"),))] == 6
+    assert second[("dynaexq_transfer_bytes_total", (("direction", "h2d"),))] == 200
+    assert second[("dynaexq_pool_occupancy_ratio", ())] == 0.5
+    assert second[("dynaexq_expert_wait_seconds_total", ())] == 0.5
+    assert second[("dynaexq_policy_info", (("policy", "dynamic"),))] == 1

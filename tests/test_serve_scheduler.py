@@ -179,3 +179,39 @@ def test_bad_specs_are_refused(engine) -> None:
         return sched.running
 
     assert run_with(engine, body, max_batch=4, max_context=64) == 0
+
+
+def test_a_failing_step_fails_its_requests_and_the_worker_goes_on(engine) -> None:
+    """A model step that raises ends the requests in the batch with an error; the worker
+    survives and later requests are served exactly."""
+    from types import SimpleNamespace
+
+    from dynaexq.serve.scheduler import GenerationError
+
+    class FailOnce:
+        def __init__(self, model) -> None:
+            self.model, self.failed = model, False
+
+        def __call__(self, *args, **kw):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("injected failure")
+            return self.model(*args, **kw)
+
+    flaky = SimpleNamespace(
+        config=engine.config,
+        dtype=engine.dtype,
+        device=engine.device,
+        tokenizer=engine.tokenizer,
+        model=FailOnce(engine.model),
+    )
+
+    async def body(sched):
+        first = sched.submit([spec(engine, PROMPTS[0], 5)])
+        err = await asyncio.wait_for(first.events.get(), 60)
+        second = sched.submit([spec(engine, PROMPTS[2], 6, eos_ids=frozenset())])
+        return err, await drain(second), sched.alive
+
+    err, out, alive = run_with(flaky, body, max_batch=2, max_context=64)
+    assert isinstance(err, GenerationError) and "injected failure" in str(err)
+    assert alive and out[0] == expected(engine, PROMPTS[2], 6, ignore_eos=True)
