@@ -215,3 +215,23 @@ def test_a_failing_step_fails_its_requests_and_the_worker_goes_on(engine) -> Non
     err, out, alive = run_with(flaky, body, max_batch=2, max_context=64)
     assert isinstance(err, GenerationError) and "injected failure" in str(err)
     assert alive and out[0] == expected(engine, PROMPTS[2], 6, ignore_eos=True)
+
+
+def test_rows_leave_while_others_are_mid_prefill(engine) -> None:
+    """3-token prefill chunks: a short sequence finishes (and a request is cancelled) while
+    long prompts are still being prefilled; their rows shift down and stay exact."""
+    long_a = PROMPTS[3] + " " + PROMPTS[1]
+    long_b = PROMPTS[1] + " " + PROMPTS[4]
+
+    async def body(sched):
+        short = sched.submit([spec(engine, "M", 2, eos_ids=frozenset())])
+        cancelled = sched.submit([spec(engine, long_b, 9, eos_ids=frozenset())])
+        a = sched.submit([spec(engine, long_a, 7, eos_ids=frozenset(), stream_text=True)])
+        b = sched.submit([spec(engine, long_b, 5, eos_ids=frozenset())])
+        cancelled.cancel()
+        return await drain(short), await drain(a), await drain(b)
+
+    short, a, b = run_with(engine, body, max_batch=4, max_prefill_tokens=3, max_context=96)
+    assert short[0] == expected(engine, "M", 2, ignore_eos=True)
+    assert a[0] == expected(engine, long_a, 7, ignore_eos=True)
+    assert b[0] == expected(engine, long_b, 5, ignore_eos=True)
