@@ -19,14 +19,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     parser.add_argument("--alignment", type=int, default=256, help="blob section alignment")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from dynaexq.quant.expert import PackedExpertError
     from dynaexq.quant.methods import QuantizationError
     from dynaexq.quant.tiered import CheckpointError, quantize_checkpoint
     from dynaexq.quant.tiers import TierError, parse_tiers
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     try:
         tiers = parse_tiers(args.tiers)
         m = quantize_checkpoint(
