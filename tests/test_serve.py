@@ -244,6 +244,7 @@ BAD_REQUESTS: list[tuple[str, str, Any, int]] = [
     ("POST", "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 10**12}, 400),
     ("POST", "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": "5"}, 400),
     ("POST", "/v1/completions", {"model": MODEL, "prompt": "word " * 200}, 400),
+    ("POST", "/v1/completions", {"model": MODEL, "prompt": "ab " * 6000}, 400),  # 18k chars
     ("POST", "/v1/completions", {"model": MODEL, "prompt": [[1, 2], []]}, 400),
     ("POST", "/v1/completions", {"model": MODEL, "prompt": [10**6]}, 400),
     ("POST", "/v1/completions", {"model": MODEL, "prompt": ""}, 400),

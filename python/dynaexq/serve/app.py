@@ -62,6 +62,7 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 # Below these, sampling is numerically the same as keeping only the most likely token.
 MIN_TEMPERATURE = 1e-5
 MIN_TOP_P = 1e-6
+LONG_TEXT_CHARS = 16_384  # prompts at least this long are tokenized off the event loop
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks its client
 
 
@@ -266,12 +267,15 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
                 code="model_not_found",
             )
 
-    def encode_text(text: str, chat: bool = False) -> list[int]:
+    async def encode_text(text: str, chat: bool = False) -> list[int]:
         if tokenizer is None:
             raise APIError(
                 400, "this model has no tokenizer: send prompts as token ids", param="prompt"
             )
-        return tokenizer.encode(text, add_special_tokens=not chat)
+        if len(text) < LONG_TEXT_CHARS:
+            return tokenizer.encode(text, add_special_tokens=not chat)
+        # Long texts are tokenized on a worker thread, so the event loop keeps serving.
+        return await anyio.to_thread.run_sync(tokenizer.encode, text, not chat)
 
     def fit(prompt: list[int], limit: int | None, default: int | None, param: str) -> int:
         """The token limit of one sequence, or a 400 when it does not fit the context."""
@@ -486,7 +490,7 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
         check_model(req.model)
         prompts: list[list[int]] = []
         for p in req.prompts():
-            ids = encode_text(p) if isinstance(p, str) else p
+            ids = await encode_text(p) if isinstance(p, str) else p
             if any(t >= vocab for t in ids):
                 raise APIError(400, f"prompt: token ids must be < {vocab}", param="prompt")
             prompts.append(ids)
@@ -548,7 +552,7 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
             text = render_chat(tokenizer, messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        ids = encode_text(text, chat=True)
+        ids = await encode_text(text, chat=True)
         max_new = fit(ids, req.token_limit, None, "messages")
         specs = specs_for(req, [ids], [max_new], chat_eos)
         handle = submit(specs)
