@@ -242,3 +242,48 @@ def test_dynaexq_load_takes_a_budget_and_a_policy(model_dir, cache) -> None:
     assert engine.deployment.plan.total_bytes <= 1024**2
     out = engine.generate([[1, 2, 3]], max_new_tokens=4)[0]
     assert len(out.token_ids) == 4
+
+
+def test_three_tiers_sized_by_the_knapsack(model_dir, cache) -> None:
+    tiers = ("int2", "int4", "bf16")
+    tc = TierStore.from_tiered(tiered_checkpoint_for(model_dir, tiers, cache_dir=cache))
+    lo, mid, hi = tc.slot_bytes
+    n = len(tc.layers) * tc.experts
+    from dynaexq.checkpoint import Checkpoint
+
+    fixed = fixed_memory(Checkpoint(model_dir).config, dtype_bytes=4, batch=2, context=64, chunk=16)
+    budget = fixed.total + n * lo + 4 * (lo + mid + hi) + 3 * (hi - lo) + 4 * (mid - lo)
+    pol = Policy("dynamic", tiers=tiers).with_controller(planner="value", replan_every=1)
+    engine, dep = load_with_policy(
+        model_dir,
+        policy=pol,
+        budget=budget,
+        calibration=[tokens(1024, seed=9)],
+        batch=2,
+        context=64,
+        chunk=16,
+        progress=False,
+        cache_dir=cache,
+    )
+    plan = dep.plan
+    assert plan.assignment is not None and plan.per_layer is None
+    assert plan.total_bytes <= budget
+    assert sum(plan.slots) == n and plan.slots[0] < n  # the knapsack bought precision
+    # ... and as much value as the exact knapsack, up to the greedy's one-item slack.
+    from dynaexq._core import knapsack
+
+    values = (dep.calibration[..., None] * tc.gains()).reshape(-1)
+    space = budget - dep.fixed.total - 4 * sum(tc.slot_bytes)
+    exact = knapsack(values.tolist(), list(tc.slot_bytes), space, exact=True)
+    worth = lambda c: sum(values[i * 3 + t] for i, t in enumerate(c))  # noqa: E731
+    assert (
+        worth(plan.assignment) >= worth(exact) - np.ptp(values.reshape(-1, 3), axis=1).max() - 1e-6
+    )
+    rt = engine.precision
+    np.testing.assert_array_equal(rt.tier_map().reshape(-1), np.array(plan.assignment))
+    evaluate_streams(
+        engine.model, as_streams(tokens(2000, seed=6), 2, 64, None), window=64, chunk=16
+    )
+    rt.flush()
+    counts = np.bincount(rt.tier_map().reshape(-1), minlength=3)
+    assert all(counts[t] <= plan.slots[t] for t in (1, 2))  # global capacity holds

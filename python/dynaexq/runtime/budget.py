@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dynaexq.model.config import ModelConfig
 
@@ -158,6 +158,8 @@ class PoolPlan:
     fixed: FixedMemory
     budget: int | None
     notes: list[str] = field(default_factory=list)
+    # The knapsack's tier for every expert (layer-major), when it sized the tiers.
+    assignment: tuple[int, ...] | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -190,12 +192,16 @@ def plan_pool(
     in_flight: int = 4,
     static_tier: int = 0,
     split: str = "per-layer",
+    values: list[float] | None = None,
 ) -> PoolPlan:
     """Slot counts for `policy` within `budget` (bytes for everything dynaexq owns).
 
     `slot_bytes[t]` per tier, tier 0 the lowest precision and the last the highest.
     `split`: "per-layer" gives every layer the same number of high-tier slots (the paper's
     split for layers of equal expert count), "global" lets them go where they are needed.
+    `values` (experts x tiers, e.g. calibration hotness x error reduction): size the tiers
+    by a multiple-choice knapsack over the bytes instead (global split): every expert gets
+    the tier of the best total value that fits, and the slot counts follow.
     """
     if layers <= 0 or experts <= 0:
         raise BudgetError("the model has no MoE layers")
@@ -264,6 +270,10 @@ def plan_pool(
         raise BudgetError(
             f"unknown policy {policy!r}: use full, static, static-map, dynamic or offload"
         )
+    if values is not None:
+        return _plan_knapsack(
+            policy, layers, experts, slot_bytes, room, in_flight, values, pool_plan
+        )
     if len(slot_bytes) != 2:
         return _plan_multi_tier(
             policy, layers, experts, slot_bytes, fixed, budget, room, in_flight, pool_plan
@@ -289,6 +299,26 @@ def plan_pool(
         if each == 0:
             notes.append("the budget leaves no high-precision slot per layer")
     return pool_plan([n - int(hot), int(hot)], [k, k], per_layer, notes)
+
+
+def _plan_knapsack(policy, layers, experts, slot_bytes, room, in_flight, values, mk):
+    from dynaexq._core import knapsack
+
+    n = layers * experts
+    k = in_flight if policy == "dynamic" else 0
+    staging = [k] * len(slot_bytes)
+    space = room - k * sum(slot_bytes)
+    if len(values) != n * len(slot_bytes):
+        raise BudgetError(f"expected {n} x {len(slot_bytes)} values, got {len(values)}")
+    choice = knapsack(list(values), list(slot_bytes), max(0, space))
+    if choice is None:
+        raise BudgetError(
+            f"{policy} with {k} transitions in flight needs at least "
+            f"{format_bytes(n * slot_bytes[0] + k * sum(slot_bytes))} for experts"
+        )
+    slots = [choice.count(t) for t in range(len(slot_bytes))]
+    plan = mk(slots, staging, None, [f"tiers sized by knapsack: {slots}"])
+    return replace(plan, assignment=tuple(choice))
 
 
 def _plan_multi_tier(policy, layers, experts, slot_bytes, fixed, budget, room, in_flight, mk):

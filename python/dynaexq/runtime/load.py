@@ -147,17 +147,6 @@ def load_with_policy(
         if want not in names:
             raise ValueError(f"static tier {want} is not among the loaded tiers {names}")
         static_tier = names.index(want)
-    plan = plan_pool(
-        pol.name,
-        layers=len(store.layers),
-        experts=store.experts,
-        slot_bytes=store.slot_bytes,
-        fixed=fixed,
-        budget=None if budget is None else parse_bytes(budget),
-        in_flight=pol.controller.in_flight,
-        static_tier=static_tier,
-        split=pol.controller.split,
-    )
     scores = None
     if pol.name in ("static-map", "dynamic"):
         if calibration is None:
@@ -168,12 +157,30 @@ def load_with_policy(
             full = load_engine(ckpt_path, dtype=dtype, device="cpu")
             scores = calibration_scores(full, list(calibration))
             del full
+    values = None
+    if scores is not None and pol.controller.planner == "value":
+        # Value of each tier per expert: calibration hotness x error reduction vs tier 0.
+        values = (scores[..., None] * store.gains()).reshape(-1).tolist()
+    plan = plan_pool(
+        pol.name,
+        layers=len(store.layers),
+        experts=store.experts,
+        slot_bytes=store.slot_bytes,
+        fixed=fixed,
+        budget=None if budget is None else parse_bytes(budget),
+        in_flight=pol.controller.in_flight,
+        static_tier=static_tier,
+        split=pol.controller.split,
+        values=values,
+    )
     if pol.name == "offload":
         runtime: PrecisionRuntime | OffloadRuntime = OffloadRuntime(store, plan, pol)
     else:
         shape = (len(store.layers), store.experts)
         if scores is None:  # static: everything at the one tier that has slots
             init = np.full(shape, plan.slots.index(max(plan.slots)), dtype=np.uint8)
+        elif plan.assignment is not None:  # the knapsack already chose every tier
+            init = np.asarray(plan.assignment, dtype=np.uint8).reshape(shape)
         else:
             init = initial_tiers(plan, scores)
         runtime = PrecisionRuntime(store, plan, pol, init, calibration=scores, lockstep=lockstep)

@@ -399,10 +399,9 @@ class PrecisionRuntime:
         }
 
     def _capacity(self) -> list[int]:
+        """Slots per tier of one layer (per-layer split) or of the whole model (global)."""
         p = self.plan
-        if self.policy.controller.split == "per-layer" and p.per_layer is not None:
-            return list(p.per_layer)
-        return list(p.slots)
+        return list(p.per_layer) if p.per_layer is not None else list(p.slots)
 
     def _plan(self) -> int:
         from dynaexq._core import plan_transitions
@@ -427,7 +426,7 @@ class PrecisionRuntime:
             busy.reshape(-1).tolist(),
             [self.plan.slot_bytes[t] for t in self.real],
             [self._capacity()[t] for t in self.real],
-            split=c.split,
+            split="per-layer" if self.plan.per_layer is not None else "global",
             gain=gain,
             delta=c.delta,
             max_transitions=c.max_transitions,
