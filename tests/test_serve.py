@@ -30,6 +30,9 @@ import dynaexq  # noqa: E402
 from dynaexq.model.testing import make_hf_model, save_checkpoint, train_tiny_tokenizer  # noqa: E402
 from dynaexq.tokenizer import Tokenizer  # noqa: E402
 
+# Every test ends by itself: bounded waits everywhere, and a hard stop per test.
+pytestmark = pytest.mark.timeout(300)
+
 MODEL = "tiny-moe"
 MAX_BATCH, MAX_QUEUE, MAX_CONTEXT = 4, 3, 64
 TEXTS = [
@@ -72,7 +75,7 @@ class Server:
         return self.request("GET", "/stats")[2]
 
     def client(self) -> Any:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def start_server(model_dir: Path, log: Path, *extra: str) -> Server:

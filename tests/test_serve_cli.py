@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.timeout(300)
 
 from dynaexq.cli import main  # noqa: E402
 from dynaexq.model.testing import make_hf_model, save_checkpoint, train_tiny_tokenizer  # noqa: E402

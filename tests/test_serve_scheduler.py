@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.timeout(300)
 
 import dynaexq  # noqa: E402
 from dynaexq.model.testing import make_hf_model, save_checkpoint, train_tiny_tokenizer  # noqa: E402
