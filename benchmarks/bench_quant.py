@@ -29,11 +29,14 @@ sys.path.insert(0, str(root / "python"))
 
 from dynaexq.quant import (  # noqa: E402
     PackedExpertView,
+    dequantize_matrix,
     expert_forward,
     expert_nbytes,
     pack_quantized_expert,
     parse_tier,
     quantize_expert,
+    relative_error,
+    swiglu_reference,
 )
 
 BF16 = torch.bfloat16
@@ -107,26 +110,46 @@ def expert_weights(model, li: int, e: int):
     return gu[:i], gu[i:], dn
 
 
+def _output_error(qe, gate, up, down, x) -> float:
+    """Relative output error of a quantized expert on activations x."""
+    i = gate.shape[0]
+    if isinstance(qe.gate_up, torch.Tensor):
+        gu, dn = qe.gate_up.float(), qe.down.float()
+    else:
+        gu, dn = dequantize_matrix(qe.gate_up), dequantize_matrix(qe.down)
+    ref = swiglu_reference(gate, up, down, x)
+    return relative_error(ref, swiglu_reference(gu[:i], gu[i:], dn, x))
+
+
 def quality(model, acts, experts_per_layer: int, tiers: list[str]):
+    """Per tier: mean metrics over experts. ALS rows twice: fitted with the routed
+    activations as column weights ("+act"), and on the weights alone (what
+    `dynaexq quantize` does)."""
     rows = []
     h = model.config.hidden_size
     i = model.config.moe_intermediate_size
+    keys = ("gate_proj", "up_proj", "down_proj", "weights", "output")
     for name in tiers:
         t = parse_tier(name)
-        agg = {"gate_proj": [], "up_proj": [], "down_proj": [], "weights": [], "output": []}
-        for li, (x, topk) in acts.items():
-            for e in range(experts_per_layer):
-                xe = x[(topk == e).any(-1)]
-                if xe.shape[0] < 4:
-                    continue
-                qe = quantize_expert(t, *expert_weights(model, li, e), activations=xe)
-                for k in agg:
-                    agg[k].append(qe.metrics[k])
-        n = len(agg["weights"])
-        rows.append({
-            "tier": t.name, "bytes_per_expert": expert_nbytes(t, h, i), "experts": n,
-            **{k: sum(v) / max(len(v), 1) for k, v in agg.items()},
-        })  # fmt: skip
+        variants = [("", False)] if t.method == "rtn" else [("", False), ("+act", True)]
+        for suffix, use_act in variants:
+            agg: dict[str, list[float]] = {k: [] for k in keys}
+            for li, (x, topk) in acts.items():
+                for e in range(experts_per_layer):
+                    xe = x[(topk == e).any(-1)]
+                    if xe.shape[0] < 4:
+                        continue
+                    g, u, d = expert_weights(model, li, e)
+                    qe = quantize_expert(t, g, u, d, activations=xe if use_act else None)
+                    m = dict(qe.metrics)
+                    m["output"] = _output_error(qe, g, u, d, xe)
+                    for k in keys:
+                        agg[k].append(m[k])
+            rows.append({
+                "tier": t.name + suffix, "bytes_per_expert": expert_nbytes(t, h, i),
+                "experts": len(agg["weights"]),
+                **{k: sum(v) / max(len(v), 1) for k, v in agg.items()},
+            })  # fmt: skip
     return rows
 
 
@@ -195,12 +218,30 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer experts, shapes and repeats")
     ap.add_argument("--json", help="write all figures to this file")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument(
+        "--only", choices=["quality", "throughput", "speed"], help="run one section only"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     out: dict = {"torch_threads": torch.get_num_threads()}
 
-    model, src = load_model(args.model)
+    def want(section: str) -> bool:
+        return args.only in (None, section)
+
+    model, src = (None, "") if not want("quality") else load_model(args.model)
+    if want("quality"):
+        quality_section(out, model, src, args)
+    if want("throughput"):
+        throughput_section(out, args)
+    if want("speed"):
+        speed_section(out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def quality_section(out: dict, model, src: str, args) -> None:
     out["quality_source"] = src
     acts = capture(model, args.model, 512 if args.quick else 2048)
     n_exp = 4 if args.quick else 16
@@ -215,6 +256,8 @@ def main() -> int:
             f"{r['up_proj']:7.4f} {r['down_proj']:7.4f} {r['weights']:8.4f} {r['output']:7.4f}"
         )
 
+
+def throughput_section(out: dict, args) -> None:
     shapes = (
         [(128, 48), (2048, 768)] if args.quick else [(64, 32), (128, 48), (256, 64), (2048, 768)]
     )
@@ -231,14 +274,13 @@ def main() -> int:
             f"{r['packed_bf16_us']:14.1f} {r['dense_bf16_us']:13.1f} {r['ratio_bf16']:6.2f}"
         )
 
+
+def speed_section(out: dict) -> None:
     print("\n== quantize speed, one Qwen3-30B expert (2048 x 768, bf16 source)")
     speed_tiers = ["int8-rtn", "int8", "int4-rtn", "int4", "int3-rtn", "int3", "int2-rtn", "int2"]
     out["quantize_speed"] = quant_speed(2048, 768, speed_tiers)
     for r in out["quantize_speed"]:
         print(f"{r['tier']:>14} {r['seconds']:7.3f} s  {r['mb_per_s']:7.2f} MB/s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
