@@ -180,3 +180,24 @@ def test_runtime_stats_are_exported_at_scrape_time() -> None:
     assert second[("dynaexq_pool_occupancy_ratio", ())] == 0.5
     assert second[("dynaexq_expert_wait_seconds_total", ())] == 0.5
     assert second[("dynaexq_policy_info", (("policy", "dynamic"),))] == 1
+
+
+@pytest.mark.parametrize(
+    ("config", "want"),
+    [
+        (None, (1.0, 1.0, 0)),
+        ({"do_sample": True, "temperature": 0.8, "top_p": 0.95, "top_k": 50}, (0.8, 0.95, 50)),
+        ({"do_sample": False, "temperature": 0.8}, (0.0, 1.0, 0)),
+        ({"temperature": "hot", "top_p": 7, "top_k": True}, (1.0, 1.0, 0)),
+        ([1, 2], (1.0, 1.0, 0)),
+    ],
+)
+def test_sampling_defaults_from_generation_config(config, want, tmp_path: Path) -> None:
+    import json
+
+    from dynaexq.serve.app import SamplingDefaults
+
+    if config is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    d = SamplingDefaults.from_checkpoint(tmp_path)
+    assert (d.temperature, d.top_p, d.top_k) == want

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -75,6 +76,39 @@ class ServerConfig:
     max_prefill_tokens: int = 1024
     max_body_bytes: int = 8 * 1024 * 1024
     drain_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling for fields a request leaves unset: the checkpoint's generation_config.json
+    (temperature, top_p, top_k; do_sample false means greedy), else OpenAI's defaults
+    (temperature 1, no top-p / top-k filter)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, path: Path) -> SamplingDefaults:
+        try:
+            raw = json.loads((Path(path) / "generation_config.json").read_text())
+        except (OSError, ValueError):
+            return cls()
+        if not isinstance(raw, dict):
+            return cls()
+
+        def number(key: str, default: float, low: float, high: float) -> float:
+            value = raw.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return default
+            return float(value) if low <= value <= high else default
+
+        greedy = raw.get("do_sample") is False
+        return cls(
+            temperature=0.0 if greedy else number("temperature", 1.0, 0.0, 2.0),
+            top_p=number("top_p", 1.0, 0.0, 1.0),
+            top_k=int(number("top_k", 0, 0, 1 << 30)),
+        )
 
 
 class APIError(Exception):
@@ -213,6 +247,7 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
     vocab = engine.config.vocab_size
     eos = frozenset(engine.eos_token_ids)
     chat_eos = eos | (end_of_turn_ids(tokenizer) if tokenizer is not None else set())
+    defaults = SamplingDefaults.from_checkpoint(engine.checkpoint.path)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -311,10 +346,11 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
                 param="n",
                 code="too_many_sequences",
             )
-        temperature = 1.0 if req.temperature is None else req.temperature
+        temperature = defaults.temperature if req.temperature is None else req.temperature
         if temperature < MIN_TEMPERATURE:
             temperature = 0.0  # dividing by a tiny temperature overflows: it is greedy anyway
-        top_p = 1.0 if req.top_p is None else max(req.top_p, MIN_TOP_P)
+        top_p = max(defaults.top_p if req.top_p is None else req.top_p, MIN_TOP_P)
+        top_k = defaults.top_k if req.top_k is None else max(req.top_k, 0)
         specs = []
         for i, (ids, m) in enumerate(zip(prompts, max_new, strict=True)):
             for j in range(n):
@@ -325,7 +361,7 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
                         max_new_tokens=m,
                         temperature=temperature,
                         top_p=top_p,
-                        top_k=max(req.top_k or 0, 0),
+                        top_k=top_k,
                         seed=None if req.seed is None else req.seed + k,
                         stop=req.stop_strings,
                         eos_ids=frozenset() if req.ignore_eos else eos_ids,

@@ -67,7 +67,10 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="the served model id (see /v1/models)")
-    temperature: Temperature | None = Field(default=None, description="0 is greedy; default 1.0")
+    temperature: Temperature | None = Field(
+        default=None,
+        description="0 is greedy; default: the checkpoint's generation_config.json, else 1",
+    )
     top_p: TopP | None = None
     top_k: Annotated[int, Field(ge=-1), _INT] | None = Field(
         default=None, description="extension: sample among the k most likely tokens (<=0: off)"
