@@ -287,3 +287,10 @@ def test_three_tiers_sized_by_the_knapsack(model_dir, cache) -> None:
     rt.flush()
     counts = np.bincount(rt.tier_map().reshape(-1), minlength=3)
     assert all(counts[t] <= plan.slots[t] for t in (1, 2))  # global capacity holds
+
+
+def test_a_budget_can_be_a_share_of_hot_experts(model_dir, cache) -> None:
+    _, dep = load(model_dir, cache, "static-map", "25%")
+    assert dep.plan.per_layer[1] == 2  # 25% of 8 experts per layer
+    with pytest.raises(ValueError, match="0-100%"):
+        load(model_dir, cache, "static-map", "150%")

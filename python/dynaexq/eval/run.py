@@ -19,8 +19,8 @@ import numpy as np
 
 from dynaexq.engine import EMBEDDED_MODEL_DIR
 from dynaexq.eval.stream import StreamResult, as_streams, evaluate_streams, gap_recovered
-from dynaexq.runtime.budget import fixed_memory, parse_bytes
-from dynaexq.runtime.load import calibration_scores, load_with_policy
+from dynaexq.runtime.budget import fixed_memory
+from dynaexq.runtime.load import calibration_scores, load_with_policy, resolve_budget
 from dynaexq.runtime.policy import ControllerSettings, Policy
 from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
 
@@ -88,16 +88,12 @@ def split_calibration(
 def budget_bytes(
     spec: str, store: TierStore, fixed_total: int, layers: int, experts: int
 ) -> tuple[int, int | None]:
-    """'20%' -> the bytes at which static-map holds 20% of each layer's experts hot;
-    anything else is read as a size."""
-    if spec.endswith("%"):
-        share = float(spec[:-1]) / 100.0
-        if not 0.0 <= share <= 1.0:
-            raise ValueError(f"a budget share must be within 0-100%, got {spec}")
-        hot = int(round(share * experts))
-        lo, hi = store.slot_bytes[0], store.slot_bytes[-1]
-        return fixed_total + layers * (experts * lo + hot * (hi - lo)), hot
-    return parse_bytes(spec), None
+    """'20%' -> the bytes at which static-map holds 20% of each layer's experts hot (and
+    that count); anything else is read as a size."""
+    nbytes = resolve_budget(spec, store, fixed_total)
+    assert nbytes is not None
+    hot = int(round(float(spec[:-1]) / 100.0 * experts)) if spec.strip().endswith("%") else None
+    return nbytes, hot
 
 
 def run_policies(

@@ -95,6 +95,21 @@ def initial_tiers(plan: PoolPlan, scores: np.ndarray) -> np.ndarray:
     return out
 
 
+def resolve_budget(budget: str | int | None, store: TierStore, fixed_total: int) -> int | None:
+    """A size ("6GiB", bytes) or a share ("20%": the bytes at which static-map holds that
+    share of every layer's experts at the highest tier)."""
+    if budget is None:
+        return None
+    if isinstance(budget, str) and budget.strip().endswith("%"):
+        share = float(budget.strip()[:-1]) / 100.0
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"a budget share must be within 0-100%, got {budget}")
+        hot = int(round(share * store.experts))
+        lo, hi = store.slot_bytes[0], store.slot_bytes[-1]
+        return fixed_total + len(store.layers) * (store.experts * lo + hot * (hi - lo))
+    return parse_bytes(budget)
+
+
 def load_with_policy(
     path: str | Path | None = None,
     *,
@@ -110,7 +125,8 @@ def load_with_policy(
     cache_dir: Path | None = None,
     lockstep: bool = True,
 ) -> tuple[Engine, Deployment | None]:
-    """Load `path` (default: the embedded model) to run under `policy` within `budget`.
+    """Load `path` (default: the embedded model) to run under `policy` within `budget`
+    (a size, or "20%": the bytes at which static-map holds 20% of the experts hot).
 
     `calibration`: token streams to rank experts on (or a precomputed [layers, experts]
     score array); needed by static-map and dynamic. `lockstep` publishes every copy in
@@ -167,7 +183,7 @@ def load_with_policy(
         experts=store.experts,
         slot_bytes=store.slot_bytes,
         fixed=fixed,
-        budget=None if budget is None else parse_bytes(budget),
+        budget=resolve_budget(budget, store, fixed.total),
         in_flight=pol.controller.in_flight,
         static_tier=static_tier,
         split=pol.controller.split,
