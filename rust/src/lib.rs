@@ -5,6 +5,7 @@
 
 pub mod controller;
 pub mod errors;
+pub mod kernels;
 pub mod layout;
 pub mod pool;
 #[cfg(not(loom))]
