@@ -4,6 +4,7 @@ The expert pool (fixed-size slot classes in one arena reserved at construction),
 per-expert precision state machine (`ExpertTable`) with leases, and layout sizing.
 """
 
+import os
 from collections.abc import Sequence
 from typing import Any, final
 
@@ -365,3 +366,79 @@ class TransferEngine:
     @property
     def backend(self) -> str: ...
     def stats(self) -> dict[str, int]: ...
+
+# ------------------------------------------------------------ dequantize kernels
+
+def kernel_launch_plan(
+    weight: str,
+    act: str,
+    qweight: int,
+    scales: int,
+    zeros: int,
+    x: int,
+    y: int,
+    t: int,
+    n: int,
+    k: int,
+    group_size: int,
+    swiglu: bool,
+    op: str | None = None,
+) -> tuple[str, tuple[int, int, int], tuple[int, int, int]]:
+    """(kernel name, grid, block) of one launch after the launcher's checks (ValueError)."""
+
+def select_ptx_arch(major: int, minor: int, available: Sequence[int] | None = None) -> int | None:
+    """PTX arch a device of compute capability major.minor loads; None if too old."""
+
+def resolve_ptx(ptx_dir: str | os.PathLike[str], major: int, minor: int) -> tuple[int, list[str]]:
+    """(arch, [gemv file, gemm file]) a device of major.minor loads from ptx_dir."""
+
+def check_ptx(module: str, ptx: str) -> None:
+    """ValueError unless the PTX of module "gemv"/"gemm" exports every dq_* kernel."""
+
+@final
+class DequantKernels:
+    """The dq_* kernels in a device's primary context; launches on a caller-given raw
+    CUDA stream. BackendError without CUDA support, driver or device."""
+
+    def __new__(cls, ptx_dir: str | os.PathLike[str], device: int = 0) -> DequantKernels: ...
+    @staticmethod
+    def from_ptx(gemv: str, gemm: str, arch: int, device: int = 0) -> DequantKernels: ...
+    @property
+    def arch(self) -> int: ...
+    @property
+    def device(self) -> int: ...
+    def launch(
+        self,
+        weight: str,
+        act: str,
+        qweight: int,
+        scales: int,
+        zeros: int,
+        x: int,
+        y: int,
+        t: int,
+        n: int,
+        k: int,
+        group_size: int,
+        swiglu: bool,
+        stream: int = 0,
+        op: str | None = None,
+    ) -> str:
+        """Enqueue one matrix on `stream` (raw pointers, 0 = NULL); returns the kernel name."""
+    def expert_forward(
+        self,
+        weight: str,
+        act: str,
+        gate_up: tuple[int, int, int],
+        down: tuple[int, int, int],
+        x: int,
+        workspace: int,
+        y: int,
+        t: int,
+        hidden: int,
+        intermediate: int,
+        group_size: int,
+        stream: int = 0,
+        op: str | None = None,
+    ) -> None:
+        """gate_up (SwiGLU) into workspace [T, I], then down into y [T, H], on `stream`."""
