@@ -276,16 +276,102 @@ pub fn resolve_ptx(dir: &Path, capability: (u32, u32)) -> Result<(u32, Vec<PathB
     Ok((arch, files))
 }
 
-/// PTX text the driver can take: non-empty, no NUL byte (it is passed as a C string), and
-/// an `.entry` for every kernel of the module.
+/// What the PTX declares for one `.entry`: the byte size of each parameter and the
+/// `.maxntid` (from `__launch_bounds__`), if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PtxEntry {
+    pub param_bytes: Vec<u32>,
+    pub maxntid: Option<(u32, u32, u32)>,
+}
+
+fn ptx_type_bytes(ty: &str) -> Option<u32> {
+    // .u64/.s64/.b64/.f64 -> 8, .u32 -> 4, ...
+    let bits: u32 = ty.trim_start_matches('.').get(1..)?.parse().ok()?;
+    (bits % 8 == 0).then_some(bits / 8)
+}
+
+/// Every `.entry` of a PTX module, with its parameters and `.maxntid`.
+pub fn ptx_entries(ptx: &str) -> Vec<(String, PtxEntry)> {
+    let mut out = Vec::new();
+    let mut lines = ptx.lines().map(str::trim);
+    while let Some(line) = lines.next() {
+        let Some(pos) = line.find(".entry ") else {
+            continue;
+        };
+        let rest = line[pos + ".entry ".len()..].trim();
+        let name = rest.split(['(', ' ']).next().unwrap_or("").to_string();
+        let mut entry = PtxEntry {
+            param_bytes: Vec::new(),
+            maxntid: None,
+        };
+        // Parameters: one `.param .<type> <name>` per line up to ')'; then directives
+        // such as `.maxntid x, y, z` up to the body's '{'.
+        let mut in_params = rest.contains('(') && !rest.contains(')');
+        for l in lines.by_ref() {
+            if in_params {
+                if l.starts_with(')') {
+                    in_params = false;
+                    continue;
+                }
+                let mut w = l.split_whitespace();
+                if w.next() == Some(".param") {
+                    let bytes = w.next().and_then(ptx_type_bytes).unwrap_or(0);
+                    entry.param_bytes.push(bytes);
+                }
+                continue;
+            }
+            if l.starts_with('{') {
+                break;
+            }
+            if let Some(dims) = l.strip_prefix(".maxntid") {
+                let v: Vec<u32> = dims
+                    .split(',')
+                    .filter_map(|d| d.trim().parse().ok())
+                    .collect();
+                entry.maxntid = Some((
+                    v.first().copied().unwrap_or(1),
+                    v.get(1).copied().unwrap_or(1),
+                    v.get(2).copied().unwrap_or(1),
+                ));
+            }
+        }
+        out.push((name, entry));
+    }
+    out
+}
+
+/// PTX text the driver can take and the launcher can call: no NUL byte (it is passed as a
+/// C string), and for every kernel of the module an `.entry` whose parameters have the
+/// sizes the launcher pushes ([`MatmulArgs::PARAM_BYTES`]) and whose `.maxntid`, if
+/// declared, admits the launch's block.
 pub fn check_ptx(op: Op, ptx: &str) -> Result<()> {
     if ptx.contains('\0') {
         return Err(invalid(format!("{} PTX contains a NUL byte", op.name())));
     }
-    let missing: Vec<String> = KernelId::all(op)
-        .map(|k| k.name())
-        .filter(|name| !has_entry(ptx, name))
-        .collect();
+    let entries = ptx_entries(ptx);
+    let block = launch_geometry(op, 1, 1)?.block;
+    let mut missing = Vec::new();
+    for id in KernelId::all(op) {
+        let name = id.name();
+        let Some((_, e)) = entries.iter().find(|(n, _)| *n == name) else {
+            missing.push(name);
+            continue;
+        };
+        if e.param_bytes != MatmulArgs::PARAM_BYTES {
+            return Err(invalid(format!(
+                "{name} takes parameters of {:?} bytes in the PTX, the launcher passes {:?}",
+                e.param_bytes,
+                MatmulArgs::PARAM_BYTES
+            )));
+        }
+        if let Some(m) = e.maxntid {
+            if block.0 * block.1 * block.2 > m.0 * m.1 * m.2 {
+                return Err(invalid(format!(
+                    "{name} is compiled for at most {m:?} threads, the launch uses {block:?}"
+                )));
+            }
+        }
+    }
     if !missing.is_empty() {
         return Err(invalid(format!(
             "{} PTX lacks the kernels {missing:?}",
@@ -293,21 +379,6 @@ pub fn check_ptx(op: Op, ptx: &str) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-fn has_entry(ptx: &str, name: &str) -> bool {
-    ptx.lines().any(|line| {
-        let mut words = line.split_whitespace();
-        while let Some(w) = words.next() {
-            if w == ".entry" {
-                // `.entry name(` : the name ends at '(' or whitespace.
-                return words
-                    .next()
-                    .is_some_and(|n| n.split('(').next() == Some(name));
-            }
-        }
-        false
-    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -375,6 +446,33 @@ pub struct MatmulArgs {
     pub k: i32,
     pub group_size: i32,
     pub swiglu: bool,
+}
+
+impl MatmulArgs {
+    /// Byte sizes of the kernel parameters in the order the launcher pushes them: the five
+    /// pointers (`qweight`, `scales`, `zeros`, `x`, `y` as 64-bit device addresses), then
+    /// `T`, `N`, `K`, `group_size` and `swiglu` (passed as a 32-bit int).
+    pub const PARAM_BYTES: [u32; 10] = {
+        const P: u32 = std::mem::size_of::<u64>() as u32;
+        const I: u32 = std::mem::size_of::<i32>() as u32;
+        [P, P, P, P, P, I, I, I, I, I]
+    };
+
+    /// The pointer parameters, in kernel order.
+    pub fn pointers(&self) -> [u64; 5] {
+        [self.qweight, self.scales, self.zeros, self.x, self.y]
+    }
+
+    /// The int parameters, in kernel order.
+    pub fn ints(&self) -> [i32; 5] {
+        [
+            self.t,
+            self.n,
+            self.k,
+            self.group_size,
+            i32::from(self.swiglu),
+        ]
+    }
 }
 
 /// A validated launch: kernel, geometry and arguments.
@@ -658,8 +756,8 @@ pub mod cuda {
                 self.ctx
                     .wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream)
             };
-            let a = &plan.args;
-            let swiglu = i32::from(a.swiglu);
+            let ptrs = plan.args.pointers();
+            let ints = plan.args.ints();
             let g = &plan.geometry;
             let cfg = LaunchConfig {
                 grid_dim: g.grid,
@@ -667,18 +765,14 @@ pub mod cuda {
                 shared_mem_bytes: g.shared_mem_bytes,
             };
             let mut b = stream.launch_builder(f);
-            // Argument order and types of every dq_* kernel: 5 pointers (u64 device
-            // addresses), then int T, N, K, group_size, swiglu.
-            b.arg(&a.qweight)
-                .arg(&a.scales)
-                .arg(&a.zeros)
-                .arg(&a.x)
-                .arg(&a.y)
-                .arg(&a.t)
-                .arg(&a.n)
-                .arg(&a.k)
-                .arg(&a.group_size)
-                .arg(&swiglu);
+            // The layout `MatmulArgs::PARAM_BYTES` describes (checked against the PTX's
+            // `.param` list when it was loaded): 5 x u64 device addresses, 5 x i32.
+            for p in &ptrs {
+                b.arg(p);
+            }
+            for i in &ints {
+                b.arg(i);
+            }
             // SAFETY: arguments match the kernel's signature (above) and the plan was
             // validated (geometry, sizes, alignment); memory validity is the caller's
             // contract.
@@ -787,12 +881,80 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A PTX entry as NVRTC writes it (5 x .u64 then 5 x .u32 parameters).
+    fn fake_entry(name: &str, types: &[&str], maxntid: &str) -> String {
+        let params: Vec<String> = types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("\t.param {t} {name}_param_{i}"))
+            .collect();
+        format!(
+            "// .globl\t{name}\n.visible .entry {name}(\n{}\n)\n{maxntid}\n{{\n\tret;\n}}\n",
+            params.join(",\n")
+        )
+    }
+
+    const TYPES: [&str; 10] = [
+        ".u64", ".u64", ".u64", ".u64", ".u64", ".u32", ".u32", ".u32", ".u32", ".u32",
+    ];
+
+    #[test]
+    fn argument_packing_order() {
+        let a = MatmulArgs {
+            swiglu: true,
+            zeros: 0x2800,
+            ..args(3, 64, 256)
+        };
+        assert_eq!(a.pointers(), [0x1000, 0x2000, 0x2800, 0x3000, 0x4000]);
+        assert_eq!(a.ints(), [3, 64, 256, 128, 1]);
+        assert_eq!(MatmulArgs { swiglu: false, ..a }.ints()[4], 0);
+        assert_eq!(
+            MatmulArgs::PARAM_BYTES.to_vec(),
+            TYPES
+                .iter()
+                .map(|t| ptx_type_bytes(t).unwrap())
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn ptx_entry_parsing() {
+        let text = fake_entry("k1", &TYPES, ".maxntid 128, 1, 1") + &fake_entry("k2", &[], "");
+        let e = ptx_entries(&text);
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].0, "k1");
+        assert_eq!(e[0].1.param_bytes, MatmulArgs::PARAM_BYTES.to_vec());
+        assert_eq!(e[0].1.maxntid, Some((128, 1, 1)));
+        assert_eq!(e[1].0, "k2");
+        assert!(e[1].1.param_bytes.is_empty() && e[1].1.maxntid.is_none());
+    }
+
     #[test]
     fn ptx_text_checks() {
         let full: String = KernelId::all(Op::Gemv)
-            .map(|k| format!(".visible .entry {}(\n\t.param .u64 p0\n)\n", k.name()))
+            .map(|k| fake_entry(&k.name(), &TYPES, ".maxntid 128, 1, 1"))
             .collect();
         check_ptx(Op::Gemv, &full).unwrap();
+        // Without __launch_bounds__ there is no .maxntid: fine.
+        check_ptx(Op::Gemv, &full.replace(".maxntid 128, 1, 1", "")).unwrap();
+        // Compiled for fewer threads than the launch uses.
+        let e = check_ptx(
+            Op::Gemv,
+            &full.replace(".maxntid 128, 1, 1", ".maxntid 64, 1, 1"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("at most"), "{e}");
+        // A parameter of another size than the launcher pushes (int T as 64-bit).
+        let wrong = full.replace(
+            ".u32 dq_gemv_int2_f16_param_5",
+            ".u64 dq_gemv_int2_f16_param_5",
+        );
+        let e = check_ptx(Op::Gemv, &wrong).unwrap_err().to_string();
+        assert!(e.contains("dq_gemv_int2_f16") && e.contains("bytes"), "{e}");
+        // One parameter missing.
+        let fewer = full.replace(",\n\t.param .u32 dq_gemv_int8_f32_param_9", "");
+        assert!(check_ptx(Op::Gemv, &fewer).is_err());
         // The gemm module's kernels are not in it.
         assert!(check_ptx(Op::Gemm, &full).is_err());
         // A prefix of a name is not the name.
