@@ -15,4 +15,8 @@ timeout 180 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_transfer_gp
 timeout 180 "$py" benchmarks/bench_transfer.py --backend cuda --out "$out" \
     2>&1 | tee "$out/bench_transfer_cuda.txt"
 timeout 60 "$py" benchmarks/bench_pool.py 2>&1 | tee "$out/bench_pool.txt"
+# The dequantize kernels loaded and launched by the Rust core (rust/src/kernels.rs):
+# every kernel against the torch reference (compiles the PTX for this GPU with NVRTC).
+timeout 240 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_rust.py \
+    2>&1 | tee "$out/pytest_gpu_kernels_rust.txt"
 echo "results in $out"
