@@ -414,7 +414,9 @@ impl TransferEngine {
         st.busy.insert((layer, expert));
         st.status.insert(id, TransferStatus::Queued);
         st.stats.submitted += 1;
-        self.pump(&mut st);
+        // Admission only: completions are processed by poll / wait / drain, so what a
+        // batch of submissions admits does not depend on how fast earlier copies ran.
+        self.admit_queued(&mut st);
         Ok(id)
     }
 
@@ -446,7 +448,6 @@ impl TransferEngine {
             }
             _ => false,
         };
-        self.pump(&mut st);
         Ok(cancelled)
     }
 
@@ -487,15 +488,26 @@ impl TransferEngine {
     }
 
     /// Block until nothing is queued or in flight (or `timeout`); true when drained.
+    ///
+    /// Deterministic: it works in waves, completing every in-flight transfer (in
+    /// submission order) before admitting the next ones, so the outcome of a batch of
+    /// submissions followed by `drain` does not depend on copy timing.
     pub fn drain(&self, timeout: Option<Duration>) -> bool {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             let seen = self.notifier.epoch();
             {
                 let mut st = lock(&self.state);
-                self.pump(&mut st);
-                if st.flights.is_empty() && st.urgent.is_empty() && st.planned.is_empty() {
-                    return true;
+                let wave_done = st
+                    .flights
+                    .iter()
+                    .all(|f| f.handle.state() != CopyState::Pending);
+                if wave_done {
+                    self.pump(&mut st);
+                    if st.flights.is_empty() && st.urgent.is_empty() && st.planned.is_empty() {
+                        return true;
+                    }
+                    continue;
                 }
             }
             let now = Instant::now();
@@ -611,7 +623,11 @@ impl TransferEngine {
         // Reclaim on every pump, not only after completions: retired blocks wait for
         // readers' leases to drain, and admissions below may need their slots.
         self.table.reclaim();
-        // Admission: urgent first, up to K in flight.
+        self.admit_queued(st);
+    }
+
+    /// Admission: urgent first, up to K in flight.
+    fn admit_queued(&self, st: &mut State) {
         while st.flights.len() < self.config.max_in_flight {
             let Some(req) = st.urgent.pop_front().or_else(|| st.planned.pop_front()) else {
                 break;
