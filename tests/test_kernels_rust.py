@@ -8,8 +8,11 @@ every kernel launched from Rust against the torch reference.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,7 @@ from dynaexq.quant import (
     reference_expert_forward,
     relative_error,
 )
-from dynaexq.quant.cuda import ACT_KINDS, ARCHES, prepare_launch, weight_kind
+from dynaexq.quant.cuda import ACT_KINDS, ARCHES, kernel_dir, prepare_launch, weight_kind
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -72,10 +75,12 @@ def test_plan_matches_prepare_launch(tier, act):
             ops = [None, "gemm"] + (["gemv"] if tokens <= 8 else [])
             for op in ops:
                 launch = prepare_launch(view, name, x, swiglu, force=op)
-                kernel, grid, block = _plan_of(launch, tier, act, op)
+                kernel, grid, block, ptrs, ints = _plan_of(launch, tier, act, op)
                 assert kernel == launch.kernel
                 assert grid == launch.grid
                 assert block == launch.block
+                assert ptrs == launch.pointers
+                assert ints == launch.ints
 
 
 @settings(max_examples=200, deadline=None)
@@ -89,7 +94,8 @@ def test_geometry_covers_every_output_once(t, n, gemm):
         with pytest.raises(ValueError, match="tokens"):
             _core.kernel_launch_plan(*args, op=op)
         return
-    kernel, grid, block = _core.kernel_launch_plan(*args, op=op)
+    kernel, grid, block, _, ints = _core.kernel_launch_plan(*args, op=op)
+    assert ints == [t, n, 64, 128, 0]
     assert kernel == f"dq_{op}_int4_f32"
     cols, rows, threads = (4, 1, 128) if op == "gemv" else (64, 32, 256)
     assert block == (threads, 1, 1)
@@ -139,6 +145,63 @@ def test_plan_rejects_bad_arguments(kw, match):
 def test_plan_rejects_negative_pointers():
     with pytest.raises(OverflowError):
         _core.kernel_launch_plan(**_ok_args(x=-1))
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory) -> ctypes.CDLL:
+    """kernels/gemv.cu and gemm.cu compiled for the CPU on the CUDA emulation
+    (kernels/cuda_emu.h), as in tests/test_kernels.py."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    so = tmp_path_factory.mktemp("emu") / "libdq_emu.so"
+    subprocess.run(
+        [cxx, "-O1", "-std=c++20", "-pthread", "-shared", "-fPIC", "-w", f"-I{kernel_dir()}",
+         str(kernel_dir() / "emu_kernels.cpp"), "-o", str(so)],
+        check=True,
+    )  # fmt: skip
+    lib = ctypes.CDLL(str(so))
+    lib.emu_launch.argtypes = [ctypes.c_void_p, *[ctypes.c_int] * 3, *[ctypes.c_void_p] * 5,
+                               *[ctypes.c_int] * 5]  # fmt: skip
+    return lib
+
+
+@pytest.mark.parametrize("tier", ["bf16", "int8g32a", "int4", "int3", "int2g64a"])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("tokens", [3, 37])
+def test_rust_plan_drives_the_kernels_on_cpu(emu, tier, act, tokens):
+    """Kernel, geometry and parameters exactly as the Rust launcher would pass them, run
+    on the emulated kernels: an expert's two launches match the torch reference."""
+    h, i = 72, 40
+    t = _spec(tier)
+    blob = _blob(tier, h, i)
+    view = PackedExpertView(t, h, i, blob)
+    x = torch.randn(tokens, h, generator=torch.Generator().manual_seed(tokens)).to(act)
+    ref = reference_expert_forward(view, x.float())
+    work = torch.full((tokens, i), float("nan"), dtype=act)
+    y = torch.full((tokens, h), float("nan"), dtype=act)
+
+    def sections(name):
+        if not t.is_quantized:
+            return (view[f"{name}.weight"].data_ptr(), 0, 0)
+        zs = view.sections.get(f"{name}.zeros")
+        return (view[f"{name}.qweight"].data_ptr(), view[f"{name}.scales"].data_ptr(),
+                zs.data_ptr() if zs is not None else 0)  # fmt: skip
+
+    g = t.group_size if t.is_quantized else 0
+    for name, src, dst, n, k, swiglu in (
+        ("gate_up", x, work, i, h, True),
+        ("down", work, y, h, i, False),
+    ):
+        kernel, grid, block, ptrs, ints = _core.kernel_launch_plan(
+            weight_kind(t), ACT_KINDS[act], *sections(name), src.data_ptr(), dst.data_ptr(),
+            tokens, n, k, g, swiglu,
+        )  # fmt: skip
+        assert grid[2] == 1 and block[1:] == (1, 1)
+        fn = ctypes.cast(getattr(emu, kernel), ctypes.c_void_p).value
+        assert emu.emu_launch(fn, grid[0], grid[1], block[0], *ptrs, *ints) == 0
+    tol = 1e-5 if act == torch.float32 else 2e-2
+    assert relative_error(ref, y.float()) < tol
 
 
 # ------------------------------------------------------------------ CPU: PTX selection
@@ -218,7 +281,7 @@ def test_no_cuda_is_a_clear_error(tmp_path):
 def rust_kernels(tmp_path_factory):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from dynaexq.quant.cuda import kernel_dir, nvrtc_compile
+    from dynaexq.quant.cuda import nvrtc_compile
 
     torch.zeros(1, device="cuda")  # torch's primary context exists (the kernels share it)
     cap = torch.cuda.get_device_capability()

@@ -383,8 +383,9 @@ def kernel_launch_plan(
     group_size: int,
     swiglu: bool,
     op: str | None = None,
-) -> tuple[str, tuple[int, int, int], tuple[int, int, int]]:
-    """(kernel name, grid, block) of one launch after the launcher's checks (ValueError)."""
+) -> tuple[str, tuple[int, int, int], tuple[int, int, int], list[int], list[int]]:
+    """(kernel name, grid, block, pointers, ints) of one launch after the launcher's checks
+    (ValueError); pointers and ints as the launcher passes them to the kernel."""
 
 def select_ptx_arch(major: int, minor: int, available: Sequence[int] | None = None) -> int | None:
     """PTX arch a device of compute capability major.minor loads; None if too old."""

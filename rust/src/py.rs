@@ -1740,9 +1740,11 @@ fn kernel_plan(
 }
 
 type Dim3 = (u32, u32, u32);
+type KernelPlanTuple = (String, Dim3, Dim3, [u64; 5], [i32; 5]);
 
 /// Kernel name, grid and block of one launch, after the launcher's argument checks
-/// (ValueError naming the bad argument). `op` forces "gemv" or "gemm".
+/// (ValueError naming the bad argument), and the pointer and int parameters exactly as the
+/// launcher pushes them. `op` forces "gemv" or "gemm".
 #[pyfunction]
 #[pyo3(signature = (weight, act, qweight, scales, zeros, x, y, t, n, k, group_size, swiglu, op = None))]
 #[allow(clippy::too_many_arguments)]
@@ -1760,11 +1762,17 @@ fn kernel_launch_plan(
     group_size: i64,
     swiglu: bool,
     op: Option<&str>,
-) -> PyResult<(String, Dim3, Dim3)> {
+) -> PyResult<KernelPlanTuple> {
     let p = kernel_plan(
         weight, act, qweight, scales, zeros, x, y, t, n, k, group_size, swiglu, op,
     )?;
-    Ok((p.kernel.name(), p.geometry.grid, p.geometry.block))
+    Ok((
+        p.kernel.name(),
+        p.geometry.grid,
+        p.geometry.block,
+        p.args.pointers(),
+        p.args.ints(),
+    ))
 }
 
 /// The PTX architecture a device of compute capability (major, minor) loads among
