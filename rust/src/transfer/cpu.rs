@@ -268,6 +268,15 @@ impl CopyBackend for ManualBackend {
         );
         Ok(state)
     }
+    fn abandon(&self) {
+        let jobs: Vec<_> = lock(&self.jobs).drain().collect();
+        for (id, item) in jobs {
+            item.state.set_failed(format!(
+                "copy of transfer {id} abandoned: the engine was dropped"
+            ));
+        }
+        self.notifier.notify();
+    }
     fn notifier(&self) -> Arc<Notifier> {
         self.notifier.clone()
     }

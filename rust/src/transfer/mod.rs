@@ -163,6 +163,9 @@ pub trait CopyBackend: Send + Sync {
     unsafe fn start(&self, job: CopyJob) -> Result<Arc<dyn CopyHandle>>;
     /// Let copies held by [`Fault::Hang`] proceed.
     fn release_hung(&self) {}
+    /// The engine is going away: fail every copy that would otherwise wait for an outside
+    /// event (the manual backend's), so that dropping the engine cannot hang.
+    fn abandon(&self) {}
     /// Woken when a copy finishes (backends without completion callbacks may never call it;
     /// waiters then poll).
     fn notifier(&self) -> Arc<Notifier>;
@@ -698,8 +701,10 @@ impl Drop for TransferEngine {
                 let _ = h.join();
             }
         }
-        // Let hung copies run, then settle every flight so no block stays reserved.
+        // Let hung copies run, fail those nobody will finish, then settle every flight so
+        // no block stays reserved.
         self.backend.release_hung();
+        self.backend.abandon();
         let mut st = lock(&self.state);
         for f in std::mem::take(&mut st.flights) {
             while f.handle.state() == CopyState::Pending {
