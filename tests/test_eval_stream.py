@@ -51,3 +51,22 @@ def test_bad_shapes_are_refused(engine) -> None:
 def test_gap_recovered_for_both_directions() -> None:
     assert gap_recovered(low=10.0, full=6.0, policy=7.0) == pytest.approx(0.75)
     assert gap_recovered(low=0.40, full=0.50, policy=0.48) == pytest.approx(0.8)
+
+
+def test_settle_steps_finds_when_the_hot_set_turns_over() -> None:
+    from dynaexq.eval.shift import settle_steps
+
+    steps, experts = 40, 10
+    maps = np.zeros((steps, 1, experts), dtype=np.uint8)
+    maps[:, 0, :3] = 1  # the old hot set ...
+    for s in range(5, steps):  # ... replaced one expert per step from step 5 on
+        k = min(3, s - 4)
+        maps[s, 0, :3] = 0
+        maps[s, 0, 3 - k : 3] = 0
+        maps[s, 0, :3] = 1
+        maps[s, 0, : 3 - k] = 1
+        maps[s, 0, 3 - k : 3] = 0
+        maps[s, 0, 7 : 7 + k] = 1
+    # Steady set {7, 8, 9} from step 7; 90% of full overlap is reached there.
+    assert settle_steps(maps, 0, steps, top=1) == 7
+    assert settle_steps(maps, 10, steps, top=1) == 0

@@ -44,10 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=32, help="tokens per sequence per step")
     c = p.add_argument_group("controller (dynamic)")
     c.add_argument("--signal", choices=("ema", "window"), default="ema")
-    c.add_argument("--alpha", type=float, default=0.9, help="EMA factor per step")
-    c.add_argument("--window-steps", type=int, default=16, help="steps in the window signal")
-    c.add_argument("--replan-every", type=int, default=4, help="steps between plans (T)")
-    c.add_argument("--delta", type=float, default=0.0, help="hysteresis margin")
+    c.add_argument("--alpha", type=float, default=0.5, help="EMA factor per step")
+    c.add_argument("--window-steps", type=int, default=4, help="steps in the window signal")
+    c.add_argument("--replan-every", type=int, default=1, help="steps between plans (T)")
+    c.add_argument(
+        "--delta", type=float, default=0.005, help="hysteresis margin (routed mass per step)"
+    )
     c.add_argument("--max-bytes-per-token", type=float, default=float("inf"), help="churn cap")
     c.add_argument("--in-flight", type=int, default=4, help="transitions in flight (K)")
     c.add_argument("--split", choices=("per-layer", "global"), default="per-layer")

@@ -33,14 +33,28 @@ class ShiftTrace:
 
 
 def settle_steps(maps: np.ndarray, start: int, end: int, top: int, share: float = 0.9) -> int:
-    """Steps after `start` until the high-tier set overlaps (Jaccard) the set it holds at
-    the end of the segment by at least `share`; -1 if it never does."""
-    final = maps[end - 1] == top
-    for s in range(start, end):
-        now = maps[s] == top
-        union = np.logical_or(now, final).sum()
-        if union == 0 or np.logical_and(now, final).sum() / union >= share:
-            return s - start
+    """Steps after a shift at `start` until the high-tier set reaches `share` of its
+    steady overlap with the segment's steady hot set: the experts most often at the top
+    tier during the second half of the segment (robust to the churn of near-ties).
+    -1 if it never does."""
+    hot = maps[start:end] == top  # [steps, layers, experts]
+    if hot.shape[0] < 2:
+        return -1
+    half = hot[hot.shape[0] // 2 :]
+    n_hot = int(round(half.sum(axis=(1, 2)).mean()))
+    freq = half.mean(axis=0).ravel()
+    steady = np.zeros(freq.shape, dtype=bool)
+    steady[np.argsort(-freq, kind="stable")[:n_hot]] = True
+
+    def overlap(h: np.ndarray) -> float:
+        flat = h.ravel()
+        union = np.logical_or(flat, steady).sum()
+        return 1.0 if union == 0 else float(np.logical_and(flat, steady).sum() / union)
+
+    level = float(np.mean([overlap(h) for h in half]))
+    for s, h in enumerate(hot):
+        if overlap(h) >= share * level:
+            return s
     return -1
 
 
