@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for setting up and using dynaexq on a fresh machine.
-#   scripts/dev.sh run    set up, then run the main job on the embedded default model
+#   scripts/dev.sh run    set up, then run the main job (generation on the embedded default
+#                         model within a byte budget; extra args go to `dynaexq generate`)
 #   scripts/dev.sh test   set up, then run every lint and test (what CI runs)
 #   scripts/dev.sh setup  only set up
 # The Python environment and the cargo target directory live outside the clone
@@ -37,7 +38,14 @@ setup() {
 }
 
 run_main() {
-    "$venv/bin/python" -m dynaexq.cli demo "$@"
+    # The main job: generation on the embedded default model with its experts in a byte
+    # budget (20%: the bytes at which a static hot map holds 20% of experts in bf16, the
+    # rest in int2) under the dynamic policy. Extra arguments replace the defaults.
+    if [ $# -eq 0 ]; then
+        set -- --budget 20% --policy dynamic --max-new-tokens 64 --stats \
+            "def fibonacci(n):"
+    fi
+    "$venv/bin/python" -m dynaexq.cli generate "$@"
 }
 
 run_tests() {

@@ -230,6 +230,8 @@ def test_dynaexq_load_takes_a_budget_and_a_policy(model_dir, cache) -> None:
     assert not hasattr(plain, "precision")
     with pytest.raises(ValueError, match="calibration"):
         dynaexq.load(model_dir, budget="1MiB", policy="static-map")
+    cold = dynaexq.load(model_dir, budget="1MiB", context=64, progress=False, cache_dir=cache)
+    assert cold.deployment.calibration is not None and not cold.deployment.calibration.any()
     engine = dynaexq.load(
         model_dir,
         budget="1MiB",

@@ -92,6 +92,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print token counts, finish reason and tokens/s to standard error",
     )
+    memory = parser.add_argument_group("precision runtime (experts in a byte budget)")
+    memory.add_argument(
+        "--budget",
+        default=None,
+        help="device bytes for everything dynaexq owns: a size like 6GiB, or N%% = the bytes "
+        "at which a static hot map holds N%% of every layer's experts at the high tier; "
+        "default: no budget, every expert at full precision",
+    )
+    memory.add_argument(
+        "--policy",
+        default=None,
+        choices=("full", "static", "static-map", "dynamic", "offload"),
+        help="who holds which tier (default with a budget: dynamic)",
+    )
+    memory.add_argument(
+        "--tiers", default=None, help="expert tiers, low to high or any order (default int2,bf16)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dynaexq.checkpoint import CheckpointError
-    from dynaexq.engine import GenerationResult, load
+    from dynaexq.engine import GenerationResult
+    from dynaexq.runtime.load import load
 
     prompts = list(args.prompt)
     if not prompts or prompts == ["-"]:
@@ -108,7 +126,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.threads is not None:
             torch.set_num_threads(max(1, args.threads))
-        engine = load(args.model, dtype=args.dtype, device=args.device)
+        if args.budget is None and args.policy in (None, "full"):
+            engine = load(args.model, dtype=args.dtype, device=args.device)
+        else:
+            engine = load(
+                args.model,
+                budget=args.budget,
+                policy=args.policy,
+                tiers=args.tiers,
+                dtype=args.dtype,
+                device=args.device,
+                lockstep=False,
+            )
         if args.threads is None and _parameters(engine.config) < 100_000_000:
             torch.set_num_threads(1)
         if engine.tokenizer is None:
@@ -154,6 +183,18 @@ def run(args: argparse.Namespace) -> int:
             f"tokens/s (including the prefill); finished by: {reasons}]",
             file=sys.stderr,
         )
+        runtime = getattr(engine, "precision", None)
+        if runtime is not None:
+            runtime.flush()
+            dep = engine.deployment
+            t = runtime.telemetry.totals()
+            print(
+                f"[{dep.plan.describe()}]\n[{int(t['steps'])} steps, "
+                f"{int(t['transitions_finished'])} transitions, "
+                f"{t['bytes_moved'] / 1e6:.2f} MB moved, "
+                f"{100 * t['mass_hi_share']:.1f}% of routed mass served at the high tier]",
+                file=sys.stderr,
+            )
     return 0
 
 

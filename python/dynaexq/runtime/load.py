@@ -253,11 +253,16 @@ def load(
         cal = calibration  # type: ignore[assignment]
     if cal is None and name in ("static-map", "dynamic"):
         cal = default_calibration(None if path is None else Path(path))
-        if cal is None:
+        if cal is None and name == "static-map":
             raise ValueError(
                 f"policy {name!r} ranks experts on calibration text: pass calibration=[...] "
                 "(a few hundred tokens per domain of your workload)"
             )
+        if cal is None:
+            # dynamic without calibration: a cold start from an arbitrary hot set that the
+            # controller replaces as soon as it has seen the workload.
+            config = Checkpoint(embedded_model_path() if path is None else Path(path)).config
+            cal = np.zeros((len(config.moe_layers), config.num_experts), dtype=np.float32)
     if device not in (None, "cpu") and str(device) != "cpu":
         raise ValueError("the precision runtime runs on the CPU backend in this build")
     engine, dep = load_with_policy(
