@@ -296,3 +296,15 @@ def test_a_budget_can_be_a_share_of_hot_experts(model_dir, cache) -> None:
     assert dep.plan.per_layer[1] == 2  # 25% of 8 experts per layer
     with pytest.raises(ValueError, match="0-100%"):
         load(model_dir, cache, "static-map", "150%")
+
+
+def test_telemetry_keeps_running_totals_beyond_its_window() -> None:
+    from dynaexq.runtime.runtime import StepRecord, Telemetry
+
+    t = Telemetry(keep=3)
+    for i in range(10):
+        t.add(StepRecord(i, 4, 0.5, 0.25, 1, 1, 0, 100, 0.0, 0.0, []))
+    assert len(t.records) == 3 and t.records[0].step == 7
+    tot = t.totals()
+    assert tot["steps"] == 10 and tot["tokens"] == 40 and tot["bytes_moved"] == 1000
+    assert tot["bytes_moved_per_token"] == 25 and tot["hi_share"] == 0.5

@@ -46,7 +46,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--signal", choices=("ema", "window"), default="ema")
     c.add_argument("--alpha", type=float, default=0.5, help="EMA factor per step")
     c.add_argument("--window-steps", type=int, default=4, help="steps in the window signal")
-    c.add_argument("--replan-every", type=int, default=1, help="steps between plans (T)")
+    c.add_argument("--replan-every", type=int, default=1, help="controller steps between plans (T)")
+    c.add_argument(
+        "--step-tokens",
+        type=int,
+        default=128,
+        help="routed tokens per controller step (the EMA and window count these steps)",
+    )
     c.add_argument(
         "--delta", type=float, default=0.005, help="hysteresis margin (routed mass per step)"
     )
@@ -81,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         window=args.window_steps,
         replan_every=args.replan_every,
+        step_tokens=args.step_tokens,
         delta=args.delta,
         max_bytes_per_token=args.max_bytes_per_token,
         in_flight=args.in_flight,

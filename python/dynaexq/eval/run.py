@@ -133,7 +133,7 @@ def run_policies(
                 rt.flush()
                 from dynaexq.runtime.runtime import Telemetry
 
-                tel = Telemetry(rt.telemetry.records[before:]).totals()
+                tel = Telemetry.of(rt.telemetry.records[before:]).totals()
             runs.append(
                 RunResult(
                     policy,

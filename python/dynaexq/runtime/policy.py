@@ -29,7 +29,11 @@ class ControllerSettings:
     signal: str = "ema"  # "ema" or "window" (the sum of the last `window` steps)
     alpha: float = 0.5  # EMA factor per step
     window: int = 4  # steps in the window signal
-    replan_every: int = 1  # T: steps between plans
+    replan_every: int = 1  # T: controller steps between plans
+    # One controller step covers at least this many routed tokens, whatever a forward pass
+    # holds (a prefill chunk of many sequences, or one decode token): the horizon is then
+    # the same in tokens for evaluation and for batch-1 decoding.
+    step_tokens: int = 128
     delta: float = 0.005  # hysteresis, in routed-mass units
     max_transitions: int = 1 << 30  # R: per plan
     max_bytes_per_token: float = float("inf")  # churn cap: bytes moved per scored token
@@ -42,8 +46,8 @@ class ControllerSettings:
             raise PolicyError(f"signal must be ema or window, got {self.signal!r}")
         if not 0.0 <= self.alpha < 1.0:
             raise PolicyError(f"alpha must be in [0, 1), got {self.alpha}")
-        if self.window < 1 or self.replan_every < 1 or self.in_flight < 1:
-            raise PolicyError("window, replan_every and in_flight must be >= 1")
+        if min(self.window, self.replan_every, self.in_flight, self.step_tokens) < 1:
+            raise PolicyError("window, replan_every, in_flight and step_tokens must be >= 1")
         if self.split not in ("per-layer", "global"):
             raise PolicyError(f"split must be per-layer or global, got {self.split!r}")
         if self.planner not in ("top-n", "value"):

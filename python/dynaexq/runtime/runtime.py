@@ -51,26 +51,54 @@ class StepRecord:
 
 @dataclass
 class Telemetry:
+    """Step records (the last `keep` of them; all when None) and running totals, so that a
+    long-running server neither grows without bound nor re-sums its history per scrape."""
+
     records: list[StepRecord] = field(default_factory=list)
     hotness: list[np.ndarray] = field(default_factory=list)  # sampled score snapshots
     tier_maps: list[np.ndarray] = field(default_factory=list)  # sampled [L, E] tier maps
+    keep: int | None = None
+    _sums: dict[str, float] = field(default_factory=dict)
+    _steps: int = 0
+
+    def add(self, rec: StepRecord) -> None:
+        self.records.append(rec)
+        if self.keep is not None and len(self.records) > self.keep:
+            del self.records[: len(self.records) - self.keep]
+        self._steps += 1
+        for key in _SUMMED:
+            self._sums[key] = self._sums.get(key, 0.0) + float(getattr(rec, key))
+        self._sums["hi_share_sum"] = self._sums.get("hi_share_sum", 0.0) + rec.hi_share
+        self._sums["mass_hi_share_sum"] = self._sums.get("mass_hi_share_sum", 0.0) + (
+            rec.mass_hi_share
+        )
 
     def totals(self) -> dict[str, float]:
-        r = self.records
-        tokens = sum(x.tokens for x in r)
+        s, n = self._sums, max(1, self._steps)
+        tokens = s.get("tokens", 0.0)
         return {
-            "steps": len(r),
+            "steps": self._steps,
             "tokens": tokens,
-            "transitions_started": sum(x.started for x in r),
-            "transitions_finished": sum(x.finished for x in r),
-            "transitions_failed": sum(x.failed for x in r),
-            "bytes_moved": sum(x.bytes_moved for x in r),
-            "bytes_moved_per_token": sum(x.bytes_moved for x in r) / max(1, tokens),
-            "wait_s": sum(x.wait_s for x in r),
-            "boundary_wait_s": sum(x.boundary_wait_s for x in r),
-            "hi_share": float(np.mean([x.hi_share for x in r])) if r else 0.0,
-            "mass_hi_share": float(np.mean([x.mass_hi_share for x in r])) if r else 0.0,
+            "transitions_started": s.get("started", 0.0),
+            "transitions_finished": s.get("finished", 0.0),
+            "transitions_failed": s.get("failed", 0.0),
+            "bytes_moved": s.get("bytes_moved", 0.0),
+            "bytes_moved_per_token": s.get("bytes_moved", 0.0) / max(1.0, tokens),
+            "wait_s": s.get("wait_s", 0.0),
+            "boundary_wait_s": s.get("boundary_wait_s", 0.0),
+            "hi_share": s.get("hi_share_sum", 0.0) / n,
+            "mass_hi_share": s.get("mass_hi_share_sum", 0.0) / n,
         }
+
+    @classmethod
+    def of(cls, records: list[StepRecord]) -> Telemetry:
+        t = cls()
+        for r in records:
+            t.add(r)
+        return t
+
+
+_SUMMED = ("tokens", "started", "finished", "failed", "bytes_moved", "wait_s", "boundary_wait_s")
 
 
 class TransferMover:
@@ -174,6 +202,7 @@ class PrecisionRuntime:
         # request key -> (layer_pos, expert, target table tier, is a promotion)
         self.busy: dict[int, tuple[int, int, int, bool]] = {}
         self._promotions = 0  # finished transitions that raised an expert's tier
+        self._tokens_since = 0  # routed tokens since the controller's last step
         self.first_layer = store.layers[0]
         self._seen_first: set[str] = set()
         self.telemetry = Telemetry()
@@ -307,10 +336,13 @@ class PrecisionRuntime:
         )
         started = 0
         if self.tracker is not None:
-            self.tracker.end_step()
             c = self.policy.controller
-            if (self.step + 1) % c.replan_every == 0:
-                started = self._plan()
+            self._tokens_since += self._step.tokens
+            if self._tokens_since >= c.step_tokens:
+                self.tracker.end_step()
+                self._tokens_since = 0
+                if self.tracker.steps % c.replan_every == 0:
+                    started = self._plan()
         rec = StepRecord(
             step=self.step,
             tokens=self._step.tokens,
@@ -324,7 +356,7 @@ class PrecisionRuntime:
             boundary_wait_s=landed_s,
             tiers_per_layer=self.tiers_per_layer(),
         )
-        self.telemetry.records.append(rec)
+        self.telemetry.add(rec)
         if self.record_maps:
             self.telemetry.tier_maps.append(self.tier_map())
             if self.tracker is not None:
@@ -416,8 +448,8 @@ class PrecisionRuntime:
         gain = None
         if c.planner == "value":
             gain = self.store.gains()[..., self.real].reshape(-1).tolist()
-        tokens = self.telemetry.records[-1].tokens if self.telemetry.records else 1
-        max_bytes = c.max_bytes_per_token * max(1, tokens) * c.replan_every
+        # The churn cap: bytes per routed token, over the tokens one plan period covers.
+        max_bytes = c.max_bytes_per_token * c.step_tokens * c.replan_every
         _, moves, _ = plan_transitions(
             self.num_layers,
             self.experts,
@@ -578,7 +610,7 @@ class OffloadRuntime:
             boundary_wait_s=0.0,
             tiers_per_layer=[],
         )
-        self.telemetry.records.append(rec)
+        self.telemetry.add(rec)
         self._wait, self._misses, self._moved, self._tokens = 0.0, 0, 0, 0
         self._seen_first = set()
         self.step += 1

@@ -160,6 +160,8 @@ def _build_precision(spec: RuntimeSpec) -> tuple[Engine, RuntimeStats]:
         lockstep=False,  # serving: copies publish whenever they land, nothing waits
     )
     runtime = getattr(engine, "precision", None)
+    if runtime is not None:
+        runtime.telemetry.keep = 1024  # a server runs for days: keep recent steps only
     if runtime is None:  # e.g. "full" within a budget: nothing is managed
         return engine, FullPrecisionStats(engine, spec.budget_bytes)
     return engine, SnapshotStats(runtime)
