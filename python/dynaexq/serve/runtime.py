@@ -9,7 +9,6 @@ precision runtime (`dynaexq.runtime.load`), whose `snapshot()` feeds `SnapshotSt
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -204,33 +203,9 @@ def build_runtime(spec: RuntimeSpec) -> tuple[Engine, RuntimeStats]:
     return POLICY_BUILDERS[spec.policy](spec)
 
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-
-
 def parse_bytes(text: str) -> int:
-    """'6GiB' -> 6442450944, '1.5GB' -> 1500000000, '4096' -> 4096 (must be > 0)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    unit = m.group(2).lower() if m else ""
-    if m is None or unit not in _UNITS:
-        raise ValueError(
-            f"cannot read {text!r} as a byte size; use e.g. 6GiB, 512MiB, 1.5GB or 4096"
-        )
-    value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise ValueError(f"byte size must be positive, got {text!r}")
-    return value
+    """'6GiB' -> 6442450944, '1.5GB' -> 1500000000, '4096' -> 4096 (must be > 0); the
+    runtime's own parser, so the server and `dynaexq.load` read budgets alike."""
+    from dynaexq.runtime.budget import parse_bytes as parse
+
+    return parse(text)
