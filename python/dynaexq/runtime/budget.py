@@ -49,17 +49,17 @@ def parse_bytes(text: str | int) -> int:
     """'6GiB', '512 MiB', '1.5GB', '123456' -> bytes."""
     if isinstance(text, int):
         if text <= 0:
-            raise BudgetError(f"a budget must be positive, got {text}")
+            raise BudgetError(f"a byte size must be positive, got {text}")
         return text
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
         raise BudgetError(
-            f"cannot read {text!r} as a size: use a number with an optional unit "
+            f"cannot read {text!r} as a byte size: use a number with an optional unit "
             "(B, KB, MB, GB, KiB, MiB, GiB), e.g. 6GiB"
         )
     value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if value < 1:
-        raise BudgetError(f"a budget must be positive, got {text!r}")
+        raise BudgetError(f"a byte size must be positive, got {text!r}")
     return int(value)
 
 
