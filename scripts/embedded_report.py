@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         "--model-dir", type=Path, default=REPO / "python" / "dynaexq" / "data" / "embedded"
     )
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--max-seqs", type=int, default=256, help="held-out windows per domain")
+    ap.add_argument(
+        "--max-seqs", type=int, default=100_000, help="held-out windows per domain (all)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="seed of the random-init baseline")
     ap.add_argument("--no-samples", action="store_true")
