@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dynaexq.eval.run import EvalConfig, run_policies
+from dynaexq.eval.run import EvalConfig, Variant, run_policies
 from dynaexq.eval.stream import as_streams, evaluate_streams
 from dynaexq.model.testing import make_hf_model, save_checkpoint
 from dynaexq.runtime.budget import (
@@ -214,12 +214,15 @@ def test_run_policies_reports_every_policy_and_the_gap(model_dir, cache, monkeyp
         window=64,
         chunk=16,
         controller=ControllerSettings(in_flight=1, replan_every=1),
+        variants=(Variant("dynamic-slow", None, (("alpha", 0.9),)),),
+        variant_budget="25%",
     )
     summary = run_policies(model_dir, domains, cfg, progress=lambda s: None)
     seen = {(r["policy"], r["domain"]) for r in summary["runs"]}
-    assert seen == {(p, d) for p in ("full", "static", "static-map", "dynamic") for d in "ab"}
+    want = ("full", "static", "static-map", "dynamic", "dynamic-slow")
+    assert seen == {(p, d) for p in want for d in "ab"}
     assert {(g["policy"], g["domain"]) for g in summary["gaps"]} == {
-        (p, d) for p in ("static-map", "dynamic") for d in "ab"
+        (p, d) for p in ("static-map", "dynamic", "dynamic-slow") for d in "ab"
     }
 
 

@@ -66,6 +66,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="domain order of the workload-shift run ('none' to skip)",
     )
     p.add_argument("--shift-budget", default="20%", help="budget of the workload-shift run")
+    p.add_argument(
+        "--variants",
+        choices=("all", "none"),
+        default="all",
+        help="also score dynamic's ablations at --shift-budget: the long horizon, a window "
+        "signal, three tiers split evenly (top-n) and sized by the knapsack",
+    )
     p.add_argument("--segment-tokens", type=int, default=4096, help="tokens per shift segment")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report and plots dir")
     p.add_argument("--json", type=Path, default=None, help="also write every figure here")
@@ -76,7 +83,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dynaexq.eval.report import plot_ppl_vs_budget, plot_shift, write_report
-    from dynaexq.eval.run import EvalConfig, embedded_domains, run_policies, text_domains
+    from dynaexq.eval.run import (
+        VARIANTS,
+        EvalConfig,
+        embedded_domains,
+        run_policies,
+        text_domains,
+    )
     from dynaexq.eval.shift import run_shift
     from dynaexq.runtime.policy import ControllerSettings
 
@@ -104,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         window=args.window,
         chunk=args.chunk,
         controller=controller,
+        variants=VARIANTS if args.variants == "all" else (),
+        variant_budget=args.shift_budget,
     )
     if args.data:
         from dynaexq.engine import load

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,27 @@ def text_domains(specs: list[str], encode: Callable[[str], list[int]]) -> dict[s
     return out
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A controller or tier variant of `dynamic`, scored at `EvalConfig.variant_budget`
+    beside the main policies (the ablations of the report)."""
+
+    label: str
+    tiers: tuple[str, ...] | None = None  # None: the main tiers
+    controller: tuple[tuple[str, Any], ...] = ()
+
+
+VARIANTS = (
+    # The paper's long horizon: a slow EMA, a plan every 4 controller steps, hysteresis.
+    Variant("dynamic-long", None, (("alpha", 0.9), ("replan_every", 4), ("delta", 0.01))),
+    # A short window of recent steps instead of an EMA.
+    Variant("dynamic-window", None, (("signal", "window"), ("window", 4))),
+    # Three tiers: equal byte split with top-n, or tiers sized by the knapsack (value).
+    Variant("3tier-topn", ("int2", "int4", "bf16"), (("planner", "top-n"),)),
+    Variant("3tier-knapsack", ("int2", "int4", "bf16"), (("planner", "value"),)),
+)
+
+
 @dataclass
 class EvalConfig:
     tiers: tuple[str, ...] = ("int2", "bf16")
@@ -59,6 +80,8 @@ class EvalConfig:
     window: int = 256
     chunk: int = 32
     controller: ControllerSettings = field(default_factory=ControllerSettings)
+    variants: tuple[Variant, ...] = ()
+    variant_budget: str = "20%"
 
 
 @dataclass
@@ -180,6 +203,29 @@ def run_policies(
                 continue
             per_layer = dep.plan.per_layer[-1] if dep and dep.plan.per_layer else None
             score(engine, name, "-" if name == "static" else budget, nbytes, per_layer)
+    for v in cfg.variants:
+        nbytes, _ = budget_bytes(cfg.variant_budget, store, fixed.total, layers, experts)
+        pol = Policy(
+            "dynamic",
+            tiers=v.tiers or cfg.tiers,
+            controller=replace(cfg.controller, **dict(v.controller)),
+        )
+        try:
+            engine, dep = load_with_policy(
+                path,
+                policy=pol,
+                budget=nbytes,
+                calibration=scores,
+                batch=cfg.streams,
+                context=cfg.window,
+                chunk=cfg.chunk,
+                progress=False,
+            )
+        except ValueError as e:
+            progress(f"  {v.label:10s} skipped: {e}")
+            continue
+        per_layer = dep.plan.per_layer[-1] if dep and dep.plan.per_layer else None
+        score(engine, v.label, cfg.variant_budget, nbytes, per_layer)
     return summarize(runs, cfg)
 
 
@@ -187,35 +233,35 @@ def summarize(runs: list[RunResult], cfg: EvalConfig) -> dict[str, Any]:
     by = {(r.policy, r.budget, r.domain): r for r in runs}
     domains = sorted({r.domain for r in runs})
     gaps: list[dict[str, Any]] = []
-    for budget in cfg.budgets:
-        for policy in ("static-map", "dynamic", "offload"):
-            for d in domains:
-                full, low, mine = (
-                    by.get(("full", "-", d)),
-                    by.get(("static", "-", d)),
-                    by.get((policy, budget, d)),
-                )
-                if not (full and low and mine):
-                    continue
-                gaps.append(
-                    {
-                        "budget": budget,
-                        "policy": policy,
-                        "domain": d,
-                        "gap_recovered_ppl": gap_recovered(
-                            math.log(low.perplexity),
-                            math.log(full.perplexity),
-                            math.log(mine.perplexity),
-                        ),
-                        "gap_recovered_acc": gap_recovered(
-                            low.accuracy, full.accuracy, mine.accuracy
-                        ),
-                    }
-                )
+    pairs = [(b, p) for b in cfg.budgets for p in ("static-map", "dynamic", "offload")]
+    pairs += [(cfg.variant_budget, v.label) for v in cfg.variants]
+    for budget, policy in pairs:
+        for d in domains:
+            full, low, mine = (
+                by.get(("full", "-", d)),
+                by.get(("static", "-", d)),
+                by.get((policy, budget, d)),
+            )
+            if not (full and low and mine):
+                continue
+            gaps.append(
+                {
+                    "budget": budget,
+                    "policy": policy,
+                    "domain": d,
+                    "gap_recovered_ppl": gap_recovered(
+                        math.log(low.perplexity),
+                        math.log(full.perplexity),
+                        math.log(mine.perplexity),
+                    ),
+                    "gap_recovered_acc": gap_recovered(low.accuracy, full.accuracy, mine.accuracy),
+                }
+            )
     return {
         "config": {
-            **{k: v for k, v in asdict(cfg).items() if k != "controller"},
+            **{k: v for k, v in asdict(cfg).items() if k not in ("controller", "variants")},
             "controller": asdict(cfg.controller),
+            "variants": [asdict(v) for v in cfg.variants],
         },
         "runs": [asdict(r) for r in runs],
         "gaps": gaps,
