@@ -42,7 +42,8 @@ run_main() {
     # budget (20%: the bytes at which a static hot map holds 20% of experts in bf16, the
     # rest in int2) under the dynamic policy. Extra arguments replace the defaults.
     if [ $# -eq 0 ]; then
-        set -- --budget 20% --policy dynamic --max-new-tokens 64 --stats \
+        set -- --budget 20% --policy dynamic --max-new-tokens 256 --temperature 0.8 \
+            --top-p 0.95 --seed 0 --stats \
             "def fibonacci(n):"
     fi
     "$venv/bin/python" -m dynaexq.cli generate "$@"
