@@ -179,37 +179,10 @@ def run_policies(
     if "full" in cfg.policies:
         score(full, "full", "-", None, None)
     del full
-    for budget in cfg.budgets:
-        nbytes, hot = budget_bytes(budget, store, fixed.total, layers, experts)
-        for name in cfg.policies:
-            if name == "full":
-                continue
-            pol = Policy(name, tiers=cfg.tiers, controller=cfg.controller)
-            if name == "static" and budget != cfg.budgets[0]:
-                continue  # static at the low tier does not depend on the budget
-            try:
-                engine, dep = load_with_policy(
-                    path,
-                    policy=pol,
-                    budget=nbytes,
-                    calibration=scores,
-                    batch=cfg.streams,
-                    context=cfg.window,
-                    chunk=cfg.chunk,
-                    progress=False,
-                )
-            except ValueError as e:
-                progress(f"  {name:10s} {budget:>6s} skipped: {e}")
-                continue
-            per_layer = dep.plan.per_layer[-1] if dep and dep.plan.per_layer else None
-            score(engine, name, "-" if name == "static" else budget, nbytes, per_layer)
-    for v in cfg.variants:
-        nbytes, _ = budget_bytes(cfg.variant_budget, store, fixed.total, layers, experts)
-        pol = Policy(
-            "dynamic",
-            tiers=v.tiers or cfg.tiers,
-            controller=replace(cfg.controller, **dict(v.controller)),
-        )
+
+    def run(label: str, pol: Policy, budget: str) -> None:
+        """Load `pol` within `budget` (bytes as static-map's share) and score it."""
+        nbytes, _ = budget_bytes(budget, store, fixed.total, layers, experts)
         try:
             engine, dep = load_with_policy(
                 path,
@@ -222,10 +195,20 @@ def run_policies(
                 progress=False,
             )
         except ValueError as e:
-            progress(f"  {v.label:10s} skipped: {e}")
-            continue
+            progress(f"  {label:10s} {budget:>6s} skipped: {e}")
+            return
         per_layer = dep.plan.per_layer[-1] if dep and dep.plan.per_layer else None
-        score(engine, v.label, cfg.variant_budget, nbytes, per_layer)
+        score(engine, label, "-" if label == "static" else budget, nbytes, per_layer)
+
+    for budget in cfg.budgets:
+        for name in cfg.policies:
+            if name == "full" or (name == "static" and budget != cfg.budgets[0]):
+                continue  # static at the low tier does not depend on the budget
+            run(name, Policy(name, tiers=cfg.tiers, controller=cfg.controller), budget)
+    for v in cfg.variants:
+        controller = replace(cfg.controller, **dict(v.controller))
+        pol = Policy("dynamic", tiers=v.tiers or cfg.tiers, controller=controller)
+        run(v.label, pol, cfg.variant_budget)
     return summarize(runs, cfg)
 
 
