@@ -263,11 +263,7 @@ class PrecisionRuntime:
         self._boundary(layer, "forward")
         li = self.layer_pos[layer]
         t, k = expert_ids.shape
-        flat = expert_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.experts).tolist()
-        token_of = order // k
-        x = hidden[token_of]
+        x, order, counts = _group(hidden, expert_ids, self.experts)
         out = torch.empty_like(x)
         w_sorted = weights.reshape(-1)[order]
         top = self.tiers - 1
@@ -539,11 +535,7 @@ class OffloadRuntime:
         self._boundary(layer, "forward")
         li = self.layer_pos[layer]
         t, k = expert_ids.shape
-        flat = expert_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.store.experts).tolist()
-        token_of = order // k
-        x = hidden[token_of]
+        x, order, counts = _group(hidden, expert_ids, self.store.experts)
         out = torch.empty_like(x)
         spec = self.store.tiers[self.top]
         h, inter = self.store.hidden_size, self.store.intermediate_size
@@ -615,6 +607,17 @@ class OffloadRuntime:
         self._seen_first = set()
         self.step += 1
         return rec
+
+
+def _group(
+    hidden: torch.Tensor, expert_ids: torch.Tensor, experts: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The T*k (token, expert) pairs sorted by expert: inputs [T*k, H] in that order, the
+    order itself (for `_combine`) and how many pairs each expert received."""
+    flat = expert_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=experts).tolist()  # the one host sync
+    return hidden[order // expert_ids.shape[1]], order, counts
 
 
 def _combine(out: torch.Tensor, order: torch.Tensor, t: int, k: int) -> torch.Tensor:
