@@ -58,16 +58,108 @@ def training_summary(log_path: Path) -> dict[str, object]:
     evals = [r for r in recs if "eval" in r]
     done = [r for r in recs if r.get("event") == "done"]
     last = steps[-1] if steps else {}
+    # A phase is one warmup + cosine schedule: the first starts at step 0, each
+    # `continue` event (train_embedded.py --continue-from) starts another.
+    tps = next((r["tokens_per_step"] for r in recs if r.get("event") == "start"), 0)
+    # A phase is one warmup + cosine schedule: the first starts at step 0, each
+    # `continue` event (train_embedded.py --continue-from) starts another. Records are
+    # in log order, so a phase is everything between two such events.
+    phases: list[dict[str, object]] = []
+    clock = 0.0  # wall clock (s) when the current phase started
+    for r in recs:
+        if r.get("event") in ("start", "continue"):
+            if phases:
+                clock = float(phases[-1]["_clock"])  # type: ignore[arg-type]
+            phases.append({"first_step": r.get("step", 0), "_start": clock, "_clock": clock})
+        elif phases and "elapsed_s" in r:
+            phases[-1]["_clock"] = r["elapsed_s"]
+        if phases and "lr" in r and "step" in r:
+            ph = phases[-1]
+            ph["last_step"] = r["step"]
+            ph["peak_lr"] = max(float(ph.get("peak_lr", 0.0)), r["lr"])  # type: ignore[arg-type]
+            ph["final_lr"] = r["lr"]
+        if phases and r.get("event") == "done":
+            phases[-1]["last_step"] = r["step"]
+    for ph in phases:
+        ph["tokens"] = (int(ph.get("last_step", ph["first_step"])) - int(ph["first_step"])) * tps  # type: ignore[call-overload]
+        ph["seconds"] = float(ph.pop("_clock")) - float(ph.pop("_start"))  # type: ignore[arg-type]
+    final = max([last.get("step", 0), *(r["step"] for r in done)])
+    curve = [
+        {"step": r["step"], "tokens": r["tokens"], **{d: r["eval"]["loss"][d] for d in DOMAINS}}
+        for r in evals
+    ]
     return {
-        "steps": done[-1]["step"] if done else last.get("step"),
-        "tokens": done[-1]["tokens"] if done else last.get("tokens"),
-        "train_seconds": done[-1]["elapsed_s"] if done else last.get("elapsed_s"),
+        "steps": final,
+        "tokens": final * tps,
+        "train_seconds": max([last.get("elapsed_s", 0), *(r["elapsed_s"] for r in done)]),
         "final_train_loss": last.get("loss"),
-        "eval_curve": [
-            {"step": r["step"], "tokens": r["tokens"], **{d: r["eval"]["loss"][d] for d in DOMAINS}}
-            for r in evals
-        ],
+        "tokens_per_step": tps,
+        "phases": phases,
+        "last_doubling": last_doubling(curve),
+        "eval_curve": curve,
+        "train_curve": [{"tokens": r["tokens"], "loss": r["loss"]} for r in steps],
     }
+
+
+def last_doubling(curve: list[dict[str, float]]) -> dict[str, object] | None:
+    """Held-out loss gained by the last doubling of training tokens, per domain.
+
+    Compares the final evaluation with the last one at or before half the final token
+    count: a flattened curve gains little from twice the data.
+    """
+    if len(curve) < 2:
+        return None
+    end = curve[-1]
+    half = [e for e in curve if e["tokens"] <= end["tokens"] / 2]
+    if not half:
+        return None
+    mid = half[-1]
+    return {
+        "from_tokens": mid["tokens"],
+        "to_tokens": end["tokens"],
+        "gain": {d: round(mid[d] - end[d], 4) for d in DOMAINS},
+        "gain_pct": {d: round(100 * (mid[d] - end[d]) / mid[d], 2) for d in DOMAINS},
+    }
+
+
+def plot_training(summary: dict[str, object], path: Path) -> None:
+    """Held-out loss per domain (and training loss) against tokens, phases marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = summary["eval_curve"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    train = summary["train_curve"]
+    ax.plot(
+        [r["tokens"] / 1e6 for r in train],  # type: ignore[index]
+        [r["loss"] for r in train],  # type: ignore[index]
+        color="0.75",
+        lw=0.8,
+        label="training loss (batch mean)",
+    )
+    for d in DOMAINS:
+        ax.plot(
+            [e["tokens"] / 1e6 for e in curve],  # type: ignore[index]
+            [e[d] for e in curve],  # type: ignore[index]
+            marker=".",
+            label=f"held-out {d}",
+        )
+    tps = summary["tokens_per_step"]
+    for ph in summary["phases"][1:]:  # type: ignore[index]
+        ax.axvline(ph["first_step"] * tps / 1e6, color="k", ls="--", lw=0.8)  # type: ignore[operator]
+    ax.set_xscale("log")
+    ax.set_xlim(left=0.3)
+    ax.set_ylim(top=min(6.0, ax.get_ylim()[1]))
+    ax.set_xlabel("training tokens (millions, log scale)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("Embedded model: loss during training (dashed: a new LR phase)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def samples(model, tok, prompts: list[str], n: int) -> list[dict[str, str]]:  # type: ignore[no-untyped-def]
@@ -193,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- expert tensors saved as: {report['expert_tensor_format']}; "
         f"dtype {report['checkpoint_dtype']}",
         f"- trained tokens: {tsum.get('tokens')} in {tsum.get('steps')} steps, "
-        f"{(tsum.get('train_seconds') or 0) / 60:.1f} min wall clock",
+        f"{(tsum.get('train_seconds') or 0) / 60:.1f} min wall clock; "
+        f"{(tsum.get('tokens') or 0) / total:.1f} tokens per parameter, "
+        f"{(tsum.get('tokens') or 0) / active:.1f} per active parameter",
         "",
         "## Held-out loss (nats/token) and perplexity",
         "",
@@ -239,7 +333,44 @@ def main(argv: list[str] | None = None) -> int:
         + "; ".join(f"{k}: {v}" for k, v in tr["domain_top25_share"].items()),
         "",
     ]
+    if tsum.get("phases"):
+        md += [
+            "## Training phases",
+            "",
+            "Each phase is a linear warmup and a cosine decay; a later phase continues from "
+            "the previous one's weights and AdamW state (`train_embedded.py --continue-from`).",
+            "",
+            md_table(
+                ["phase", "steps", "tokens", "peak lr", "final lr", "wall clock (min)"],
+                [
+                    [
+                        i + 1,
+                        f"{ph['first_step']}-{ph.get('last_step', ph['first_step'])}",
+                        f"{ph['tokens']:,}",
+                        f"{ph['peak_lr']:.2e}" if ph.get("peak_lr") else "",
+                        f"{ph['final_lr']:.2e}" if ph.get("final_lr") else "",
+                        f"{ph['seconds'] / 60:.1f}" if ph["seconds"] else "",
+                    ]
+                    for i, ph in enumerate(tsum["phases"])  # type: ignore[arg-type]
+                ],
+            ),
+            "",
+        ]
+    dbl = tsum.get("last_doubling")
+    if dbl:
+        md += [
+            f"Held-out loss gained by the last doubling of training tokens "
+            f"({dbl['from_tokens']:,} to {dbl['to_tokens']:,}; "  # type: ignore[index]
+            "sampled held-out windows as logged during training): "
+            + "; ".join(
+                f"{d} {dbl['gain'][d]} nats ({dbl['gain_pct'][d]}%)"  # type: ignore[index]
+                for d in DOMAINS
+            ),
+            "",
+        ]
     if tsum.get("eval_curve"):
+        plot_training(tsum, d / "training_curve.png")
+        md += ["![held-out loss during training](training_curve.png)", ""]
         md += ["## Held-out loss during training", ""]
         md.append(
             md_table(

@@ -199,6 +199,7 @@ def aux_loss(router_logits: tuple, top_k: int) -> torch.Tensor:  # type: ignore[
 
 
 def lr_at(step: int, horizon: int, args: argparse.Namespace) -> float:
+    """Learning rate at ``step`` of a phase of ``horizon`` steps (both phase-relative)."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     t = min(1.0, (step - args.warmup) / max(1, horizon - args.warmup))
@@ -242,15 +243,34 @@ def train(args: argparse.Namespace) -> int:
     planned = max(args.warmup + 1, int(args.tokens // tokens_per_step))
     horizon = planned
     step, elapsed_before = 0, 0.0
+    # A phase is one warmup + cosine schedule; a continued run (--continue-from) starts
+    # a second phase at the parent's last step, with the parent's weights and AdamW state.
+    phase_start, phase_elapsed = 0, 0.0
     ckpt = run_dir / "ckpt.pt"
     log_path = run_dir / "train_log.jsonl"
-    if ckpt.is_file():
+    continued = False
+    resumed = ckpt.is_file()
+    if resumed:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, horizon, elapsed_before = state["step"], state["horizon"], state["elapsed"]
+        phase_start = state.get("phase_start", 0)
+        phase_elapsed = state.get("phase_elapsed", 0.0)
         print(f"resumed {ckpt} at step {step}", flush=True)
-    else:
+    elif args.continue_from:
+        parent = work / "runs" / args.continue_from
+        state = torch.load(parent / "ckpt.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed_before = state["step"], state["elapsed"]
+        phase_start, phase_elapsed = step, elapsed_before
+        horizon = step + planned
+        # The new run's log starts as a copy of the parent's, so it reads as one history.
+        shutil.copy(parent / "train_log.jsonl", log_path)
+        continued = True
+        print(f"continuing {parent} from step {step} for {planned} steps", flush=True)
+    if not resumed:
         (run_dir / "config.json").write_text(
             json.dumps(
                 {
@@ -272,6 +292,17 @@ def train(args: argparse.Namespace) -> int:
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
+    if continued:
+        log(
+            {
+                "event": "continue",
+                "from": args.continue_from,
+                "step": step,
+                "horizon": horizon,
+                "lr": args.lr,
+                "warmup": args.warmup,
+            }
+        )
     if step == 0:
         log(
             {
@@ -292,6 +323,8 @@ def train(args: argparse.Namespace) -> int:
                 "step": step,
                 "horizon": horizon,
                 "elapsed": elapsed,
+                "phase_start": phase_start,
+                "phase_elapsed": phase_elapsed,
             },
             tmp,
         )
@@ -312,7 +345,7 @@ def train(args: argparse.Namespace) -> int:
             o = int(rng.integers(0, len(s) - args.seq_len - 1))
             rows.append(np.asarray(s[o : o + args.seq_len + 1], dtype=np.int64))
         x = torch.from_numpy(np.stack(rows))
-        lr = lr_at(step, horizon, args)
+        lr = lr_at(step - phase_start, horizon - phase_start, args)
         for g in opt.param_groups:
             g["lr"] = lr
         out = model(input_ids=x[:, :-1], output_router_logits=True, use_cache=False)
@@ -354,10 +387,12 @@ def train(args: argparse.Namespace) -> int:
             # Time guard: shorten the cosine horizon if the planned tokens will not fit.
             # It may grow back towards the plan while early (the step rate depends on
             # how busy the shared machine is) and only shrinks in the second half.
-            if budget and step > args.warmup and step < horizon * 0.9:
-                rate = step / elapsed
-                fit = max(step + args.log_every, int(rate * budget * 0.97))
-                new = min(planned, fit) if step < horizon * 0.5 else min(horizon, fit)
+            done, span = step - phase_start, horizon - phase_start
+            if budget and done > args.warmup and done < span * 0.9:
+                rate = done / (elapsed - phase_elapsed)
+                fit = phase_start + max(done + args.log_every, int(rate * budget * 0.97))
+                goal = phase_start + planned
+                new = min(goal, fit) if done < span * 0.5 else min(horizon, fit)
                 if abs(new - horizon) >= 0.02 * horizon:
                     horizon = new
                     log({"event": "horizon", "step": step, "horizon": horizon})
@@ -511,6 +546,13 @@ def main(argv: list[str] | None = None) -> int:
         "--experts-impl", default="grouped_mm", help="transformers experts implementation"
     )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--continue-from",
+        default=None,
+        metavar="RUN",
+        help="start a new phase (warmup + cosine over --tokens more tokens, peak --lr) "
+        "from RUN's last checkpoint, weights and optimizer state",
+    )
     ap.add_argument(
         "--max-minutes", type=float, default=0.0, help="wall-clock budget guard (0 = none)"
     )
