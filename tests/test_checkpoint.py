@@ -20,6 +20,7 @@ from dynaexq.checkpoint import (  # noqa: E402
     CheckpointFileNotFoundError,
     EmbeddedModelMissingError,
     MissingTensorError,
+    NonFiniteTensorError,
     TensorShapeError,
     UnsupportedArchitectureError,
     UnsupportedDtypeError,
@@ -230,6 +231,55 @@ def test_unsupported_tensor_dtype_is_named(scratch) -> None:
         dynaexq.load(scratch, device="cpu")
 
 
+def test_header_only_queries_agree_with_the_data(single, fused) -> None:
+    """expert_tensors/check_tensor/nbytes answer from the headers what reading would give."""
+    for path in (single, fused):
+        ck = Checkpoint(path)
+        wanted = ck.expert_tensors(0)
+        assert len(wanted) == (2 if path == fused else 3 * ck.config.num_experts)
+        for name, shape in wanted.items():
+            ck.check_tensor(name, shape)
+            t = ck.tensor(name)
+            assert t.shape == shape and ck.nbytes(name) == t.numel() * t.element_size()
+        first = next(iter(wanted))
+        with pytest.raises(TensorShapeError, match=first.replace(".", r"\.")):
+            ck.check_tensor(first, (1, *wanted[first][1:]))
+        with pytest.raises(MissingTensorError, match="nope"):
+            ck.check_tensor("nope")
+
+
+def test_tensor_as_stored_copies_any_dtype(scratch) -> None:
+    _rewrite(scratch, lambda t: t.__setitem__("extra.ids", torch.arange(5, dtype=torch.int32)))
+    ck = Checkpoint(scratch)
+    with pytest.raises(UnsupportedDtypeError, match="extra.ids"):
+        ck.tensor("extra.ids")
+    assert torch.equal(ck.tensor_as_stored("extra.ids"), torch.arange(5, dtype=torch.int32))
+    assert ck.nbytes("extra.ids") == 20
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_non_finite_expert_is_named_when_checked(single, fused, tmp_path, layout) -> None:
+    path = Path(shutil.copytree(single if layout == "per_expert" else fused, tmp_path / "c"))
+    name = (
+        "model.layers.0.mlp.experts.2.up_proj.weight"
+        if layout == "per_expert"
+        else "model.layers.0.mlp.experts.gate_up_proj"
+    )
+    tensors = load_file(str(path / "model.safetensors"))
+    i = Checkpoint(path).config.moe_intermediate_size
+    if layout == "per_expert":
+        tensors[name][1, 1] = float("nan")
+    else:
+        tensors[name][2, i + 1, 1] = float("nan")  # expert 2, an up row
+    save_file(tensors, str(path / "model.safetensors"))
+    ck = Checkpoint(path)
+    ck.expert(0, 2)  # unchecked reads do not pay for the pass
+    ck.expert(0, 1, check_finite=True)
+    with pytest.raises(NonFiniteTensorError, match=name.replace(".", r"\.")) as e:
+        ck.expert(0, 2, check_finite=True)
+    assert layout == "per_expert" or "expert 2, up rows" in str(e.value)
+
+
 def test_unsupported_compute_dtype(single) -> None:
     with pytest.raises(UnsupportedDtypeError, match="float64"):
         dynaexq.load(single, dtype="float64", device="cpu")
@@ -260,6 +310,7 @@ def test_errors_are_checkpoint_errors() -> None:
         UnsupportedArchitectureError,
         UnsupportedDtypeError,
         EmbeddedModelMissingError,
+        NonFiniteTensorError,
     ):
         assert issubclass(cls, CheckpointError)
         assert getattr(dynaexq, cls.__name__) is cls

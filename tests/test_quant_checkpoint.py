@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from dynaexq.checkpoint import (
+    CheckpointError,
+    CheckpointFileNotFoundError,
+    MissingTensorError,
+    NonFiniteTensorError,
+    TensorShapeError,
+    UnsupportedDtypeError,
+)
 from dynaexq.cli import main
 from dynaexq.quant import PackedExpertView, dequantize_expert, pack_expert, parse_tier
-from dynaexq.quant.tiered import TieredCheckpoint
+from dynaexq.quant.tiered import TieredCheckpoint, quantize_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -108,6 +118,8 @@ def test_quantize_checks_every_tensor(hf_model, tmp_path):
     for k, v in want.items():
         assert torch.equal(nonexpert[k], v) and nonexpert[k].dtype == v.dtype, k
     assert (out / "config.json").exists()
+    expert_bytes = sum(v.numel() * v.element_size() for k, v in src.items() if k not in want)
+    assert m["source_expert_bytes"] == expert_bytes
     assert m["quantize_mb_per_s"] > 0
     assert not list(tmp_path.glob(".tiered.*"))
 
@@ -128,6 +140,8 @@ def test_fused_and_sharded_sources_give_the_same_blobs(hf_model, tmp_path):
     ref = TieredCheckpoint(outs["per_expert"])
     for name in ("fused", "sharded"):
         ck = TieredCheckpoint(outs[name])
+        assert ck.manifest["source_expert_bytes"] == ref.manifest["source_expert_bytes"]
+        assert set(ck.manifest["nonexpert"]) == set(ref.manifest["nonexpert"])
         for layer in range(L):
             assert torch.equal(
                 ck.expert_blobs(layer, "int4g128"), ref.expert_blobs(layer, "int4g128")
@@ -188,22 +202,56 @@ def _poison(t):
 
 
 @pytest.mark.parametrize(
-    ("edit", "message"),
+    ("edit", "error", "message"),
     [
-        (_drop, "model.layers.1.mlp.experts.2.up_proj.weight: tensor missing"),
-        (_reshape, r"experts.1.down_proj.weight: expected shape \[64, 32\], got \[64, 33\]"),
-        (_retype, "model.layers.0.mlp.experts.0.gate_proj.weight: unsupported dtype I32"),
-        (_poison, "model.layers.1.mlp.experts.3.gate_proj: non-finite"),
+        (_drop, MissingTensorError, r"'model\.layers\.1\.mlp\.experts\.2\.up_proj\.weight' is"),
+        (
+            _reshape,
+            TensorShapeError,
+            r"experts\.1\.down_proj\.weight' has shape \[64, 33\], expected \[64, 32\]",
+        ),
+        (_retype, UnsupportedDtypeError, r"experts\.0\.gate_proj\.weight' has dtype I32"),
+        (_poison, NonFiniteTensorError, r"experts\.3\.gate_proj\.weight' has inf or NaN"),
     ],
 )
-def test_bad_input_names_the_tensor(hf_model, tmp_path, capsys, edit, message):
+def test_bad_input_names_the_tensor(hf_model, tmp_path, capsys, edit, error, message):
     src = _broken_copy(hf_model, tmp_path / "bad", edit)
     out = tmp_path / "out"
-    assert main(["quantize", str(src), "--tiers", "int4", "--out", str(out), "--no-progress"]) == 2
-    import re
-
-    assert re.search(message, capsys.readouterr().err)
+    # The quantizer raises the same errors as the model loader (dynaexq.checkpoint's).
+    with pytest.raises(error, match=message) as e:
+        quantize_checkpoint(src, out, [parse_tier("int4")], progress=False)
+    assert isinstance(e.value, CheckpointError) and str(src) in str(e.value)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+    assert main(["quantize", str(src), "--tiers", "int4", "--out", str(out), "--no-progress"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_bad_fused_or_sharded_source_names_the_tensor_or_file(hf_model, tmp_path):
+    fused = tmp_path / "fused"
+    _fuse(hf_model, fused)
+    name = "model.layers.1.mlp.experts.down_proj"
+    t = load_file(str(fused / "model.safetensors"))
+    t[name] = t[name][:, :, :-1].contiguous()
+    save_file(t, str(fused / "model.safetensors"))
+    with pytest.raises(TensorShapeError, match=rf"'{re.escape(name)}' has shape \[4, 64, 31\]"):
+        quantize_checkpoint(fused, tmp_path / "o", [parse_tier("int4")], progress=False)
+    # An index listing a shard that is not there.
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text((hf_model / "config.json").read_text())
+    shutil.copy(hf_model / "model.safetensors", sharded / "model-00001-of-00002.safetensors")
+    names = list(_tensors(hf_model))
+    wm = {n: "model-00001-of-00002.safetensors" for n in names}
+    wm[names[-1]] = "model-00002-of-00002.safetensors"
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    with pytest.raises(CheckpointFileNotFoundError, match="model-00002-of-00002"):
+        quantize_checkpoint(sharded, tmp_path / "o", [parse_tier("int4")], progress=False)
+    # No weights at all.
+    (sharded / "model.safetensors.index.json").unlink()
+    (sharded / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointFileNotFoundError, match="no model.safetensors"):
+        quantize_checkpoint(sharded, tmp_path / "o", [parse_tier("int4")], progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused", "sharded"]
 
 
 def test_bad_config_and_tiers(hf_model, tmp_path, capsys):

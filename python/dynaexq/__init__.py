@@ -64,6 +64,7 @@ _LAZY = {
     "TensorShapeError": "dynaexq.checkpoint",
     "UnsupportedArchitectureError": "dynaexq.checkpoint",
     "UnsupportedDtypeError": "dynaexq.checkpoint",
+    "NonFiniteTensorError": "dynaexq.checkpoint",
     # Expert quantization tiers and packed experts (issue 4; docs/packed-layout.md).
     "TierSpec": "dynaexq.quant",
     "parse_tier": "dynaexq.quant",

@@ -17,6 +17,7 @@ Expert weights come in two layouts, both handled by `Checkpoint.expert`:
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -64,12 +65,34 @@ class UnsupportedDtypeError(CheckpointError, TypeError):
     """A tensor's dtype (or a requested compute dtype) cannot be run here."""
 
 
+class NonFiniteTensorError(CheckpointError, ValueError):
+    """A weight holds inf or NaN (only checked where asked: it costs a pass over the data)."""
+
+
 # safetensors dtype names we can read and convert to a compute dtype.
 _READABLE_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32,
     "BF16": torch.bfloat16,
     "F16": torch.float16,
     "F64": torch.float64,
+}
+# Bytes per element of every safetensors dtype, for sizes read from the header alone.
+_DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
 }
 
 
@@ -183,6 +206,19 @@ class Checkpoint:
     def dtype_name(self, name: str) -> str:
         return str(self._slice(name, None).get_dtype())
 
+    def nbytes(self, name: str) -> int:
+        """Bytes `name` occupies in its file, from the header alone (no data is read)."""
+        sl = self._slice(name, None)
+        dt = sl.get_dtype()
+        if dt not in _DTYPE_SIZES:
+            raise UnsupportedDtypeError(f"{self.path}: tensor {name!r} has unknown dtype {dt}")
+        return math.prod(sl.get_shape()) * _DTYPE_SIZES[dt]
+
+    def check_tensor(self, name: str, shape: tuple[int, ...] | None = None) -> None:
+        """Raise as `tensor(name, shape)` would (missing, wrong shape, unreadable dtype)
+        without reading any data: validates a whole checkpoint before a long job."""
+        self._check(name, self._slice(name, shape), shape)
+
     def _check(self, name: str, sl: Any, expected: tuple[int, ...] | None) -> None:
         dt = sl.get_dtype()
         if dt not in _READABLE_DTYPES:
@@ -209,6 +245,10 @@ class Checkpoint:
         t = sl[:]
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
+    def tensor_as_stored(self, name: str) -> torch.Tensor:
+        """Read one tensor unchecked and unconverted, any dtype: for copying it through."""
+        return self._slice(name, None)[:]
+
     def _row(self, name: str, index: int, shape: tuple[int, ...], dtype: torch.dtype | None):
         """Read `tensor[index]` of a stacked tensor without touching the other rows."""
         sl = self._slice(name, shape)
@@ -229,8 +269,29 @@ class Checkpoint:
             f"(per-expert layout) nor {p}.gate_up_proj (fused layout) is present"
         )
 
-    def expert(self, layer: int, expert: int, dtype: torch.dtype | None = None) -> ExpertTensors:
-        """The weights of routed expert `expert` of layer `layer`, read on demand."""
+    def expert_tensors(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """Name -> expected shape of every routed-expert tensor of `layer`, in its layout."""
+        c = self.config
+        n, h, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
+        p = f"model.layers.{layer}.mlp.experts"
+        if self.expert_layout(layer) == "fused":
+            return {f"{p}.gate_up_proj": (n, 2 * i, h), f"{p}.down_proj": (n, h, i)}
+        want = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+        return {f"{p}.{e}.{proj}.weight": s for e in range(n) for proj, s in want.items()}
+
+    def expert(
+        self,
+        layer: int,
+        expert: int,
+        dtype: torch.dtype | None = None,
+        *,
+        check_finite: bool = False,
+    ) -> ExpertTensors:
+        """The weights of routed expert `expert` of layer `layer`, read on demand.
+
+        `check_finite` raises NonFiniteTensorError, naming the tensor, if any weight is inf
+        or NaN (one extra pass over the expert's data).
+        """
         c = self.config
         n, h, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
         if not 0 <= expert < n:
@@ -238,14 +299,29 @@ class Checkpoint:
         p = f"model.layers.{layer}.mlp.experts"
         if self.expert_layout(layer) == "per_expert":
             q = f"{p}.{expert}"
-            return ExpertTensors(
-                gate=self.tensor(f"{q}.gate_proj.weight", (i, h), dtype),
-                up=self.tensor(f"{q}.up_proj.weight", (i, h), dtype),
-                down=self.tensor(f"{q}.down_proj.weight", (h, i), dtype),
-            )
-        gate_up = self._row(f"{p}.gate_up_proj", expert, (n, 2 * i, h), dtype)
-        return ExpertTensors(
-            gate=gate_up[:i],
-            up=gate_up[i:],
-            down=self._row(f"{p}.down_proj", expert, (n, h, i), dtype),
-        )
+            names = [f"{q}.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")]
+            parts = ["", "", ""]
+            gate = self.tensor(names[0], (i, h), dtype)
+            up = self.tensor(names[1], (i, h), dtype)
+            down = self.tensor(names[2], (h, i), dtype)
+        else:
+            names = [f"{p}.gate_up_proj", f"{p}.gate_up_proj", f"{p}.down_proj"]
+            parts = [f" (expert {expert}, {x})" for x in ("gate rows", "up rows", "all rows")]
+            gate_up = self._row(f"{p}.gate_up_proj", expert, (n, 2 * i, h), dtype)
+            gate, up = gate_up[:i], gate_up[i:]
+            down = self._row(f"{p}.down_proj", expert, (n, h, i), dtype)
+        if check_finite:
+            for name, part, t in zip(names, parts, (gate, up, down), strict=True):
+                if not _all_finite(t):
+                    raise NonFiniteTensorError(
+                        f"{self.path}: tensor {name!r}{part} has inf or NaN values"
+                    )
+        return ExpertTensors(gate=gate, up=up, down=down)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.dtype == torch.float64:  # a float64 sum of large finite float64s may overflow
+        return bool(torch.isfinite(t).all())
+    # The float64 sum of finite float32/16 values cannot overflow, so it is non-finite iff
+    # some element is; far cheaper than isfinite().all() on bf16.
+    return math.isfinite(float(t.sum(dtype=torch.float64)))

@@ -27,9 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from dynaexq.checkpoint import CheckpointError
     from dynaexq.quant.expert import PackedExpertError
     from dynaexq.quant.methods import QuantizationError
-    from dynaexq.quant.tiered import CheckpointError, quantize_checkpoint
+    from dynaexq.quant.tiered import quantize_checkpoint
     from dynaexq.quant.tiers import TierError, parse_tiers
 
     if args.threads > 0:

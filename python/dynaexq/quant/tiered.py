@@ -15,7 +15,6 @@ It is written into a hidden sibling directory and renamed into place only when c
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from dynaexq.checkpoint import Checkpoint, CheckpointError, CheckpointFileNotFoundError
 from dynaexq.quant.expert import (
     DEFAULT_ALIGNMENT,
     LAYOUT_VERSION,
@@ -38,66 +38,12 @@ from dynaexq.quant.tiers import TierSpec
 
 MANIFEST = "manifest.json"
 FORMAT = "dynaexq-tiered-checkpoint"
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NONEXPERT_SHARD_BYTES = 2 << 30
 
 
-class CheckpointError(ValueError):
-    """The source checkpoint is missing something or has an unexpected tensor."""
-
-
-# ------------------------------------------------------------------ source reading
-# TODO: switch to dynaexq.checkpoint (lazy sharded reader) once it lands; this private
-# reader only needs safetensors.safe_open.
-
-
-class _SafetensorsSource:
-    """Lazy, memory-mapped view of a (possibly sharded) safetensors checkpoint."""
-
-    def __init__(self, root: Path) -> None:
-        from safetensors import safe_open
-
-        self.root = root
-        index = root / "model.safetensors.index.json"
-        if index.exists():
-            wm = json.loads(index.read_text())["weight_map"]
-            self.where = {k: root / v for k, v in wm.items()}
-        else:
-            files = sorted(root.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(f"{root}: no *.safetensors files")
-            self.where = {}
-            for f in files:
-                with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():  # noqa: SIM118 (safe_open is not iterable)
-                        self.where[k] = f
-        self._handles: dict[Path, Any] = {}
-        self._open = safe_open
-        for f in set(self.where.values()):
-            if not f.exists():
-                raise CheckpointError(f"{f}: listed in the index but missing")
-
-    def _h(self, name: str):
-        f = self.where[name]
-        h = self._handles.get(f)
-        if h is None:
-            h = self._handles[f] = self._open(str(f), framework="pt")
-        return h
-
-    def names(self) -> list[str]:
-        return sorted(self.where)
-
-    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
-        sl = self._h(name).get_slice(name)
-        return tuple(sl.get_shape()), sl.get_dtype()
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.where:
-            raise CheckpointError(f"{name}: tensor missing from the checkpoint")
-        return self._h(name).get_tensor(name)
-
-    def get_index(self, name: str, i: int) -> torch.Tensor:
-        return self._h(name).get_slice(name)[i]
+# Source checkpoints are read through dynaexq.checkpoint.Checkpoint (lazy, memory-mapped,
+# sharded or not, per-expert or fused experts), as the model loader reads them; bad input
+# raises its CheckpointError subclasses, which name the file or tensor.
 
 
 @dataclass(frozen=True)
@@ -112,8 +58,11 @@ class MoeShape:
 def read_moe_config(root: Path) -> MoeShape:
     cfg_path = root / "config.json"
     if not cfg_path.exists():
-        raise CheckpointError(f"{root}: config.json missing")
-    cfg = json.loads(cfg_path.read_text())
+        raise CheckpointFileNotFoundError(f"{root}: config.json missing")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
     cfg = cfg.get("text_config", cfg)
     need = ("num_hidden_layers", "hidden_size", "moe_intermediate_size")
     for k in need:
@@ -127,70 +76,6 @@ def read_moe_config(root: Path) -> MoeShape:
     n = int(cfg["num_hidden_layers"])
     moe = tuple(i for i in range(n) if i not in mlp_only and (i + 1) % step == 0)
     return MoeShape(n, int(cfg["hidden_size"]), int(cfg["moe_intermediate_size"]), int(ne), moe)
-
-
-_DT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-class _ExpertReader:
-    """Reads one layer's experts in either on-disk form, validating names/shapes/dtypes."""
-
-    PROJ = ("gate_proj", "up_proj", "down_proj")
-
-    def __init__(self, src: _SafetensorsSource, shape: MoeShape, layer: int) -> None:
-        self.src, self.s, self.layer = src, shape, layer
-        p = f"model.layers.{layer}.mlp.experts"
-        self.prefix = p
-        h, i, e = shape.hidden_size, shape.intermediate_size, shape.num_experts
-        fused_gu, fused_dn = f"{p}.gate_up_proj", f"{p}.down_proj"
-        if fused_gu in src.where or fused_dn in src.where:
-            self.fused = True
-            self._check(fused_gu, (e, 2 * i, h))
-            self._check(fused_dn, (e, h, i))
-            self.names = [fused_gu, fused_dn]
-        else:
-            self.fused = False
-            self.names = []
-            want = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-            for ex in range(e):
-                for proj in self.PROJ:
-                    nm = f"{p}.{ex}.{proj}.weight"
-                    self._check(nm, want[proj])
-                    self.names.append(nm)
-
-    def _check(self, name: str, shape: tuple[int, ...]) -> None:
-        if name not in self.src.where:
-            raise CheckpointError(f"{name}: tensor missing from the checkpoint")
-        got, dt = self.src.shape_dtype(name)
-        if got != shape:
-            raise CheckpointError(f"{name}: expected shape {list(shape)}, got {list(got)}")
-        if dt not in _DT:
-            raise CheckpointError(f"{name}: unsupported dtype {dt} (expected F32, F16 or BF16)")
-
-    def expert(self, ex: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        p, i = self.prefix, self.s.intermediate_size
-        if self.fused:
-            gu = self.src.get_index(f"{p}.gate_up_proj", ex)
-            dn = self.src.get_index(f"{p}.down_proj", ex)
-            g, u = gu[:i], gu[i:]
-        else:
-            g, u, dn = (self.src.get(f"{p}.{ex}.{proj}.weight") for proj in self.PROJ)
-        for nm, t in (("gate_proj", g), ("up_proj", u), ("down_proj", dn)):
-            # A float64 sum is non-finite iff some element is; much cheaper than
-            # isfinite().all() on bf16.
-            if not math.isfinite(float(t.sum(dtype=torch.float64))):
-                raise CheckpointError(f"{p}.{ex}.{nm}: non-finite values")
-        return g, u, dn
-
-    def source_bytes(self) -> int:
-        total = 0
-        for nm in self.names:
-            shape, dt = self.src.shape_dtype(nm)
-            n = 1
-            for d in shape:
-                n *= d
-            total += n * _DT[dt].itemsize
-        return total
 
 
 # ------------------------------------------------------------------ writing
@@ -235,12 +120,11 @@ def quantize_checkpoint(
 ) -> dict[str, Any]:
     """Write a tiered checkpoint of `src` at `dst`; returns the manifest.
 
-    Raises CheckpointError on bad input (naming the tensor), FileExistsError if dst exists
+    Raises dynaexq.checkpoint.CheckpointError (a subclass: MissingTensorError,
+    TensorShapeError, UnsupportedDtypeError, NonFiniteTensorError, ...) on bad input,
+    naming the file or tensor; FileExistsError if dst exists
     and not force. Nothing appears at `dst` unless the whole run succeeded.
     """
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
     src_p, dst_p = Path(src), Path(dst)
     if not tiers:
         raise CheckpointError("no tiers requested")
@@ -251,12 +135,46 @@ def quantize_checkpoint(
     if dst_p.resolve() == src_p.resolve():
         raise CheckpointError("output directory must differ from the source")
     shape = read_moe_config(src_p)
-    source = _SafetensorsSource(src_p)
-    readers = {layer: _ExpertReader(source, shape, layer) for layer in shape.moe_layers}
-    expert_names = {n for r in readers.values() for n in r.names}
-    for name in source.names():
-        if ".mlp.experts." in name and name not in expert_names:
-            raise CheckpointError(f"{name}: unexpected expert tensor (layer not MoE per config?)")
+    source = Checkpoint(src_p)
+    try:
+        return _quantize(source, shape, src_p, dst_p, tiers, alignment, progress)
+    finally:
+        source.close()
+
+
+def _quantize(
+    source: Checkpoint,
+    shape: MoeShape,
+    src_p: Path,
+    dst_p: Path,
+    tiers: list[TierSpec],
+    alignment: int,
+    progress: bool,
+) -> dict[str, Any]:
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    c = source.config
+    theirs = (c.hidden_size, c.moe_intermediate_size, c.num_experts, tuple(c.moe_layers))
+    ours = (shape.hidden_size, shape.intermediate_size, shape.num_experts, shape.moe_layers)
+    if theirs != ours:  # cannot happen for a plain Qwen3-MoE config.json; guards the shapes
+        raise CheckpointError(
+            f"{src_p / 'config.json'}: MoE shape read two ways disagrees ({ours} vs {theirs})"
+        )
+    # Check every expert tensor (presence, shape, dtype) from the headers before the long run.
+    expert_names: dict[int, list[str]] = {}
+    for layer in shape.moe_layers:
+        wanted = source.expert_tensors(layer)
+        for name, want in wanted.items():
+            source.check_tensor(name, want)
+        expert_names[layer] = list(wanted)
+    known = {n for names in expert_names.values() for n in names}
+    for name in sorted(source.names()):
+        if ".mlp.experts." in name and name not in known:
+            raise CheckpointError(
+                f"{src_p}: tensor {name!r} is an unexpected expert tensor "
+                "(layer not MoE per config.json, or both expert layouts present?)"
+            )
 
     tmp = dst_p.parent / f".{dst_p.name}.partial-{os.getpid()}"
     if tmp.exists():
@@ -265,7 +183,7 @@ def quantize_checkpoint(
     t0 = time.perf_counter()
     try:
         manifest = _write(
-            source, shape, readers, expert_names, tiers, tmp, alignment, progress, save_file, tqdm
+            source, shape, expert_names, tiers, tmp, alignment, progress, save_file, tqdm
         )
         manifest["source"] = str(src_p)
         seconds = time.perf_counter() - t0
@@ -288,7 +206,15 @@ def quantize_checkpoint(
 
 
 def _write(
-    source, shape, readers, expert_names, tiers, out, alignment, progress, save_file, tqdm
+    source: Checkpoint,
+    shape: MoeShape,
+    expert_names: dict[int, list[str]],
+    tiers: list[TierSpec],
+    out: Path,
+    alignment: int,
+    progress: bool,
+    save_file: Any,
+    tqdm: Any,
 ) -> dict[str, Any]:
     e = shape.num_experts
     manifest: dict[str, Any] = {
@@ -311,10 +237,10 @@ def _write(
     }
     src_bytes = 0
     bar = tqdm(
-        total=len(readers) * e, desc="quantizing experts", unit="expert", disable=not progress
+        total=len(expert_names) * e, desc="quantizing experts", unit="expert", disable=not progress
     )
-    for layer, rd in readers.items():
-        src_bytes += rd.source_bytes()
+    for layer, names in expert_names.items():
+        src_bytes += sum(source.nbytes(n) for n in names)
         blobs = {
             t.name: torch.empty(e, manifest["expert_nbytes"][t.name], dtype=torch.uint8)
             for t in tiers
@@ -322,7 +248,8 @@ def _write(
         for t in tiers:
             manifest["metrics"][t.name][str(layer)] = []
         for ex in range(e):
-            g, u, d = rd.expert(ex)
+            x = source.expert(layer, ex, check_finite=True)
+            g, u, d = x.gate, x.up, x.down
             for t in tiers:
                 qe = quantize_expert(t, g, u, d)
                 blobs[t.name][ex] = pack_quantized_expert(qe, alignment)
@@ -350,10 +277,11 @@ def _write(
                 manifest["nonexpert"][k] = fname
             shard, size, idx = {}, 0, idx + 1
 
-    for name in source.names():
-        if name in expert_names:
+    known = {n for names in expert_names.values() for n in names}
+    for name in sorted(source.names()):
+        if name in known:
             continue
-        t = source.get(name).contiguous()
+        t = source.tensor_as_stored(name).contiguous()
         shard[name] = t
         size += t.numel() * t.element_size()
         if size >= _NONEXPERT_SHARD_BYTES:
