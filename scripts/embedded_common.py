@@ -68,13 +68,14 @@ def evaluate(
     losses: dict[str, float] = {}
     counts: dict[str, np.ndarray] = {}  # domain -> [layers, experts] assignment counts
     tok_entropy: dict[str, np.ndarray] = {}
+    device = next(model.parameters()).device
     for d in DOMAINS:
         seqs = heldout_batches(heldout[d], seq_len, max_seqs)
         nll, ntok = 0.0, 0
         cnt = np.zeros((cfg.num_hidden_layers, num_experts))
         ent = np.zeros(cfg.num_hidden_layers)
         for i in range(0, len(seqs), batch):
-            x = seqs[i : i + batch]
+            x = seqs[i : i + batch].to(device)
             out = model(input_ids=x[:, :-1], output_router_logits=True, use_cache=False)
             logits = out.logits.float()
             nll += torch.nn.functional.cross_entropy(
@@ -84,7 +85,7 @@ def evaluate(
             for layer, rl in enumerate(out.router_logits):
                 probs = torch.softmax(rl.float(), dim=-1)
                 picks = torch.topk(probs, top_k, dim=-1).indices
-                cnt[layer] += np.bincount(picks.reshape(-1).numpy(), minlength=num_experts)
+                cnt[layer] += np.bincount(picks.reshape(-1).cpu().numpy(), minlength=num_experts)
                 ent[layer] += (-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)).sum().item()
         losses[d] = nll / ntok
         counts[d] = cnt

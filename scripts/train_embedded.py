@@ -222,7 +222,7 @@ def train(args: argparse.Namespace) -> int:
 
     config = build_config(args, vocab_size)
     torch.manual_seed(args.seed)
-    model = Qwen3MoeForCausalLM(config)
+    model = Qwen3MoeForCausalLM(config).to(args.device)
     model.set_experts_implementation(args.experts_impl)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -344,7 +344,7 @@ def train(args: argparse.Namespace) -> int:
             s = streams[DOMAINS[(step * args.batch + i) % len(DOMAINS)]]
             o = int(rng.integers(0, len(s) - args.seq_len - 1))
             rows.append(np.asarray(s[o : o + args.seq_len + 1], dtype=np.int64))
-        x = torch.from_numpy(np.stack(rows))
+        x = torch.from_numpy(np.stack(rows)).to(args.device)
         lr = lr_at(step - phase_start, horizon - phase_start, args)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -546,6 +546,11 @@ def main(argv: list[str] | None = None) -> int:
         "--experts-impl", default="grouped_mm", help="transformers experts implementation"
     )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device to train on (cpu, cuda, cuda:1); checkpoints are portable",
+    )
     ap.add_argument(
         "--continue-from",
         default=None,
