@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from dynaexq.checkpoint import Checkpoint, CheckpointError, CheckpointFileNotFoundError
+from dynaexq.checkpoint import Checkpoint, CheckpointError
+from dynaexq.model.config import ModelConfig
 from dynaexq.quant.expert import (
     DEFAULT_ALIGNMENT,
     LAYOUT_VERSION,
@@ -54,28 +55,21 @@ class MoeShape:
     num_experts: int
     moe_layers: tuple[int, ...]
 
-
-def read_moe_config(root: Path) -> MoeShape:
-    cfg_path = root / "config.json"
-    if not cfg_path.exists():
-        raise CheckpointFileNotFoundError(f"{root}: config.json missing")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-    cfg = cfg.get("text_config", cfg)
-    need = ("num_hidden_layers", "hidden_size", "moe_intermediate_size")
-    for k in need:
-        if k not in cfg:
-            raise CheckpointError(f"config.json: {k} missing (is this a Qwen3-MoE model?)")
-    ne = cfg.get("num_experts", cfg.get("num_local_experts"))
-    if not ne:
-        raise CheckpointError("config.json: num_experts missing or 0 (not an MoE model)")
-    step = int(cfg.get("decoder_sparse_step", 1) or 1)
-    mlp_only = set(cfg.get("mlp_only_layers", []) or [])
-    n = int(cfg["num_hidden_layers"])
-    moe = tuple(i for i in range(n) if i not in mlp_only and (i + 1) % step == 0)
-    return MoeShape(n, int(cfg["hidden_size"]), int(cfg["moe_intermediate_size"]), int(ne), moe)
+    @classmethod
+    def of(cls, config: ModelConfig, where: Path) -> MoeShape:
+        """The expert shapes of a config the loader parsed (one parser for both)."""
+        if config.num_experts <= 0 or config.moe_intermediate_size <= 0 or not config.moe_layers:
+            raise CheckpointError(
+                f"{where}: num_experts or moe_intermediate_size missing or 0, or no sparse "
+                "layer (not a Qwen3-MoE model?)"
+            )
+        return cls(
+            config.num_hidden_layers,
+            config.hidden_size,
+            config.moe_intermediate_size,
+            config.num_experts,
+            tuple(config.moe_layers),
+        )
 
 
 # ------------------------------------------------------------------ writing
@@ -134,7 +128,9 @@ def quantize_checkpoint(
         raise CheckpointError(f"{src_p}: not a directory")
     if dst_p.resolve() == src_p.resolve():
         raise CheckpointError("output directory must differ from the source")
-    shape = read_moe_config(src_p)
+    # The config first: a non-MoE or broken config is the error to report, not missing weights.
+    config = src_p / "config.json"
+    shape = MoeShape.of(ModelConfig.from_file(config), config)
     source = Checkpoint(src_p)
     try:
         return _quantize(source, shape, src_p, dst_p, tiers, alignment, progress)
@@ -154,13 +150,6 @@ def _quantize(
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    c = source.config
-    theirs = (c.hidden_size, c.moe_intermediate_size, c.num_experts, tuple(c.moe_layers))
-    ours = (shape.hidden_size, shape.intermediate_size, shape.num_experts, shape.moe_layers)
-    if theirs != ours:  # cannot happen for a plain Qwen3-MoE config.json; guards the shapes
-        raise CheckpointError(
-            f"{src_p / 'config.json'}: MoE shape read two ways disagrees ({ours} vs {theirs})"
-        )
     # Check every expert tensor (presence, shape, dtype) from the headers before the long run.
     expert_names: dict[int, list[str]] = {}
     for layer in shape.moe_layers:
