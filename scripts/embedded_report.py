@@ -52,27 +52,69 @@ def expert_format(model_dir: Path) -> str:
     return "mixed/unknown"
 
 
+def trained_history(recs: list[dict]) -> list[dict]:
+    """The log records that describe training the final weights hold.
+
+    A run killed between checkpoints has logged steps its checkpoint lost; the resumed
+    run (or a phase continued from that checkpoint) logs from the checkpoint's step again.
+    So a record whose step goes back drops the earlier records past it; a training-loss
+    record at step S also drops an earlier one at S with what was logged after it.
+    """
+
+    def lost(q: dict, s: int, loss_record: bool) -> bool:
+        qs = q.get("step", 0)
+        if q.get("event") in ("start", "continue"):
+            return qs > s
+        return qs > s or (loss_record and qs == s)
+
+    out: list[dict] = []
+    for r in recs:
+        if "step" in r and r.get("event") != "start":
+            loss_record = "loss" in r and "event" not in r
+            while out and lost(out[-1], r["step"], loss_record):
+                out.pop()
+        out.append(r)
+    return out
+
+
 def training_summary(log_path: Path) -> dict[str, object]:
     recs = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
+    recs = trained_history(recs)
     steps = [r for r in recs if "loss" in r and "step" in r and "eval" not in r]
     evals = [r for r in recs if "eval" in r]
     done = [r for r in recs if r.get("event") == "done"]
     last = steps[-1] if steps else {}
-    # A phase is one warmup + cosine schedule: the first starts at step 0, each
-    # `continue` event (train_embedded.py --continue-from) starts another.
     tps = next((r["tokens_per_step"] for r in recs if r.get("event") == "start"), 0)
     # A phase is one warmup + cosine schedule: the first starts at step 0, each
     # `continue` event (train_embedded.py --continue-from) starts another. Records are
-    # in log order, so a phase is everything between two such events.
+    # in log order, so a phase is everything between two such events. Phases may use
+    # different batch sizes: records carry the running token count (older `continue`
+    # events without one inherit the first phase's tokens per step).
     phases: list[dict[str, object]] = []
     clock = 0.0  # wall clock (s) when the current phase started
+    tokens = 0  # running token count at the latest record
     for r in recs:
         if r.get("event") in ("start", "continue"):
-            if phases:
+            start_tokens = r.get("tokens", r.get("step", 0) * tps)
+            if phases:  # the previous phase ended at the checkpoint this one starts from
                 clock = float(phases[-1]["_clock"])  # type: ignore[arg-type]
-            phases.append({"first_step": r.get("step", 0), "_start": clock, "_clock": clock})
+                phases[-1]["_tokens"], phases[-1]["last_step"] = start_tokens, r["step"]
+            phases.append(
+                {
+                    "first_step": r.get("step", 0),
+                    "_start": clock,
+                    "_clock": clock,
+                    "_tokens0": start_tokens,
+                    "_tokens": start_tokens,
+                    "tokens_per_step": r.get("tokens_per_step", tps),
+                    "device": r.get("device", "cpu"),
+                    "optimizer": r.get("optimizer", "new" if r["event"] == "start" else "parent"),
+                }
+            )
         elif phases and "elapsed_s" in r:
             phases[-1]["_clock"] = r["elapsed_s"]
+        if phases and "tokens" in r and "step" in r:
+            phases[-1]["_tokens"] = tokens = r["tokens"]
         if phases and "lr" in r and "step" in r:
             ph = phases[-1]
             ph["last_step"] = r["step"]
@@ -81,16 +123,24 @@ def training_summary(log_path: Path) -> dict[str, object]:
         if phases and r.get("event") == "done":
             phases[-1]["last_step"] = r["step"]
     for ph in phases:
-        ph["tokens"] = (int(ph.get("last_step", ph["first_step"])) - int(ph["first_step"])) * tps  # type: ignore[call-overload]
+        ph["end_tokens"] = int(ph.pop("_tokens"))  # type: ignore[call-overload]
+        ph["tokens"] = ph["end_tokens"] - int(ph.pop("_tokens0"))  # type: ignore[call-overload]
         ph["seconds"] = float(ph.pop("_clock")) - float(ph.pop("_start"))  # type: ignore[arg-type]
+        # Held-out loss where the phase ended, if it was evaluated there: the ends of
+        # fully decayed phases are the points a flattening curve is read from.
+        end = [r for r in evals if r["step"] == ph.get("last_step")]
+        ph["end_eval"] = end[-1]["eval"]["loss"] if end else None
+        ph["decayed"] = bool(ph.get("final_lr")) and float(ph["final_lr"]) <= 0.1 * float(
+            ph["peak_lr"]  # type: ignore[arg-type]
+        )
     final = max([last.get("step", 0), *(r["step"] for r in done)])
     curve = [
         {"step": r["step"], "tokens": r["tokens"], **{d: r["eval"]["loss"][d] for d in DOMAINS}}
         for r in evals
     ]
-    return {
+    summary: dict[str, object] = {
         "steps": final,
-        "tokens": final * tps,
+        "tokens": tokens,
         "train_seconds": max([last.get("elapsed_s", 0), *(r["elapsed_s"] for r in done)]),
         "final_train_loss": last.get("loss"),
         "tokens_per_step": tps,
@@ -99,6 +149,27 @@ def training_summary(log_path: Path) -> dict[str, object]:
         "eval_curve": curve,
         "train_curve": [{"tokens": r["tokens"], "loss": r["loss"]} for r in steps],
     }
+    summary["decayed_phase_ends"] = decayed_phase_ends(summary)
+    return summary
+
+
+def decayed_phase_ends(tsum: dict[str, object]) -> list[dict[str, object]]:
+    """Held-out loss at the ends of fully decayed phases, with the gain per doubling of
+    tokens since the previous such end (per domain, nats)."""
+    out: list[dict[str, object]] = []
+    for ph in tsum.get("phases") or []:  # type: ignore[attr-defined]
+        if not (ph.get("decayed") and ph.get("end_eval")):
+            continue
+        gain = {}
+        if out:
+            prev = out[-1]
+            doublings = math.log2(ph["end_tokens"] / prev["tokens"])  # type: ignore[operator]
+            gain = {
+                d: round((prev["loss"][d] - ph["end_eval"][d]) / doublings, 4)  # type: ignore[index]
+                for d in DOMAINS
+            }
+        out.append({"tokens": ph["end_tokens"], "loss": ph["end_eval"], "gain_per_doubling": gain})
+    return out
 
 
 def last_doubling(curve: list[dict[str, float]]) -> dict[str, object] | None:
@@ -146,9 +217,9 @@ def plot_training(summary: dict[str, object], path: Path) -> None:
             marker=".",
             label=f"held-out {d}",
         )
-    tps = summary["tokens_per_step"]
     for ph in summary["phases"][1:]:  # type: ignore[index]
-        ax.axvline(ph["first_step"] * tps / 1e6, color="k", ls="--", lw=0.8)  # type: ignore[operator]
+        start = ph["end_tokens"] - ph["tokens"]  # type: ignore[operator]
+        ax.axvline(start / 1e6, color="k", ls="--", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlim(left=0.3)
     ax.set_ylim(top=min(6.0, ax.get_ylim()[1]))
@@ -338,20 +409,56 @@ def main(argv: list[str] | None = None) -> int:
             "## Training phases",
             "",
             "Each phase is a linear warmup and a cosine decay; a later phase continues from "
-            "the previous one's weights and AdamW state (`train_embedded.py --continue-from`).",
+            "the previous one's weights (`train_embedded.py --continue-from`), with its AdamW "
+            "state or, for a run moved between machines with `pack`, a fresh AdamW.",
             "",
             md_table(
-                ["phase", "steps", "tokens", "peak lr", "final lr", "wall clock (min)"],
+                [
+                    "phase",
+                    "device",
+                    "steps",
+                    "tokens",
+                    "tokens/step",
+                    "AdamW",
+                    "peak lr",
+                    "final lr",
+                    "wall clock (min)",
+                ],
                 [
                     [
                         i + 1,
+                        ph["device"],
                         f"{ph['first_step']}-{ph.get('last_step', ph['first_step'])}",
                         f"{ph['tokens']:,}",
+                        ph["tokens_per_step"],
+                        ph["optimizer"],
                         f"{ph['peak_lr']:.2e}" if ph.get("peak_lr") else "",
                         f"{ph['final_lr']:.2e}" if ph.get("final_lr") else "",
                         f"{ph['seconds'] / 60:.1f}" if ph["seconds"] else "",
                     ]
                     for i, ph in enumerate(tsum["phases"])  # type: ignore[arg-type]
+                ],
+            ),
+            "",
+        ]
+    ends = decayed_phase_ends(tsum)
+    if len(ends) >= 2:
+        md += [
+            "Held-out loss at the end of each fully decayed phase (sampled held-out windows "
+            "as logged during training) and the loss gained per doubling of training tokens "
+            "since the previous such end: the flattening measure that compares like with like.",
+            "",
+            md_table(
+                ["tokens", *DOMAINS, "gain per doubling"],
+                [
+                    [
+                        f"{e['tokens']:,}",
+                        *(e["loss"][k] for k in DOMAINS),
+                        " / ".join(f"{g:.3f}" for g in e["gain_per_doubling"].values())
+                        if e["gain_per_doubling"]
+                        else "",
+                    ]
+                    for e in ends
                 ],
             ),
             "",

@@ -18,6 +18,11 @@ Stages (run in this order; each is deterministic for a given seed):
     ``--max-minutes`` is a wall-clock guard: if the measured step rate says the
     planned token count will not fit, the cosine horizon is shortened (logged as
     ``horizon`` events) so the run still ends with a fully decayed learning rate.
+``pack`` / ``unpack``
+    Move a run to another machine (a lent GPU) and back: ``pack`` writes its weights
+    as fp32 safetensors shards of at most ``--shard-mb`` MiB with its counters and log
+    (no optimizer state); ``unpack --src DIR --run NAME`` makes a run of it that
+    ``train --continue-from NAME`` continues with a fresh AdamW, or ``export`` exports.
 ``export``
     Writes the final weights in the Hugging Face format (bf16 or fp32) with the
     tokenizer and the training log into ``--model-dir``.
@@ -191,7 +196,9 @@ def aux_loss(router_logits: tuple, top_k: int) -> torch.Tensor:  # type: ignore[
         e = probs.shape[-1]
         picks = torch.topk(probs, top_k, dim=-1).indices
         frac = (
-            torch.zeros(e).index_add_(0, picks.reshape(-1), torch.ones(picks.numel()))
+            torch.zeros(e, device=picks.device).index_add_(
+                0, picks.reshape(-1), torch.ones(picks.numel(), device=picks.device)
+            )
             / picks.numel()
         )
         total = total + e * (frac * probs.mean(0)).sum()
@@ -223,6 +230,9 @@ def train(args: argparse.Namespace) -> int:
     config = build_config(args, vocab_size)
     torch.manual_seed(args.seed)
     model = Qwen3MoeForCausalLM(config).to(args.device)
+    if str(args.device).startswith("cuda"):
+        # The matrices are small; TF32 keeps fp32 training numerics close to the CPU's.
+        torch.backends.cuda.matmul.allow_tf32 = True
     model.set_experts_implementation(args.experts_impl)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -243,18 +253,21 @@ def train(args: argparse.Namespace) -> int:
     planned = max(args.warmup + 1, int(args.tokens // tokens_per_step))
     horizon = planned
     step, elapsed_before = 0, 0.0
+    # Tokens trained in all phases so far: a phase may use another batch size.
+    tokens = 0
     # A phase is one warmup + cosine schedule; a continued run (--continue-from) starts
     # a second phase at the parent's last step, with the parent's weights and AdamW state.
     phase_start, phase_elapsed = 0, 0.0
     ckpt = run_dir / "ckpt.pt"
     log_path = run_dir / "train_log.jsonl"
-    continued = False
+    continued = fresh_opt = False
     resumed = ckpt.is_file()
     if resumed:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, horizon, elapsed_before = state["step"], state["horizon"], state["elapsed"]
+        tokens = state.get("tokens", step * tokens_per_step)
         phase_start = state.get("phase_start", 0)
         phase_elapsed = state.get("phase_elapsed", 0.0)
         print(f"resumed {ckpt} at step {step}", flush=True)
@@ -262,8 +275,13 @@ def train(args: argparse.Namespace) -> int:
         parent = work / "runs" / args.continue_from
         state = torch.load(parent / "ckpt.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        # A packed run (stage `pack`) carries no optimizer state: AdamW starts afresh,
+        # which the phase's warmup absorbs.
+        fresh_opt = "opt" not in state
+        if not fresh_opt:
+            opt.load_state_dict(state["opt"])
         step, elapsed_before = state["step"], state["elapsed"]
+        tokens = state.get("tokens", step * _run_tokens_per_step(parent))
         phase_start, phase_elapsed = step, elapsed_before
         horizon = step + planned
         # The new run's log starts as a copy of the parent's, so it reads as one history.
@@ -301,6 +319,10 @@ def train(args: argparse.Namespace) -> int:
                 "horizon": horizon,
                 "lr": args.lr,
                 "warmup": args.warmup,
+                "tokens": tokens,
+                "tokens_per_step": tokens_per_step,
+                "optimizer": "fresh" if fresh_opt else "parent",
+                "device": str(args.device),
             }
         )
     if step == 0:
@@ -323,6 +345,7 @@ def train(args: argparse.Namespace) -> int:
                 "step": step,
                 "horizon": horizon,
                 "elapsed": elapsed,
+                "tokens": tokens,
                 "phase_start": phase_start,
                 "phase_elapsed": phase_elapsed,
             },
@@ -359,6 +382,7 @@ def train(args: argparse.Namespace) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        tokens += tokens_per_step
         win_loss += ce.item()
         win_aux += aux.item()
         win_n += 1
@@ -368,7 +392,7 @@ def train(args: argparse.Namespace) -> int:
             log(
                 {
                     "step": step,
-                    "tokens": step * tokens_per_step,
+                    "tokens": tokens,
                     "loss": round(win_loss / win_n, 4),
                     "aux": round(win_aux / win_n, 4),
                     "lr": lr,
@@ -403,7 +427,7 @@ def train(args: argparse.Namespace) -> int:
             log(
                 {
                     "step": step,
-                    "tokens": step * tokens_per_step,
+                    "tokens": tokens,
                     "eval": ev,
                     "eval_s": round(time.time() - t0, 1),
                 }
@@ -420,10 +444,76 @@ def train(args: argparse.Namespace) -> int:
         {
             "event": "done",
             "step": step,
-            "tokens": step * tokens_per_step,
+            "tokens": tokens,
             "elapsed_s": round(elapsed_before + time.time() - t_start),
         }
     )
+    return 0
+
+
+def _run_tokens_per_step(run_dir: Path) -> int:
+    """Tokens per step of a run from before checkpoints counted tokens (one batch size)."""
+    cfg = json.loads((run_dir / "config.json").read_text())["args"]
+    return int(cfg["batch"]) * int(cfg["seq_len"])
+
+
+# ---------------------------------------------------------------------- pack / unpack
+# A run moves between machines (this CPU box and a lent GPU) as its weights in fp32
+# safetensors shards, its counters and its log: a fraction of a checkpoint's size, since
+# AdamW's two moments are left behind. A phase continued from a packed run starts AdamW
+# afresh (logged in its `continue` event).
+PACK_META = "state.json"
+
+
+def pack(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    run_dir = args.work / "runs" / args.run
+    state = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=False)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    limit = int(args.shard_mb * 2**20)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state["model"].items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().float().contiguous()
+        size += n
+    files = []
+    for i, sd in enumerate(shards):
+        files.append(f"weights-{i:02d}.safetensors")
+        save_file(sd, str(out / files[-1]))
+    meta = {k: v for k, v in state.items() if k not in ("model", "opt")}
+    meta.setdefault("tokens", state["step"] * _run_tokens_per_step(run_dir))
+    meta["files"] = files
+    (out / PACK_META).write_text(json.dumps(meta, indent=2) + "\n")
+    for f in ("train_log.jsonl", "config.json"):
+        shutil.copy(run_dir / f, out / f)
+    print(f"packed {run_dir} (step {state['step']}) into {len(files)} shard(s) in {out}")
+    return 0
+
+
+def unpack(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    src: Path = args.src
+    meta = json.loads((src / PACK_META).read_text())
+    model: dict[str, torch.Tensor] = {}
+    for f in meta.pop("files"):
+        model.update(load_file(str(src / f)))
+    run_dir = args.work / "runs" / args.run
+    if (run_dir / "ckpt.pt").exists():
+        raise SystemExit(f"{run_dir} already has a checkpoint; pick another --run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model, **meta}, run_dir / "ckpt.pt")
+    for f in ("train_log.jsonl", "config.json"):
+        shutil.copy(src / f, run_dir / f)
+    print(f"unpacked {src} (step {meta['step']}) into {run_dir}")
     return 0
 
 
@@ -506,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("stage", choices=["prepare", "train", "export"])
+    ap.add_argument("stage", choices=["prepare", "train", "export", "pack", "unpack"])
     ap.add_argument("--corpus", type=Path, default=CACHE / "corpus")
     ap.add_argument("--work", type=Path, default=CACHE / "train")
     ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
@@ -570,8 +660,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="export dtype"
     )
+    ap.add_argument("--out", type=Path, help="pack: folder to write the packed run to")
+    ap.add_argument("--src", type=Path, help="unpack: a folder written by `pack`")
+    ap.add_argument("--shard-mb", type=float, default=15.0, help="pack: MiB per weight shard")
     args = ap.parse_args(argv)
-    return {"prepare": prepare, "train": train, "export": export}[args.stage](args)
+    if args.stage == "pack" and args.out is None or args.stage == "unpack" and args.src is None:
+        ap.error(f"{args.stage} needs {'--out' if args.stage == 'pack' else '--src'}")
+    stages = {"prepare": prepare, "train": train, "export": export, "pack": pack, "unpack": unpack}
+    return stages[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "train_embedded.py"
+REPORT_DIR = REPO / "scripts"
 DOMAIN_SOURCES = {
     "python": sorted((REPO / "python" / "dynaexq").rglob("*.py")),
     "c": sorted((REPO / "kernels").rglob("*.c*")) + sorted((REPO / "kernels").rglob("*.h")),
@@ -165,3 +166,77 @@ def test_continue_starts_a_second_phase_and_exports(dirs: dict[str, Path]) -> No
     with torch.no_grad():
         want = ref(input_ids=ids).logits
     assert (engine.forward(ids) - want).abs().max().item() <= 1e-4
+
+
+def test_a_packed_run_moves_and_continues_with_another_batch(
+    dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """pack -> unpack gives the same weights; a phase continued from it starts AdamW afresh,
+    may use another batch size, and the log and report count its tokens right."""
+    from safetensors import safe_open
+
+    if not (dirs["work"] / "runs" / "a").exists():
+        run(dirs, "train", "--run", "a", "--tokens", str(8 * STEP_TOKENS), *TINY)
+    packed = tmp_path / "packed"
+    run(dirs, "pack", "--run", "a", "--out", str(packed), "--shard-mb", "0.05")
+    meta = json.loads((packed / "state.json").read_text())
+    assert meta["step"] == 8 and meta["tokens"] == 8 * STEP_TOKENS and len(meta["files"]) > 1
+    for f in meta["files"]:  # every shard under the limit unless one tensor alone is over it
+        with safe_open(str(packed / f), "pt") as sf:
+            sizes = [sf.get_tensor(k).numel() * 4 for k in sf.keys()]  # noqa: SIM118
+        assert sum(sizes) <= 0.05 * 2**20 or len(sizes) == 1
+    assert not (dirs["work"] / "runs" / "moved").exists()
+    run(dirs, "unpack", "--src", str(packed), "--run", "moved")
+    assert_same_weights(weights(dirs, "a"), weights(dirs, "moved"))
+    again = run(dirs, "unpack", "--src", str(packed), "--run", "moved", check=False)
+    assert again.returncode != 0 and "already has a checkpoint" in again.stderr
+
+    run(
+        dirs, "train", "--run", "moved2", "--continue-from", "moved",
+        "--tokens", str(4 * 2 * STEP_TOKENS), *TINY, "--batch", "8",
+    )  # fmt: skip
+    log = log_of(dirs, "moved2")
+    cont = [r for r in log if r.get("event") == "continue"]
+    assert cont[0]["optimizer"] == "fresh" and cont[0]["tokens"] == 8 * STEP_TOKENS
+    assert cont[0]["tokens_per_step"] == 2 * STEP_TOKENS
+    new = [r for r in log if "loss" in r and r["step"] > 8]
+    assert [r["tokens"] for r in new] == [
+        8 * STEP_TOKENS + 2 * STEP_TOKENS * i for i in (1, 2, 3, 4)
+    ]
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import embedded_report
+
+    summary = embedded_report.training_summary(dirs["work"] / "runs" / "moved2" / "train_log.jsonl")
+    phases = summary["phases"]
+    assert [p["tokens"] for p in phases] == [8 * STEP_TOKENS, 8 * STEP_TOKENS]  # type: ignore[index]
+    assert [p["optimizer"] for p in phases] == ["new", "fresh"]  # type: ignore[index]
+    assert summary["tokens"] == 16 * STEP_TOKENS
+
+
+def test_the_report_reads_only_the_history_the_weights_hold() -> None:
+    """A run killed past its checkpoint (step 2) logged steps 3-4 it lost; the resumed
+    run logs 3-4 again; a later phase continues from a checkpoint at step 5 after the
+    parent logged step 6. The report keeps one record per step, from the runs that count."""
+    sys.path.insert(0, str(REPORT_DIR))
+    import embedded_report
+
+    def rec(step: int, tag: str) -> dict:
+        return {"step": step, "tokens": step * 10, "loss": 1.0, "lr": 1e-3, "tag": tag}
+
+    def ev(step: int, tag: str) -> dict:
+        return {"step": step, "tokens": step * 10, "eval": {"loss": {}}, "tag": tag}
+
+    log = [
+        {"event": "start", "params": 1, "horizon": 6, "tokens_per_step": 10},
+        rec(1, "a"), rec(2, "a"), ev(2, "a"), rec(3, "lost"), {"event": "horizon", "step": 3},
+        rec(4, "lost"), ev(4, "lost"),
+        rec(3, "b"), rec(4, "b"), ev(4, "b"), rec(5, "b"), rec(6, "past-ckpt"),
+        {"event": "continue", "step": 5, "tokens": 50},
+        rec(6, "c"), ev(6, "c"),
+    ]  # fmt: skip
+    kept = embedded_report.trained_history(log)
+    assert [(r.get("step"), r.get("tag")) for r in kept if "tag" in r] == [
+        (1, "a"), (2, "a"), (2, "a"), (3, "b"), (4, "b"), (4, "b"), (5, "b"), (6, "c"), (6, "c"),
+    ]  # fmt: skip
+    assert [r["event"] for r in kept if "event" in r] == ["start", "continue"]
