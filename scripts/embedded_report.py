@@ -130,7 +130,9 @@ def training_summary(log_path: Path) -> dict[str, object]:
         # fully decayed phases are the points a flattening curve is read from.
         end = [r for r in evals if r["step"] == ph.get("last_step")]
         ph["end_eval"] = end[-1]["eval"]["loss"] if end else None
-        ph["decayed"] = bool(ph.get("final_lr")) and float(ph["final_lr"]) <= 0.1 * float(
+        # "Decayed": the learning rate at its last step fell to a quarter of its peak or
+        # less (a full cosine ends at --min-lr-frac, 5%; a phase cut short stays near 1).
+        ph["decayed"] = bool(ph.get("final_lr")) and float(ph["final_lr"]) <= 0.25 * float(
             ph["peak_lr"]  # type: ignore[arg-type]
         )
     final = max([last.get("step", 0), *(r["step"] for r in done)])

@@ -231,7 +231,7 @@ def train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = Qwen3MoeForCausalLM(config).to(args.device)
     if str(args.device).startswith("cuda"):
-        # The matrices are small; TF32 keeps fp32 training numerics close to the CPU's.
+        # TF32 tensor-core matmuls (fp32 accumulate): faster, and ample for training.
         torch.backends.cuda.matmul.allow_tf32 = True
     model.set_experts_implementation(args.experts_impl)
     model.train()
@@ -264,6 +264,11 @@ def train(args: argparse.Namespace) -> int:
     resumed = ckpt.is_file()
     if resumed:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if "opt" not in state:
+            raise SystemExit(
+                f"{ckpt} is an unpacked run (no optimizer state): start a phase from it "
+                f"with --continue-from {args.run} --run NEW_NAME"
+            )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, horizon, elapsed_before = state["step"], state["horizon"], state["elapsed"]
@@ -463,6 +468,7 @@ def _run_tokens_per_step(run_dir: Path) -> int:
 # AdamW's two moments are left behind. A phase continued from a packed run starts AdamW
 # afresh (logged in its `continue` event).
 PACK_META = "state.json"
+RUN_FILES = ("train_log.jsonl", "config.json")  # travel with the weights
 
 
 def pack(args: argparse.Namespace) -> int:
@@ -491,7 +497,7 @@ def pack(args: argparse.Namespace) -> int:
     meta.setdefault("tokens", state["step"] * _run_tokens_per_step(run_dir))
     meta["files"] = files
     (out / PACK_META).write_text(json.dumps(meta, indent=2) + "\n")
-    for f in ("train_log.jsonl", "config.json"):
+    for f in RUN_FILES:
         shutil.copy(run_dir / f, out / f)
     print(f"packed {run_dir} (step {state['step']}) into {len(files)} shard(s) in {out}")
     return 0
@@ -511,7 +517,7 @@ def unpack(args: argparse.Namespace) -> int:
         raise SystemExit(f"{run_dir} already has a checkpoint; pick another --run")
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model, **meta}, run_dir / "ckpt.pt")
-    for f in ("train_log.jsonl", "config.json"):
+    for f in RUN_FILES:
         shutil.copy(src / f, run_dir / f)
     print(f"unpacked {src} (step {meta['step']}) into {run_dir}")
     return 0

@@ -8,6 +8,7 @@ The corpus is text from this repository (three domains, like the real one), the 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -190,10 +191,12 @@ def test_a_packed_run_moves_and_continues_with_another_batch(
     assert_same_weights(weights(dirs, "a"), weights(dirs, "moved"))
     again = run(dirs, "unpack", "--src", str(packed), "--run", "moved", check=False)
     assert again.returncode != 0 and "already has a checkpoint" in again.stderr
+    resume = run(dirs, "train", "--run", "moved", *TINY, check=False)
+    assert resume.returncode != 0 and "--continue-from moved" in resume.stderr
 
     run(
         dirs, "train", "--run", "moved2", "--continue-from", "moved",
-        "--tokens", str(4 * 2 * STEP_TOKENS), *TINY, "--batch", "8",
+        "--tokens", str(8 * 2 * STEP_TOKENS), *TINY, "--batch", "8",
     )  # fmt: skip
     log = log_of(dirs, "moved2")
     cont = [r for r in log if r.get("event") == "continue"]
@@ -201,7 +204,7 @@ def test_a_packed_run_moves_and_continues_with_another_batch(
     assert cont[0]["tokens_per_step"] == 2 * STEP_TOKENS
     new = [r for r in log if "loss" in r and r["step"] > 8]
     assert [r["tokens"] for r in new] == [
-        8 * STEP_TOKENS + 2 * STEP_TOKENS * i for i in (1, 2, 3, 4)
+        8 * STEP_TOKENS + 2 * STEP_TOKENS * i for i in range(1, 9)
     ]
 
     sys.path.insert(0, str(REPO / "scripts"))
@@ -209,9 +212,18 @@ def test_a_packed_run_moves_and_continues_with_another_batch(
 
     summary = embedded_report.training_summary(dirs["work"] / "runs" / "moved2" / "train_log.jsonl")
     phases = summary["phases"]
-    assert [p["tokens"] for p in phases] == [8 * STEP_TOKENS, 8 * STEP_TOKENS]  # type: ignore[index]
+    assert [p["tokens"] for p in phases] == [8 * STEP_TOKENS, 16 * STEP_TOKENS]  # type: ignore[index]
     assert [p["optimizer"] for p in phases] == ["new", "fresh"]  # type: ignore[index]
-    assert summary["tokens"] == 16 * STEP_TOKENS
+    assert summary["tokens"] == 24 * STEP_TOKENS
+    # Both phases decay fully and are evaluated at their ends; 8 -> 24 steps' worth of
+    # tokens is log2(3) doublings.
+    ends = summary["decayed_phase_ends"]
+    assert [e["tokens"] for e in ends] == [8 * STEP_TOKENS, 24 * STEP_TOKENS]  # type: ignore[index]
+    first, second = ends  # type: ignore[misc]
+    assert first["gain_per_doubling"] == {}
+    for d, g in second["gain_per_doubling"].items():
+        want = (first["loss"][d] - second["loss"][d]) / math.log2(3)
+        assert g == pytest.approx(want, abs=1e-4)
 
 
 def test_the_report_reads_only_the_history_the_weights_hold() -> None:
