@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "",
         ]
-    ends = decayed_phase_ends(tsum)
+    ends: list[dict] = tsum.get("decayed_phase_ends") or []  # type: ignore[assignment]
     if len(ends) >= 2:
         md += [
             "Held-out loss at the end of each fully decayed phase (sampled held-out windows "
