@@ -289,7 +289,7 @@ def test_unsupported_compute_dtype(single) -> None:
     "edit, pattern",
     [
         ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "LlamaForCausalLM"),
-        ({"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next"}, "qwen3_next"),
+        ({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}, "deepseek_v3"),
         ({"quantization_config": {"quant_method": "fp8"}}, "fp8"),
         ({"hidden_act": "gelu"}, "gelu"),
     ],

@@ -26,9 +26,9 @@ from dynaexq.checkpoint import (
     UnsupportedDtypeError,
 )
 from dynaexq.generation import SamplingParams, generate_tokens, iter_generate
+from dynaexq.model import CausalLM, causal_lm_class
 from dynaexq.model.config import ModelConfig
 from dynaexq.model.experts import ExpertExecutor, FullPrecisionExperts, RoutingHook
-from dynaexq.model.qwen3_moe import Qwen3MoeForCausalLM
 from dynaexq.tokenizer import Tokenizer
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "data" / "embedded"
@@ -93,11 +93,12 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     experts: ExpertsFactory | None = None,
-) -> Qwen3MoeForCausalLM:
-    """The model with its non-expert weights read from the checkpoint, by name."""
+) -> CausalLM:
+    """The model (the architecture's decoder) with its non-expert weights read from the
+    checkpoint, by name."""
     config = checkpoint.config
     with torch.device("meta"):  # no random init: every parameter comes from the checkpoint
-        model = Qwen3MoeForCausalLM(config, experts=None)  # type: ignore[arg-type]
+        model = causal_lm_class(config)(config, experts=None)  # type: ignore[arg-type]
     # The non-expert weights first (small, and their errors show before the long part).
     # copy=True: a tensor read from the checkpoint may be a view of the mapped file, and
     # one such view would keep its whole shard mapped (and every page later touched in it
@@ -127,7 +128,7 @@ class Engine:
     def __init__(
         self,
         checkpoint: Checkpoint,
-        model: Qwen3MoeForCausalLM,
+        model: CausalLM,
         tokenizer: Tokenizer | None,
         device: torch.device,
         dtype: torch.dtype,
@@ -333,7 +334,8 @@ def load(
     device: str | torch.device | None = None,
     experts: ExpertsFactory | None = None,
 ) -> Engine:
-    """Load a Hugging Face Qwen3-MoE checkpoint directory (default: the embedded model).
+    """Load a Hugging Face Qwen3-MoE / Qwen2-MoE / Qwen3-Next checkpoint directory (default:
+    the embedded model).
 
     dtype: "auto" (the checkpoint's, float16 -> float32 on CPU), "float32", "bfloat16" or
     "float16". device: default CUDA when available, else CPU. experts: a factory

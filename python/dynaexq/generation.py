@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dynaexq.model.qwen3_moe import KVCache, Qwen3MoeForCausalLM
+from dynaexq.model import CausalLM
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def sample_next(
 
 
 def iter_generate(
-    model: Qwen3MoeForCausalLM,
+    model: CausalLM,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     eos_token_ids: Sequence[int] = (),
@@ -138,7 +138,7 @@ def iter_generate(
     positions = torch.arange(longest, device=device).unsqueeze(0).expand(batch, longest)
     # Padding only exists when prompt lengths differ.
     token_mask = positions < lengths.unsqueeze(1) if int(lengths.min()) < longest else None
-    cache = KVCache.allocate(cfg, batch, capacity, dtype, device)
+    cache = model.allocate_cache(batch, capacity, dtype, device)
     with torch.inference_mode():
         logits = model(ids, positions, cache, token_mask, logits_index=lengths - 1)[:, 0]
 
@@ -175,7 +175,7 @@ def iter_generate(
 
 
 def generate_tokens(
-    model: Qwen3MoeForCausalLM,
+    model: CausalLM,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     eos_token_ids: Sequence[int] = (),

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dynaexq.model.qwen3_moe import KVCache, Qwen3MoeForCausalLM
+from dynaexq.model import CausalLM
 
 
 @dataclass
@@ -58,7 +58,7 @@ def as_streams(tokens: np.ndarray, streams: int, window: int, max_tokens: int | 
 
 @torch.inference_mode()
 def evaluate_streams(
-    model: Qwen3MoeForCausalLM,
+    model: CausalLM,
     streams: np.ndarray,
     *,
     window: int = 256,
@@ -83,7 +83,7 @@ def evaluate_streams(
     step_of = np.empty(n, dtype=np.int64)
     step = 0
     for w0 in range(0, n, window):
-        cache = KVCache.allocate(model.config, b, window, dtype, device)
+        cache = model.allocate_cache(b, window, dtype, device)
         for c0 in range(0, window, chunk):
             s = w0 + c0
             ids = data[:, s : s + chunk]

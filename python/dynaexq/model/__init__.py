@@ -1,4 +1,5 @@
-"""The Qwen3-MoE model: configuration, expert-executor interface and the decoder.
+"""The models (Qwen3-MoE / Qwen2-MoE, Qwen3-Next): configuration, expert-executor interface,
+the decoders and which one implements a config.
 
 Plugging in another expert implementation (what the precision runtime does):
 
@@ -21,14 +22,31 @@ from dynaexq.model.experts import (
     RoutingHook,
 )
 from dynaexq.model.qwen3_moe import KVCache, Qwen3MoeForCausalLM
+from dynaexq.model.qwen3_next import HybridCache, Qwen3NextForCausalLM
+
+# Every decoder takes (input_ids, positions, cache, token_mask, logits_index), has
+# `allocate_cache(batch, capacity, dtype, device)`, `config`, `runtime` and `rotary`.
+CausalLM = Qwen3MoeForCausalLM | Qwen3NextForCausalLM
+GenerationCache = KVCache | HybridCache
+
+
+def causal_lm_class(config: ModelConfig) -> type[Qwen3MoeForCausalLM] | type[Qwen3NextForCausalLM]:
+    """The decoder implementing `config`'s architecture."""
+    return Qwen3NextForCausalLM if config.model_type == "qwen3_next" else Qwen3MoeForCausalLM
+
 
 __all__ = [
+    "CausalLM",
     "ExpertExecutor",
     "FullPrecisionExperts",
+    "GenerationCache",
+    "HybridCache",
     "KVCache",
     "MappedExperts",
     "ModelConfig",
     "Qwen3MoeForCausalLM",
+    "Qwen3NextForCausalLM",
     "RopeConfig",
     "RoutingHook",
+    "causal_lm_class",
 ]

@@ -1,7 +1,7 @@
 """The model configuration, parsed from a Hugging Face `config.json`.
 
-Only the fields the Qwen3-MoE (and Qwen2-MoE) architecture needs are kept, under one
-spelling: `transformers` 5.x writes `num_local_experts` and `rope_parameters`, released
+Only the fields the Qwen3-MoE, Qwen2-MoE and Qwen3-Next architectures need are kept, under
+one spelling: `transformers` 5.x writes `num_local_experts` and `rope_parameters`, released
 Qwen checkpoints write `num_experts`, `rope_theta` and `rope_scaling`; both are accepted.
 """
 
@@ -18,7 +18,10 @@ from dynaexq.checkpoint import CheckpointError, UnsupportedArchitectureError
 SUPPORTED_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3NextForCausalLM": "qwen3_next",
 }
+# Qwen3-Next's token mixers, by the names of its config's `layer_types`.
+LAYER_TYPES = ("linear_attention", "full_attention")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 
 
@@ -42,7 +45,7 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything the model file needs to build a Qwen3-MoE / Qwen2-MoE decoder."""
+    """Everything the model files need to build a Qwen3-MoE / Qwen2-MoE / Qwen3-Next decoder."""
 
     model_type: str
     vocab_size: int
@@ -74,6 +77,14 @@ class ModelConfig:
     bos_token_id: int | None = None
     pad_token_id: int | None = None
     torch_dtype: str | None = None
+    # Qwen3-Next: the token mixer of every layer (empty: every layer is full attention) and
+    # the shape of its Gated DeltaNet (linear-attention) layers.
+    layer_types: tuple[str, ...] = ()
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -87,6 +98,15 @@ class ModelConfig:
     @property
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    def is_linear_attention_layer(self, layer: int) -> bool:
+        """A Gated DeltaNet layer (Qwen3-Next); every other layer is full attention."""
+        return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """The layers with softmax attention (and hence a KV cache)."""
+        return [i for i in range(self.num_hidden_layers) if not self.is_linear_attention_layer(i)]
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
@@ -107,15 +127,9 @@ class ModelConfig:
         if known:
             model_type = known[0]
         if model_type not in SUPPORTED_ARCHITECTURES.values():
-            hint = (
-                " (Qwen3-Next mixes linear-attention layers into the decoder; it is not "
-                "implemented yet)"
-                if raw.get("model_type") == "qwen3_next"
-                else ""
-            )
             raise UnsupportedArchitectureError(
                 f"{source}: unsupported architecture (architectures={archs}, "
-                f"model_type={raw.get('model_type')!r}){hint}; supported: "
+                f"model_type={raw.get('model_type')!r}); supported: "
                 + ", ".join(f"{a} ({t})" for a, t in SUPPORTED_ARCHITECTURES.items())
             )
         if raw.get("quantization_config"):
@@ -152,20 +166,22 @@ class ModelConfig:
         num_experts = int(raw.get("num_experts", raw.get("num_local_experts", 0)) or 0)
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        qwen3 = model_type == "qwen3_moe"
+        qwen3 = model_type in ("qwen3_moe", "qwen3_next")
         attention_bias = bool(raw.get("attention_bias", False))
+        layers = int(need("num_hidden_layers"))
+        linear = _parse_linear_attention(raw, layers, source) if model_type == "qwen3_next" else {}
         return cls(
             model_type=str(model_type),
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
             intermediate_size=int(raw.get("intermediate_size") or 0),
-            num_hidden_layers=int(need("num_hidden_layers")),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
-            rope=_parse_rope(raw, source),
+            rope=_parse_rope(raw, source, str(model_type)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=attention_bias if qwen3 else bool(raw.get("qkv_bias", True)),
             o_bias=attention_bias if qwen3 else False,
@@ -177,17 +193,53 @@ class ModelConfig:
             decoder_sparse_step=int(raw.get("decoder_sparse_step", 1) or 1),
             mlp_only_layers=tuple(int(i) for i in (raw.get("mlp_only_layers") or [])),
             shared_expert_intermediate_size=(
-                0 if qwen3 else int(raw.get("shared_expert_intermediate_size", 0) or 0)
+                0
+                if model_type == "qwen3_moe"
+                else int(raw.get("shared_expert_intermediate_size", 0) or 0)
             ),
             eos_token_ids=tuple(int(i) for i in eos_ids),
             bos_token_id=raw.get("bos_token_id"),
             pad_token_id=raw.get("pad_token_id"),
             torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
+            **linear,
             raw=raw,
         )
 
 
-def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
+def _parse_linear_attention(raw: dict[str, Any], layers: int, source: str) -> dict[str, Any]:
+    """Qwen3-Next's layer pattern and Gated DeltaNet shape (as transformers' Qwen3NextConfig:
+    without `layer_types`, every `full_attention_interval`-th layer is full attention)."""
+    types = raw.get("layer_types")
+    if types is None:
+        interval = int(raw.get("full_attention_interval", 4))
+        types = [
+            "full_attention" if (i + 1) % interval == 0 else "linear_attention"
+            for i in range(layers)
+        ]
+    if len(types) != layers or any(t not in LAYER_TYPES for t in types):
+        raise CheckpointError(
+            f"{source}: layer_types must list {layers} entries, each one of "
+            f"{', '.join(LAYER_TYPES)}; got {types}"
+        )
+    out = {"layer_types": tuple(str(t) for t in types)}
+    defaults = {
+        "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32,
+        "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128,
+        "linear_conv_kernel_dim": 4,
+    }
+    for key, default in defaults.items():
+        out[key] = int(raw.get(key) or default)
+    if out["linear_num_value_heads"] % out["linear_num_key_heads"]:
+        raise CheckpointError(
+            f"{source}: linear_num_value_heads={out['linear_num_value_heads']} is not a "
+            f"multiple of linear_num_key_heads={out['linear_num_key_heads']}"
+        )
+    return out
+
+
+def _parse_rope(raw: dict[str, Any], source: str, model_type: str = "") -> RopeConfig:
     params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -196,8 +248,12 @@ def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
             f"{source}: rope type {rope_type!r} is not supported; supported: "
             + ", ".join(SUPPORTED_ROPE_TYPES)
         )
-    partial = float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
-    if partial != 1.0:
+    # Qwen3-Next rotates the first quarter of each head (transformers' default for it).
+    default_partial = 0.25 if model_type == "qwen3_next" else 1.0
+    partial = float(
+        params.get("partial_rotary_factor", raw.get("partial_rotary_factor", default_partial))
+    )
+    if partial != 1.0 and model_type != "qwen3_next":
         raise UnsupportedArchitectureError(
             f"{source}: partial_rotary_factor={partial} is not supported (Qwen MoE models "
             "rotate the whole head)"

@@ -62,6 +62,22 @@ class KVCache:
             values=[v.index_select(0, rows) for v in self.values],
         )
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows start..stop-1 as views (no copy): a scheduler's slice of its slab."""
+        return KVCache(
+            keys=[k[start:stop] for k in self.keys], values=[v[start:stop] for v in self.values]
+        )
+
+    def copy_row(self, src: int, dst: int, used: int) -> None:
+        """Copy row src's first `used` slots (its cached positions) onto row dst."""
+        for k, v in zip(self.keys, self.values, strict=True):
+            k[dst, :, :used].copy_(k[src, :, :used])
+            v[dst, :, :used].copy_(v[src, :, :used])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
 
 @dataclass
 class MoeRuntime:
@@ -158,10 +174,10 @@ def _rope_inv_freq(
 class RotaryEmbedding(nn.Module):
     inv_freq: torch.Tensor
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, dim: int | None = None) -> None:
         super().__init__()
         self.rope = config.rope
-        self.dim = config.head_dim
+        self.dim = config.head_dim if dim is None else dim  # rotated dims of a head
         self.max_pos = config.max_position_embeddings
         inv_freq, self.scale = _rope_inv_freq(self.rope, self.dim, self.max_pos)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -351,6 +367,12 @@ class Qwen3MoeForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.weight
         return self.lm_head.weight
+
+    def allocate_cache(
+        self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device | str
+    ) -> KVCache:
+        """The generation state for `batch` sequences of up to `capacity` tokens."""
+        return KVCache.allocate(self.config, batch, capacity, dtype, device)
 
     def forward(
         self,

@@ -32,6 +32,32 @@ TINY_CONFIG: dict[str, Any] = dict(
     rope_theta=10000.0,
 )
 
+# Qwen3-Next in small: three Gated DeltaNet layers then one gated full-attention layer
+# (partial RoPE), grouped value heads (4 value heads over 2 q/k heads), a shared expert.
+TINY_NEXT_CONFIG: dict[str, Any] = dict(
+    vocab_size=128,
+    hidden_size=48,
+    intermediate_size=40,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=12,
+    linear_conv_kernel_dim=4,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=24,
+    num_experts=8,
+    num_experts_per_tok=3,
+    norm_topk_prob=True,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    # larger than the default 0.02, so that the token mixers move the logits visibly
+    initializer_range=0.1,
+)
+
 # The benchmark stand-in for the embedded model (hidden 128, 6 layers, 64 experts, top-4).
 BENCH_CONFIG: dict[str, Any] = dict(
     vocab_size=8192,
@@ -56,7 +82,7 @@ def make_hf_model(seed: int = 0, architecture: str = "qwen3_moe", **overrides: A
     import transformers
 
     torch.manual_seed(seed)
-    kw = {**TINY_CONFIG, **overrides}
+    kw = {**(TINY_NEXT_CONFIG if architecture == "qwen3_next" else TINY_CONFIG), **overrides}
     config: Any
     model: Any
     if architecture == "qwen3_moe":
@@ -66,6 +92,9 @@ def make_hf_model(seed: int = 0, architecture: str = "qwen3_moe", **overrides: A
         kw.pop("head_dim", None)
         config = transformers.Qwen2MoeConfig(**kw)
         model = transformers.Qwen2MoeForCausalLM(config)
+    elif architecture == "qwen3_next":
+        config = transformers.Qwen3NextConfig(**kw)
+        model = transformers.Qwen3NextForCausalLM(config)
     else:
         raise ValueError(architecture)
     # Random init leaves norms at 1 and a zero router in some versions; perturb everything
