@@ -598,3 +598,11 @@ class Qwen3NextForCausalLM(nn.Module):
         if logits_index is not None:
             x = x[torch.arange(b, device=device), logits_index].unsqueeze(1)
         return F.linear(self.model.norm(x), self.lm_head_weight)
+
+
+def non_expert_params(config: ModelConfig) -> int:
+    """Parameters of everything but the routed experts (the shared experts included),
+    counted on a model built on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        model = Qwen3NextForCausalLM(config, experts=None)  # type: ignore[arg-type]
+    return sum(p.numel() for p in model.parameters())

@@ -1,4 +1,5 @@
-"""Tiered checkpoints: every expert of a Hugging Face Qwen3-MoE checkpoint packed at every tier.
+"""Tiered checkpoints: every expert of a Hugging Face MoE checkpoint (Qwen3-MoE, Qwen2-MoE,
+Qwen3-Next) packed at every tier.
 
 Output directory (see docs/packed-layout.md, "Tiered checkpoint"):
 
@@ -41,6 +42,10 @@ MANIFEST = "manifest.json"
 FORMAT = "dynaexq-tiered-checkpoint"
 _NONEXPERT_SHARD_BYTES = 2 << 30
 
+
+# Tensors of the source that no dynaexq model reads, left out of tiered checkpoints:
+# Qwen3-Next's multi-token-prediction head (`mtp.*`, a draft model for speculative decoding).
+IGNORED_PREFIXES = ("mtp.",)
 
 # Source checkpoints are read through dynaexq.checkpoint.Checkpoint (lazy, memory-mapped,
 # sharded or not, per-expert or fused experts), as the model loader reads them; bad input
@@ -159,6 +164,8 @@ def _quantize(
         expert_names[layer] = list(wanted)
     known = {n for names in expert_names.values() for n in names}
     for name in sorted(source.names()):
+        if name.startswith(IGNORED_PREFIXES):
+            continue
         if ".mlp.experts." in name and name not in known:
             raise CheckpointError(
                 f"{src_p}: tensor {name!r} is an unexpected expert tensor "
@@ -268,7 +275,7 @@ def _write(
 
     known = {n for names in expert_names.values() for n in names}
     for name in sorted(source.names()):
-        if name in known:
+        if name in known or name.startswith(IGNORED_PREFIXES):
             continue
         t = source.tensor_as_stored(name).contiguous()
         shard[name] = t

@@ -72,6 +72,10 @@ def format_bytes(n: float) -> str:
 
 def non_expert_bytes(config: ModelConfig, dtype_bytes: int) -> int:
     """Bytes of every weight that is not a routed expert, at the compute dtype."""
+    if config.model_type == "qwen3_next":
+        from dynaexq.model.qwen3_next import non_expert_params
+
+        return non_expert_params(config) * dtype_bytes
     h, v = config.hidden_size, config.vocab_size
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
@@ -95,6 +99,12 @@ def non_expert_bytes(config: ModelConfig, dtype_bytes: int) -> int:
 
 
 def kv_cache_bytes(config: ModelConfig, batch: int, context: int, dtype_bytes: int) -> int:
+    """The generation cache of `batch` sequences of `context` tokens (Qwen3-Next: the KV of
+    its attention layers and the recurrent + convolution state of its linear layers)."""
+    if config.model_type == "qwen3_next":
+        from dynaexq.model.qwen3_next import HybridCache
+
+        return HybridCache.bytes_for(config, batch, context, dtype_bytes)
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
     return per_token * batch * context * dtype_bytes
 

@@ -229,7 +229,7 @@ def load(
     experts=None,
     **kw,
 ) -> Engine:
-    """Load a Qwen3-MoE checkpoint (default: the embedded model).
+    """Load a Qwen3-MoE / Qwen3-Next checkpoint (default: the embedded model).
 
     Without `budget` and `policy` the experts run at full precision. With a `budget`
     ("6GiB", bytes) the pool is sized from it and `policy` (default "dynamic"; also
