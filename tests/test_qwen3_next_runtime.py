@@ -171,3 +171,18 @@ def test_eval_chunks_through_the_hybrid_cache_equal_one_pass(model_dir: Path) ->
     logp = torch.log_softmax(engine.forward(x), dim=-1)
     want = -logp.gather(-1, torch.from_numpy(streams[:, 1:49]).unsqueeze(-1)).squeeze(-1)
     np.testing.assert_allclose(got.nll[:, :48], want.numpy(), rtol=0, atol=1e-4)
+
+
+def test_quantize_command_and_a_budget_load(model_dir: Path, tmp_path: Path) -> None:
+    from dynaexq.cli import main
+
+    out = tmp_path / "tiered"
+    argv = ["quantize", str(model_dir), "--tiers", "int2,int4,bf16", "--out", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["tiers"]] == ["int2g64", "int4g128", "bf16"]
+    # A tiered checkpoint holds no full-precision experts to calibrate on: dynamic starts
+    # cold and learns the hot set from the workload.
+    engine = dynaexq.load(out, budget="30%", policy="dynamic", tiers="int2,bf16")
+    got = engine.generate([tokens(6, seed=7).tolist()], max_new_tokens=6, ignore_eos=True)
+    assert len(got[0].token_ids) == 6
