@@ -53,7 +53,13 @@ def run(args: argparse.Namespace) -> int:
         write_bench_report,
     )
     from dynaexq.eval.run import budget_bytes, embedded_domains
+    from dynaexq.runtime.budget import parse_budget
 
+    try:  # the one budget parser, before anything is loaded
+        parse_budget(args.budget)
+    except ValueError as e:
+        print(f"dynaexq bench: error: {e}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.concurrency.split(",")]
     if any(x < 1 for x in levels):

@@ -80,6 +80,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+
+    from dynaexq.runtime.budget import parse_budget
+
+    try:  # every budget read by the one parser, before anything is loaded
+        for b in [*args.budgets.split(","), args.shift_budget]:
+            parse_budget(b.strip())
+    except ValueError as e:
+        print(f"dynaexq eval: error: {e}", file=sys.stderr)
+        return 2
+
     import torch
 
     from dynaexq.eval.report import plot_ppl_vs_budget, plot_shift, write_report

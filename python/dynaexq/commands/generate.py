@@ -118,8 +118,15 @@ def run(args: argparse.Namespace) -> int:
 
     from dynaexq.checkpoint import CheckpointError
     from dynaexq.engine import GenerationResult
+    from dynaexq.runtime.budget import parse_budget
     from dynaexq.runtime.load import load
 
+    try:  # the one budget parser, before anything is loaded
+        if args.budget is not None:
+            parse_budget(args.budget)
+    except ValueError as e:
+        print(f"dynaexq generate: error: {e}", file=sys.stderr)
+        return 2
     prompts = list(args.prompt)
     if not prompts or prompts == ["-"]:
         prompts = [sys.stdin.read()]

@@ -46,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--budget",
         default=None,
-        help="device byte budget for the experts, e.g. 6GiB or 1.5GB (used by the "
-        "precision policies)",
+        help="device bytes for everything dynaexq owns (weights, KV cache for --max-batch x "
+        "--max-context, experts): a size like 6GiB or 1.5GB, or N%% = the bytes at which a "
+        "static hot map holds N%% of every layer's experts at the high tier (as dynaexq.load)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
@@ -109,14 +110,15 @@ def run(args: argparse.Namespace) -> int:
     from collections.abc import Iterator
     from pathlib import Path
 
-    from dynaexq.serve.runtime import RuntimeSpec, check_policy, parse_bytes
+    from dynaexq.runtime.budget import BudgetError, format_bytes, kv_cache_bytes, parse_budget
+    from dynaexq.serve.runtime import RuntimeSpec, check_policy
 
     # Cheap checks first, before the model is loaded.
     if args.policy is None:
         args.policy = "dynamic" if args.budget is not None else "full"
     try:
         check_policy(args.policy)
-        budget = parse_bytes(args.budget) if args.budget is not None else None
+        budget = parse_budget(args.budget) if args.budget is not None else None
     except ValueError as e:
         return _fail(str(e))
     for name in ("max_batch", "max_prefill_tokens"):
@@ -153,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             RuntimeSpec(
                 args.model,
                 args.policy,
-                budget,
+                None if budget is None else (budget.nbytes or args.budget),
                 args.dtype,
                 args.device,
                 batch=args.max_batch,
@@ -161,6 +163,16 @@ def run(args: argparse.Namespace) -> int:
                 tiers=args.tiers,
                 calibration=tuple(Path(f).read_text() for f in args.calibration) or None,
             )
+        )
+    except BudgetError as e:
+        sock.close()
+        # The KV cache is reserved for the whole batch at the full context: say what it
+        # costs, the one part of the fixed bytes the server's own options decide.
+        kv = kv_cache_bytes(model_config, args.max_batch, max_context, 4)
+        return _fail(
+            f"{e}. Of the fixed bytes, the KV cache for --max-batch {args.max_batch} x "
+            f"context {max_context} tokens costs {format_bytes(kv)} ({kv} bytes): lower "
+            "--max-batch or --max-context, or raise --budget"
         )
     except (CheckpointError, ValueError, OSError) as e:
         sock.close()

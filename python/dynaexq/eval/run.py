@@ -19,7 +19,7 @@ import numpy as np
 
 from dynaexq.engine import EMBEDDED_MODEL_DIR
 from dynaexq.eval.stream import StreamResult, as_streams, evaluate_streams, gap_recovered
-from dynaexq.runtime.budget import fixed_memory
+from dynaexq.runtime.budget import fixed_memory, parse_budget
 from dynaexq.runtime.load import calibration_scores, load_with_policy, resolve_budget
 from dynaexq.runtime.policy import ControllerSettings, Policy
 from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
@@ -115,7 +115,8 @@ def budget_bytes(
     that count); anything else is read as a size."""
     nbytes = resolve_budget(spec, store, fixed_total)
     assert nbytes is not None
-    hot = int(round(float(spec[:-1]) / 100.0 * experts)) if spec.strip().endswith("%") else None
+    share = parse_budget(spec).share
+    hot = int(round(share * experts)) if share is not None else None
     return nbytes, hot
 
 

@@ -63,6 +63,47 @@ def parse_bytes(text: str | int) -> int:
     return int(value)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """A parsed budget: a byte size, or a share ("20%": the bytes at which a static hot
+    map holds that share of every layer's experts at the highest tier, resolved against
+    a model's tiers by `dynaexq.runtime.load.resolve_budget`)."""
+
+    nbytes: int | None = None
+    share: float | None = None
+
+    def __str__(self) -> str:
+        return f"{100 * self.share:g}%" if self.share is not None else str(self.nbytes)
+
+
+def parse_budget(text: str | int | Budget) -> Budget:
+    """The one reader of budgets (`load`, `serve`, `bench`, `eval`, `generate`):
+    '6GiB', '512 MiB', '1.5GB', '123456' (bytes) or '20%' (a share, 0-100%)."""
+    if isinstance(text, Budget):
+        return text
+    if isinstance(text, str) and text.strip().endswith("%"):
+        number = text.strip()[:-1].strip()
+        if not re.fullmatch(r"[0-9]*\.?[0-9]+", number):
+            raise BudgetError(
+                f"cannot read {text!r} as a budget: use a byte size such as 6GiB or a "
+                "share of experts such as 20%"
+            )
+        share = float(number) / 100.0
+        if not 0.0 <= share <= 1.0:
+            raise BudgetError(f"a budget share must be within 0-100%, got {text}")
+        return Budget(share=share)
+    try:
+        return Budget(nbytes=parse_bytes(text))
+    except BudgetError as e:
+        if isinstance(text, str) and "cannot read" in str(e):
+            raise BudgetError(
+                f"cannot read {text!r} as a byte size or a share: use a number with an "
+                "optional unit (B, KB, MB, GB, KiB, MiB, GiB), e.g. 6GiB, or a share of "
+                "experts such as 20%"
+            ) from None
+        raise
+
+
 def format_bytes(n: float) -> str:
     for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if abs(n) >= size:

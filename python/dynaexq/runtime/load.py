@@ -20,7 +20,7 @@ from dynaexq.checkpoint import Checkpoint
 from dynaexq.engine import EMBEDDED_MODEL_DIR, Engine, embedded_model_path
 from dynaexq.engine import load as load_engine
 from dynaexq.quant import parse_tier
-from dynaexq.runtime.budget import FixedMemory, PoolPlan, fixed_memory, parse_bytes, plan_pool
+from dynaexq.runtime.budget import FixedMemory, PoolPlan, fixed_memory, parse_budget, plan_pool
 from dynaexq.runtime.policy import Policy
 from dynaexq.runtime.runtime import OffloadRuntime, PrecisionRuntime
 from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
@@ -100,14 +100,12 @@ def resolve_budget(budget: str | int | None, store: TierStore, fixed_total: int)
     share of every layer's experts at the highest tier)."""
     if budget is None:
         return None
-    if isinstance(budget, str) and budget.strip().endswith("%"):
-        share = float(budget.strip()[:-1]) / 100.0
-        if not 0.0 <= share <= 1.0:
-            raise ValueError(f"a budget share must be within 0-100%, got {budget}")
-        hot = int(round(share * store.experts))
+    parsed = parse_budget(budget)
+    if parsed.share is not None:
+        hot = int(round(parsed.share * store.experts))
         lo, hi = store.slot_bytes[0], store.slot_bytes[-1]
         return fixed_total + len(store.layers) * (store.experts * lo + hot * (hi - lo))
-    return parse_bytes(budget)
+    return parsed.nbytes
 
 
 def load_with_policy(

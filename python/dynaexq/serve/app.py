@@ -2,6 +2,15 @@
 
     POST /v1/completions, /v1/chat/completions   (stream: true -> server-sent events)
     GET  /v1/models, /v1/models/{id}, /health, /metrics (Prometheus), /stats (JSON)
+    POST /tokenize, /detokenize; GET /tokenizer_info   (as vLLM: lm-eval's remote tokenizer)
+
+Completions take `logprobs` (0-20) and `echo` (the prompt with its log-probabilities;
+`max_tokens: 0` scores the prompt only), chat takes `logprobs` / `top_logprobs`, in
+OpenAI's formats, streaming too. The log-probabilities are those of the distribution each
+token was drawn from (see `dynaexq.serve.scheduler`). Chat takes `tools` / `tool_choice`
+(rendered by the checkpoint's template; Hermes `<tool_call>` output parsed into
+`tool_calls`), splits Qwen3's `<think>` block into `reasoning_content`, and both endpoints
+take `response_format` (json_object, json_schema: constrained decoding with xgrammar).
 
 Every error is a JSON body `{"error": {"message", "type", "param", "code"}}` as the OpenAI
 API sends it: 400 for invalid requests (malformed JSON, unknown fields, bad values, prompts
@@ -13,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,23 +35,33 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dynaexq.serve.chat import end_of_turn_ids, render_chat
+from dynaexq.serve.chat import end_of_turn_ids, render_chat, thinks
+from dynaexq.serve.detokenize import OffsetTracker
+from dynaexq.serve.grammar import GrammarError, Grammars
 from dynaexq.serve.metrics import CONTENT_TYPE, ServerMetrics
+from dynaexq.serve.parsers import ChatOutputParser, Delta
 from dynaexq.serve.protocol import (
     UNSUPPORTED,
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     ErrorResponse,
     ModelCard,
     ModelList,
+    NamedToolChoice,
+    ResponseFormat,
+    TokenId,
+    ToolCall,
     Usage,
     error_body,
 )
@@ -54,6 +74,7 @@ from dynaexq.serve.scheduler import (
     SequenceEvent,
     SequenceSpec,
     ShuttingDownError,
+    TokenLogprob,
 )
 
 if TYPE_CHECKING:
@@ -109,6 +130,30 @@ class SamplingDefaults:
             top_p=number("top_p", 1.0, 0.0, 1.0),
             top_k=int(number("top_k", 0, 0, 1 << 30)),
         )
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens: list[TokenId] = Field(max_length=1 << 20)
+    model: str | None = None
+
+
+@dataclass
+class ChoiceResult:
+    """Everything one sequence produced (a non-streaming response is built from it)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
 
 
 class APIError(Exception):
@@ -292,6 +337,12 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
         return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
 
     # -- helpers --------------------------------------------------------------------------
+    def check_request(req: CompletionRequest | ChatCompletionRequest) -> None:
+        check_model(req.model)
+        bad = req.combination_error()
+        if bad is not None:
+            raise APIError(400, bad[0], param=bad[1], code="invalid_parameter_combination")
+
     def check_model(name: str) -> None:
         if name != config.model_name:
             raise APIError(
@@ -320,6 +371,8 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
         room = ctx - len(prompt)
         # An unset limit takes the default, shortened to what the context still holds.
         max_new = limit if limit is not None else min(default or room, room)
+        if max_new == 0 and room >= 0:  # echo only: the prompt is scored, nothing generated
+            return 0
         if max_new > room or room < 1:
             raise APIError(
                 400,
@@ -336,6 +389,10 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
         prompts: list[list[int]],
         max_new: list[int],
         eos_ids: frozenset[int],
+        *,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        grammar: Any = None,
     ) -> list[SequenceSpec]:
         n = req.n or 1
         if n * len(prompts) > scheduler.max_batch:
@@ -366,6 +423,11 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
                         stop=req.stop_strings,
                         eos_ids=frozenset() if req.ignore_eos else eos_ids,
                         stream_text=bool(req.stream),
+                        logprobs=logprobs,
+                        prompt_logprobs=0
+                        if m == 0 and prompt_logprobs is None
+                        else prompt_logprobs,
+                        grammar=grammar,
                     )
                 )
         return specs
@@ -384,11 +446,10 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
 
     async def collect(
         handle: GenerationRequest, request: Request, count: int
-    ) -> tuple[list[str], list[str | None], int]:
+    ) -> list[ChoiceResult]:
         """Wait for all sequences; cancel if the client goes away."""
-        texts = [""] * count
-        reasons: list[str | None] = [None] * count
-        tokens, left = 0, count
+        results = [ChoiceResult() for _ in range(count)]
+        left = count
         getter: asyncio.Future[SequenceEvent | BaseException] | None = None
         try:
             while left:
@@ -403,16 +464,20 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
                 item, getter = getter.result(), None
                 if isinstance(item, BaseException):
                     raise _as_api_error(item)
-                texts[item.index] += item.text
-                tokens += len(item.token_ids)
+                res = results[item.index]
+                res.text += item.text
+                res.token_ids += item.token_ids
+                res.logprobs += item.logprobs or []
+                if item.prompt_logprobs is not None:
+                    res.prompt_logprobs = item.prompt_logprobs
                 if item.finish_reason is not None:
-                    reasons[item.index] = item.finish_reason
+                    res.finish_reason = item.finish_reason
                     left -= 1
         finally:
             if getter is not None:
                 getter.cancel()
             handle.cancel()  # no-op when finished; frees the rows otherwise
-        return texts, reasons, tokens
+        return results
 
     async def stream_events(
         handle: GenerationRequest, count: int
@@ -435,7 +500,7 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
         count: int,
         prompt_tokens: int,
         include_usage: bool,
-        chunk: Callable[[SequenceEvent, bool], dict[str, Any]],
+        chunks: Callable[[SequenceEvent, bool], list[dict[str, Any]]],
         usage_chunk: Callable[[Usage], dict[str, Any]],
     ) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
@@ -448,9 +513,9 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
                         yield sse(error_body(err.message, err.type, code=err.code))
                         break
                     tokens += len(item.token_ids)
-                    if item.text or item.finish_reason is not None or not started[item.index]:
-                        yield sse(chunk(item, not started[item.index]))
-                        started[item.index] = True
+                    for c in chunks(item, not started[item.index]):
+                        yield sse(c)
+                    started[item.index] = True
                 if include_usage:
                     usage = Usage(
                         prompt_tokens=prompt_tokens,
@@ -465,6 +530,75 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
         return StreamingResponse(
             body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
+
+    token_strings: dict[int, str] = {}
+
+    def token_text(token_id: int) -> str:
+        text = token_strings.get(token_id)
+        if text is None:
+            assert tokenizer is not None
+            text = tokenizer.decode([token_id], skip_special_tokens=False)
+            if len(token_strings) < 1 << 20:
+                token_strings[token_id] = text
+        return text
+
+    def top_dict(entry: TokenLogprob) -> dict[str, float]:
+        """OpenAI's legacy top_logprobs: the N most likely and the chosen token (a token
+        text shared by several ids keeps its highest log-probability)."""
+        out: dict[str, float] = {}
+        for tid, value in ((entry.token_id, entry.logprob), *entry.top):
+            key = token_text(tid)
+            out[key] = max(out.get(key, -math.inf), value)
+        return out
+
+    def completion_logprobs(
+        entries: list[TokenLogprob | None], offsets: list[int], ids: list[int]
+    ) -> dict[str, Any]:
+        return {
+            "tokens": [token_text(t) for t in ids],
+            "token_logprobs": [None if e is None else _finite(e.logprob) for e in entries],
+            "top_logprobs": [None if e is None else top_dict(e) for e in entries],
+            "text_offset": offsets,
+        }
+
+    def chat_logprob(entry: TokenLogprob, top_n: int) -> dict[str, Any]:
+        def one(tid: int, value: float) -> dict[str, Any]:
+            text = token_text(tid)
+            return {"token": text, "logprob": _finite(value), "bytes": list(text.encode())}
+
+        return {
+            **one(entry.token_id, entry.logprob),
+            "top_logprobs": [one(t, v) for t, v in entry.top[:top_n]],
+        }
+
+    grammars = (
+        Grammars(tokenizer, vocab, eos | end_of_turn_ids(tokenizer))
+        if tokenizer is not None
+        else None
+    )
+
+    async def compile_grammar(build: Callable[[Grammars], Any], param: str) -> Any:
+        if grammars is None:
+            raise APIError(400, "this model has no tokenizer: no constrained decoding", param=param)
+        try:
+            return await anyio.to_thread.run_sync(build, grammars)
+        except ImportError:
+            raise APIError(
+                400,
+                f"{param}: constrained decoding needs xgrammar (pip install xgrammar)",
+                param=param,
+            ) from None
+        except GrammarError as e:
+            raise APIError(400, str(e), param=param) from None
+
+    async def format_grammar(fmt: ResponseFormat | None) -> Any:
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return await compile_grammar(lambda g: g.json_object(), "response_format")
+        assert fmt.json_schema is not None
+        schema = fmt.json_schema.schema_
+        return await compile_grammar(lambda g: g.json_schema(schema), "response_format")
 
     # -- endpoints ------------------------------------------------------------------------
     @app.get("/health", responses={503: {"description": "draining or stopped"}})
@@ -517,56 +651,146 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
             "runtime": snap,
         }
 
+    def need_tokenizer() -> Any:
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer")
+        return tokenizer
+
+    @app.get("/tokenizer_info", responses=_ERRORS)
+    async def tokenizer_info() -> dict[str, Any]:
+        """The tokenizer's special tokens and chat template (as vLLM serves them)."""
+        tok = need_tokenizer()
+        return {
+            "tokenizer_class": "tokenizers",
+            "eos_token": tok.eos_token,
+            "bos_token": tok.bos_token,
+            "pad_token": tok.pad_token,
+            "chat_template": tok.chat_template,
+            "model_max_length": scheduler.max_context,
+        }
+
+    @app.post("/tokenize", responses=_ERRORS)
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        if req.model is not None:
+            check_model(req.model)
+        tok = need_tokenizer()
+        ids = await anyio.to_thread.run_sync(tok.encode, req.prompt, req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": scheduler.max_context}
+
+    @app.post("/detokenize", responses=_ERRORS)
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        if req.model is not None:
+            check_model(req.model)
+        tok = need_tokenizer()
+        if any(t >= vocab for t in req.tokens):
+            raise APIError(400, f"tokens: token ids must be < {vocab}", param="tokens")
+        return {"prompt": await anyio.to_thread.run_sync(tok.decode, req.tokens)}
+
     @app.post(
         "/v1/completions",
         response_model=Completion,
         responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
     )
     async def completions(req: CompletionRequest, request: Request) -> Any:
-        check_model(req.model)
+        check_request(req)
         prompts: list[list[int]] = []
+        texts: list[str] = []
         for p in req.prompts():
             ids = await encode_text(p) if isinstance(p, str) else p
             if any(t >= vocab for t in ids):
                 raise APIError(400, f"prompt: token ids must be < {vocab}", param="prompt")
             prompts.append(ids)
+            if isinstance(p, str):
+                texts.append(p)
+            elif req.echo or req.logprobs is not None:  # the prompt's text: echo, offsets
+                texts.append(tokenizer.decode(ids, skip_special_tokens=False) if tokenizer else "")
+            else:
+                texts.append("")
+        if req.logprobs is not None and tokenizer is None:
+            raise APIError(400, "logprobs: this model has no tokenizer", param="logprobs")
         max_new = [fit(p, req.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt") for p in prompts]
-        specs = specs_for(req, prompts, max_new, eos)
+        grammar = await format_grammar(req.response_format)
+        echo_lp = req.logprobs if req.echo else None
+        specs = specs_for(
+            req, prompts, max_new, eos, logprobs=req.logprobs, prompt_logprobs=echo_lp,
+            grammar=grammar,
+        )  # fmt: skip
         handle = submit(specs)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prompt_tokens = sum(len(p) for p in prompts)
+        n = req.n or 1
+        prompt_of = [k // n for k in range(len(specs))]  # choice -> its prompt
+
+        def prompt_part(k: int, prompt_lp: list[TokenLogprob | None] | None) -> tuple[str, Any]:
+            """The echoed prompt (text, logprobs) of choice k."""
+            i = prompt_of[k]
+            if not req.echo:
+                return "", None
+            if req.logprobs is None:
+                return texts[i], None
+            assert tokenizer is not None and prompt_lp is not None
+            offsets = OffsetTracker(tokenizer, 0, skip_special_tokens=False).offsets(prompts[i])
+            return texts[i], completion_logprobs(prompt_lp, offsets, prompts[i])
+
+        trackers: dict[int, OffsetTracker] = {}
+
+        def gen_logprobs(k: int, ids: list[int], entries: list[TokenLogprob]) -> Any:
+            if req.logprobs is None:
+                return None
+            assert tokenizer is not None
+            tracker = trackers.get(k)
+            if tracker is None:
+                tracker = trackers[k] = OffsetTracker(tokenizer, len(texts[prompt_of[k]]))
+            return completion_logprobs(list(entries), tracker.offsets(ids), ids)
+
+        def merge(a: Any, b: Any) -> Any:
+            if a is None or b is None:
+                return a if b is None else b
+            return {key: a[key] + b[key] for key in a}
 
         def base() -> dict[str, Any]:
             return {"id": rid, "object": "text_completion", "created": now, "model": req.model}
 
         if req.stream:
+
+            def chunks(ev: SequenceEvent, first: bool) -> list[dict[str, Any]]:
+                head_text, head_lp = (
+                    prompt_part(ev.index, ev.prompt_logprobs) if first else ("", None)
+                )
+                lp = merge(head_lp, gen_logprobs(ev.index, ev.token_ids, ev.logprobs or []))
+                text = head_text + ev.text
+                if not (text or ev.finish_reason is not None or first or ev.token_ids and lp):
+                    return []
+                choice = {"index": ev.index, "text": text, "logprobs": lp}
+                return [{**base(), "choices": [{**choice, "finish_reason": ev.finish_reason}]}]
+
             return stream_response(
                 handle,
                 len(specs),
                 prompt_tokens,
                 bool(req.stream_options and req.stream_options.include_usage),
-                lambda ev, _first: {
-                    **base(),
-                    "choices": [
-                        {
-                            "index": ev.index,
-                            "text": ev.text,
-                            "logprobs": None,
-                            "finish_reason": ev.finish_reason,
-                        }
-                    ],
-                },
+                chunks,
                 lambda usage: {**base(), "choices": [], "usage": usage.model_dump()},
             )
-        texts, reasons, tokens = await collect(handle, request, len(specs))
+        results = await collect(handle, request, len(specs))
+        choices = []
+        for k, res in enumerate(results):
+            head_text, head_lp = prompt_part(k, res.prompt_logprobs)
+            lp = merge(head_lp, gen_logprobs(k, res.token_ids, res.logprobs))
+            choices.append(
+                CompletionChoice(
+                    index=k,
+                    text=head_text + res.text,
+                    logprobs=None if lp is None else CompletionLogprobs(**lp),
+                    finish_reason=res.finish_reason,  # type: ignore[arg-type]
+                )
+            )
+        tokens = sum(len(r.token_ids) for r in results)
         return Completion(
             id=rid,
             created=now,
             model=req.model,
-            choices=[
-                CompletionChoice(index=i, text=t, finish_reason=r)  # type: ignore[arg-type]
-                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
-            ],
+            choices=choices,
             usage=Usage(
                 prompt_tokens=prompt_tokens,
                 completion_tokens=tokens,
@@ -580,19 +804,58 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
         responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
     )
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
-        check_model(req.model)
+        check_request(req)
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer: use /v1/completions with token ids")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        use_tools = bool(req.tools) and req.tool_choice != "none"
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if use_tools else None
         try:
-            text = render_chat(tokenizer, messages)
+            text = render_chat(
+                tokenizer, [_template_message(m) for m in req.messages], tools,
+                req.chat_template_kwargs,
+            )  # fmt: skip
         except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
+            param = "tools" if str(e).startswith("tools:") else "messages"
+            raise APIError(400, str(e), param=param) from None
         ids = await encode_text(text, chat=True)
         max_new = fit(ids, req.token_limit, None, "messages")
-        specs = specs_for(req, [ids], [max_new], chat_eos)
+        grammar = None
+        if use_tools and (
+            req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)
+        ):
+            wanted = (
+                req.tool_choice.function.name
+                if isinstance(req.tool_choice, NamedToolChoice)
+                else None
+            )
+            forced = [
+                (t.function.name, t.function.parameters)
+                for t in req.tools or []
+                if wanted is None or t.function.name == wanted
+            ]
+            grammar = await compile_grammar(lambda g: g.tool_calls(forced), "tool_choice")
+        else:
+            grammar = await format_grammar(req.response_format)
+        top_n = req.top_logprobs or 0
+        specs = specs_for(
+            req, [ids], [max_new], chat_eos, logprobs=top_n if req.logprobs else None,
+            grammar=grammar,
+        )  # fmt: skip
         handle = submit(specs)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        reasoning = thinks(tokenizer)
+        opened = text.rstrip().endswith("<think>")  # the template opened the think block
+
+        def parser() -> ChatOutputParser:
+            return ChatOutputParser(reasoning=reasoning, tools=use_tools, in_reasoning=opened)
+
+        def finish(reason: str | None, p: ChatOutputParser) -> str | None:
+            return "tool_calls" if reason == "stop" and p.tool_calls_seen else reason
+
+        def lp_content(entries: list[TokenLogprob] | None) -> list[dict[str, Any]] | None:
+            if not req.logprobs:
+                return None
+            return [chat_logprob(e, top_n) for e in entries or []]
 
         def base() -> dict[str, Any]:
             return {
@@ -602,40 +865,82 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
                 "model": req.model,
             }
 
-        def chunk(ev: SequenceEvent, first: bool) -> dict[str, Any]:
-            delta: dict[str, Any] = {"role": "assistant"} if first else {}
-            if ev.text or first:
-                delta["content"] = ev.text
-            return {
-                **base(),
-                "choices": [
-                    {
-                        "index": ev.index,
-                        "delta": delta,
-                        "logprobs": None,
-                        "finish_reason": ev.finish_reason,
-                    }
-                ],
-            }
-
         if req.stream:
+            parsers: dict[int, ChatOutputParser] = {}
+
+            def chunks(ev: SequenceEvent, first: bool) -> list[dict[str, Any]]:
+                p = parsers.setdefault(ev.index, parser())
+                d = p.feed(ev.text)
+                if ev.finish_reason is not None:
+                    rest = p.finish()
+                    d = Delta(
+                        d.reasoning + rest.reasoning,
+                        d.content + rest.content,
+                        d.tool_calls + rest.tool_calls,
+                    )
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+                if d.reasoning:
+                    delta["reasoning_content"] = d.reasoning
+                if d.content:
+                    delta["content"] = d.content
+                if d.tool_calls:
+                    delta["tool_calls"] = [
+                        {"index": c.index, **c.to_openai()} for c in d.tool_calls
+                    ]
+                lp = lp_content(ev.logprobs)
+                if not delta and ev.finish_reason is None and not (lp and ev.token_ids):
+                    return []
+                return [
+                    {
+                        **base(),
+                        "choices": [
+                            {
+                                "index": ev.index,
+                                "delta": delta,
+                                "logprobs": None
+                                if lp is None
+                                else {"content": lp, "refusal": None},
+                                "finish_reason": finish(ev.finish_reason, p),
+                            }
+                        ],
+                    }
+                ]
+
             return stream_response(
                 handle,
                 len(specs),
                 len(ids),
                 bool(req.stream_options and req.stream_options.include_usage),
-                chunk,
+                chunks,
                 lambda usage: {**base(), "choices": [], "usage": usage.model_dump()},
             )
-        texts, reasons, tokens = await collect(handle, request, len(specs))
+        results = await collect(handle, request, len(specs))
+        choices = []
+        for k, res in enumerate(results):
+            p = parser()
+            a, b = p.feed(res.text), p.finish()
+            calls = [ToolCall.model_validate(c.to_openai()) for c in a.tool_calls + b.tool_calls]
+            content = a.content + b.content
+            message = AssistantMessage(
+                content=None if calls and not content else content,
+                reasoning_content=(a.reasoning + b.reasoning) or None,
+                tool_calls=calls,
+            )
+            lp = lp_content(res.logprobs)
+            choices.append(
+                ChatChoice(
+                    index=k,
+                    message=message,
+                    logprobs=None if lp is None else ChoiceLogprobs(content=lp),  # type: ignore[arg-type]
+                    finish_reason=finish(res.finish_reason, p),  # type: ignore[arg-type]
+                )
+            )
+        tokens = sum(len(r.token_ids) for r in results)
         return ChatCompletion(
             id=rid,
             created=now,
             model=req.model,
-            choices=[
-                ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=r)  # type: ignore[arg-type]
-                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
-            ],
+            choices=choices,
             usage=Usage(
                 prompt_tokens=len(ids), completion_tokens=tokens, total_tokens=len(ids) + tokens
             ),
@@ -658,6 +963,10 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
                 _set_integer_maximum(props["n"], scheduler.max_batch)
             _set_integer_maximum(
                 schema["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"],
+                vocab - 1,
+            )
+            _set_integer_maximum(
+                schema["components"]["schemas"]["DetokenizeRequest"]["properties"]["tokens"],
                 vocab - 1,
             )
         return app.openapi_schema  # type: ignore[return-value]
@@ -690,3 +999,23 @@ def _set_integer_maximum(node: Any, maximum: int) -> None:
     elif isinstance(node, list):
         for value in node:
             _set_integer_maximum(value, maximum)
+
+
+def _finite(value: float) -> float:
+    """JSON has no infinities: a token outside the sampled distribution gets -9999."""
+    return value if math.isfinite(value) else -9999.0
+
+
+def _template_message(m: Any) -> dict[str, Any]:
+    """A request message as chat templates read it (Qwen3's reads tool_calls,
+    reasoning_content and tool messages)."""
+    out: dict[str, Any] = {"role": m.role, "content": m.text()}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.reasoning_content is not None:
+        out["reasoning_content"] = m.reasoning_content
+    return out

@@ -2,9 +2,13 @@
 
 Requests are strict: an unknown field is an error (a typo like `max_token` should not be
 silently ignored). OpenAI fields this server does not implement are listed so that they
-are accepted at their neutral value and refused with a clear message otherwise.
+are accepted at their neutral value and refused with a clear message otherwise. Fields
+that only describe the client (`user`, `metadata`, `store`, `service_tier`,
+`prompt_cache_key`, `safety_identifier`, `parallel_tool_calls`) are accepted and ignored:
+nothing is stored.
 
-Extensions (also accepted by vLLM): `top_k` (0 or -1: off) and `ignore_eos`.
+Extensions (also accepted by vLLM): `top_k` (0 or -1: off), `ignore_eos` and, on chat,
+`chat_template_kwargs` (e.g. `{"enable_thinking": false}` for Qwen3).
 """
 
 from __future__ import annotations
@@ -26,16 +30,15 @@ MAX_N = 128
 # OpenAI fields this server does not implement; only their neutral value is accepted.
 UNSUPPORTED = frozenset(
     {
-        "echo",
-        "logprobs",
         "best_of",
         "suffix",
         "presence_penalty",
         "frequency_penalty",
         "logit_bias",
-        "top_logprobs",
+        "modalities",
     }
 )
+MAX_LOGPROBS = 20  # OpenAI's limit for logprobs / top_logprobs
 
 
 def _json_int(value: Any) -> Any:
@@ -59,6 +62,30 @@ TokenId = Annotated[int, Field(ge=0), _INT]
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM's; accepted, usage comes at the end
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`text` (free), `json_object` (any JSON object) or `json_schema` (one that validates
+    against the schema): constrained decoding, every token checked by a grammar."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format: type json_schema needs a json_schema object")
+        return self
 
 
 class _Sampling(BaseModel):
@@ -83,7 +110,14 @@ class _Sampling(BaseModel):
     ignore_eos: StrictBool | None = Field(
         default=None, description="extension: do not end a sequence at the EOS token"
     )
+    response_format: ResponseFormat | None = None
+    # Neutral: they describe the client or ask for storage; accepted, ignored.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: StrictBool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # Not implemented: accepted at their neutral value only (see UNSUPPORTED).
     presence_penalty: Literal[0] | None = None
     frequency_penalty: Literal[0] | None = None
@@ -116,13 +150,24 @@ class CompletionRequest(_Sampling):
     prompt: Prompt = Field(
         description="text, a list of texts, token ids, or a list of token-id lists"
     )
-    max_tokens: Annotated[int, Field(ge=1), _INT] | None = Field(
-        default=None, description="tokens to generate per choice; default 16"
+    max_tokens: Annotated[int, Field(ge=0), _INT] | None = Field(
+        default=None, description="tokens to generate per choice; default 16 (0: with echo)"
     )
-    echo: Literal[False] | None = None
-    logprobs: None = None
+    echo: StrictBool | None = Field(
+        default=None, description="return the prompt before the completion (with logprobs)"
+    )
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), _INT] | None = Field(
+        default=None,
+        description="log-probabilities of each token and of the N most likely at its place",
+    )
     best_of: Literal[1] | None = None
     suffix: None = None
+
+    def combination_error(self) -> tuple[str, str] | None:
+        """(message, param) when fields that are valid alone do not go together."""
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens: 0 is only allowed with echo (score the prompt)", "max_tokens"
+        return None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list (one entry per prompt)."""
@@ -140,11 +185,27 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str  # JSON text, as the OpenAI API sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant: calls it made
+    tool_call_id: str | None = None  # tool: the call this answers
+    reasoning_content: str | None = None  # assistant: its reasoning (Qwen3 <think>)
 
     def text(self) -> str:
         if self.content is None:
@@ -154,14 +215,62 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Annotated[int, Field(ge=1), _INT] | None = Field(
         default=None, description="tokens to generate per choice; default: up to the context"
     )
     max_completion_tokens: Annotated[int, Field(ge=1), _INT] | None = None
-    logprobs: Literal[False] | None = None
-    top_logprobs: Literal[0] | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), _INT] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    modalities: list[Literal["text"]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        description='extension: variables for the chat template, e.g. {"enable_thinking": false}',
+    )
+
+    def combination_error(self) -> tuple[str, str] | None:
+        """(message, param) when fields that are valid alone do not go together."""
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs: needs logprobs: true", "top_logprobs"
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            return "tool_choice: needs tools", "tool_choice"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if self.tool_choice.function.name not in names:
+                name = self.tool_choice.function.name
+                return f"tool_choice: no tool named {name!r} in tools", "tool_choice"
+        if self.tools and self.response_format is not None and self.response_format.type != "text":
+            return "response_format: cannot be combined with tools", "response_format"
+        return None
 
     @property
     def token_limit(self) -> int | None:
@@ -177,13 +286,23 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions format: per token its text, log-probability, the most likely
+    tokens at its place (with the chosen one) and its character offset in prompt + text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -199,13 +318,30 @@ class Completion(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None
 
 

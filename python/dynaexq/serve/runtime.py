@@ -122,7 +122,8 @@ class RuntimeSpec:
 
     model: str | Path | None = None
     policy: str = "full"
-    budget_bytes: int | None = None
+    # Bytes, or a budget string as `dynaexq.load` reads it ("6GiB", "20%").
+    budget_bytes: int | str | None = None
     dtype: str = "auto"
     device: str | None = None
     batch: int = 1
@@ -130,6 +131,9 @@ class RuntimeSpec:
     tiers: str | None = None  # e.g. "int2,bf16" (precision policies; default: the runtime's)
     # Texts that rank experts for static-map / dynamic (the embedded model ships its own).
     calibration: tuple[str, ...] | None = None
+    # Publish expert copies at step boundaries (reproducible scores, e.g. lm-eval); a
+    # server publishes them whenever they land.
+    lockstep: bool = False
 
 
 RuntimeBuilder = Callable[[RuntimeSpec], "tuple[Engine, RuntimeStats]"]
@@ -139,7 +143,8 @@ def _build_full(spec: RuntimeSpec) -> tuple[Engine, RuntimeStats]:
     from dynaexq.engine import load
 
     engine = load(spec.model, dtype=spec.dtype, device=spec.device)
-    return engine, FullPrecisionStats(engine, spec.budget_bytes)
+    nbytes = spec.budget_bytes if isinstance(spec.budget_bytes, int) else None
+    return engine, FullPrecisionStats(engine, nbytes)
 
 
 def _build_precision(spec: RuntimeSpec) -> tuple[Engine, RuntimeStats]:
@@ -156,13 +161,14 @@ def _build_precision(spec: RuntimeSpec) -> tuple[Engine, RuntimeStats]:
         calibration=list(spec.calibration) if spec.calibration else None,
         batch=spec.batch,
         context=spec.context,
-        lockstep=False,  # serving: copies publish whenever they land, nothing waits
+        lockstep=spec.lockstep,  # serving: False, copies publish whenever they land
     )
     runtime = getattr(engine, "precision", None)
     if runtime is not None:
         runtime.telemetry.keep = 1024  # a server runs for days: keep recent steps only
     if runtime is None:  # e.g. "full" within a budget: nothing is managed
-        return engine, FullPrecisionStats(engine, spec.budget_bytes)
+        nbytes = spec.budget_bytes if isinstance(spec.budget_bytes, int) else None
+        return engine, FullPrecisionStats(engine, nbytes)
     return engine, SnapshotStats(runtime)
 
 
@@ -207,5 +213,13 @@ def parse_bytes(text: str) -> int:
     """'6GiB' -> 6442450944, '1.5GB' -> 1500000000, '4096' -> 4096 (must be > 0); the
     runtime's own parser, so the server and `dynaexq.load` read budgets alike."""
     from dynaexq.runtime.budget import parse_bytes as parse
+
+    return parse(text)
+
+
+def parse_budget(text: str | int) -> Any:
+    """A budget as every command reads it: a byte size or a share ("20%"); see
+    `dynaexq.runtime.budget.parse_budget`."""
+    from dynaexq.runtime.budget import parse_budget as parse
 
     return parse(text)

@@ -19,6 +19,16 @@ One iteration of the worker:
 Prefill chunks and decode steps alternate, so a long prompt never stalls the running
 batch for more than one chunk. Tokens, text pieces and finish reasons go back to the
 asyncio side through `loop.call_soon_threadsafe`.
+
+Log-probabilities (`SequenceSpec.logprobs`) are those of the distribution each token was
+actually drawn from: sampling: the model's logits / temperature, restricted by top-k,
+top-p and a grammar, renormalised; greedy (temperature 0): the model's distribution at
+temperature 1 (restricted by a grammar when there is one), whose most likely token is
+the one picked. Prompt log-probabilities (`prompt_logprobs`, for `echo`) are the model's
+own distribution at temperature 1 over the prompt's next tokens, from the prefill itself.
+A grammar (`SequenceSpec.grammar`, an xgrammar `CompiledGrammar`) masks every token it
+does not allow before sampling, and ends the sequence ("stop") when it is complete.
+Text is detokenized incrementally (`IncrementalDetokenizer`): O(1) work per token.
 """
 
 from __future__ import annotations
@@ -27,16 +37,18 @@ import asyncio
 import collections
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dynaexq.generation import filter_logits
 from dynaexq.model.qwen3_moe import KVCache
+from dynaexq.serve.detokenize import IncrementalDetokenizer
 
 if TYPE_CHECKING:
     from dynaexq.engine import Engine
@@ -70,6 +82,22 @@ class SequenceSpec:
     stop: tuple[str, ...] = ()
     eos_ids: frozenset[int] = frozenset()
     stream_text: bool = False  # produce text pieces as tokens arrive (else text at the end)
+    # Log-probabilities of the generated tokens with this many alternatives (None: none).
+    logprobs: int | None = None
+    # Log-probabilities of the prompt's tokens (echo) with this many alternatives; with it
+    # max_new_tokens may be 0 (score the prompt, generate nothing).
+    prompt_logprobs: int | None = None
+    # Constrained decoding: an xgrammar CompiledGrammar every generated token must follow.
+    grammar: Any = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the most likely tokens at its position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
 
 
 @dataclass
@@ -80,6 +108,10 @@ class SequenceEvent:
     token_ids: list[int]
     text: str
     finish_reason: str | None  # None while running, else "stop" or "length"
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
+    # In the sequence's first event, when asked for: one per prompt token (None for the
+    # first, which nothing predicts).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class GenerationRequest:
@@ -120,6 +152,13 @@ class _Sequence:
     generator: torch.Generator | None = None
     first_token_at: float | None = None
     finished: bool = False
+    detok: IncrementalDetokenizer | None = None
+    searched: int = 0  # text already searched for stop strings
+    stopped_at: int | None = None  # where a stop string cut the text
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_posted: bool = False
+    matcher: Any = None  # xgrammar GrammarMatcher
 
     @property
     def cached(self) -> int:
@@ -154,6 +193,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.metrics = metrics
+        self._tokenizer = engine.tokenizer
         self._decode = engine.tokenizer.decode if engine.tokenizer is not None else None
         # All KV memory is reserved here, once.
         self._slab = KVCache.allocate(
@@ -200,7 +240,8 @@ class Scheduler:
             raise ValueError(f"{len(specs)} sequences exceed the batch size {self.max_batch}")
         for s in specs:
             need = len(s.prompt_ids) + s.max_new_tokens
-            if not s.prompt_ids or s.max_new_tokens < 1 or need > self.max_context:
+            least = 0 if s.prompt_logprobs is not None else 1
+            if not s.prompt_ids or s.max_new_tokens < least or need > self.max_context:
                 raise ValueError(f"sequence needs {need} slots, context is {self.max_context}")
         request = GenerationRequest(specs, asyncio.get_running_loop())
         with self._cond:
@@ -280,6 +321,14 @@ class Scheduler:
                 if spec.seed is not None and spec.temperature > 0:
                     seq.generator = torch.Generator(device=self.engine.device)
                     seq.generator.manual_seed(spec.seed)
+                if self._tokenizer is not None:
+                    seq.detok = IncrementalDetokenizer(self._tokenizer)
+                if spec.grammar is not None:
+                    import xgrammar
+
+                    seq.matcher = xgrammar.GrammarMatcher(
+                        spec.grammar, terminate_without_stop_token=True
+                    )
                 self._rows.append(seq)
 
     def _iteration(self) -> None:
@@ -328,15 +377,20 @@ class Scheduler:
         positions = (starts.unsqueeze(1) + offsets).clamp(max=self.max_context - 1)
         mask = offsets < lengths.unsqueeze(1)
         first = self._n_decode
-        logits = self.engine.model(
+        # Rows that score their prompt (echo) need the logits of every position.
+        scoring = any(c[0].spec.prompt_logprobs is not None for c in chunks)
+        out = self.engine.model(
             ids.to(device),
             positions.to(device),
             self._cache_view(first, first + k),
             mask.to(device),
-            logits_index=(lengths - 1).to(device),
-        )[:, 0]
+            logits_index=None if scoring else (lengths - 1).to(device),
+        )
+        logits = out[torch.arange(k), (lengths - 1).to(device)] if scoring else out[:, 0]
         done_rows: list[int] = []
-        for r, (seq, _start, length) in enumerate(chunks):
+        for r, (seq, start, length) in enumerate(chunks):
+            if seq.spec.prompt_logprobs is not None:
+                self._score_prompt(seq, out[r, :length], start)
             seq.prefilled += length
             if seq.prefilled == len(seq.spec.prompt_ids):
                 done_rows.append(r)
@@ -346,8 +400,47 @@ class Scheduler:
         if done_rows:
             seqs = [chunks[r][0] for r in done_rows]
             self._n_decode += len(seqs)
-            self._sample_and_emit(seqs, logits[: len(seqs)])
+            sample = [r for r, s in enumerate(seqs) if s.spec.max_new_tokens > 0]
+            for s in seqs:
+                if s.spec.max_new_tokens == 0:  # the prompt scored, nothing to generate
+                    self._finish_without_tokens(s)
+            if sample:
+                self._sample_and_emit([seqs[r] for r in sample], logits[sample])
         return int(lengths.sum())
+
+    def _score_prompt(self, seq: _Sequence, logits: torch.Tensor, start: int) -> None:
+        """Log-probabilities of the prompt tokens that positions start.. predict."""
+        prompt = seq.spec.prompt_ids
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None]  # the first token: nothing predicts it
+        n = min(len(logits), len(prompt) - 1 - start)  # the last position predicts no prompt
+        if n <= 0:
+            return
+        lp = torch.log_softmax(logits[:n].float(), dim=-1)
+        targets = torch.tensor(prompt[start + 1 : start + 1 + n], device=lp.device)
+        chosen = lp.gather(1, targets.unsqueeze(1))[:, 0].tolist()
+        top_n = seq.spec.prompt_logprobs or 0
+        if top_n:
+            values, idx = lp.topk(top_n, dim=-1)
+            tops = [
+                tuple(zip(i, v, strict=True))
+                for i, v in zip(idx.tolist(), values.tolist(), strict=True)
+            ]
+        else:
+            tops = [()] * n
+        seq.prompt_logprobs += [
+            TokenLogprob(t, c, top)
+            for t, c, top in zip(targets.tolist(), chosen, tops, strict=True)
+        ]
+
+    def _finish_without_tokens(self, seq: _Sequence) -> None:
+        seq.finished = True
+        now = time.perf_counter()
+        self._finish_metrics(seq, now)
+        seq.prompt_posted = True
+        seq.request._post(
+            SequenceEvent(seq.index, [], "", "length", [], prompt_logprobs=seq.prompt_logprobs)
+        )
 
     def _decode_step(self) -> int:
         n = self._n_decode
@@ -360,7 +453,18 @@ class Scheduler:
         return n
 
     def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        masked = [r for r, s in enumerate(seqs) if s.matcher is not None]
+        if masked:
+            import xgrammar
+
+            logits = logits.float().clone()
+            bitmask = xgrammar.allocate_token_bitmask(1, logits.shape[-1])
+            for r in masked:
+                seqs[r].matcher.fill_next_token_bitmask(bitmask)
+                row = logits[r : r + 1]
+                xgrammar.apply_token_bitmask_inplace(row, bitmask)
         tokens = logits.argmax(dim=-1)
+        dists: list[torch.Tensor | None] = [None] * len(seqs)
         for r, seq in enumerate(seqs):
             spec = seq.spec
             if spec.temperature > 0:
@@ -370,8 +474,15 @@ class Scheduler:
                 probs = row.softmax(-1)[0]
                 if bool(torch.isfinite(probs).all()):  # else keep the argmax, never fail
                     tokens[r] = torch.multinomial(probs, 1, generator=seq.generator)[0]
+                    dists[r] = row[0]
         now = time.perf_counter()
-        for seq, tok in zip(seqs, tokens.tolist(), strict=True):
+        for r, (seq, tok) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
+            if seq.spec.logprobs is not None:
+                dist = dists[r] if dists[r] is not None else logits[r].float()
+                seq.logprobs.append(_token_logprob(dist, int(tok), seq.spec.logprobs))
+            if seq.matcher is not None and not seq.matcher.accept_token(int(tok)):
+                log.warning("grammar refused token %d it allowed; ending the sequence", tok)
+                seq.matcher = None
             self._advance(seq, int(tok), now)
         if self.metrics is not None:
             self.metrics.add_generated(len(seqs), now)
@@ -387,30 +498,38 @@ class Scheduler:
         reason: str | None = None
         if tok in spec.eos_ids:
             reason = "stop"
+        if seq.matcher is not None and seq.matcher.is_terminated():
+            reason = "stop"  # the grammar is complete
         text = ""
-        if self._decode is not None and (
-            spec.stream_text
-            or spec.stop
-            or reason is not None
-            or len(seq.generated) >= spec.max_new_tokens
-        ):
-            full = self._decode(seq.generated)
-            cuts = [full.find(s) for s in spec.stop if s in full]
-            if cuts:
-                reason, full = "stop", full[: min(cuts)]
+        if seq.detok is not None:
+            seq.detok.step(tok)
+            full = seq.detok.text
+            if spec.stop and seq.stopped_at is None:
+                # Only the new text (and a stop string's length before it) can hold a new match.
+                longest = max(len(x) for x in spec.stop)
+                begin = max(0, seq.searched - longest + 1)
+                cuts = [i for x in spec.stop if (i := full.find(x, begin)) >= 0]
+                seq.searched = len(full)
+                if cuts:
+                    seq.stopped_at = min(cuts)
+                    reason = "stop"
             if reason is None and len(seq.generated) >= spec.max_new_tokens:
                 reason = "length"
             if reason is None:
                 if spec.stream_text:
-                    # Hold back what could still turn into a stop string, and partial UTF-8.
-                    hold = max((len(s) for s in spec.stop), default=1) - 1
+                    # Hold back what could still turn into a stop string.
+                    hold = max((len(x) for x in spec.stop), default=1) - 1
                     ready = len(full) - hold
-                    while ready > seq.sent_chars and full[ready - 1] == "\ufffd":
-                        ready -= 1
                     if ready > seq.sent_chars:
                         text = full[seq.sent_chars : ready]
                         seq.sent_chars = ready
             else:
+                if seq.stopped_at is not None:
+                    full = full[: seq.stopped_at]
+                elif self._decode is not None:
+                    # Once at the end: the whole decode, so that a trailing incomplete
+                    # character shows as the tokenizer's replacement, as decode() gives it.
+                    full = self._decode(seq.generated)
                 text = full[seq.sent_chars :]
                 seq.sent_chars = max(len(full), seq.sent_chars)
         elif reason is None and len(seq.generated) >= spec.max_new_tokens:
@@ -419,8 +538,15 @@ class Scheduler:
             seq.finished = True
             self._finish_metrics(seq, now)
         if spec.stream_text or reason is not None:
-            new, seq.posted = seq.generated[seq.posted :], len(seq.generated)
-            seq.request._post(SequenceEvent(seq.index, new, text, reason))
+            new, start = seq.generated[seq.posted :], seq.posted
+            seq.posted = len(seq.generated)
+            event = SequenceEvent(seq.index, new, text, reason)
+            if spec.logprobs is not None:
+                event.logprobs = seq.logprobs[start : seq.posted]
+            if not seq.prompt_posted:
+                seq.prompt_posted = True
+                event.prompt_logprobs = seq.prompt_logprobs
+            seq.request._post(event)
 
     def _finish_metrics(self, seq: _Sequence, now: float) -> None:
         req = seq.request
@@ -473,3 +599,16 @@ class Scheduler:
             req._post(error)
         self._rows.clear()
         self._n_decode = 0
+
+
+def _token_logprob(dist: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
+    """The token's log-probability under `dist` (logits [V], -inf for excluded tokens) and
+    the `top_n` most likely tokens (excluded ones are never listed)."""
+    lp = torch.log_softmax(dist.float(), dim=-1)
+    top: tuple[tuple[int, float], ...] = ()
+    if top_n:
+        values, idx = lp.topk(min(top_n, lp.shape[-1]))
+        top = tuple(
+            (i, v) for i, v in zip(idx.tolist(), values.tolist(), strict=True) if v > -math.inf
+        )
+    return TokenLogprob(token, float(lp[token]), top)
