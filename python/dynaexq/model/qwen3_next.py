@@ -576,6 +576,11 @@ class Qwen3NextForCausalLM(nn.Module):
         """Logits for input_ids [B, T]; arguments as Qwen3MoeForCausalLM.forward. With a
         cache, a row whose first position here is 0 starts a new sequence; padding in
         token_mask must follow the row's real tokens."""
+        if cache is not None and not isinstance(cache, HybridCache):
+            raise TypeError(
+                f"Qwen3-Next keeps recurrent state beside its KV cache: pass the HybridCache "
+                f"from model.allocate_cache(...), not a {type(cache).__name__}"
+            )
         b, t = input_ids.shape
         device = input_ids.device
         from_zero = torch.arange(t, device=device).unsqueeze(0).expand(b, t)
