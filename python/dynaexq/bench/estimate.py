@@ -31,6 +31,9 @@ ASSUMPTIONS = """\
   + per-layer overhead + PCIe time that cannot be overlapped.
 - Bytes read per step: non-expert weights once, the KV cache of the batch at the given
   context, and every expert touched by any token of the step once, at its resident tier.
+  Qwen3-Next also reads and writes every sequence's linear-attention state once per step
+  (float32 recurrent state + bf16 convolution state of its 36 Gated DeltaNet layers, 73.7
+  MiB per sequence, whatever the context); it is held in device memory beside the KV cache.
 - Expert bytes per tier: bf16 = 2 bytes/param; INTb with group g and symmetric FP16
   scales = b/8 bytes/param + 2 bytes per g params.
 - dynamic: promotions are copied on a separate stream at the effective PCIe bandwidth and
@@ -59,6 +62,9 @@ class MoEShape:
     head_dim: int
     hi_tier: str
     lo_tier: str
+    # Fixed-size generation state per sequence (Qwen3-Next's linear-attention layers):
+    # held for every sequence of the batch, read and written once per decode step.
+    state_bytes: float = 0.0
 
     @property
     def expert_params(self) -> int:
@@ -70,6 +76,14 @@ class MoEShape:
     def kv_bytes(self, batch: int, context: int) -> float:
         # K and V, bf16, per full-attention layer.
         return 2.0 * 2 * self.kv_layers * self.kv_heads * self.head_dim * batch * context
+
+    def cache_bytes(self, batch: int, context: int) -> float:
+        """Device memory of the generation state: KV cache and linear-attention state."""
+        return self.kv_bytes(batch, context) + batch * self.state_bytes
+
+    def cache_traffic(self, batch: int, context: int) -> float:
+        """HBM bytes one decode step moves for it: the KV read, the state read and written."""
+        return self.kv_bytes(batch, context) + 2 * batch * self.state_bytes
 
 
 # Shapes from the models' published configs. Non-expert parameter counts are totals minus
@@ -88,6 +102,38 @@ QWEN3_30B_A3B = MoEShape(
     hi_tier="bf16",
     lo_tier="int4g128",
 )
+# Qwen3-Next-80B-A3B's published config.json (Qwen/Qwen3-Next-80B-A3B-Instruct), the fields
+# dynaexq reads; tests check the shape below against dynaexq's own model built from it.
+QWEN3_NEXT_80B_A3B_CONFIG: dict[str, object] = {
+    "architectures": ["Qwen3NextForCausalLM"],
+    "model_type": "qwen3_next",
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 48,
+    "full_attention_interval": 4,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "head_dim": 256,
+    "partial_rotary_factor": 0.25,
+    "rope_theta": 10000000,
+    "max_position_embeddings": 262144,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "linear_conv_kernel_dim": 4,
+    "num_experts": 512,
+    "num_experts_per_tok": 10,
+    "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "rms_norm_eps": 1e-06,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
 QWEN3_NEXT_80B_A3B = MoEShape(
     name="Qwen3-Next-80B-A3B",
     layers=48,
@@ -95,12 +141,16 @@ QWEN3_NEXT_80B_A3B = MoEShape(
     top_k=10,
     hidden=2048,
     moe_intermediate=512,
-    non_expert_params=80e9 - 48 * 512 * 3 * 2048 * 512,
+    # Embeddings and head 0.62B, 36 Gated DeltaNet layers 1.21B, 12 gated attention
+    # layers 0.33B, routers + shared experts 0.20B (the MTP head is not loaded).
+    non_expert_params=2_364_979_968,
     kv_layers=12,  # one full-attention layer in four; the others are linear attention
     kv_heads=2,
     head_dim=256,
     hi_tier="int4g128",
     lo_tier="int2g64",
+    # 36 x (32 heads x 128 x 128 float32 + 8192 channels x 3 taps bf16)
+    state_bytes=77_266_944,
 )
 
 
@@ -242,11 +292,11 @@ def plan_budget(
     margin_gib: float = 2.0,
     in_flight: int = 4,
 ) -> Budget:
-    """Split the GPU's memory: non-expert weights (bf16), KV cache, margin, and the rest
+    """Split the GPU's memory: non-expert weights (bf16), KV cache and state, margin, the rest
     for experts; dynamic keeps every expert at the low tier except hot slots at the high
     tier (the paper's accounting) with ``in_flight`` staging slots."""
     total = gpu.memory_gib * 2**30
-    fixed = 2.0 * model.non_expert_params + model.kv_bytes(batch, context) + margin_gib * 2**30
+    fixed = 2.0 * model.non_expert_params + model.cache_bytes(batch, context) + margin_gib * 2**30
     avail = total - fixed
     n = model.layers * model.experts
     m_hi, m_lo = model.expert_bytes(model.hi_tier), model.expert_bytes(model.lo_tier)
@@ -274,7 +324,7 @@ class PolicyResult:
 def _step_time(
     model: MoEShape, gpu: GPU, batch: int, context: int, expert_bytes: float, eff: float
 ) -> float:
-    fixed = 2.0 * model.non_expert_params + model.kv_bytes(batch, context)
+    fixed = 2.0 * model.non_expert_params + model.cache_traffic(batch, context)
     overhead = model.layers * 20e-6  # launches, routing, synchronisation per layer
     return (fixed + expert_bytes) / (gpu.hbm_gbs * 1e9 * eff) + overhead
 
