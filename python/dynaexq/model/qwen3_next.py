@@ -320,9 +320,15 @@ def gated_delta_rule(
     if fla is not None:
         chunked, recurrent = fla
         kernel = recurrent if q.shape[2] == 1 else chunked
-        # fla takes [B, T, H, D] and the scale separately; q here is already scaled.
+        # fla takes [B, T, H, ...] and the scale separately; q here is already scaled.
+        # (Not run in this project's tests: no GPU with fla installed was at hand.)
+        qt, kt, vt, gt, bt = (x.transpose(1, 2).contiguous() for x in (q, k, v, g, beta))
         o, final = kernel(
-            *(x.transpose(1, 2).contiguous() for x in (q, k, v, g, beta)),
+            qt,
+            kt,
+            vt,
+            g=gt,
+            beta=bt,
             scale=1.0,
             initial_state=state.contiguous(),
             output_final_state=True,
