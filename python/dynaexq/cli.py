@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _command_modules():
         module = importlib.import_module(f"dynaexq.commands.{name}")
         p = sub.add_parser(
-            name,
+            getattr(module, "NAME", name),  # a module may name its command (lm-eval)
             help=module.HELP,
             description=module.HELP,
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
