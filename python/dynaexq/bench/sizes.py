@@ -3,8 +3,8 @@
 - `tier_table`: the bytes of one packed expert at each tier (dynaexq's layout, what a pool
   slot holds), of every routed expert, and what one decoded token reads at batch 1 with
   every expert at that tier: the routed experts it picks (top-k in every MoE layer), the
-  non-expert weights, and the generation state (the KV cache at `context`, and the
-  linear-attention state of a Qwen3-Next, read and written).
+  non-expert weights (of the input embedding one row), and the generation state (the KV
+  cache at `context`, and the linear-attention state of a Qwen3-Next, read and written).
 - `policy_fits`: the smallest budget at which each policy loads, found with the planner
   `dynaexq.load` uses (`runtime.budget.plan_pool`, same fixed-memory accounting), and what
   each policy holds on a card of a given size.
@@ -40,6 +40,11 @@ def tier_table(
 ) -> list[TierRow]:
     fixed = fixed_memory(config, dtype_bytes=dtype_bytes, batch=1, context=context, chunk=1)
     state = _state_traffic(config, context, dtype_bytes)
+    # The input embedding is read one row per token (untied: the head is read in full).
+    lookup = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    weights = (
+        fixed.weights - (lookup - config.hidden_size) * dtype_bytes if lookup else fixed.weights
+    )
     n_layers = len(config.moe_layers)
     rows = []
     for name in tiers:
@@ -52,7 +57,7 @@ def tier_table(
                 expert_bytes=one,
                 all_experts_bytes=n_layers * config.num_experts * one,
                 routed_bytes_per_token=routed,
-                bytes_per_token=routed + fixed.weights + state,
+                bytes_per_token=routed + weights + state,
             )
         )
     return rows
