@@ -180,6 +180,23 @@ def test_batched_generation_equals_one_by_one(pair) -> None:
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
 
 
+def test_rows_leaving_the_batch_keep_the_others_exact(pair) -> None:
+    """A sequence that ends at EOS is dropped from the batch (cache.select): the others
+    continue from their own recurrent state."""
+    hf, engine = pair
+    g = torch.Generator().manual_seed(9)
+    prompts = [
+        torch.randint(0, hf.config.vocab_size, (n,), generator=g).tolist() for n in (4, 7, 2)
+    ]
+    free = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    eos = generate_tokens(engine.model, [prompts[0]], free)[0].token_ids[2]
+    params = SamplingParams(max_new_tokens=10)
+    together = generate_tokens(engine.model, prompts, params, eos_token_ids=[eos])
+    alone = [generate_tokens(engine.model, [p], params, eos_token_ids=[eos])[0] for p in prompts]
+    assert together[0].finish_reason == "eos" and len(together[0].token_ids) <= 3
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+
+
 def test_chunked_prefill_with_padding_equals_one_shot(pair) -> None:
     """The scheduler's prefill: rows continue from their cached state at different offsets,
     shorter rows padded at the end, a new sequence taking a row another one left."""
