@@ -23,6 +23,26 @@ class GrammarError(ValueError):
     """The schema cannot be turned into a grammar (a client error)."""
 
 
+# xgrammar 0.2.x lets a length-limited JSON string (maxLength / minLength) hold raw
+# control characters, which JSON forbids unescaped: such strings get JSON's own class.
+_LOOSE_CHAR = '[^\\"\\\\\\r\\n]'
+_JSON_CHAR = '[^\\0-\\x1f\\"\\\\]'
+
+
+def schema_grammar(schema: dict[str, Any]) -> Any:
+    """The xgrammar Grammar of JSON text that validates against `schema`."""
+    import xgrammar as xgr
+
+    try:
+        grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        text = str(grammar)
+        if _LOOSE_CHAR in text:
+            grammar = xgr.Grammar.from_ebnf(text.replace(_LOOSE_CHAR, _JSON_CHAR))
+    except Exception as e:  # xgrammar raises RuntimeError/ValueError/its own errors
+        raise GrammarError(f"cannot use this JSON schema ({e})") from None
+    return grammar
+
+
 def _literal(text: str) -> str:
     """An EBNF string literal."""
     escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -68,11 +88,10 @@ class Grammars:
         if schema is None:  # json_schema without a schema: any JSON value
             return self._get_compiler().compile_builtin_json_grammar()
         try:
-            return self._get_compiler().compile_json_schema(
-                json.dumps(schema), any_whitespace=False
-            )
-        except (RuntimeError, ValueError, TypeError) as e:
-            raise GrammarError(f"response_format: cannot use this JSON schema ({e})") from None
+            grammar = schema_grammar(schema)
+        except GrammarError as e:
+            raise GrammarError(f"response_format: {e}") from None
+        return self._get_compiler().compile_grammar(grammar)
 
     def tool_calls(self, tools: list[tuple[str, dict[str, Any] | None]]) -> Any:
         """One Hermes-format `<tool_call>` block calling one of `tools` (name, parameters
@@ -91,10 +110,9 @@ class Grammars:
                 "additionalProperties": False,
             }
             try:
-                body = xgr.Grammar.from_json_schema(json.dumps(call), any_whitespace=False)
-            except (RuntimeError, ValueError, TypeError) as e:
-                raise GrammarError(f"tools: cannot use the parameters of {name!r} ({e})") from None
-            options.append(body)
+                options.append(schema_grammar(call))
+            except GrammarError as e:
+                raise GrammarError(f"tools: the parameters of {name!r}: {e}") from None
         body = options[0] if len(options) == 1 else xgr.Grammar.union(*options)
         grammar = xgr.Grammar.concat(
             xgr.Grammar.from_ebnf(f"root ::= {_literal('<tool_call>' + chr(10))}"),
