@@ -428,15 +428,14 @@ class GatedDeltaNet(nn.Module):
         the inputs it saw last (the cache's conv state), which it then updates."""
         b, c, t = x.shape
         keep = self.kernel - 1
-        if step.cache is None:
+        cached = None if step.cache is None else step.cache.conv[self.layer]
+        if cached is None:
             prev = x.new_zeros(b, c, keep)
         else:
-            cached = step.cache.conv[self.layer]
-            assert cached is not None
             prev = cached.masked_fill(step.fresh[:, None, None], 0.0)
         full = torch.cat([prev, x.to(prev.dtype)], dim=-1)  # [B, C, keep + T]
         out = F.silu(F.conv1d(full, self.conv1d.weight, groups=c))
-        if step.cache is not None and keep > 0:
+        if cached is not None and keep > 0:
             # The last `keep` inputs up to each row's last real token.
             if step.lengths is None:
                 last = full[:, :, -keep:]
