@@ -269,6 +269,46 @@ def test_chunked_and_recurrent_delta_rule_agree() -> None:
     assert torch.allclose(s3, s1)
 
 
+def test_flash_linear_attention_calling_convention(monkeypatch) -> None:
+    """On CUDA the delta rule goes to flash-linear-attention's kernels. Stand-ins with their
+    documented convention (q, k, v [B, T, H, D]; g, beta [B, T, H] keywords; scale;
+    initial_state [B, H, K, V]; returns (o [B, T, H, V], final state)) must give what the
+    torch path gives."""
+    from dynaexq.model import qwen3_next
+
+    calls: list[str] = []
+
+    def stand_in(name: str):
+        def kernel(q, k, v, *, g, beta, scale, initial_state, output_final_state):
+            calls.append(name)
+            assert output_final_state and q.shape[:3] == g.shape == beta.shape
+            args = (x.transpose(1, 2) for x in (q * scale, k, v, g, beta))
+            o, final = delta_rule_recurrent(*args, initial_state)
+            return o.transpose(1, 2).to(torch.bfloat16), final
+
+        return kernel
+
+    gen = torch.Generator().manual_seed(1)
+    q, k = (
+        torch.nn.functional.normalize(torch.randn(1, 2, 9, 4, generator=gen), dim=-1) for _ in "qk"
+    )
+    v = torch.randn(1, 2, 9, 3, generator=gen)
+    g, beta = -torch.rand(1, 2, 9, generator=gen), torch.rand(1, 2, 9, generator=gen)
+    state = torch.randn(1, 2, 4, 3, generator=gen)
+    want = qwen3_next.gated_delta_rule(q, k, v, g, beta, state)
+    kernels = (stand_in("chunk"), stand_in("recurrent"))
+    monkeypatch.setattr(qwen3_next, "_fla_kernels", lambda x: kernels)
+    got = qwen3_next.gated_delta_rule(q, k, v, g, beta, state)
+    one = qwen3_next.gated_delta_rule(
+        q[:, :, :1], k[:, :, :1], v[:, :, :1], g[:, :, :1], beta[:, :, :1], state
+    )
+    assert calls == ["chunk", "recurrent"]
+    assert got[0].dtype == torch.float32 and got[0].shape == want[0].shape
+    assert (got[0] - want[0]).abs().max().item() <= 1e-2  # the stand-in returns bf16 outputs
+    assert (got[1] - want[1]).abs().max().item() <= 1e-5
+    assert one[0].shape == (1, 2, 1, 3)
+
+
 def test_token_mixers_change_the_logits(pair) -> None:
     """The checkpoints are not degenerate: the linear-attention layers move the logits
     far more than the tolerance (so the exactness checks above test them)."""

@@ -291,10 +291,12 @@ def delta_rule_chunked(
     return out.reshape(b, h, chunks * chunk, dv)[:, :, :n], state
 
 
-def _fla_kernels() -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], ...] | None:
-    """flash-linear-attention's chunked and fused-recurrent kernels, if installed and not
-    turned off with DYNAEXQ_LINEAR_ATTENTION=torch."""
-    if os.environ.get("DYNAEXQ_LINEAR_ATTENTION", "").lower() == "torch":
+def _fla_kernels(
+    x: torch.Tensor,
+) -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], ...] | None:
+    """flash-linear-attention's chunked and fused-recurrent kernels for CUDA tensors, if
+    installed and not turned off with DYNAEXQ_LINEAR_ATTENTION=torch."""
+    if not x.is_cuda or os.environ.get("DYNAEXQ_LINEAR_ATTENTION", "").lower() == "torch":
         return None
     try:
         from fla.ops.gated_delta_rule import (  # type: ignore[import-not-found]
@@ -316,12 +318,13 @@ def gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch: flash-linear-attention on CUDA where installed, else torch (recurrent for
     one token, chunked otherwise). Same shapes as `delta_rule_chunked`."""
-    fla = _fla_kernels() if q.is_cuda else None
+    fla = _fla_kernels(q)
     if fla is not None:
         chunked, recurrent = fla
         kernel = recurrent if q.shape[2] == 1 else chunked
         # fla takes [B, T, H, ...] and the scale separately; q here is already scaled.
-        # (Not run in this project's tests: no GPU with fla installed was at hand.)
+        # (The calling convention is tested with stand-in kernels; the kernels themselves
+        # have not run here: no GPU with fla installed was at hand.)
         qt, kt, vt, gt, bt = (x.transpose(1, 2).contiguous() for x in (q, k, v, g, beta))
         o, final = kernel(
             qt,
