@@ -127,14 +127,14 @@ def test_table_transition_lease_and_retire() -> None:
     with table.lease(0, 2) as lease:
         old = lease.version
         lease.record_use()
-        with pytest.raises(BlockInUse, match="leased"):
+        with pytest.raises(BlockInUse, match="owned by the expert table"):
             pool.free(lease.block)
         tr = table.begin(0, 2, 1)
         assert table.published(0, 2) == old  # not visible before complete
         with pytest.raises(IllegalTransition, match="already transitioning"):
             table.begin(0, 2, 0)
-        pool.view(tr.block)[:2] = b"hi"
-        new = table.complete(tr.ticket)
+        tr.write(b"hi")
+        new = table.complete(tr)
         assert (new.tier, new.version) == (1, old.version + 1)
         assert lease.version == old  # the lease still sees its version
         with table.lease(0, 2) as fresh:
@@ -147,8 +147,8 @@ def test_table_transition_lease_and_retire() -> None:
         pool.free(table.published(0, 2).block)
     with pytest.raises(IllegalTransition, match="already resident"):
         table.begin(0, 2, 1)
-    with pytest.raises(IllegalTransition, match="unknown transition ticket"):
-        table.complete(tr.ticket)
+    with pytest.raises(IllegalTransition, match="already settled"):
+        table.complete(tr)
     with pytest.raises(ValueError, match="out of range"):
         table.lease(0, 3)
 
@@ -159,7 +159,7 @@ def test_rollback_restores_old_version_and_returns_block() -> None:
     free = pool.free_count("hi")
     tr = table.begin(0, 0, 1)
     assert pool.free_count("hi") == free - 1
-    table.abort(tr.ticket)
+    table.abort(tr)
     assert table.published(0, 0) == before
     assert pool.free_count("hi") == free
     assert table.transition_of(0, 0) is None
@@ -172,8 +172,8 @@ def test_staging_fallback_and_exhaustion() -> None:
     assert (t1.block.cls, t2.block.cls) == ("hi", "staging")
     with pytest.raises(PoolExhausted):
         table.begin(0, 2, 1)
-    table.complete(t1.ticket)
-    table.complete(t2.ticket)
+    table.complete(t1)
+    table.complete(t2)
     assert table.stats()["per_tier"] == [1, 2]
 
 
@@ -189,7 +189,7 @@ def test_lease_view_pins_the_version() -> None:
     with table.lease(0, 0) as lease:
         view = lease.view()
         old = lease.version
-    table.complete(table.begin(0, 0, 1).ticket)
+    table.complete(table.begin(0, 0, 1))
     assert table.retired() == [old.block]  # the view still holds a lease
     del view
     gc.collect()
@@ -219,7 +219,7 @@ def test_leases_from_threads() -> None:
         except PoolExhausted:  # old blocks still leased by readers: retry later
             table.reclaim()
             continue
-        table.complete(tr.ticket)
+        table.complete(tr)
         table.reclaim()
         moved += 1
     assert moved > 0

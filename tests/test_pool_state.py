@@ -9,6 +9,7 @@ restores the old version.
 
 from __future__ import annotations
 
+import pytest
 from dynaexq import (
     Block,
     BlockInUse,
@@ -18,6 +19,7 @@ from dynaexq import (
     IllegalTransition,
     Lease,
     PoolExhausted,
+    Transition,
 )
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -39,8 +41,9 @@ class PoolMachine(RuleBasedStateMachine):
         self.stale: list[Block] = []
         # Model of each expert: (tier, version); in-flight transitions by ticket.
         self.published = [(0, 1)] * EXPERTS
-        self.tickets: dict[int, tuple[int, int]] = {}
-        self.dead: list[int] = []
+        self.tickets: dict[int, tuple[int, int, Transition]] = {}
+        self.dead: list[Transition] = []
+        self.views: list[tuple[Block, memoryview]] = []
         self.leases: list[tuple[Lease, int, int]] = []
         self.used: set[int] = set()  # versions (by block offset) with a recorded use
 
@@ -60,9 +63,28 @@ class PoolMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.user)
     @rule(k=st.integers(0, 10))
     def free_scratch(self, k: int) -> None:
-        b = self.user.pop(k % len(self.user))
+        b = self.user[k % len(self.user)]
+        if any(v[0] == b for v in self.views):
+            # A live view pins the block: freeing it would let the view write into
+            # whatever reuses the slot.
+            with pytest.raises(BlockInUse, match="view"):
+                self.pool.free(b)
+            return
+        self.user.remove(b)
         self.pool.free(b)
         self.stale.append(b)
+
+    @precondition(lambda self: self.user)
+    @rule(k=st.integers(0, 10))
+    def view_scratch(self, k: int) -> None:
+        b = self.user[k % len(self.user)]
+        self.views.append((b, self.pool.view(b)))
+
+    @precondition(lambda self: self.views)
+    @rule(k=st.integers(0, 10))
+    def drop_view(self, k: int) -> None:
+        _, view = self.views.pop(k % len(self.views))
+        view.release()
 
     @precondition(lambda self: self.stale)
     @rule(k=st.integers(0, 10))
@@ -77,7 +99,7 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(e=st.integers(0, EXPERTS - 1), tier=st.integers(0, 1), fail=st.booleans())
     def transition(self, e: int, tier: int, fail: bool) -> None:
         before = self.table.published(0, e)
-        in_flight = any(x == e for x, _ in self.tickets.values())
+        in_flight = any(x == e for x, _, _ in self.tickets.values())
         try:
             tr = self.table.begin(0, e, tier)
         except IllegalTransition:
@@ -87,21 +109,23 @@ class PoolMachine(RuleBasedStateMachine):
             return
         assert not in_flight and self.published[e][0] != tier
         assert self.table.published(0, e) == before  # invisible until complete
-        self.pool.view(tr.block)[:1] = bytes([(self.published[e][1] + 1) % 256])
-        self.tickets[tr.ticket] = (e, tier)
+        with pytest.raises(BlockInUse):  # the table's blocks have no writable view
+            self.pool.view(tr.block)
+        tr.write(bytes([(self.published[e][1] + 1) % 256]))
+        self.tickets[tr.ticket] = (e, tier, tr)
         if fail:
             self.finish(tr.ticket, complete=False)
 
     def finish(self, ticket: int, complete: bool) -> None:
-        e, tier = self.tickets.pop(ticket)
-        self.dead.append(ticket)
+        e, tier, tr = self.tickets.pop(ticket)
+        self.dead.append(tr)
         before = self.table.published(0, e)
         if complete:
-            v = self.table.complete(ticket)
+            v = self.table.complete(tr)
             self.published[e] = (tier, self.published[e][1] + 1)
             assert (v.tier, v.version) == self.published[e]
         else:
-            self.table.abort(ticket)
+            self.table.abort(tr)
             assert self.table.published(0, e) == before  # rollback keeps the old version
 
     @precondition(lambda self: self.tickets)
@@ -110,13 +134,23 @@ class PoolMachine(RuleBasedStateMachine):
         self.finish(sorted(self.tickets)[k % len(self.tickets)], complete)
 
     @precondition(lambda self: self.dead)
-    @rule(k=st.integers(0, 10))
-    def stale_ticket(self, k: int) -> None:
-        try:
-            self.table.complete(self.dead[k % len(self.dead)])
-        except IllegalTransition:
-            return
-        raise AssertionError("a finished ticket completed twice")
+    @rule(k=st.integers(0, 10), complete=st.booleans())
+    def stale_ticket(self, k: int, complete: bool) -> None:
+        tr = self.dead[k % len(self.dead)]
+        with pytest.raises(IllegalTransition, match="already settled"):
+            (self.table.complete if complete else self.table.abort)(tr)
+
+    @precondition(lambda self: self.tickets)
+    @rule(k=st.integers(0, 10), complete=st.booleans())
+    def settle_a_description(self, k: int, complete: bool) -> None:
+        # A careless caller settling a transition it did not begin (transition_of hands
+        # out descriptions only): refused, and the owner's copy stays in flight.
+        e, _, _ = self.tickets[sorted(self.tickets)[k % len(self.tickets)]]
+        described = self.table.transition_of(0, e)
+        assert described is not None and not described.owned
+        with pytest.raises(IllegalTransition):
+            (self.table.complete if complete else self.table.abort)(described)
+        assert self.table.transition_of(0, e) is not None
 
     # --- leases ---------------------------------------------------------------------
     @rule(e=st.integers(0, EXPERTS - 1))
@@ -202,6 +236,8 @@ class PoolMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         for lease, _, _ in self.leases:
             lease.release()
+        for _, view in self.views:
+            view.release()
 
 
 PoolMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

@@ -28,7 +28,7 @@ def gpu_rig(
         pool = ExpertPool(layout.slot_bytes, layout.slots, layout.alignment, device=0)
     except BackendError as e:  # built without the cuda feature
         pytest.skip(str(e))
-    stream = torch.cuda.current_stream().cuda_stream
+    stream = torch.cuda.current_stream()  # the table keeps the stream object alive
     table = ExpertTable(
         pool, layout.experts, layout.tier_classes, layout.initial_tiers(), compute_stream=stream
     )

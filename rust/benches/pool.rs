@@ -61,7 +61,7 @@ fn benches(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 let t = table.begin(0, black_box(9), to).unwrap();
-                black_box(table.complete(t.ticket).unwrap());
+                black_box(table.complete(t).unwrap());
                 to = 1 - to;
             })
         },

@@ -13,12 +13,20 @@ use std::fmt;
 pub enum ControllerError {
     /// A size, count or parameter is out of its domain; the message says which.
     Invalid(String),
+    /// The work or memory the request implies is too large to attempt.
+    TooLarge(String),
 }
+
+/// Tiers are numbered with a `u8`.
+pub const MAX_TIERS: usize = u8::MAX as usize;
+
+/// The largest table `knapsack_exact` builds (f64 values + u8 picks per cell: ~0.6 GB).
+pub const KNAPSACK_EXACT_CELLS: u64 = 64 << 20;
 
 impl fmt::Display for ControllerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ControllerError::Invalid(msg) => write!(f, "{msg}"),
+            ControllerError::Invalid(msg) | ControllerError::TooLarge(msg) => write!(f, "{msg}"),
         }
     }
 }
@@ -37,6 +45,9 @@ pub enum Signal {
     /// Short horizon: the sum of `c` over the last `steps` steps.
     Window { steps: usize },
 }
+
+/// The most (layer, expert) entries a tracker follows (real models have ~25k).
+pub const MAX_TRACKED: usize = 1 << 24;
 
 /// Per (layer, expert) hotness from the router of every forward step.
 ///
@@ -64,6 +75,14 @@ impl HotnessTracker {
         if layers == 0 || experts == 0 {
             return invalid("a tracker needs at least one layer and one expert");
         }
+        let n = layers
+            .checked_mul(experts)
+            .filter(|&n| n <= MAX_TRACKED)
+            .ok_or_else(|| {
+                ControllerError::TooLarge(format!(
+                    "{layers} layers x {experts} experts: more than {MAX_TRACKED} tracked experts"
+                ))
+            })?;
         let ring_len = match signal {
             Signal::Ema { alpha } => {
                 if !(0.0..1.0).contains(&alpha) {
@@ -75,10 +94,16 @@ impl HotnessTracker {
                 if steps == 0 {
                     return invalid("a window signal needs at least one step");
                 }
-                steps * layers * experts
+                steps
+                    .checked_mul(n)
+                    .filter(|&r| r <= MAX_TRACKED * 64)
+                    .ok_or_else(|| {
+                        ControllerError::TooLarge(format!(
+                            "a window of {steps} steps over {n} experts is too large"
+                        ))
+                    })?
             }
         };
-        let n = layers * experts;
         Ok(Self {
             layers,
             experts,
@@ -583,16 +608,20 @@ fn pair_moves(
             continue;
         }
         // Displace the weakest incumbent that the target assignment moves down, if the
-        // tier it goes to has room (tier 0 always has: every expert can sit there).
+        // tier it goes to has room once the pair is done: the promoted expert vacates a
+        // slot of its old tier, which the demoted one may take (the pair is taken whole).
+        // Every tier's capacity counts, tier 0's too.
         let Some(&(d, dt)) = demotions[tu].last() else {
             continue;
         };
         let dtu = dt as usize;
-        if dtu != 0 && free[dtu] <= 0 {
+        if dtu != from && free[dtu] <= 0 {
             continue;
         }
         demotions[tu].pop();
-        free[dtu] -= 1;
+        if dtu != from {
+            free[dtu] -= 1;
+        }
         let loss = input.value(d, tu) - input.value(d, dtu);
         groups.push(MoveGroup {
             gain: gain - loss,
@@ -610,6 +639,10 @@ fn pair_moves(
 ///
 /// Returns `None` when even every item at its cheapest tier does not fit.
 pub fn knapsack_greedy(values: &[f32], bytes: &[u64], budget: u64) -> Option<Vec<u8>> {
+    assert!(
+        bytes.len() <= MAX_TIERS,
+        "at most {MAX_TIERS} tiers (tiers are u8)"
+    );
     let tiers = bytes.len();
     assert!(
         tiers > 0 && values.len() % tiers == 0,
@@ -689,15 +722,31 @@ pub fn knapsack_greedy(values: &[f32], bytes: &[u64], budget: u64) -> Option<Vec
 /// Exact multiple-choice knapsack by dynamic programming over the budget in units of the
 /// greatest common divisor of the tier sizes. Meant for small instances (tests and
 /// checking the greedy); cost is `items * tiers * budget / gcd`.
-pub fn knapsack_exact(values: &[f32], bytes: &[u64], budget: u64) -> Option<(Vec<u8>, f64)> {
+///
+/// Refuses (`TooLarge`) instances whose table would exceed [`KNAPSACK_EXACT_CELLS`] cells
+/// rather than trying to allocate it.
+pub fn knapsack_exact(
+    values: &[f32],
+    bytes: &[u64],
+    budget: u64,
+) -> Result<Option<(Vec<u8>, f64)>, ControllerError> {
     let tiers = bytes.len();
-    assert!(
-        tiers > 0 && values.len() % tiers == 0,
-        "values must be items x tiers"
-    );
+    if tiers == 0 || tiers > MAX_TIERS || values.len() % tiers != 0 {
+        return invalid(format!(
+            "values must be items x tiers with 1 to {MAX_TIERS} tiers"
+        ));
+    }
     let items = values.len() / tiers;
     let unit = bytes.iter().fold(0u64, |g, &b| gcd(g, b)).max(1);
-    let cap = (budget / unit) as usize;
+    let cap = budget / unit;
+    let cells = (cap + 1).checked_mul(items as u64 + 1);
+    if !matches!(cells, Some(c) if c <= KNAPSACK_EXACT_CELLS) {
+        return Err(ControllerError::TooLarge(format!(
+            "the exact knapsack needs ({cap} + 1) x {items} table cells (budget / gcd of the \
+             tier sizes x items), more than {KNAPSACK_EXACT_CELLS}; use the greedy one"
+        )));
+    }
+    let cap = cap as usize;
     let w: Vec<usize> = bytes.iter().map(|&b| (b / unit) as usize).collect();
     const NONE: f64 = f64::NEG_INFINITY;
     // best[c] = best value using exactly the items so far with total weight <= c.
@@ -719,7 +768,7 @@ pub fn knapsack_exact(values: &[f32], bytes: &[u64], budget: u64) -> Option<(Vec
         best = next;
     }
     if best[cap] == NONE {
-        return None;
+        return Ok(None);
     }
     let mut choice = vec![0u8; items];
     let mut c = cap;
@@ -728,7 +777,7 @@ pub fn knapsack_exact(values: &[f32], bytes: &[u64], budget: u64) -> Option<(Vec
         choice[item] = t;
         c -= w[t as usize];
     }
-    Some((choice, best[cap]))
+    Ok(Some((choice, best[cap])))
 }
 
 fn gcd(a: u64, b: u64) -> u64 {

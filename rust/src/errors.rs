@@ -34,8 +34,8 @@ pub enum Error {
     /// The block belongs to another pool, or its coordinates do not exist in this one.
     #[error("block does not belong to this pool: {0}")]
     ForeignBlock(String),
-    /// The block is leased by readers and cannot be freed.
-    #[error("block {index} in class {class:?} is leased by {readers} reader(s); release the leases first")]
+    /// A view of the block is alive, so it cannot be freed.
+    #[error("block {index} in class {class:?} has {readers} live view(s); release them first")]
     BlockLeased {
         class: String,
         index: u32,
@@ -54,6 +54,10 @@ pub enum Error {
         expert: u32,
         reason: String,
     },
+    /// The table's loading phase is over (or an engine owns it): published bytes are
+    /// written only before the first lease.
+    #[error("{0}")]
+    Sealed(String),
     /// A ticket that is not (or no longer) in flight.
     #[error("unknown transition ticket {0} (already completed, aborted, or never issued)")]
     UnknownTicket(u64),
@@ -69,6 +73,9 @@ pub enum Error {
     /// The copy backend failed (driver missing, CUDA error, worker gone...).
     #[error("copy backend: {0}")]
     Backend(String),
+    /// The computation would need more memory than can reasonably be allocated.
+    #[error("too large: {0}")]
+    TooLarge(String),
     /// The byte budget cannot hold the requested layout.
     #[error("{what}: needs {needed} B but the budget is {budget} B ({missing} B missing)")]
     BudgetTooSmall {

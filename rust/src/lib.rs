@@ -3,8 +3,10 @@
 //!
 //! This file only re-exports; each concept lives in its own module.
 
+pub mod completion;
 pub mod controller;
 pub mod errors;
+pub mod fence;
 pub mod kernels;
 pub mod layout;
 pub mod pool;
@@ -19,6 +21,10 @@ pub mod table;
 pub mod transfer;
 
 pub use errors::{Error, Result};
+pub use fence::{
+    CompletionMark, ManualFence, ManualMark, ManualStream, OrderedUses, StreamMarks, SyncUses,
+    UseFence,
+};
 pub use layout::{plan_layout, HotSlots, LayerPlan, LayerShape, Layout, LayoutRequest};
 pub use pool::{
     Arena, ArenaKind, Block, ClassId, ClassSpec, ClassStats, ExpertPool, FreeBitmap, HostArena,
@@ -27,8 +33,8 @@ pub use pool::{
 #[cfg(not(loom))]
 pub use table::OwnedLease;
 pub use table::{
-    EntryState, ExpertTable, LayerTiers, Lease, ManualFence, SyncUses, TableStats, Ticket,
-    Transition, UseFence, Version,
+    EntryState, ExpertTable, LayerTiers, Lease, PendingTransition, TableStats, Ticket, Transition,
+    Version,
 };
 
 #[cfg(not(loom))]

@@ -385,6 +385,8 @@ struct SlotMeta {
     state: SlotState,
     /// Owned by the expert table: `free` refuses it, the retire rule frees it.
     table: bool,
+    /// Live writable views of a caller-owned block: `free` refuses it while any exists.
+    views: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -583,7 +585,8 @@ impl ExpertPool {
             meta: vec![
                 SlotMeta {
                     state: SlotState::Free,
-                    table: false
+                    table: false,
+                    views: 0,
                 };
                 n
             ],
@@ -710,6 +713,7 @@ impl ExpertPool {
         self.meta[slot] = SlotMeta {
             state,
             table: false,
+            views: 0,
         };
         let generation = self.board.generation[slot]
             .load(Ordering::Relaxed)
@@ -774,27 +778,60 @@ impl ExpertPool {
         Ok(())
     }
 
-    /// Return a block the caller owns. Refuses double frees, foreign blocks, leased blocks
-    /// and blocks owned by the expert table.
+    /// Return a block the caller owns. Refuses double frees, foreign blocks, blocks with a
+    /// live view and blocks owned by the expert table. (Lease counters are not consulted:
+    /// leases only ever pin table-owned blocks, and a reader backing off a stale word may
+    /// bump a reused slot's counter for an instant.)
     pub fn free(&mut self, b: Block) -> Result<()> {
         let slot = self.check_live(&b)?;
         let name = || self.classes[b.class.0 as usize].name.clone();
-        let readers = self.board.readers[slot as usize].load(Ordering::SeqCst);
-        if readers > 0 {
-            return Err(Error::BlockLeased {
-                class: name(),
-                index: b.index,
-                readers,
-            });
-        }
-        if self.meta[slot as usize].table {
+        let meta = self.meta[slot as usize];
+        if meta.table {
             return Err(Error::OwnedByTable {
                 class: name(),
                 index: b.index,
             });
         }
+        if meta.views > 0 {
+            return Err(Error::BlockLeased {
+                class: name(),
+                index: b.index,
+                readers: meta.views,
+            });
+        }
         self.release(slot, &b);
         Ok(())
+    }
+
+    /// Register a writable view of a caller-owned block (the table's blocks are viewed
+    /// only through leases, read-only): `free` refuses the block until `unpin_view`.
+    pub fn pin_view(&mut self, b: &Block) -> Result<()> {
+        let slot = self.check_live(b)? as usize;
+        if self.meta[slot].table {
+            return Err(Error::OwnedByTable {
+                class: self.classes[b.class.0 as usize].name.clone(),
+                index: b.index,
+            });
+        }
+        self.meta[slot].views += 1;
+        Ok(())
+    }
+
+    /// The view registered by `pin_view` is gone.
+    pub fn unpin_view(&mut self, b: &Block) {
+        if let Ok(slot) = self.check_live(b) {
+            let v = &mut self.meta[slot as usize].views;
+            *v = v.saturating_sub(1);
+        }
+    }
+
+    /// Whether the table owns `b` and it is still being filled (pending): its bytes are
+    /// being written by a copy.
+    pub fn is_table_pending(&self, b: &Block) -> bool {
+        self.check_live(b).is_ok_and(|slot| {
+            let m = self.meta[slot as usize];
+            m.table && m.state == SlotState::Pending
+        })
     }
 
     /// Free on behalf of the table (its retire rule already checked the leases).
@@ -824,6 +861,7 @@ impl ExpertPool {
         *m = SlotMeta {
             state: SlotState::Free,
             table: false,
+            views: 0,
         };
         let ok = c.free.free(b.index);
         debug_assert!(ok, "slot state and bitmap disagree");

@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::errors::Error;
 use crate::pool::{Block, ClassId, ClassSpec, ExpertPool, PoolConfig};
-use crate::table::{EntryState, ExpertTable, LayerTiers, Lease, ManualFence, Ticket, UseFence};
+use crate::table::{
+    EntryState, ExpertTable, LayerTiers, Lease, ManualFence, PendingTransition, Ticket, UseFence,
+};
 
 struct Bytes<'a> {
     data: &'a [u8],
@@ -60,8 +62,8 @@ struct Model {
     user: Vec<(Block, bool)>,
     stale: Vec<Block>,
     entries: Vec<EntryModel>,
-    tickets: Vec<Ticket>,
-    dead_tickets: Vec<Ticket>,
+    /// Writable views alive per user block.
+    views: HashMap<(ClassId, u32), u32>,
     /// Retired blocks waiting for reclamation.
     retired: Vec<Block>,
     readers: HashMap<(ClassId, u32), u32>,
@@ -158,8 +160,7 @@ pub fn run(data: &[u8]) -> Vec<u64> {
         user: Vec::new(),
         stale: Vec::new(),
         entries: Vec::new(),
-        tickets: Vec::new(),
-        dead_tickets: Vec::new(),
+        views: HashMap::new(),
         retired: Vec::new(),
         readers: HashMap::new(),
         last_use: HashMap::new(),
@@ -244,6 +245,8 @@ pub fn run(data: &[u8]) -> Vec<u64> {
     };
 
     let mut trace = Vec::new();
+    // The capabilities of the transitions this caller began (only they can settle them).
+    let mut pending: Vec<PendingTransition> = Vec::new();
     // Leases borrow the table: declared after it, dropped before it.
     let mut leases: Vec<(Lease<'_>, usize, u32)> = Vec::new();
     let mut steps = 0;
@@ -292,11 +295,16 @@ pub fn run(data: &[u8]) -> Vec<u64> {
                 if model.user.is_empty() {
                     continue;
                 }
-                let (b, _) = model.user.swap_remove(arg as usize % model.user.len());
-                pool.lock()
-                    .unwrap()
-                    .free(b)
-                    .expect("free of a live user block");
+                let k = arg as usize % model.user.len();
+                let b = model.user[k].0;
+                let r = pool.lock().unwrap().free(b);
+                if model.views.get(&(b.class, b.index)).copied().unwrap_or(0) > 0 {
+                    // A view outlives nothing: the block stays until the view is gone.
+                    assert!(matches!(r, Err(Error::BlockLeased { .. })), "{r:?}");
+                    continue;
+                }
+                r.expect("free of a live user block");
+                model.user.swap_remove(k);
                 model.gave(&b);
                 model.stale.push(b);
             }
@@ -335,12 +343,13 @@ pub fn run(data: &[u8]) -> Vec<u64> {
                         }
                     }
                     match (expect, r) {
-                        (Ok((c, i)), Ok(tr)) => {
+                        (Ok((c, i)), Ok(p)) => {
+                            let tr = p.info();
                             assert_eq!((tr.block.class, tr.block.index), (c, i));
                             assert_eq!((tr.from, tr.to), (m.tier, to));
                             model.took(&tr.block);
                             model.entries[idx].transition = Some((tr.ticket, to, tr.block));
-                            model.tickets.push(tr.ticket);
+                            pending.push(p);
                             trace.push(tr.block.offset);
                         }
                         (Err(x), Err(g)) => assert!(same_kind(&x, &g), "{x:?} vs {g:?}"),
@@ -350,13 +359,11 @@ pub fn run(data: &[u8]) -> Vec<u64> {
             }
             7 | 8 => {
                 let Some(t) = &table else { continue };
-                if model.tickets.is_empty() {
+                if pending.is_empty() {
                     continue;
                 }
-                let ticket = model
-                    .tickets
-                    .swap_remove(arg as usize % model.tickets.len());
-                model.dead_tickets.push(ticket);
+                let p = pending.swap_remove(arg as usize % pending.len());
+                let ticket = p.ticket();
                 let idx = model
                     .entries
                     .iter()
@@ -364,7 +371,7 @@ pub fn run(data: &[u8]) -> Vec<u64> {
                     .expect("ticket belongs to an entry");
                 let (_, to, block) = model.entries[idx].transition.take().unwrap();
                 if op == 7 {
-                    let v = t.complete(ticket).expect("complete of a live ticket");
+                    let v = t.complete(p).expect("complete by the capability's owner");
                     let m = &mut model.entries[idx];
                     let old = m.block;
                     m.tier = to;
@@ -374,22 +381,32 @@ pub fn run(data: &[u8]) -> Vec<u64> {
                     model.retired.push(old);
                     model.reclaim();
                 } else {
-                    t.abort(ticket).expect("abort of a live ticket");
+                    t.abort(p).expect("abort by the capability's owner");
                     model.gave(&block);
                 }
             }
             9 => {
-                let Some(t) = &table else { continue };
-                if model.dead_tickets.is_empty() {
+                // Views: a caller-owned block may be viewed (and is then not freed until
+                // the view is gone); a table-owned block never hands out a writable view.
+                if arg & 1 == 1 {
+                    if let Some(m) = model
+                        .entries
+                        .get(arg as usize / 2 % total_experts.max(1) as usize)
+                    {
+                        let r = pool.lock().unwrap().pin_view(&m.block);
+                        assert!(matches!(r, Err(Error::OwnedByTable { .. })), "{r:?}");
+                    }
                     continue;
                 }
-                let ticket = model.dead_tickets[arg as usize % model.dead_tickets.len()];
-                let r = if arg & 1 == 0 {
-                    t.complete(ticket).map(|_| ())
-                } else {
-                    t.abort(ticket)
-                };
-                assert!(matches!(r, Err(Error::UnknownTicket(_))), "{r:?}");
+                if model.user.is_empty() {
+                    continue;
+                }
+                let (b, _) = model.user[arg as usize / 2 % model.user.len()];
+                pool.lock()
+                    .unwrap()
+                    .pin_view(&b)
+                    .expect("view of a live user block");
+                *model.views.entry((b.class, b.index)).or_default() += 1;
             }
             10 => {
                 let Some(t) = &table else { continue };
@@ -434,12 +451,24 @@ pub fn run(data: &[u8]) -> Vec<u64> {
                 assert_eq!(got, model.reclaim(), "reclaimed set");
             }
             _ => {
+                let viewed: Vec<Block> = model
+                    .user
+                    .iter()
+                    .map(|u| u.0)
+                    .filter(|b| model.views.get(&(b.class, b.index)).copied().unwrap_or(0) > 0)
+                    .collect();
+                if arg & 1 == 1 && !viewed.is_empty() {
+                    let b = viewed[arg as usize / 2 % viewed.len()];
+                    pool.lock().unwrap().unpin_view(&b);
+                    *model.views.get_mut(&(b.class, b.index)).unwrap() -= 1;
+                    continue;
+                }
                 if leases.is_empty() {
                     continue;
                 }
                 let (lease, _, _) = &leases[arg as usize % leases.len()];
                 let r = pool.lock().unwrap().free(lease.version().block);
-                assert!(matches!(r, Err(Error::BlockLeased { .. })), "{r:?}");
+                assert!(matches!(r, Err(Error::OwnedByTable { .. })), "{r:?}");
             }
         }
         check(
@@ -451,11 +480,32 @@ pub fn run(data: &[u8]) -> Vec<u64> {
         );
     }
     drop(leases);
+    drop(pending);
     drop(table);
-    // No block lost: after dropping the table only user blocks remain live.
+    // No block lost: after dropping the table only user blocks remain live, and the
+    // table's blocks whose recorded uses were never signalled (still running, as far as
+    // the fence knows: never freed under them).
+    let in_use = model
+        .entries
+        .iter()
+        .map(|m| m.block)
+        .chain(model.retired.iter().copied())
+        .filter(|b| {
+            model
+                .last_use
+                .get(&(b.class, b.index))
+                .copied()
+                .unwrap_or(0)
+                > model.done_use
+        })
+        .count();
     let p = pool.lock().unwrap();
     let live: u32 = p.stats().classes.iter().map(|c| c.live).sum();
-    assert_eq!(live as usize, model.user.len(), "blocks lost");
+    assert_eq!(
+        live as usize,
+        model.user.len() + in_use,
+        "blocks lost or freed in use"
+    );
     trace
 }
 
@@ -567,6 +617,7 @@ pub fn run_transfer(data: &[u8]) -> crate::transfer::EngineStats {
     let config = EngineConfig {
         max_in_flight: 1 + (bytes.byte() % 3) as usize,
         queue_capacity: 1 + (bytes.byte() % 6) as usize,
+        history: 1 + (bytes.byte() % 8) as usize,
     };
     let layout = plan_layout(&LayoutRequest {
         budget: u64::MAX / 4,
@@ -651,18 +702,80 @@ pub fn run_transfer(data: &[u8]) -> crate::transfer::EngineStats {
                 .position(|&x| x == (c.layer, c.expert))
                 .unwrap();
             if let TransferStatus::Completed { version } = c.status {
-                assert_eq!(version, model[i].1 + 1, "a completion skipped a version");
+                // Exactly the next version, unless completions fell out of the history
+                // (then the model was resynchronised to a version at most this one).
+                assert!(version > model[i].1, "a completion went backwards");
+                assert!(
+                    version == model[i].1 + 1 || engine.stats().completions_dropped > 0,
+                    "a completion skipped a version"
+                );
                 model[i] = (c.to, version);
             }
         }
     };
 
+    let mut seen_dropped = 0;
     let mut steps = 0;
     while bytes.more() && steps < 1000 {
         steps += 1;
-        let op = bytes.byte() % 8;
+        let op = bytes.byte() % 11;
         let arg = bytes.byte();
         match op {
+            8 => {
+                // A second engine on the same table: refused (two engines could land two
+                // copies in one slot), and the table is left as it was.
+                let r = TransferEngine::new(
+                    table.clone(),
+                    store.clone(),
+                    Arc::new(ManualBackend::new()) as Arc<dyn CopyBackend>,
+                    config,
+                );
+                assert!(matches!(r, Err(Error::Sealed(_))), "{:?}", r.err());
+            }
+            9 => {
+                // Writing a published block by hand once the engine uploaded: refused.
+                let (l, e) = entries[arg as usize % entries.len()];
+                let r = table.load_initial(l, e, &[arg; 4]);
+                assert!(matches!(r, Err(Error::Sealed(_))), "{r:?}");
+            }
+            10 if arg < 16 => {
+                // Drop the engine mid-flight (rarely: it ends the scenario): every transfer
+                // still queued or copying is rolled back, nothing stays reserved, and
+                // published bytes are untouched.
+                apply(&mut model, engine.poll());
+                if engine.stats().completions_dropped > seen_dropped {
+                    for (i, &(l, e)) in entries.iter().enumerate() {
+                        let v = table.published(l, e).unwrap();
+                        model[i] = (v.tier, v.version);
+                    }
+                }
+                let stats = engine.stats();
+                drop(engine);
+                drop(leases);
+                table.reclaim();
+                let st = table.stats();
+                assert_eq!(st.in_flight, 0, "a transition outlived its engine");
+                let live: u32 = pool
+                    .lock()
+                    .unwrap()
+                    .stats()
+                    .classes
+                    .iter()
+                    .map(|c| c.live)
+                    .sum();
+                assert_eq!(
+                    live as usize,
+                    entries.len(),
+                    "blocks lost or leaked by the drop"
+                );
+                for (i, &(l, e)) in entries.iter().enumerate() {
+                    let lease = table.lease_owned(l, e).unwrap();
+                    assert_eq!((lease.version().tier, lease.version().version), model[i]);
+                    check_contents(&lease, l, e);
+                }
+                return stats;
+            }
+            10 => {}
             0 | 1 => {
                 let (l, e) = entries[arg as usize % entries.len()];
                 let to = bytes.byte() % 2;
@@ -690,9 +803,13 @@ pub fn run_transfer(data: &[u8]) -> crate::transfer::EngineStats {
             4 => {
                 if !ids.is_empty() {
                     let id = ids[arg as usize % ids.len()];
-                    let before = engine.status(id).unwrap();
-                    let r = engine.cancel(id).unwrap();
-                    assert_eq!(r, !before.is_final(), "cancel of {before:?}");
+                    // Finished ids beyond the history bound are forgotten.
+                    if let Ok(before) = engine.status(id) {
+                        let r = engine.cancel(id).unwrap();
+                        assert_eq!(r, !before.is_final(), "cancel of {before:?}");
+                    } else {
+                        assert!(matches!(engine.cancel(id), Err(Error::UnknownTransfer(_))));
+                    }
                 }
             }
             5 => {
@@ -708,6 +825,17 @@ pub fn run_transfer(data: &[u8]) -> crate::transfer::EngineStats {
             }
             _ => {
                 apply(&mut model, engine.poll());
+                let dropped = engine.stats().completions_dropped;
+                if dropped > seen_dropped {
+                    // Completions nobody polled fell out of the bounded history: the
+                    // versions only moved forward; take them from the table.
+                    seen_dropped = dropped;
+                    for (i, &(l, e)) in entries.iter().enumerate() {
+                        let v = table.published(l, e).unwrap();
+                        assert!(v.version >= model[i].1, "a version went backwards");
+                        model[i] = (v.tier, v.version);
+                    }
+                }
                 for (i, &(l, e)) in entries.iter().enumerate() {
                     let v = table.published(l, e).unwrap();
                     assert_eq!((v.tier, v.version), model[i], "published vs completions");
@@ -744,6 +872,13 @@ pub fn run_transfer(data: &[u8]) -> crate::transfer::EngineStats {
         }
     }
     apply(&mut model, engine.poll());
+    if engine.stats().completions_dropped > seen_dropped {
+        for (i, &(l, e)) in entries.iter().enumerate() {
+            let v = table.published(l, e).unwrap();
+            assert!(v.version >= model[i].1, "a version went backwards");
+            model[i] = (v.tier, v.version);
+        }
+    }
     drop(leases);
     table.reclaim();
     let p = pool.lock().unwrap();

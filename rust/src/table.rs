@@ -8,8 +8,18 @@
 //!                                     \--abort (failed / cancelled)--> Resident(from)
 //! ```
 //!
-//! `begin` reserves a pending block of the target tier; nothing a reader can see changes
-//! until `complete` publishes the new version (one atomic store). The old block is then
+//! `begin` reserves a pending block of the target tier and returns the only capability to
+//! settle it ([`PendingTransition`], not `Clone`): whoever began a transition (the transfer
+//! engine, or a caller driving the table by hand) is the only one who can complete or
+//! abort it, so nobody can publish a block whose copy is still running. Nothing a reader
+//! can see changes until `complete` publishes the new version (one atomic store).
+//!
+//! ## Loading
+//! Published blocks get their first bytes before any reader exists: `load_initial` (host
+//! arenas) or the transfer engine's upload (`upload_initial`, once per table) write them
+//! while the table is *unsealed*; the first lease seals the table (under the writer lock,
+//! so it waits for a load in progress), and after that no published block is ever
+//! written again. The old block is then
 //! *retired* and reclaimed only when (a) no lease on it remains and (b) the [`UseFence`]
 //! says every recorded use of it has completed (a GPU backend records a stream event per
 //! use; the CPU implementation is synchronous, or manually signalled in tests).
@@ -33,8 +43,12 @@ use std::fmt;
 use std::sync::atomic::Ordering;
 
 use crate::errors::{Error, Result};
+pub use crate::fence::{ManualFence, SyncUses, UseFence};
 use crate::pool::{Block, ClassId, ExpertPool, SlotBoard};
-use crate::sync::{fence, lock, Arc, AtomicU64, Mutex};
+use crate::sync::{fence, lock, Arc, AtomicBool, AtomicU64, Mutex};
+
+/// Distinguishes tables, so a capability of one cannot settle another's transition.
+static NEXT_TABLE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Identifies one in-flight transition.
 pub type Ticket = u64;
@@ -52,68 +66,6 @@ fn tier_of(word: u64) -> u8 {
 }
 fn version_of(word: u64) -> u32 {
     (word >> 32) as u32
-}
-
-// ---------------------------------------------------------------------------------------
-// Last-use hook
-
-/// Decides when the last use of a block has completed. Reclamation needs this *and* a
-/// zero lease count: a lease covers "handle read, kernel not launched yet", the fence
-/// covers "kernel launched, still running".
-pub trait UseFence: Send + Sync {
-    /// Work reading `slot` was issued and may still be running (called before the lease
-    /// that covered the launch is released).
-    fn record_use(&self, slot: u32);
-    /// Every use recorded for `slot` has completed.
-    fn uses_completed(&self, slot: u32) -> bool;
-}
-
-/// CPU compute is synchronous: a use is over when its lease is released.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SyncUses;
-
-impl UseFence for SyncUses {
-    fn record_use(&self, _slot: u32) {}
-    fn uses_completed(&self, _slot: u32) -> bool {
-        true
-    }
-}
-
-/// A fence completed explicitly, like a stream executing in order: every recorded use
-/// gets the next sequence number; `signal` marks all uses issued so far as completed.
-pub struct ManualFence {
-    next: AtomicU64,
-    done: AtomicU64,
-    last: Box<[AtomicU64]>,
-}
-
-impl ManualFence {
-    pub fn new(slots: u32) -> Self {
-        Self {
-            next: AtomicU64::new(0),
-            done: AtomicU64::new(0),
-            last: (0..slots).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-    /// Complete every use recorded so far.
-    pub fn signal(&self) {
-        self.done
-            .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
-    }
-    /// Uses recorded but not yet signalled.
-    pub fn outstanding(&self) -> u64 {
-        self.next.load(Ordering::SeqCst) - self.done.load(Ordering::SeqCst)
-    }
-}
-
-impl UseFence for ManualFence {
-    fn record_use(&self, slot: u32) {
-        let seq = self.next.fetch_add(1, Ordering::SeqCst) + 1;
-        self.last[slot as usize].fetch_max(seq, Ordering::SeqCst);
-    }
-    fn uses_completed(&self, slot: u32) -> bool {
-        self.last[slot as usize].load(Ordering::SeqCst) <= self.done.load(Ordering::SeqCst)
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -143,8 +95,9 @@ pub enum EntryState {
     Transitioning { from: u8, to: u8, ticket: Ticket },
 }
 
-/// A transition that has been admitted: the caller copies the target tier's bytes into
-/// `block`, then calls `complete(ticket)` (or `abort(ticket)`).
+/// What an admitted transition is: the target tier's bytes go into `block` (pending, seen
+/// by no reader), then its owner completes or aborts it. Plain data: settling needs the
+/// [`PendingTransition`] that `begin` returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Transition {
     pub ticket: Ticket,
@@ -153,6 +106,28 @@ pub struct Transition {
     pub from: u8,
     pub to: u8,
     pub block: Block,
+}
+
+/// The capability to settle one transition (returned by [`ExpertTable::begin`], consumed
+/// by [`ExpertTable::complete`] or [`ExpertTable::abort`]). Dropping it unsettled leaves
+/// the entry transitioning and its block reserved: memory-safe, but a leak.
+#[must_use = "a transition must be completed or aborted by its owner"]
+#[derive(Debug, PartialEq, Eq)]
+pub struct PendingTransition {
+    info: Transition,
+    table: u64,
+}
+
+impl PendingTransition {
+    pub fn info(&self) -> Transition {
+        self.info
+    }
+    pub fn ticket(&self) -> Ticket {
+        self.info.ticket
+    }
+    pub fn block(&self) -> Block {
+        self.info.block
+    }
 }
 
 /// Counters of the state machine.
@@ -166,6 +141,8 @@ pub struct TableStats {
     pub in_flight: u32,
     /// Old versions waiting for leases to drain or uses to complete.
     pub retired_waiting: u32,
+    /// Whether the table is sealed (a lease was taken or an engine uploaded).
+    pub sealed: bool,
     /// Published entries per tier.
     pub per_tier: Vec<u32>,
 }
@@ -180,11 +157,15 @@ struct Writer {
     tickets: HashMap<Ticket, Transition>,
     next_ticket: Ticket,
     retired: Vec<(u32, Block)>,
+    /// A transfer engine uploaded the published versions and owns the migrations.
+    engine: bool,
     stats: TableStats,
 }
 
 /// One entry per (layer, expert) over a shared pool.
 pub struct ExpertTable {
+    id: u64,
+    sealed: AtomicBool,
     pool: Arc<Mutex<ExpertPool>>,
     board: Arc<SlotBoard>,
     arena: std::sync::Arc<dyn crate::pool::Arena>,
@@ -304,6 +285,8 @@ impl ExpertTable {
             stats.per_tier[v.tier as usize] += 1;
         }
         Ok(Self {
+            id: NEXT_TABLE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            sealed: AtomicBool::new(false),
             pool,
             board,
             arena,
@@ -322,6 +305,7 @@ impl ExpertTable {
                 tickets: HashMap::new(),
                 next_ticket: 1,
                 retired: Vec::new(),
+                engine: false,
                 stats,
             }),
         })
@@ -395,6 +379,9 @@ impl ExpertTable {
 
     /// Pin the published version of entry `e`: the lock-free read path.
     fn acquire(&self, e: usize) -> u64 {
+        if !self.sealed.load(Ordering::Acquire) {
+            self.seal();
+        }
         let cell = &self.published[e];
         let mut word = cell.load(Ordering::Acquire);
         loop {
@@ -453,10 +440,118 @@ impl ExpertTable {
         })
     }
 
+    /// The in-flight transition of (layer, expert), if any (one look under the lock).
+    pub fn transition_of(&self, layer: u32, expert: u32) -> Result<Option<Transition>> {
+        let e = self.entry_index(layer, expert)?;
+        let w = lock(&self.writer);
+        Ok(w.entries[e].transition.map(|t| w.tickets[&t]))
+    }
+
+    /// Close the loading phase: from now on no published block is written. The first
+    /// lease seals the table by itself; sealing waits for a load in progress.
+    pub fn seal(&self) {
+        let _w = lock(&self.writer);
+        self.sealed.store(true, Ordering::Release);
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        self.sealed.load(Ordering::Acquire)
+    }
+
+    fn check_loading(&self, w: &Writer) -> Result<()> {
+        if self.sealed.load(Ordering::Acquire) {
+            return Err(Error::Sealed(
+                "the table is sealed (a lease was taken or an engine uploaded): initial bytes \
+                 are written before the first lease"
+                    .into(),
+            ));
+        }
+        if w.engine {
+            return Err(Error::Sealed(
+                "a transfer engine owns this table's published bytes".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Write the first bytes of (layer, expert)'s published block (host arenas), before
+    /// the first lease.
+    pub fn load_initial(&self, layer: u32, expert: u32, data: &[u8]) -> Result<()> {
+        let e = self.entry_index(layer, expert)?;
+        let w = lock(&self.writer);
+        self.check_loading(&w)?;
+        let block = w.entries[e].current.block;
+        // SAFETY (of the write below): the table is unsealed and we hold the writer lock,
+        // which sealing needs, so no lease exists or can be taken meanwhile; the block is
+        // the entry's published block, owned by the table.
+        self.write_block(&block, 0, data)
+    }
+
+    /// The transfer engine's load-time upload: claims the table for one engine, runs
+    /// `upload` over every published version (layer, expert, version) with the writer
+    /// lock held (so no reader can exist until it returns), then seals the table. On
+    /// error the table stays unclaimed and unsealed; `upload` must not return before every
+    /// copy it started has ended.
+    pub fn upload_initial(
+        &self,
+        upload: impl FnOnce(&[(u32, u32, Version)]) -> Result<()>,
+    ) -> Result<()> {
+        let mut w = lock(&self.writer);
+        if w.engine {
+            return Err(Error::Sealed(
+                "the table already has a transfer engine (one engine per table)".into(),
+            ));
+        }
+        self.check_loading(&w)?;
+        let mut versions = Vec::with_capacity(w.entries.len());
+        for l in 0..self.num_layers() {
+            let base = self.layer_base[l as usize];
+            for e in 0..self.layer_base[l as usize + 1] - base {
+                versions.push((l, e, w.entries[(base + e) as usize].current));
+            }
+        }
+        upload(&versions)?;
+        w.engine = true;
+        self.sealed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Copy `data` into `block` at `offset` (host arenas only). Callers guarantee that no
+    /// reader can see the block (pending, or unsealed and locked).
+    fn write_block(&self, block: &Block, offset: u64, data: &[u8]) -> Result<()> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&end| end <= block.nbytes)
+            .ok_or_else(|| {
+                Error::OutOfRange(format!(
+                    "{} B at offset {offset} into a {} B block",
+                    data.len(),
+                    block.nbytes
+                ))
+            })?;
+        let _ = end;
+        let base = self.arena.host_ptr().ok_or_else(|| {
+            Error::InvalidConfig("the pool's arena is not host memory: copy with an engine".into())
+        })?;
+        // SAFETY: the block lies inside the arena (checked when the pool was built) and
+        // `offset + len <= nbytes` (checked above); the caller guarantees exclusive access
+        // (see the callers' comments); source and destination do not overlap (the source
+        // is a caller's buffer, not pool memory handed out as writable).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                base.as_ptr().add((block.offset + offset) as usize),
+                data.len(),
+            )
+        };
+        Ok(())
+    }
+
     /// Admit a transition of (layer, expert) to tier `to`: reserve a pending block of the
     /// target tier. Fails if the entry is already transitioning or already at `to`, or if
-    /// no slot / budget is available (the pool's error).
-    pub fn begin(&self, layer: u32, expert: u32, to: u8) -> Result<Transition> {
+    /// no slot / budget is available (the pool's error). The returned capability is the
+    /// only way to settle it.
+    pub fn begin(&self, layer: u32, expert: u32, to: u8) -> Result<PendingTransition> {
         let e = self.entry_index(layer, expert)?;
         let tiers = &self.tiers[layer as usize];
         if to as usize >= tiers.len() {
@@ -497,10 +592,13 @@ impl ExpertTable {
         w.entries[e].transition = Some(ticket);
         w.stats.begun += 1;
         w.stats.in_flight += 1;
-        Ok(t)
+        Ok(PendingTransition {
+            info: t,
+            table: self.id,
+        })
     }
 
-    /// The in-flight transition `ticket`.
+    /// The in-flight transition `ticket` (a description; settling needs its capability).
     pub fn transition(&self, ticket: Ticket) -> Result<Transition> {
         lock(&self.writer)
             .tickets
@@ -509,9 +607,31 @@ impl ExpertTable {
             .ok_or(Error::UnknownTicket(ticket))
     }
 
-    /// The copy for `ticket` finished: publish the new version, retire the old block and
+    fn check_owner(&self, p: &PendingTransition) -> Result<()> {
+        if p.table != self.id {
+            return Err(Error::IllegalTransition {
+                layer: p.info.layer,
+                expert: p.info.expert,
+                reason: "the transition was begun on another table".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Write bytes into the pending block of `p` (host arenas; for callers that copy by
+    /// hand rather than through an engine).
+    pub fn write_pending(&self, p: &PendingTransition, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_owner(p)?;
+        // SAFETY (of the write): the block is pending, so no reader can lease it, and only
+        // the holder of `p` (borrowed here, so it cannot be settled meanwhile) writes it.
+        self.write_block(&p.info.block, offset, data)
+    }
+
+    /// The copy for `p` finished: publish the new version, retire the old block and
     /// reclaim whatever retired blocks are now unused. Returns the new version.
-    pub fn complete(&self, ticket: Ticket) -> Result<Version> {
+    pub fn complete(&self, p: PendingTransition) -> Result<Version> {
+        self.check_owner(&p)?;
+        let ticket = p.info.ticket;
         let mut w = lock(&self.writer);
         let t = *w.tickets.get(&ticket).ok_or(Error::UnknownTicket(ticket))?;
         let mut pool = lock(&self.pool);
@@ -545,8 +665,11 @@ impl ExpertTable {
     }
 
     /// The transition failed or was cancelled: the entry stays at its published version
-    /// and the reserved block goes back to the pool.
-    pub fn abort(&self, ticket: Ticket) -> Result<()> {
+    /// and the reserved block goes back to the pool. Its owner calls this only once no
+    /// copy into the block can still be running.
+    pub fn abort(&self, p: PendingTransition) -> Result<()> {
+        self.check_owner(&p)?;
+        let ticket = p.info.ticket;
         let mut w = lock(&self.writer);
         let t = w
             .tickets
@@ -597,6 +720,7 @@ impl ExpertTable {
         let w = lock(&self.writer);
         let mut s = w.stats.clone();
         s.retired_waiting = w.retired.len() as u32;
+        s.sealed = self.is_sealed();
         s
     }
 
@@ -618,18 +742,37 @@ impl ExpertTable {
 
 impl Drop for ExpertTable {
     fn drop(&mut self) {
-        // Give every block back so the pool can be reused: leases borrow (or own) the
-        // table, so none is alive here.
+        // Give every block back so the pool can be reused. Leases borrow (or own) the
+        // table, so none is alive here, but work issued under earlier leases may still be
+        // running (a kernel on a stream): free a block only once the use fence says its
+        // uses completed, waiting at most the fence's `drop_wait`; a block still in use
+        // after that stays reserved in the pool (never handed out again) rather than freed
+        // under the kernel.
         let w = lock(&self.writer);
+        let mut blocks: Vec<Block> = w.entries.iter().map(|e| e.current.block).collect();
+        blocks.extend(w.retired.iter().map(|&(_, b)| b));
+        let deadline = std::time::Instant::now() + self.fence.drop_wait();
         let mut pool = lock(&self.pool);
-        for entry in &w.entries {
-            let _ = pool.free_owned(&entry.current.block);
+        loop {
+            blocks.retain(|b| match pool.check_live(b) {
+                Ok(slot) if self.fence.uses_completed(slot) => {
+                    let _ = pool.free_owned(b);
+                    false
+                }
+                Ok(_) => true,
+                Err(_) => false,
+            });
+            if blocks.is_empty() || std::time::Instant::now() >= deadline {
+                break;
+            }
+            drop(pool);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            pool = lock(&self.pool);
         }
+        // Pending blocks: nobody reads them, and their owners (the engine settles its
+        // flights before it lets go of the table) have no copy running into them.
         for t in w.tickets.values() {
             let _ = pool.free_owned(&t.block);
-        }
-        for (_, b) in &w.retired {
-            let _ = pool.free_owned(b);
         }
     }
 }

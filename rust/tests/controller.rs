@@ -202,65 +202,6 @@ proptest! {
     }
 
     #[test]
-    fn plans_respect_capacity_limits_and_busy_experts(
-        layers in 1usize..4,
-        experts in 2usize..10,
-        seed in prop::collection::vec((0.0f32..1.0, 0u8..3, prop::bool::weighted(0.2)), 40),
-        caps in (0usize..4, 0usize..3),
-        global in any::<bool>(),
-        max_transitions in 0usize..12,
-        max_in_flight in 0usize..6,
-        in_flight in 0usize..3,
-        delta in 0.0f32..0.2,
-    ) {
-        let n = layers * experts;
-        let scores: Vec<f32> = (0..n).map(|i| seed[i % seed.len()].0).collect();
-        let busy: Vec<bool> = (0..n).map(|i| seed[i % seed.len()].2).collect();
-        let slots = vec![n, caps.0, caps.1];
-        let capacity = if global { Capacity::Global(slots.clone()) } else {
-            Capacity::PerLayer(slots.iter().map(|&s| s.min(experts)).collect())
-        };
-        let scope_slots = |_: usize| match &capacity { Capacity::Global(s) | Capacity::PerLayer(s) => s.clone(), _ => unreachable!() };
-        // A feasible current assignment: fill tiers 2 and 1 up to capacity in index order.
-        let mut current = vec![0u8; n];
-        let scopes: Vec<Vec<usize>> = if global { vec![(0..n).collect()] } else { (0..layers).map(|l| (l * experts..(l + 1) * experts).collect()).collect() };
-        for (s, members) in scopes.iter().enumerate() {
-            let mut room = scope_slots(s);
-            for &i in members {
-                let want = seed[(i * 7) % seed.len()].1 as usize;
-                if want > 0 && room[want] > 0 { room[want] -= 1; current[i] = want as u8; }
-            }
-        }
-        let input = PlanInput { layers, experts, scores: &scores, current: &current, busy: &busy,
-            tier_bytes: &[10, 40, 160], gain: None, capacity: &capacity, in_flight };
-        let cfg = PlannerConfig { delta, max_transitions, max_bytes: u64::MAX, max_in_flight };
-        let p = plan(&input, &cfg).unwrap();
-        prop_assert!(p.transitions.len() <= max_transitions);
-        prop_assert!(p.transitions.len() <= max_in_flight.saturating_sub(in_flight));
-        let mut seen = std::collections::HashSet::new();
-        for t in &p.transitions {
-            let i = t.layer as usize * experts + t.expert as usize;
-            prop_assert!(!busy[i], "a busy expert was moved");
-            prop_assert!(seen.insert(i), "an expert moved twice in one plan");
-        }
-        let next = apply(&current, &p, experts);
-        for (s, members) in scopes.iter().enumerate() {
-            let room = scope_slots(s);
-            for (tier, &slots) in room.iter().enumerate().skip(1) {
-                let used = members.iter().filter(|&&i| next[i] as usize == tier).count();
-                prop_assert!(used <= slots, "tier {} over capacity: {} > {}", tier, used, slots);
-            }
-        }
-        // Target too: never more experts wanted in a tier than it has slots.
-        for (s, members) in scopes.iter().enumerate() {
-            let room = scope_slots(s);
-            for (tier, &slots) in room.iter().enumerate().skip(1) {
-                prop_assert!(members.iter().filter(|&&i| p.target[i] as usize == tier).count() <= slots);
-            }
-        }
-    }
-
-    #[test]
     fn without_limits_one_plan_reaches_its_target_in_two_tiers(
         scores in prop::collection::vec(0.0f32..1.0, 2..12),
         hot in 0usize..6,
@@ -307,7 +248,7 @@ proptest! {
             let (v, b) = assignment_value(values, &bytes, &choice);
             if b <= budget && best.is_none_or(|x| v > x) { best = Some(v); }
         }
-        let exact = knapsack_exact(values, &bytes, budget);
+        let exact = knapsack_exact(values, &bytes, budget).unwrap();
         match (best, exact) {
             (None, None) => {}
             (Some(want), Some((choice, got))) => {
@@ -332,3 +273,76 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(PLANNER_CASES))]
+
+    /// Two, three and four tiers, every tier's capacity bounded (tier 0's too, as the pool
+    /// bounds it): whatever the plan takes, every tier stays within its slots.
+    #[test]
+    fn plans_respect_capacity_limits_and_busy_experts(
+        layers in 1usize..4,
+        experts in 2usize..10,
+        seed in prop::collection::vec((0.0f32..1.0, 0u8..4, prop::bool::weighted(0.2)), 40),
+        tiers in 2usize..5,
+        upper in prop::collection::vec(0usize..4, 3),
+        spare in 0usize..3,
+        global in any::<bool>(),
+        max_transitions in 0usize..12,
+        max_in_flight in 0usize..6,
+        in_flight in 0usize..3,
+        delta in 0.0f32..0.2,
+    ) {
+        let n = layers * experts;
+        let scores: Vec<f32> = (0..n).map(|i| seed[i % seed.len()].0).collect();
+        let busy: Vec<bool> = (0..n).map(|i| seed[i % seed.len()].2).collect();
+        let scopes: Vec<Vec<usize>> = if global { vec![(0..n).collect()] } else { (0..layers).map(|l| (l * experts..(l + 1) * experts).collect()).collect() };
+        // Upper tiers' slots, then a feasible current assignment filling them in index
+        // order, then tier 0's slots: what the scopes hold there plus a few spare.
+        let mut slots = vec![0usize; tiers];
+        for t in 1..tiers {
+            slots[t] = if global { upper[t - 1] * layers } else { upper[t - 1].min(experts) };
+        }
+        let mut current = vec![0u8; n];
+        let mut tier0 = 0;
+        for members in &scopes {
+            let mut room = slots.clone();
+            for &i in members {
+                let want = seed[(i * 7) % seed.len()].1 as usize % tiers;
+                if want > 0 && room[want] > 0 { room[want] -= 1; current[i] = want as u8; }
+            }
+            tier0 = tier0.max(members.iter().filter(|&&i| current[i] == 0).count());
+        }
+        slots[0] = tier0 + spare;
+        let capacity = if global { Capacity::Global(slots.clone()) } else { Capacity::PerLayer(slots.clone()) };
+        let tier_bytes: Vec<u64> = (0..tiers).map(|t| 10u64 << (2 * t)).collect();
+        let input = PlanInput { layers, experts, scores: &scores, current: &current, busy: &busy,
+            tier_bytes: &tier_bytes, gain: None, capacity: &capacity, in_flight };
+        let cfg = PlannerConfig { delta, max_transitions, max_bytes: u64::MAX, max_in_flight };
+        let p = plan(&input, &cfg).unwrap();
+        prop_assert!(p.transitions.len() <= max_transitions);
+        prop_assert!(p.transitions.len() <= max_in_flight.saturating_sub(in_flight));
+        let mut seen = std::collections::HashSet::new();
+        for t in &p.transitions {
+            let i = t.layer as usize * experts + t.expert as usize;
+            prop_assert!(!busy[i], "a busy expert was moved");
+            prop_assert!(seen.insert(i), "an expert moved twice in one plan");
+        }
+        let next = apply(&current, &p, experts);
+        for members in &scopes {
+            for (tier, &cap) in slots.iter().enumerate() {
+                let used = members.iter().filter(|&&i| next[i] as usize == tier).count();
+                prop_assert!(used <= cap, "tier {} over capacity: {} > {}", tier, used, cap);
+            }
+        }
+        // Target too: never more experts wanted in an upper tier than it has slots.
+        for members in &scopes {
+            for (tier, &cap) in slots.iter().enumerate().skip(1) {
+                prop_assert!(members.iter().filter(|&&i| p.target[i] as usize == tier).count() <= cap);
+            }
+        }
+    }
+}
+
+/// Cases of the capacity property (two to four tiers; reported in the issue-18 note).
+const PLANNER_CASES: u32 = 4096;

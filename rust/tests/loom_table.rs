@@ -65,8 +65,8 @@ fn model(readers: usize) {
         // The migrating writer: lo -> hi -> lo.
         for (to, version) in [(1u8, 2u32), (0, 3)] {
             let t = table.begin(0, 0, to).unwrap();
-            blocks.0[global_slot(&t.block)].with_mut(|p| unsafe { *p = version });
-            assert_eq!(table.complete(t.ticket).unwrap().version, version);
+            blocks.0[global_slot(&t.block())].with_mut(|p| unsafe { *p = version });
+            assert_eq!(table.complete(t).unwrap().version, version);
         }
         for h in handles {
             h.join().unwrap();
@@ -76,14 +76,16 @@ fn model(readers: usize) {
     });
 }
 
-/// The transfer engine's completion path: a copy worker writes the reserved block and
-/// flags completion (release); a completer thread observes the flag (acquire), publishes
-/// and reclaims; a reader leases concurrently. The reader must see either the old version
-/// with its bytes or the new version with the copied bytes, never a half-written block,
-/// and the old block must not be reclaimed under its lease.
+/// The transfer engine's completion path, with the engine's own pieces: a copy worker
+/// writes the reserved block and flags it done through the real `JobState` (release); the
+/// completer polls it through `CopyHandle::state` (acquire) and publishes with the real
+/// `completion::settle`, the one function the engine's pump calls; a reader leases
+/// concurrently. The reader must see either the old version with its bytes or the new
+/// version with the copied bytes, never a half-written block, and the old block must not
+/// be reclaimed under its lease.
 #[test]
 fn copy_worker_completion_vs_reader() {
-    use loom::sync::atomic::{AtomicU8, Ordering};
+    use dynaexq::completion::{settle, CopyHandle, CopyState, JobState, Settled};
     loom::model(|| {
         let pool = ExpertPool::new(&PoolConfig::new(vec![
             ClassSpec::new("lo", 64, 2),
@@ -106,15 +108,16 @@ fn copy_worker_completion_vs_reader() {
         let blocks = Arc::new(Blocks((0..3).map(|_| UnsafeCell::new(0)).collect()));
         let first = table.published(0, 0).unwrap();
         blocks.0[global_slot(&first.block)].with_mut(|p| unsafe { *p = 1 });
+        table.seal();
         let t = table.begin(0, 0, 1).unwrap();
-        let done = Arc::new(AtomicU8::new(0));
+        let job = Arc::new(JobState::default());
 
         let worker = {
-            let (blocks, done) = (blocks.clone(), done.clone());
-            let slot = global_slot(&t.block);
+            let (blocks, job) = (blocks.clone(), job.clone());
+            let slot = global_slot(&t.block());
             thread::spawn(move || {
                 blocks.0[slot].with_mut(|p| unsafe { *p = 2 });
-                done.store(1, Ordering::Release);
+                job.set_done();
             })
         };
         let reader = {
@@ -125,15 +128,55 @@ fn copy_worker_completion_vs_reader() {
                 assert_eq!(seen, lease.version().version);
             })
         };
-        // The completer (the engine's pump): publish only after the copy is flagged done.
-        while done.load(Ordering::Acquire) == 0 {
-            thread::yield_now();
+        // The completer (the engine's pump): settle only once the copy reports done.
+        let state = loop {
+            match job.state() {
+                CopyState::Pending => thread::yield_now(),
+                s => break s,
+            }
+        };
+        match settle(&table, t, state, false) {
+            Settled::Published(v) => assert_eq!(v.version, 2),
+            other => panic!("{other:?}"),
         }
-        assert_eq!(table.complete(t.ticket).unwrap().version, 2);
         worker.join().unwrap();
         reader.join().unwrap();
         table.reclaim();
         assert_eq!(table.stats().retired_waiting, 0);
+    });
+}
+
+/// Two threads record uses of one slot on the ordered use fence (the code the CUDA fence
+/// runs, over a manual stream) while a third signals the stream: afterwards the slot's
+/// uses count as completed exactly when every mark placed was reached. The old fence
+/// (one "last" event per slot, recorded and stored in two steps) could keep the earlier
+/// use as the last one and report completion while the later one still ran.
+#[test]
+fn two_threads_recording_uses_on_the_fence() {
+    use dynaexq::{ManualStream, OrderedUses};
+    loom::model(|| {
+        let fence = Arc::new(OrderedUses::new(
+            2,
+            ManualStream::default(),
+            std::time::Duration::ZERO,
+        ));
+        let recorders: Vec<_> = (0..2)
+            .map(|_| {
+                let f = fence.clone();
+                thread::spawn(move || f.record_use(0))
+            })
+            .collect();
+        let signaller = {
+            let f = fence.clone();
+            thread::spawn(move || f.with_stream(ManualStream::signal))
+        };
+        for h in recorders {
+            h.join().unwrap();
+        }
+        signaller.join().unwrap();
+        let idle = fence.with_stream(ManualStream::idle);
+        assert_eq!(fence.uses_completed(0), idle);
+        assert!(fence.uses_completed(1));
     });
 }
 

@@ -102,6 +102,7 @@ fn cfg(k: usize, q: usize) -> EngineConfig {
     EngineConfig {
         max_in_flight: k,
         queue_capacity: q,
+        ..EngineConfig::default()
     }
 }
 
@@ -349,6 +350,9 @@ fn submit_then_drain_is_deterministic_under_any_copy_timing() {
         let r = rig(1, 8, 2, 1, cfg(3, 32), 2);
         let mut x = delay_seed;
         let mut out = Vec::new();
+        // Transfer ids are unique in the process (other tests draw from the same counter):
+        // compare transfers by their order of submission.
+        let mut n = 0;
         for round in 0..10u32 {
             let mut ids = Vec::new();
             for k in 0..5u32 {
@@ -362,7 +366,8 @@ fn submit_then_drain_is_deterministic_under_any_copy_timing() {
             }
             assert!(r.engine.drain(Some(Duration::from_secs(30))));
             for id in ids {
-                out.push(format!("{id}:{:?}", r.engine.status(id).unwrap()));
+                n += 1;
+                out.push(format!("{n}:{:?}", r.engine.status(id).unwrap()));
             }
             for e in 0..8 {
                 let v = r.table.published(0, e).unwrap();

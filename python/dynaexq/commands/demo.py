@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=int, default=128_000, help="byte budget")
 
 
-def _fill(view: memoryview, tag: int) -> None:
-    view[:] = bytes([tag % 256]) * len(view)
+def _tag(tag: int, size: int) -> bytes:
+    return bytes([tag % 256]) * size
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,9 +60,10 @@ def run(args: argparse.Namespace) -> int:
     )
     for layer in range(n):
         for e in range(args.experts):
-            with table.lease(layer, e) as lease:
-                # Version 1's bytes; a real runtime copies the packed expert here.
-                _fill(pool.view(lease.block), lease.version.version)
+            # Version 1's bytes, before the first lease; a real runtime loads the packed
+            # expert here.
+            size = args.hi_bytes if table.tier(layer, e) else args.lo_bytes
+            table.load(layer, e, _tag(1, size))
     tiers = [[table.tier(layer, e) for e in range(args.experts)] for layer in range(n)]
     print(f"initial tiers (1 = high precision): {tiers}")
 
@@ -73,11 +74,11 @@ def run(args: argparse.Namespace) -> int:
     demote = table.begin(0, 0, 0)  # a replacement pair: make room for the newcomer
     promote = table.begin(0, 5, 1)
     print(f"admitted {demote} into {demote.block}\nadmitted {promote} into {promote.block}")
-    _fill(pool.view(demote.block), 2)
-    _fill(pool.view(promote.block), 2)
+    demote.write(_tag(2, args.lo_bytes))  # only the owner of a transition writes its block
+    promote.write(_tag(2, args.hi_bytes))
     print(f"before completion, readers still get {table.published(0, 5)}")
-    table.complete(demote.ticket)
-    new = table.complete(promote.ticket)
+    table.complete(demote)
+    new = table.complete(promote)
     print(f"after completion, new leases get {new}; the old reader keeps {reader.version}")
     print(f"retired, waiting for lease + last use: {table.retired()}")
     reader.release()
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     print("\n-- a failed copy rolls back")
     before = table.published(1, 3)
     t = table.begin(1, 3, 1)
-    table.abort(t.ticket)
+    table.abort(t)
     print(f"expert (1, 3) is still {table.published(1, 3)} (was {before})")
 
     print("\n-- admission control: transitions beyond the staging slots are refused")
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     except PoolExhausted as e:
         print(f"admitted {len(admitted)}, then: {e}")
     for t in admitted:
-        table.abort(t.ticket)
+        table.abort(t)
 
     print("\n-- the transfer engine: copies from a host tier store, published when done")
     store = HostStore(layout.experts, [[args.lo_bytes, args.hi_bytes]] * n)
@@ -108,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
         for e in range(args.experts):
             for tier, size in ((0, args.lo_bytes), (1, args.hi_bytes)):
                 store.write(layer, e, tier, bytes([(layer * 16 + e * 2 + tier) % 256]) * size)
+    # The engine uploads every published version from the store, so it takes a table
+    # nobody has leased yet (one engine per table; it alone settles its transitions).
+    pool = ExpertPool(layout.slot_bytes, layout.slots, layout.alignment)
+    table = ExpertTable(pool, layout.experts, layout.tier_classes, layout.initial_tiers())
     engine = TransferEngine(table, store, max_in_flight=2, backend="cpu")
     steps = [("demote (1, 0)", (1, 0, 0), None), ("promote (1, 6)", (1, 6, 1), None)]
     steps.append(("promote (1, 7) with an injected copy failure", (1, 7, 1), "fail"))

@@ -247,13 +247,12 @@ class PrecisionRuntime:
             [classes],
             initial_tiers=[[self.table_tier[int(t)] for t in row] for row in initial],
         )
-        # Fill every published block with its tier's bytes before any reader exists.
+        # Fill every published block with its tier's bytes before any reader exists (the
+        # first lease seals the table; a transfer engine uploads the same bytes again).
         for li in range(self.num_layers):
             for e in range(self.experts):
-                with table.lease(li, e) as lease:
-                    src = self.store.blob(li, e, self.real[lease.tier])
-                    dst = torch.frombuffer(pool.view(lease.block), dtype=torch.uint8)
-                    dst[: src.numel()].copy_(src)
+                tier = self.real[table.tier(li, e)]
+                table.load(li, e, self.store.blob(li, e, tier).numpy())
         return pool, table
 
     # -- the expert executor -------------------------------------------------------------
@@ -547,6 +546,8 @@ class OffloadRuntime:
             blob = torch.frombuffer(self.pool.view(block), dtype=torch.uint8)
             view = PackedExpertView(spec, h, inter, blob)
             out[start : start + n] = expert_forward(view, x[start : start + n])
+            # The view pins the block: let it go before the next load may evict it.
+            del blob, view
             start += n
         out.mul_(weights.reshape(-1)[order].unsqueeze(-1))
         self._tokens = max(self._tokens, t)

@@ -166,16 +166,20 @@ pub(super) fn knapsack(
     budget: u64,
     exact: bool,
 ) -> PyResult<Option<Vec<u8>>> {
-    if tier_bytes.is_empty() || values.len() % tier_bytes.len() != 0 {
+    if tier_bytes.is_empty()
+        || tier_bytes.len() > crate::controller::MAX_TIERS
+        || values.len() % tier_bytes.len() != 0
+    {
         return Err(PyValueError::new_err(
-            "values must hold items x tiers entries for a non-empty tier_bytes",
+            "values must hold items x tiers entries for 1 to 255 tiers",
         ));
     }
-    Ok(py.detach(|| {
+    py.detach(|| {
         if exact {
-            knapsack_exact(&values, &tier_bytes, budget).map(|(c, _)| c)
+            knapsack_exact(&values, &tier_bytes, budget).map(|r| r.map(|(c, _)| c))
         } else {
-            knapsack_greedy(&values, &tier_bytes, budget)
+            Ok(knapsack_greedy(&values, &tier_bytes, budget))
         }
-    }))
+    })
+    .map_err(controller_err)
 }

@@ -80,8 +80,31 @@ pub struct BlockView {
     pub(super) offset: u64,
     pub(super) len: u64,
     pub(super) readonly: bool,
-    /// A lease pinning the block while a view of a published version exists.
-    pub(super) _lease: Option<OwnedLease>,
+    /// What keeps the bytes from being reused while the view exists: a lease (read-only
+    /// views of published versions) or a view pin (writable views of caller-owned
+    /// blocks; `pool.free` refuses the block until the view is gone).
+    pub(super) _keep: Keep,
+}
+
+/// What a [`BlockView`] holds on to (held only for its `Drop`).
+#[allow(dead_code)]
+pub(super) enum Keep {
+    /// Frozen host-store memory: never rewritten.
+    Frozen,
+    Lease(OwnedLease),
+    Pin(ViewPin),
+}
+
+/// A registered writable view of a caller-owned block (see `ExpertPool::pin_view`).
+pub(super) struct ViewPin {
+    pool: Arc<Mutex<pool::ExpertPool>>,
+    block: pool::Block,
+}
+
+impl Drop for ViewPin {
+    fn drop(&mut self) {
+        crate::sync::lock(&self.pool).unpin_view(&self.block);
+    }
 }
 
 #[pymethods]
@@ -261,14 +284,27 @@ impl PyExpertPool {
     }
 
     /// A copy of the block's bytes (host or device arena; for checks, not serving).
+    /// Refused for a block the table is still filling (its copy may be running).
     fn read<'py>(&self, py: Python<'py>, block: &PyBlock) -> PyResult<Bound<'py, PyBytes>> {
         let b = block.inner;
-        self.with(py, |p| p.check_live(&b).map(|_| ()))
+        let filling = self
+            .with(py, |p| p.check_live(&b).map(|_| p.is_table_pending(&b)))
             .map_err(to_py)?;
+        if filling {
+            return Err(BlockInUse::new_err(
+                "the block is being filled by a transition in progress",
+            ));
+        }
         let mut buf = vec![0u8; b.nbytes as usize];
         let arena = self.arena.clone();
-        py.detach(|| arena.read(b.offset, &mut buf))
-            .map_err(to_py)?;
+        if arena.host_ptr().is_some() {
+            // Host memory: copy with the GIL held, so no Python thread writes the block
+            // through a view meanwhile.
+            arena.read(b.offset, &mut buf).map_err(to_py)?;
+        } else {
+            py.detach(|| arena.read(b.offset, &mut buf))
+                .map_err(to_py)?;
+        }
         Ok(PyBytes::new(py, &buf))
     }
 
@@ -338,12 +374,23 @@ impl PyExpertPool {
         self.with(py, |p| p.region(c)).map_err(to_py)
     }
 
-    /// A writable zero-copy view of the block's bytes (valid while the pool lives; the
-    /// caller owns what it writes, e.g. `torch.frombuffer(pool.view(b), dtype=...)`).
+    /// A writable zero-copy view of a block this caller allocated (e.g.
+    /// `torch.frombuffer(pool.view(b), dtype=...)`). While the view (or anything made
+    /// from it) is alive, `free(b)` raises BlockInUse, so the view never writes into a
+    /// reused slot. Blocks of the expert table are viewed through `Lease.view()`
+    /// (read-only) and written through `Transition.write()`.
     fn view<'py>(&self, py: Python<'py>, block: &PyBlock) -> PyResult<Bound<'py, PyMemoryView>> {
         let b = block.inner;
-        self.with(py, |p| p.check_live(&b).map(|_| ()))
-            .map_err(to_py)?;
+        if self.arena.host_ptr().is_none() {
+            return Err(PyBufferError::new_err(
+                "the pool's arena is not host memory",
+            ));
+        }
+        self.with(py, |p| p.pin_view(&b)).map_err(to_py)?;
+        let pin = ViewPin {
+            pool: self.inner.clone(),
+            block: b,
+        };
         memoryview(
             py,
             BlockView {
@@ -351,7 +398,7 @@ impl PyExpertPool {
                 offset: b.offset,
                 len: b.nbytes,
                 readonly: false,
-                _lease: None,
+                _keep: Keep::Pin(pin),
             },
         )
     }

@@ -1,14 +1,14 @@
 //! Glue for the precision state machine: versions, transitions, leases and `ExpertTable`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyMemoryView};
 
 use crate::table::{
-    self, EntryState, LayerTiers, ManualFence, OwnedLease, SyncUses, Transition as RTransition,
-    UseFence,
+    self, LayerTiers, ManualFence, OwnedLease, PendingTransition, SyncUses,
+    Transition as RTransition, UseFence,
 };
 
 use super::*;
@@ -43,8 +43,10 @@ impl PyVersion {
     }
 }
 
-/// An admitted transition: copy the target tier's bytes into `block`, then
-/// `table.complete(ticket)` (or `table.abort(ticket)`).
+/// An admitted transition. The one `table.begin` returned owns it: `write` the target
+/// tier's bytes into its pending block, then `table.complete(t)` or `table.abort(t)`; one
+/// dropped unsettled is aborted. One from `table.transition_of` only describes (the
+/// transfer engine's transitions are settled by the engine alone).
 #[pyclass(frozen, name = "Transition", module = "dynaexq._core")]
 pub struct PyTransition {
     #[pyo3(get)]
@@ -59,10 +61,49 @@ pub struct PyTransition {
     pub(super) to_tier: u8,
     #[pyo3(get)]
     pub(super) block: Py<PyBlock>,
+    /// The capability to settle it (None: a description, or already settled).
+    pub(super) pending: Mutex<Option<PendingTransition>>,
+    pub(super) table: Arc<table::ExpertTable>,
+}
+
+impl PyTransition {
+    fn take(&self) -> PyResult<PendingTransition> {
+        crate::sync::lock(&self.pending).take().ok_or_else(|| {
+            IllegalTransition::new_err(format!(
+                "transition {} of expert ({}, {}) cannot be settled here: it was already \
+                 settled, or it belongs to whoever began it (a transfer engine settles its own)",
+                self.ticket, self.layer, self.expert
+            ))
+        })
+    }
+}
+
+impl Drop for PyTransition {
+    fn drop(&mut self) {
+        if let Some(p) = crate::sync::lock(&self.pending).take() {
+            let _ = self.table.abort(p);
+        }
+    }
 }
 
 #[pymethods]
 impl PyTransition {
+    /// Copy `data` (any bytes-like buffer) into the pending block at `offset` (host pools).
+    #[pyo3(signature = (data, offset = 0))]
+    fn write(&self, data: &Bound<'_, PyAny>, offset: u64) -> PyResult<()> {
+        let buf = pyo3::buffer::PyBuffer::<u8>::get(data)?;
+        let bytes = buf.to_vec(data.py())?;
+        let g = crate::sync::lock(&self.pending);
+        let p = g.as_ref().ok_or_else(|| {
+            IllegalTransition::new_err("only the owner of an unsettled transition writes its block")
+        })?;
+        self.table.write_pending(p, offset, &bytes).map_err(to_py)
+    }
+    /// Whether this object can still settle the transition.
+    #[getter]
+    fn owned(&self) -> bool {
+        crate::sync::lock(&self.pending).is_some()
+    }
     fn __repr__(&self) -> String {
         format!(
             "Transition(ticket={}, layer={}, expert={}, {} -> {})",
@@ -134,7 +175,7 @@ impl PyLease {
                 offset: v.block.offset,
                 len: v.block.nbytes,
                 readonly: true,
-                _lease: Some(lease.duplicate()),
+                _keep: Keep::Lease(lease.duplicate()),
             },
         )
     }
@@ -172,28 +213,52 @@ pub(super) fn tier_list(item: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
     item.extract::<Vec<String>>()
 }
 
+/// The compute stream the CUDA fence records on: a stream object with `.cuda_stream`
+/// (e.g. `torch.cuda.current_stream()`), which the fence keeps alive, or 0 (the legacy
+/// default stream, never destroyed). A bare nonzero handle is refused: nothing would keep
+/// its stream alive.
+fn compute_stream_of(obj: &Bound<'_, PyAny>) -> PyResult<(u64, Option<Py<PyAny>>)> {
+    if let Ok(raw) = obj.extract::<u64>() {
+        if raw == 0 {
+            return Ok((0, None));
+        }
+        return Err(PyValueError::new_err(
+            "pass the stream object (e.g. torch.cuda.current_stream()), not its raw handle: \
+             the fence keeps the object alive while it records on the stream",
+        ));
+    }
+    let raw: u64 = obj.getattr("cuda_stream")?.extract()?;
+    Ok((raw, Some(obj.clone().unbind())))
+}
+
 #[cfg(feature = "cuda")]
 pub(super) fn stream_fence(
     pool: &PyExpertPool,
     slots: u32,
-    stream: u64,
+    stream: &Bound<'_, PyAny>,
 ) -> PyResult<Arc<dyn UseFence>> {
+    let (raw, owner) = compute_stream_of(stream)?;
     let ctx = pool.device.as_ref().ok_or_else(|| {
         PyValueError::new_err("compute_stream needs a device pool (ExpertPool(..., device=N))")
     })?;
-    // SAFETY: the caller passes a live CUstream of this device (e.g.
-    // torch.cuda.current_stream().cuda_stream) that outlives the table's use of it.
-    Ok(Arc::new(unsafe {
-        crate::transfer::cuda::CudaUseFence::new(&ctx.0, slots, stream)
-    }))
+    let owner = owner.map(|o| Box::new(o) as Box<dyn Send + Sync>);
+    // SAFETY: `raw` is the handle of the stream object `owner`, which the fence keeps
+    // alive (torch destroys a stream only when its object is collected), or 0.
+    let stream = unsafe { crate::transfer::cuda::BorrowedStream::new(&ctx.0, raw, owner) };
+    Ok(Arc::new(crate::transfer::cuda::CudaUseFence::new(
+        slots,
+        stream,
+        crate::transfer::cuda::DROP_WAIT,
+    )))
 }
 
 #[cfg(not(feature = "cuda"))]
 pub(super) fn stream_fence(
     _pool: &PyExpertPool,
     _slots: u32,
-    _stream: u64,
+    stream: &Bound<'_, PyAny>,
 ) -> PyResult<Arc<dyn UseFence>> {
+    compute_stream_of(stream)?;
     Err(BackendError::new_err("this build has no CUDA support"))
 }
 
@@ -206,7 +271,12 @@ pub struct PyExpertTable {
 }
 
 impl PyExpertTable {
-    fn transition_py(&self, py: Python<'_>, t: RTransition) -> PyResult<PyTransition> {
+    fn transition_py(
+        &self,
+        py: Python<'_>,
+        t: RTransition,
+        pending: Option<PendingTransition>,
+    ) -> PyResult<PyTransition> {
         Ok(PyTransition {
             ticket: t.ticket,
             layer: t.layer,
@@ -214,6 +284,8 @@ impl PyExpertTable {
             from_tier: t.from,
             to_tier: t.to,
             block: Py::new(py, self.pool.get().block(py, t.block))?,
+            pending: Mutex::new(pending),
+            table: self.inner.clone(),
         })
     }
 }
@@ -230,7 +302,7 @@ impl PyExpertTable {
         tier_classes: Vec<Vec<Bound<'_, PyAny>>>,
         initial_tiers: Option<Vec<Vec<u8>>>,
         manual_fence: bool,
-        compute_stream: Option<u64>,
+        compute_stream: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let p = pool.get();
         if tier_classes.len() != 1 && tier_classes.len() != experts.len() {
@@ -267,7 +339,7 @@ impl PyExpertTable {
                 ))
             }
             (Some(m), None) => m.clone(),
-            (None, Some(stream)) => stream_fence(p, slots, stream)?,
+            (None, Some(stream)) => stream_fence(p, slots, &stream)?,
             (None, None) => Arc::new(SyncUses),
         };
         let shared = p.inner.clone();
@@ -301,7 +373,8 @@ impl PyExpertTable {
         Ok(self.inner.published(layer, expert).map_err(to_py)?.tier)
     }
 
-    /// The in-flight transition of (layer, expert), or None when it is resident.
+    /// The in-flight transition of (layer, expert), or None when it is resident. A
+    /// description only: it cannot settle the transition.
     fn transition_of(
         &self,
         py: Python<'_>,
@@ -309,36 +382,60 @@ impl PyExpertTable {
         expert: u32,
     ) -> PyResult<Option<PyTransition>> {
         let inner = self.inner.clone();
-        let st = py.detach(|| inner.state(layer, expert)).map_err(to_py)?;
-        match st {
-            EntryState::Resident { .. } => Ok(None),
-            EntryState::Transitioning { ticket, .. } => {
-                let t = self.inner.transition(ticket).map_err(to_py)?;
-                Ok(Some(self.transition_py(py, t)?))
-            }
-        }
+        let t = py
+            .detach(|| inner.transition_of(layer, expert))
+            .map_err(to_py)?;
+        t.map(|t| self.transition_py(py, t, None)).transpose()
     }
 
-    /// Admit a transition of (layer, expert) to `tier`: reserves the target block.
+    /// Admit a transition of (layer, expert) to `tier`: reserves the target block. The
+    /// returned Transition is the only object that can settle it.
     fn begin(&self, py: Python<'_>, layer: u32, expert: u32, tier: u8) -> PyResult<PyTransition> {
         let inner = self.inner.clone();
-        let t = py
+        let p = py
             .detach(|| inner.begin(layer, expert, tier))
             .map_err(to_py)?;
-        self.transition_py(py, t)
+        self.transition_py(py, p.info(), Some(p))
     }
 
-    /// The copy finished: publish the new version (old block retired). Returns it.
-    fn complete(&self, py: Python<'_>, ticket: u64) -> PyResult<PyVersion> {
+    /// The copy finished: publish the new version (old block retired). Returns it. Only
+    /// with the Transition `begin` returned.
+    fn complete(&self, py: Python<'_>, transition: &PyTransition) -> PyResult<PyVersion> {
+        let p = transition.take()?;
         let inner = self.inner.clone();
-        let v = py.detach(|| inner.complete(ticket)).map_err(to_py)?;
+        let v = py.detach(|| inner.complete(p)).map_err(to_py)?;
         version_py(py, self.pool.get(), v)
     }
 
     /// The transition failed or was cancelled: keep the old version, free the reservation.
-    fn abort(&self, py: Python<'_>, ticket: u64) -> PyResult<()> {
+    /// Only with the Transition `begin` returned.
+    fn abort(&self, py: Python<'_>, transition: &PyTransition) -> PyResult<()> {
+        let p = transition.take()?;
         let inner = self.inner.clone();
-        py.detach(|| inner.abort(ticket)).map_err(to_py)
+        py.detach(|| inner.abort(p)).map_err(to_py)
+    }
+
+    /// Write the first bytes of (layer, expert)'s published block (host pools), before the
+    /// first lease seals the table.
+    fn load(&self, layer: u32, expert: u32, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let buf = pyo3::buffer::PyBuffer::<u8>::get(data)?;
+        let bytes = buf.to_vec(data.py())?;
+        let inner = self.inner.clone();
+        data.py()
+            .detach(|| inner.load_initial(layer, expert, &bytes))
+            .map_err(to_py)
+    }
+
+    /// End the loading phase now (the first lease does it otherwise).
+    fn seal(&self, py: Python<'_>) {
+        let inner = self.inner.clone();
+        py.detach(|| inner.seal());
+    }
+
+    /// Whether the loading phase is over.
+    #[getter]
+    fn sealed(&self) -> bool {
+        self.inner.is_sealed()
     }
 
     /// Free every retired block with no lease and no outstanding use; returns them.
@@ -406,6 +503,7 @@ impl PyExpertTable {
         d.set_item("reclaimed", s.reclaimed)?;
         d.set_item("in_flight", s.in_flight)?;
         d.set_item("retired_waiting", s.retired_waiting)?;
+        d.set_item("sealed", s.sealed)?;
         d.set_item("per_tier", s.per_tier)?;
         Ok(d)
     }

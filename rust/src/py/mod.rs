@@ -80,10 +80,11 @@ fn to_py(e: Error) -> PyErr {
         Error::DoubleFree { .. } => DoubleFree::new_err(msg),
         Error::ForeignBlock(_) => ForeignBlock::new_err(msg),
         Error::BlockLeased { .. } | Error::OwnedByTable { .. } => BlockInUse::new_err(msg),
-        Error::IllegalTransition { .. } | Error::UnknownTicket(_) => {
+        Error::IllegalTransition { .. } | Error::UnknownTicket(_) | Error::Sealed(_) => {
             IllegalTransition::new_err(msg)
         }
         Error::BudgetTooSmall { .. } => LayoutError::new_err(msg),
+        Error::TooLarge(_) => PyValueError::new_err(msg),
         Error::NotPending { .. } => PoolError::new_err(msg),
         Error::QueueFull { .. } => QueueFull::new_err(msg),
         Error::UnknownTransfer(_) => PyValueError::new_err(msg),

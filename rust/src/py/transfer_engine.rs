@@ -150,7 +150,7 @@ impl PyHostStore {
                 offset,
                 len,
                 readonly: true,
-                _lease: None,
+                _keep: Keep::Frozen,
             },
         )
     }
@@ -231,6 +231,8 @@ pub(super) fn parse_fault(fault: Option<&Bound<'_, PyAny>>) -> PyResult<Option<F
 /// The asynchronous migration queue: promotes and demotes experts by copying the host
 /// store's packed bytes into pool blocks on a backend ("cpu" worker threads, "manual"
 /// test-driven copies, or "cuda"), publishing each version only when its copy is done.
+/// It uploads every published version when created, so it needs a table that nobody has
+/// leased yet, and it is the table's only engine; it alone settles its transitions.
 #[pyclass(frozen, name = "TransferEngine", module = "dynaexq._core")]
 pub struct PyTransferEngine {
     pub(super) inner: Arc<TransferEngine>,
@@ -241,7 +243,7 @@ pub struct PyTransferEngine {
 #[pymethods]
 impl PyTransferEngine {
     #[new]
-    #[pyo3(signature = (table, store, max_in_flight = 4, queue_capacity = 64, backend = "cpu", workers = 1, driver = true))]
+    #[pyo3(signature = (table, store, max_in_flight = 4, queue_capacity = 64, backend = "cpu", workers = 1, driver = true, history = 4096))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -252,10 +254,12 @@ impl PyTransferEngine {
         backend: &str,
         workers: i64,
         driver: bool,
+        history: i64,
     ) -> PyResult<Self> {
         let config = EngineConfig {
             max_in_flight: positive("max_in_flight", max_in_flight)? as usize,
             queue_capacity: positive("queue_capacity", queue_capacity)? as usize,
+            history: positive("history", history)? as usize,
         };
         let mut manual = None;
         let b: Arc<dyn CopyBackend> = match backend {
@@ -391,6 +395,7 @@ impl PyTransferEngine {
         d.set_item("bytes_moved", s.bytes_moved)?;
         d.set_item("in_flight", s.in_flight)?;
         d.set_item("queue_depth", s.queue_depth)?;
+        d.set_item("completions_dropped", s.completions_dropped)?;
         Ok(d)
     }
 }

@@ -3,48 +3,15 @@
 //! ([`ManualBackend`], for deterministic interleavings in property tests and fuzzing).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use super::{CopyBackend, CopyHandle, CopyJob, CopyState, Fault, Notifier, TransferId};
+use super::{CopyBackend, CopyHandle, CopyJob, Fault, Notifier, TransferId};
+use crate::completion::JobState;
 use crate::errors::{Error, Result};
 use crate::pool::ArenaKind;
 use crate::sync::lock;
-
-const PENDING: u8 = 0;
-const DONE: u8 = 1;
-const FAILED: u8 = 2;
-
-/// Completion flag of one copy.
-#[derive(Default)]
-pub struct JobState {
-    code: AtomicU8,
-    message: Mutex<Option<String>>,
-}
-
-impl JobState {
-    fn set_done(&self) {
-        self.code.store(DONE, Ordering::Release);
-    }
-    fn set_failed(&self, msg: String) {
-        *lock(&self.message) = Some(msg);
-        self.code.store(FAILED, Ordering::Release);
-    }
-}
-
-impl CopyHandle for JobState {
-    fn state(&self) -> CopyState {
-        // Acquire pairs with the worker's release: the copied bytes are visible to
-        // whoever sees Done (and then publishes the version).
-        match self.code.load(Ordering::Acquire) {
-            PENDING => CopyState::Pending,
-            DONE => CopyState::Done,
-            _ => CopyState::Failed(lock(&self.message).clone().unwrap_or_default()),
-        }
-    }
-}
 
 /// Do the copy of `job` (host to host).
 ///
@@ -185,6 +152,21 @@ impl CopyBackend for CpuBackend {
         q.ready.extend(hung);
         drop(q);
         self.shared.cv.notify_all();
+    }
+    /// Fail the copies that have not started (delayed or hung) instead of running them:
+    /// dropping an engine then never waits out an injected delay (up to an hour).
+    fn abandon(&self) {
+        let mut q = lock(&self.shared.queue);
+        let mut waiting: Vec<Queued> = std::mem::take(&mut q.hung);
+        waiting.extend(q.delayed.drain(..).map(|(_, item)| item));
+        drop(q);
+        for item in waiting {
+            item.state.set_failed(format!(
+                "copy of transfer {} abandoned: the engine was dropped",
+                item.job.id
+            ));
+        }
+        self.shared.notifier.notify();
     }
     fn notifier(&self) -> Arc<Notifier> {
         self.shared.notifier.clone()

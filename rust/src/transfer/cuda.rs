@@ -8,9 +8,9 @@
 //!   copies are truly asynchronous.
 //! - [`CudaBackend`]: a dedicated non-blocking migration stream; each transfer is one
 //!   `cuMemcpyHtoDAsync` followed by an event; completion is `cuEventQuery` (polling).
-//! - [`CudaUseFence`]: the compute side's last use of a block is an event recorded on the
-//!   compute stream (a raw `CUstream` borrowed from e.g. torch, never owned), so an old
-//!   block is reclaimed only after the kernels that read it have finished.
+//! - [`CudaUseFence`]: every use of a block is an event on the compute stream (borrowed
+//!   from e.g. torch, whose stream object the fence keeps alive), in one ordered sequence,
+//!   so an old block is reclaimed only after every kernel that read it has finished.
 
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
@@ -19,9 +19,8 @@ use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream};
 
 use super::{CopyBackend, CopyHandle, CopyJob, CopyState, Fault, Notifier};
 use crate::errors::{Error, Result};
+use crate::fence::{CompletionMark, OrderedUses, StreamMarks};
 use crate::pool::{Arena, ArenaKind};
-use crate::sync::lock;
-use crate::table::UseFence;
 
 fn backend_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Backend(format!("{what}: {e:?}"))
@@ -266,10 +265,17 @@ impl CopyBackend for CudaBackend {
         let src = unsafe { std::slice::from_raw_parts(job.src, job.len) };
         unsafe { result::memcpy_htod_async(job.dst, src, self.stream.cu_stream()) }
             .map_err(|e| backend_err("cuMemcpyHtoDAsync", e))?;
-        let event = self
-            .stream
-            .record_event(None)
-            .map_err(|e| backend_err("record the copy event", e))?;
+        let event = match self.stream.record_event(None) {
+            Ok(ev) => ev,
+            Err(e) => {
+                // The copy is queued but has no event: wait for the stream before saying
+                // Err, which tells the engine that nothing writes the block any more (a
+                // failed synchronize leaves the context in a sticky error state, where
+                // the device runs no further work).
+                let _ = self.stream.synchronize();
+                return Err(backend_err("record the copy event", e));
+            }
+        };
         Ok(Arc::new(CudaHandle {
             event: Some(event),
             failed: None,
@@ -282,60 +288,62 @@ impl CopyBackend for CudaBackend {
     }
 }
 
-/// Last use of a block = the latest event recorded for it on the compute stream.
-pub struct CudaUseFence {
-    ctx: Arc<CudaContext>,
-    stream: Mutex<Arc<CudaStream>>,
-    last: Box<[Mutex<Option<CudaEvent>>]>,
+/// A compute stream that the fence records its marks on, with whatever keeps it alive
+/// (e.g. the Python `torch.cuda.Stream` object): the fence holds the owner for as long as
+/// it may record on the stream, so the handle cannot be destroyed under it.
+pub struct BorrowedStream {
+    stream: Arc<CudaStream>,
+    _owner: Option<Box<dyn Send + Sync>>,
 }
 
-impl CudaUseFence {
-    /// `compute_stream` is a raw `CUstream` owned by the caller (e.g. torch's current
-    /// stream); it is borrowed, never destroyed. 0 is the legacy default stream.
+impl BorrowedStream {
+    /// Borrow the raw `CUstream` `raw` of `ctx` (0: the legacy default stream, which is
+    /// never destroyed), kept alive by `owner`.
     ///
     /// # Safety
-    /// The stream must belong to `ctx` and outlive every `record_use` call made while it
-    /// is set.
-    pub unsafe fn new(ctx: &Arc<CudaContext>, slots: u32, compute_stream: u64) -> Self {
+    /// `raw` must be a stream of `ctx` that stays valid while `owner` is alive (`None`
+    /// only for streams that are never destroyed, like 0).
+    pub unsafe fn new(
+        ctx: &Arc<CudaContext>,
+        raw: u64,
+        owner: Option<Box<dyn Send + Sync>>,
+    ) -> Self {
         // SAFETY: as documented; a borrowed stream is not destroyed on drop.
-        let stream = unsafe { ctx.wrap_borrowed_stream(compute_stream as sys::CUstream) };
+        let stream = unsafe { ctx.wrap_borrowed_stream(raw as sys::CUstream) };
         Self {
-            ctx: ctx.clone(),
-            stream: Mutex::new(stream),
-            last: (0..slots).map(|_| Mutex::new(None)).collect(),
-        }
-    }
-
-    /// Record later uses on another borrowed compute stream.
-    ///
-    /// # Safety
-    /// As [`CudaUseFence::new`].
-    pub unsafe fn set_stream(&self, compute_stream: u64) {
-        // SAFETY: as documented.
-        *lock(&self.stream) = unsafe {
-            self.ctx
-                .wrap_borrowed_stream(compute_stream as sys::CUstream)
-        };
-    }
-}
-
-impl UseFence for CudaUseFence {
-    fn record_use(&self, slot: u32) {
-        let stream = lock(&self.stream).clone();
-        // A failed record leaves the previous event: conservative only if one existed, so
-        // fall back to synchronising the stream (the use is then certainly complete).
-        match stream.record_event(None) {
-            Ok(ev) => *lock(&self.last[slot as usize]) = Some(ev),
-            Err(_) => {
-                let _ = stream.synchronize();
-            }
-        }
-    }
-    fn uses_completed(&self, slot: u32) -> bool {
-        match &*lock(&self.last[slot as usize]) {
-            None => true,
-            // An error (e.g. a failed kernel) must not free memory still in use: wait.
-            Some(ev) => ev.try_is_complete().unwrap_or(false),
+            stream,
+            _owner: owner,
         }
     }
 }
+
+/// An event recorded on the compute stream (queried on its own: it stays valid whatever
+/// happens to the stream it was recorded on).
+pub struct UseEvent(CudaEvent);
+
+impl CompletionMark for UseEvent {
+    fn reached(&self) -> bool {
+        // An error (e.g. a failed kernel) must not free memory still in use: not reached.
+        self.0.try_is_complete().unwrap_or(false)
+    }
+}
+
+impl StreamMarks for BorrowedStream {
+    type Mark = UseEvent;
+    fn mark(&self) -> std::result::Result<UseEvent, String> {
+        self.stream
+            .record_event(None)
+            .map(UseEvent)
+            .map_err(|e| format!("{e:?}"))
+    }
+    fn wait_all(&self) -> std::result::Result<(), String> {
+        self.stream.synchronize().map_err(|e| format!("{e:?}"))
+    }
+}
+
+/// The compute stream's use fence: every use is an event in one ordered sequence (see
+/// `crate::fence`), so a block is reclaimed only after every kernel that read it ended.
+pub type CudaUseFence = OrderedUses<BorrowedStream>;
+
+/// How long dropping a table waits for the compute stream before leaving blocks reserved.
+pub const DROP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -21,14 +21,18 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::completion::{settle, Settled};
 use crate::errors::{Error, Result};
 use crate::pool::{Arena, ArenaKind};
 use crate::store::HostStore;
 use crate::sync::lock;
-use crate::table::{ExpertTable, Ticket};
+use crate::table::{ExpertTable, PendingTransition, Version};
 
-/// Identifies one submitted transfer.
+/// Identifies one submitted transfer, unique in the process (engines sharing a backend
+/// never collide; 0 is the load-time upload).
 pub type TransferId = u64;
+
+static NEXT_TRANSFER_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// How soon the controller wants a transfer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -112,18 +116,7 @@ pub struct CopyJob {
 // is frozen (read-only); the destination is a pending block owned by this transfer.
 unsafe impl Send for CopyJob {}
 
-/// The state of one copy.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CopyState {
-    Pending,
-    Done,
-    Failed(String),
-}
-
-/// Polls one started copy.
-pub trait CopyHandle: Send + Sync {
-    fn state(&self) -> CopyState;
-}
+pub use crate::completion::{CopyHandle, CopyState};
 
 /// Wakes waiters when a backend finishes something (no lost wake-ups: waiters compare an
 /// epoch under the same lock).
@@ -155,7 +148,9 @@ pub trait CopyBackend: Send + Sync {
     fn name(&self) -> &'static str;
     /// The kind of pool arena this backend writes into.
     fn arena_kind(&self) -> ArenaKind;
-    /// Start copying asynchronously.
+    /// Start copying asynchronously. An `Err` means no copy is running (nothing writes the
+    /// destination any more); a copy that started and then failed is reported through
+    /// its handle instead.
     ///
     /// # Safety
     /// `job.src` must be readable for `job.len` bytes and `job.dst` writable for `job.len`
@@ -178,6 +173,9 @@ pub struct EngineConfig {
     pub max_in_flight: usize,
     /// Requests that may wait in the queue.
     pub queue_capacity: usize,
+    /// Finished transfers remembered (for `status` and `poll`); older ones are forgotten,
+    /// so a server that only waits or runs the driver keeps bounded bookkeeping.
+    pub history: usize,
 }
 
 impl Default for EngineConfig {
@@ -185,6 +183,7 @@ impl Default for EngineConfig {
         Self {
             max_in_flight: 4,
             queue_capacity: 64,
+            history: 4096,
         }
     }
 }
@@ -200,6 +199,8 @@ pub struct EngineStats {
     pub bytes_moved: u64,
     pub in_flight: usize,
     pub queue_depth: usize,
+    /// Completions nobody polled before the history bound dropped them.
+    pub completions_dropped: u64,
 }
 
 struct Request {
@@ -212,7 +213,7 @@ struct Request {
 
 struct Flight {
     req: Request,
-    ticket: Ticket,
+    pending: PendingTransition,
     handle: Arc<dyn CopyHandle>,
     cancel: bool,
     len: u64,
@@ -220,13 +221,14 @@ struct Flight {
 
 #[derive(Default)]
 struct State {
-    next_id: TransferId,
     urgent: VecDeque<Request>,
     planned: VecDeque<Request>,
     flights: Vec<Flight>,
     status: HashMap<TransferId, TransferStatus>,
+    /// Finished ids, oldest first (bounded by `history`).
+    finished: VecDeque<TransferId>,
     busy: HashSet<(u32, u32)>,
-    done: Vec<Completion>,
+    done: VecDeque<Completion>,
     stats: EngineStats,
 }
 
@@ -260,9 +262,9 @@ impl TransferEngine {
         backend: Arc<dyn CopyBackend>,
         config: EngineConfig,
     ) -> Result<Self> {
-        if config.max_in_flight == 0 || config.queue_capacity == 0 {
+        if config.max_in_flight == 0 || config.queue_capacity == 0 || config.history == 0 {
             return Err(Error::InvalidConfig(
-                "max_in_flight and queue_capacity must be > 0".into(),
+                "max_in_flight, queue_capacity and history must be > 0".into(),
             ));
         }
         let arena = {
@@ -306,55 +308,18 @@ impl TransferEngine {
             )));
         }
         store.freeze()?;
-        let engine = Self {
+        // Upload before any reader can exist, and claim the table: one engine per table.
+        table.upload_initial(|versions| upload(&store, &*backend, &arena, versions))?;
+        Ok(Self {
             notifier: backend.notifier(),
             table,
             store,
             backend,
             arena,
             config,
-            state: Mutex::new(State {
-                next_id: 1,
-                ..State::default()
-            }),
+            state: Mutex::new(State::default()),
             driver: Mutex::new(None),
-        };
-        engine.upload_published()?;
-        Ok(engine)
-    }
-
-    /// Copy the store's bytes of every published version into its block (load time).
-    fn upload_published(&self) -> Result<()> {
-        let mut handles = Vec::new();
-        for l in 0..self.table.num_layers() {
-            for e in 0..self.table.experts(l)? {
-                let v = self.table.published(l, e)?;
-                let src = self.store.bytes(l, e, v.tier)?;
-                let job = CopyJob {
-                    id: 0,
-                    src: src.as_ptr(),
-                    dst: self.arena.base_address() + v.block.offset,
-                    len: src.len(),
-                    fault: None,
-                    store: self.store.clone(),
-                    arena: self.arena.clone(),
-                };
-                // SAFETY: the source is frozen store memory; the destination is the
-                // published block, which no reader uses before the engine exists.
-                handles.push(unsafe { self.backend.start(job)? });
-            }
-        }
-        for h in handles {
-            loop {
-                let seen = self.notifier.epoch();
-                match h.state() {
-                    CopyState::Pending => self.notifier.wait(seen, Duration::from_millis(1)),
-                    CopyState::Done => break,
-                    CopyState::Failed(m) => return Err(Error::Backend(m)),
-                }
-            }
-        }
-        Ok(())
+        })
     }
 
     pub fn table(&self) -> &Arc<ExpertTable> {
@@ -401,8 +366,7 @@ impl TransferEngine {
                 capacity: self.config.queue_capacity,
             });
         }
-        let id = st.next_id;
-        st.next_id += 1;
+        let id = NEXT_TRANSFER_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let req = Request {
             id,
             layer,
@@ -459,7 +423,7 @@ impl TransferEngine {
     pub fn poll(&self) -> Vec<Completion> {
         let mut st = lock(&self.state);
         self.pump(&mut st);
-        std::mem::take(&mut st.done)
+        st.done.drain(..).collect()
     }
 
     pub fn status(&self, id: TransferId) -> Result<TransferStatus> {
@@ -574,13 +538,23 @@ impl TransferEngine {
             _ => {}
         }
         st.status.insert(req.id, status.clone());
-        st.done.push(Completion {
+        st.finished.push_back(req.id);
+        if st.finished.len() > self.config.history {
+            if let Some(old) = st.finished.pop_front() {
+                st.status.remove(&old);
+            }
+        }
+        st.done.push_back(Completion {
             id: req.id,
             layer: req.layer,
             expert: req.expert,
             to: req.to,
             status,
         });
+        if st.done.len() > self.config.history {
+            st.done.pop_front();
+            st.stats.completions_dropped += 1;
+        }
     }
 
     fn pump(&self, st: &mut State) {
@@ -595,30 +569,14 @@ impl TransferEngine {
         }
         finished.sort_by_key(|(f, _)| f.req.id);
         for (f, s) in finished {
-            let status = match s {
-                CopyState::Done if !f.cancel => match self.table.complete(f.ticket) {
-                    Ok(v) => {
-                        st.stats.bytes_moved += f.len;
-                        TransferStatus::Completed { version: v.version }
-                    }
-                    Err(e) => {
-                        let _ = self.table.abort(f.ticket);
-                        TransferStatus::Failed(e.to_string())
-                    }
-                },
-                CopyState::Done => {
-                    let _ = self.table.abort(f.ticket);
-                    TransferStatus::Cancelled
+            let bytes = f.len;
+            let status = match settle(&self.table, f.pending, s, f.cancel) {
+                Settled::Published(v) => {
+                    st.stats.bytes_moved += bytes;
+                    TransferStatus::Completed { version: v.version }
                 }
-                CopyState::Failed(m) => {
-                    let _ = self.table.abort(f.ticket);
-                    if f.cancel {
-                        TransferStatus::Cancelled
-                    } else {
-                        TransferStatus::Failed(m)
-                    }
-                }
-                CopyState::Pending => unreachable!(),
+                Settled::Failed(m) => TransferStatus::Failed(m),
+                Settled::Cancelled => TransferStatus::Cancelled,
             };
             st.busy.remove(&(f.req.layer, f.req.expert));
             self.finish(st, &f.req, status);
@@ -636,11 +594,11 @@ impl TransferEngine {
                 break;
             };
             match self.admit(&req) {
-                Ok((ticket, handle, len)) => {
+                Ok((pending, handle, len)) => {
                     st.status.insert(req.id, TransferStatus::InFlight);
                     st.flights.push(Flight {
                         req,
-                        ticket,
+                        pending,
                         handle,
                         cancel: false,
                         len,
@@ -657,7 +615,7 @@ impl TransferEngine {
     fn admit(
         &self,
         req: &Request,
-    ) -> std::result::Result<(Ticket, Arc<dyn CopyHandle>, u64), TransferStatus> {
+    ) -> std::result::Result<(PendingTransition, Arc<dyn CopyHandle>, u64), TransferStatus> {
         let t = self
             .table
             .begin(req.layer, req.expert, req.to)
@@ -665,31 +623,89 @@ impl TransferEngine {
         let src = match self.store.bytes(req.layer, req.expert, req.to) {
             Ok(s) => s,
             Err(e) => {
-                let _ = self.table.abort(t.ticket);
+                let _ = self.table.abort(t);
                 return Err(TransferStatus::Failed(e.to_string()));
             }
         };
         let job = CopyJob {
             id: req.id,
             src: src.as_ptr(),
-            dst: self.arena.base_address() + t.block.offset,
+            dst: self.arena.base_address() + t.block().offset,
             len: src.len(),
             fault: req.fault.clone(),
             store: self.store.clone(),
             arena: self.arena.clone(),
         };
-        // SAFETY: the source is frozen store memory kept alive by the job; the
-        // destination is the pending block `begin` just reserved for this transfer only
-        // (no reader can lease it before `complete`), at least `len` bytes long (checked
-        // against the slot classes in `new`).
+        // SAFETY: the source is frozen store memory kept alive by the job; the destination
+        // is the pending block `begin` just reserved for this transfer only (no reader can
+        // lease it before `complete`, and only this engine holds the capability to
+        // complete it), at least `len` bytes long (checked against the slot classes in
+        // `new`). A backend whose `start` fails guarantees no copy is left running.
         match unsafe { self.backend.start(job) } {
-            Ok(h) => Ok((t.ticket, h, src.len() as u64)),
+            Ok(h) => Ok((t, h, src.len() as u64)),
             Err(e) => {
-                let _ = self.table.abort(t.ticket);
+                let _ = self.table.abort(t);
                 Err(TransferStatus::Failed(e.to_string()))
             }
         }
     }
+}
+
+/// Copy the store's bytes of every published version into its block (load time). Waits
+/// for every copy it started, also when one fails or cannot start, so that no copy is
+/// still writing a block when this returns.
+fn upload(
+    store: &Arc<HostStore>,
+    backend: &dyn CopyBackend,
+    arena: &Arc<dyn Arena>,
+    versions: &[(u32, u32, Version)],
+) -> Result<()> {
+    let notifier = backend.notifier();
+    let mut handles = Vec::new();
+    let mut failure = None;
+    for &(l, e, v) in versions {
+        let src = match store.bytes(l, e, v.tier) {
+            Ok(s) => s,
+            Err(err) => {
+                failure = Some(err);
+                break;
+            }
+        };
+        let job = CopyJob {
+            id: 0,
+            src: src.as_ptr(),
+            dst: arena.base_address() + v.block.offset,
+            len: src.len(),
+            fault: None,
+            store: store.clone(),
+            arena: arena.clone(),
+        };
+        // SAFETY: the source is frozen store memory kept alive by the job; the destination
+        // is a published block of a table that is not sealed and whose writer lock the
+        // caller (`ExpertTable::upload_initial`) holds, so no reader exists; each block is
+        // written by exactly one job.
+        match unsafe { backend.start(job) } {
+            Ok(h) => handles.push(h),
+            Err(err) => {
+                failure = Some(err);
+                break;
+            }
+        }
+    }
+    for h in handles {
+        loop {
+            let seen = notifier.epoch();
+            match h.state() {
+                CopyState::Pending => notifier.wait(seen, Duration::from_millis(1)),
+                CopyState::Done => break,
+                CopyState::Failed(m) => {
+                    failure.get_or_insert(Error::Backend(m));
+                    break;
+                }
+            }
+        }
+    }
+    failure.map_or(Ok(()), Err)
 }
 
 impl Drop for TransferEngine {
@@ -701,17 +717,18 @@ impl Drop for TransferEngine {
                 let _ = h.join();
             }
         }
-        // Let hung copies run, fail those nobody will finish, then settle every flight so
-        // no block stays reserved.
-        self.backend.release_hung();
+        // Fail the copies that have not started (nobody will finish them), then settle
+        // every flight once its copy has ended, so no block stays reserved and none is
+        // freed under a running copy.
         self.backend.abandon();
+        self.backend.release_hung();
         let mut st = lock(&self.state);
         for f in std::mem::take(&mut st.flights) {
             while f.handle.state() == CopyState::Pending {
                 let seen = self.notifier.epoch();
                 self.notifier.wait(seen, Duration::from_millis(1));
             }
-            let _ = self.table.abort(f.ticket);
+            let _ = self.table.abort(f.pending);
         }
     }
 }
