@@ -113,8 +113,9 @@ def test_scheduler_rows_join_leave_and_prefill_in_chunks(engine: Any) -> None:
 
 def test_scheduler_under_a_budget(model_dir: Path) -> None:
     """static-map inside a budget: nothing moves, so batching must not change any token."""
-    cal = [dynaexq.load(model_dir, dtype="float32").encode(" ".join(TEXTS))]
-    engine = dynaexq.load(model_dir, budget="30%", policy="static-map", calibration=cal)
+    engine = dynaexq.load(
+        model_dir, budget="30%", policy="static-map", calibration=["".join(TEXTS)]
+    )
     lengths = [5, 11, 2, 8, 4, 7]
     got = schedule(engine, lengths, max_batch=2, max_prefill_tokens=5, max_context=64)
     for p, n, ids in zip(PROMPTS, lengths, got, strict=True):
