@@ -85,6 +85,20 @@ CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
         ),
         "single",
     ),
+    # YaRN on the rotated quarter of each head (decode runs past the original 16 positions)
+    "yarn_partial_rope": (
+        dict(
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "partial_rotary_factor": 0.25,
+            },
+            max_position_embeddings=64,
+        ),
+        "single",
+    ),
     # fused expert tensors (transformers 5.x in-memory layout), only linear layers but one
     "fused_mostly_linear": (
         dict(layer_types=[L, L, L, L, F], num_hidden_layers=5, num_experts_per_tok=2),
