@@ -336,3 +336,20 @@ def test_token_mixers_change_the_logits(pair) -> None:
         assert (engine.forward(ids) - base).abs().max().item() > 100 * TOL
     finally:
         layer.linear_attn.A_log.copy_(saved)
+
+
+def test_config_layer_pattern_and_its_errors() -> None:
+    from dynaexq.bench.estimate import QWEN3_NEXT_80B_A3B_CONFIG
+    from dynaexq.checkpoint import CheckpointError
+    from dynaexq.model.config import ModelConfig
+
+    raw = dict(QWEN3_NEXT_80B_A3B_CONFIG)
+    c = ModelConfig.from_dict(raw)  # released configs give full_attention_interval
+    assert c.attention_layers == [3, 7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47]
+    assert c.rope.partial_rotary_factor == 0.25 and c.qk_norm and c.shared_expert_intermediate_size
+    with pytest.raises(CheckpointError, match="layer_types must list 48"):
+        ModelConfig.from_dict({**raw, "layer_types": [L, F]})
+    with pytest.raises(CheckpointError, match="layer_types"):
+        ModelConfig.from_dict({**raw, "layer_types": ["sliding_attention"] * 48})
+    with pytest.raises(CheckpointError, match="not a multiple"):
+        ModelConfig.from_dict({**raw, "linear_num_value_heads": 24})
