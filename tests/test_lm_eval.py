@@ -264,3 +264,31 @@ def test_dynaexq_lm_eval_command(
     row = re.search(r"^\|dxq_mc\s*\|.*\|acc\s*\|[^|]*\|\s*([0-9.]+)\|", out, re.M)
     assert row is not None, out
     assert float(row.group(1)) == pytest.approx(acc, abs=1e-4)
+
+
+def test_example_tasks(capsys: pytest.CaptureFixture[str]) -> None:
+    """The tasks shipped for the README: built from the held-out text, runnable by name."""
+    import importlib.util
+
+    import dynaexq.lm_eval
+    from dynaexq.cli import main
+
+    spec = importlib.util.spec_from_file_location(
+        "tasks_utils", dynaexq.lm_eval.TASKS_DIR / "utils.py"
+    )
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    for build in (utils.heldout_python, utils.heldout_c, utils.heldout_prose):
+        docs = build()["test"]
+        assert len(docs) == utils.DOCS and all(len(d["text"]) > 200 for d in docs)
+    docs = utils.next_line()["test"]
+    assert len(docs) == utils.DOCS
+    for d in docs:
+        assert len(set(d["choices"])) == 4 and 0 <= d["answer"] < 4
+        assert d["prefix"].startswith(d["context"]) and d["rest"]
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    argv = ["lm-eval", "--", "--tasks", "dynaexq_next_line_mc", "dynaexq_heldout_c"]
+    assert main([*argv, "--limit", "4"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\|dynaexq_next_line_mc\s*\|.*\|acc\s*\|", out, re.M), out
+    assert re.search(r"^\|dynaexq_heldout_c\s*\|.*\|bits_per_byte\s*\|", out, re.M), out

@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     rest = [a for a in args.lm_eval_args if a != "--"]
     if not any(a.startswith("--batch_size") for a in rest):
         rest += ["--batch_size", str(args.batch_size)]
+    if not any(a.startswith("--include_path") for a in rest):  # the example tasks
+        rest += ["--include_path", str(dynaexq.lm_eval.TASKS_DIR)]
     argv = ["lm-eval", "run", "--model", "dynaexq", "--model_args", ",".join(model_args), *rest]
     saved = sys.argv
     sys.argv = argv

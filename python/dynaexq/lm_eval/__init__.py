@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lm_eval.api.model import TemplateLM
@@ -35,9 +36,13 @@ from dynaexq.serve.chat import end_of_turn_ids, render_chat
 from dynaexq.serve.runtime import RuntimeSpec, build_runtime, check_policy
 from dynaexq.serve.scheduler import Scheduler, SequenceSpec, TokenLogprob
 
-__all__ = ["DynaexqLM"]
+__all__ = ["TASKS_DIR", "DynaexqLM"]
 
 DEFAULT_CONTEXT = 4096
+# Example tasks on the embedded model's held-out text (`--include_path TASKS_DIR`):
+# dynaexq_heldout (perplexity, Python / C / prose), dynaexq_next_line_mc (multiple
+# choice), dynaexq_next_line (generate_until).
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 
 def _flag(value: Any) -> bool:
