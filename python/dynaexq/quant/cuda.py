@@ -9,7 +9,10 @@ stream). The Rust core loads the same PTX with cudarc (see docs/packed-layout.md
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +34,54 @@ class KernelCompileError(RuntimeError):
     pass
 
 
+KERNEL_SOURCES = ("dequant.cuh", "gemv.cu", "gemm.cu")  # what NVRTC compiles
+
+
 def kernel_dir() -> Path:
-    """kernels/ of the source tree (this module lives in python/dynaexq/quant)."""
+    """Where the kernel sources are: `DYNAEXQ_KERNEL_DIR`; else the installed package's
+    `dynaexq/kernels/` (a wheel carries gemv.cu, gemm.cu and dequant.cuh there); else
+    `kernels/` of the source tree (this module lives in python/dynaexq/quant)."""
+    override = os.environ.get("DYNAEXQ_KERNEL_DIR")
+    if override:
+        return Path(override)
+    packaged = Path(__file__).resolve().parents[1] / "kernels"
+    if all((packaged / f).is_file() for f in KERNEL_SOURCES):
+        return packaged
     return Path(__file__).resolve().parents[3] / "kernels"
+
+
+def ptx_cache_root() -> Path:
+    """`$DYNAEXQ_CACHE/ptx` (default ~/.cache/dynaexq/ptx)."""
+    base = os.environ.get("DYNAEXQ_CACHE") or str(Path.home() / ".cache" / "dynaexq")
+    return Path(base) / "ptx"
+
+
+def ptx_dir(arches: Sequence[str | int] | None = None, cache: Path | None = None) -> Path:
+    """A directory holding `<module>.sm_<arch>.ptx` of every module for `arches` (default
+    all of ARCHES), as the Rust loader (`DequantKernels(ptx_dir)`, `resolve_ptx`) reads it.
+
+    The PTX is compiled from the kernel sources with NVRTC at first use and cached under
+    a key of the sources and the NVRTC version, so a wheel needs no build step and a
+    changed kernel or compiler never reuses stale PTX. Compiling needs only NVRTC (the
+    `nvidia-cuda-nvrtc` wheel of PyTorch's CUDA build, through `cuda-bindings`), no GPU.
+    """
+    src = kernel_dir()
+    digest = hashlib.sha256()
+    for name in KERNEL_SOURCES:
+        digest.update(name.encode() + b"\0" + (src / name).read_bytes() + b"\0")
+    digest.update(repr((nvrtc_version(), NVRTC_OPTIONS)).encode())
+    out = (cache or ptx_cache_root()) / digest.hexdigest()[:16]
+    out.mkdir(parents=True, exist_ok=True)
+    for arch in (str(a) for a in (arches or ARCHES)):
+        for mod in MODULES:
+            target = out / f"{mod}.sm_{arch}.ptx"
+            if target.is_file():
+                continue
+            ptx = nvrtc_compile(src / f"{mod}.cu", arch)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp.write_text(ptx)
+            os.replace(tmp, target)  # atomic: a concurrent reader sees all or nothing
+    return out
 
 
 def kernel_names(module: str) -> list[str]:
