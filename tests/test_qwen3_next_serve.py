@@ -26,17 +26,7 @@ from dynaexq.serve.metrics import ServerMetrics  # noqa: E402
 from dynaexq.serve.scheduler import GenerationRequest, Scheduler, SequenceSpec  # noqa: E402
 from dynaexq.tokenizer import Tokenizer  # noqa: E402
 
-# The scheduler (python/dynaexq/serve/, another owner) still allocates a KVCache slab and
-# moves its rows itself, which holds no recurrent state. These tests pass once it uses the
-# model's cache: `engine.model.allocate_cache(...)`, `slab.rows(a, b)`,
-# `slab.copy_row(src, dst, used)` and `slab.nbytes` (the four-hunk patch in the issue-16
-# report). Strict: they start failing the moment the patch lands; drop this marker then.
-pytestmark = [
-    pytest.mark.timeout(300),
-    pytest.mark.xfail(
-        strict=True, reason="serve/scheduler.py does not allocate the model's cache yet"
-    ),
-]
+pytestmark = pytest.mark.timeout(300)
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",

@@ -199,6 +199,9 @@ def test_a_failing_step_fails_its_requests_and_the_worker_goes_on(engine) -> Non
                 raise RuntimeError("injected failure")
             return self.model(*args, **kw)
 
+        def __getattr__(self, name: str):  # allocate_cache & co. of the real model
+            return getattr(self.model, name)
+
     flaky = SimpleNamespace(
         config=engine.config,
         dtype=engine.dtype,

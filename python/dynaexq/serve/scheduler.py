@@ -195,9 +195,10 @@ class Scheduler:
         self.metrics = metrics
         self._tokenizer = engine.tokenizer
         self._decode = engine.tokenizer.decode if engine.tokenizer is not None else None
-        # All KV memory is reserved here, once.
-        self._slab = KVCache.allocate(
-            config, max_batch, self.max_context, engine.dtype, engine.device
+        # All KV memory (and any recurrent state) is reserved here, once, in the model's
+        # own cache type (a KVCache; Qwen3-Next's HybridCache).
+        self._slab = engine.model.allocate_cache(
+            max_batch, self.max_context, engine.dtype, engine.device
         )
         self._rows: list[_Sequence] = []
         self._n_decode = 0
@@ -213,7 +214,7 @@ class Scheduler:
     @property
     def kv_cache_bytes(self) -> int:
         """Bytes reserved for the KV cache of max_batch sequences of max_context tokens."""
-        return sum(t.numel() * t.element_size() for t in (*self._slab.keys, *self._slab.values))
+        return int(self._slab.nbytes)
 
     # -- event-loop side ------------------------------------------------------------------
     @property
@@ -348,10 +349,7 @@ class Scheduler:
         self.steps += 1
 
     def _cache_view(self, start: int, stop: int) -> KVCache:
-        return KVCache(
-            keys=[k[start:stop] for k in self._slab.keys],
-            values=[v[start:stop] for v in self._slab.values],
-        )
+        return self._slab.rows(start, stop)
 
     def _prefill(self) -> int:
         """One chunked-prefill forward over the front of the prefill region."""
@@ -583,11 +581,8 @@ class Scheduler:
 
     def _move_row(self, src: int, dst: int) -> None:
         seq = self._rows[src]
-        used = seq.cached
-        if used:
-            for k, v in zip(self._slab.keys, self._slab.values, strict=True):
-                k[dst, :, :used].copy_(k[src, :, :used])
-                v[dst, :, :used].copy_(v[src, :, :used])
+        if seq.cached:
+            self._slab.copy_row(src, dst, seq.cached)
         self._rows[dst] = seq
 
     def _fail_all(self, error: BaseException) -> None:
