@@ -4,6 +4,7 @@ wiring to the precision runtime and its statistics, request validation."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,7 @@ def test_request_validation_takes_json_integers_and_refuses_the_rest() -> None:
         '{"model": "m", "prompt": "a", "max_tokens": "5"}',
         '{"model": "m", "prompt": "a", "max_tokens": true}',
         '{"model": "m", "prompt": "a", "max_tokens": 2.5}',
-        '{"model": "m", "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}',
+        json.dumps({"model": "m", "prompt": "a", "stop": [str(i) for i in range(17)]}),
         '{"model": "m", "prompt": "a", "presence_penalty": 0.5}',
         '{"model": "m", "prompt": []}',
         '{"model": "m", "prompt": "a", "extra": 1}',

@@ -146,7 +146,7 @@ def test_generated_logprobs_are_those_sampled_from(server: Server, engine: Any) 
     prompt_len = len(engine.tokenizer.decode(ids, skip_special_tokens=False))
     assert lp.text_offset[0] == prompt_len  # offsets into prompt + completion
     # sampling with top_k 4 at temperature 0.7: log-probabilities of that distribution,
-    # so at most 4 alternatives exist (asked for 10) and they sum to probability 1
+    # so at most 4 alternatives exist (asked for 10)
     r = client.completions.create(
         model=MODEL, prompt=ids, logprobs=10, max_tokens=5, temperature=0.7, seed=3,
         extra_body={"top_k": 4, "ignore_eos": True},
@@ -274,6 +274,10 @@ def test_neutral_client_fields_are_accepted_and_typos_refused(server: Server) ->
         max_tokens=2,
         extra_body={**neutral, "response_format": {"type": "text"}},
     )
+    assert r.choices[0].finish_reason in ("stop", "length")
+    # lm-eval's completions client sends a task's stop strings plus EOS: often more than 4
+    stops = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "<|endoftext|>"]
+    r = client.completions.create(model=MODEL, prompt="def", max_tokens=3, stop=stops)
     assert r.choices[0].finish_reason in ("stop", "length")
     for path, body in [
         ("/v1/chat/completions", {"model": MODEL, "messages": msgs, "servce_tier": "auto"}),

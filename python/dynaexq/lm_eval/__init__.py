@@ -125,7 +125,10 @@ class DynaexqLM(TemplateLM):
             engine,
             max_batch=self.batch_size,
             max_queue=1 << 30,
-            max_context=int(max_length) if max_length else None,
+            # the KV cache is reserved for batch_size x this many tokens
+            max_context=min(
+                int(max_length or DEFAULT_CONTEXT), engine.config.max_position_embeddings
+            ),
         )
         self._scheduler.start()
         self._eos = frozenset(engine.eos_token_ids)

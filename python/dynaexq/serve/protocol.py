@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-MAX_STOP_STRINGS = 4
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; lm-eval's completions client sends more
 MAX_SEED = 2**62  # seed + choice index must stay inside torch's 64-bit seed range
 MAX_N = 128
 # OpenAI fields this server does not implement; only their neutral value is accepted.
