@@ -171,7 +171,9 @@ class DynaexqLM(TemplateLM):
         return self.tokenizer.decode(tokens)
 
     def _loglikelihood_tokens(
-        self, requests: list[tuple[tuple[str, str], list[int], list[int]]], **kwargs: Any
+        self,
+        requests: list[tuple[tuple[str | None, str | None], list[int], list[int]]],
+        **kwargs: Any,
     ) -> list[tuple[float, bool]]:
         specs, lengths = [], []
         for _, context, continuation in requests:
@@ -193,7 +195,8 @@ class DynaexqLM(TemplateLM):
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """The log-likelihood of whole texts, in disjoint windows of the context length
         (each conditioned on the tokens before it, as lm-eval's HF model does)."""
-        windows, owner = [], []
+        windows: list[tuple[tuple[str | None, str | None], list[int], list[int]]] = []
+        owner: list[int] = []
         for i, req in enumerate(requests):
             (text,) = req.args
             for w in map(
@@ -205,7 +208,7 @@ class DynaexqLM(TemplateLM):
                     context_len=1,
                 ),
             ):
-                windows.append(((None, None), w[0], w[1]))
+                windows.append(((None, None), list(w[0]), list(w[1])))
                 owner.append(i)
         totals = [0.0] * len(requests)
         for i, (lp, _) in zip(owner, self._loglikelihood_tokens(windows), strict=True):

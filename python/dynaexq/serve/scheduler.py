@@ -47,7 +47,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dynaexq.generation import filter_logits
-from dynaexq.model.qwen3_moe import KVCache
 from dynaexq.serve.detokenize import IncrementalDetokenizer
 
 if TYPE_CHECKING:
@@ -348,7 +347,8 @@ class Scheduler:
             self._drop(lambda s: s.finished)
         self.steps += 1
 
-    def _cache_view(self, start: int, stop: int) -> KVCache:
+    def _cache_view(self, start: int, stop: int) -> Any:
+        """Rows start..stop-1 of the slab as views (a KVCache, or the model's own type)."""
         return self._slab.rows(start, stop)
 
     def _prefill(self) -> int:
@@ -476,7 +476,8 @@ class Scheduler:
         now = time.perf_counter()
         for r, (seq, tok) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
             if seq.spec.logprobs is not None:
-                dist = dists[r] if dists[r] is not None else logits[r].float()
+                sampled = dists[r]
+                dist = sampled if sampled is not None else logits[r].float()
                 seq.logprobs.append(_token_logprob(dist, int(tok), seq.spec.logprobs))
             if seq.matcher is not None and not seq.matcher.accept_token(int(tok)):
                 log.warning("grammar refused token %d it allowed; ending the sequence", tok)
