@@ -86,8 +86,8 @@ def test_transformers_saves_per_expert_names(hf_model):
 
 def test_quantize_checks_every_tensor(hf_model, tmp_path):
     out = tmp_path / "tiered"
-    assert (
-        main(["quantize", str(hf_model), "--tiers", TIERS, "--out", str(out), "--no-progress"]) == 0
+    run = quantize_checkpoint(
+        hf_model, out, [parse_tier(t) for t in TIERS.split(",")], progress=False
     )
     src = _tensors(hf_model)
     ck = TieredCheckpoint(out)
@@ -120,7 +120,7 @@ def test_quantize_checks_every_tensor(hf_model, tmp_path):
     assert (out / "config.json").exists()
     expert_bytes = sum(v.numel() * v.element_size() for k, v in src.items() if k not in want)
     assert m["source_expert_bytes"] == expert_bytes
-    assert m["quantize_mb_per_s"] > 0
+    assert run["quantize_mb_per_s"] > 0 and "quantize_mb_per_s" not in m
     assert not list(tmp_path.glob(".tiered.*"))
 
 
@@ -268,15 +268,20 @@ def test_bad_config_and_tiers(hf_model, tmp_path, capsys):
     assert "moe_intermediate_size" in capsys.readouterr().err
 
 
-def test_interrupted_run_leaves_nothing_complete(hf_model, tmp_path, monkeypatch):
+def test_interrupted_run_leaves_nothing_complete_and_resumes(hf_model, tmp_path, monkeypatch):
     import dynaexq.quant.tiered as tiered
 
+    ref = tmp_path / "ref"
+    assert (
+        main(["quantize", str(hf_model), "--tiers", "int4", "--out", str(ref), "--no-progress"])
+        == 0
+    )
     calls = {"n": 0}
     real = tiered.quantize_expert
 
     def flaky(*a, **kw):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == E + 2:  # in the second layer
             raise KeyboardInterrupt
         return real(*a, **kw)
 
@@ -284,7 +289,26 @@ def test_interrupted_run_leaves_nothing_complete(hf_model, tmp_path, monkeypatch
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         main(["quantize", str(hf_model), "--tiers", "int4", "--out", str(out), "--no-progress"])
-    assert list(tmp_path.iterdir()) == []
+    # Nothing complete at the output; the first layer's shard waits in the partial dir.
+    assert not out.exists()
+    part = tiered.partial_dir(out)
+    assert (part / "experts-layer000.safetensors").is_file()
+    assert not (part / "experts-layer001.safetensors").exists()
+    monkeypatch.setattr(tiered, "quantize_expert", real)
+    calls["n"] = 0
+    counted = {"n": 0}
+
+    def counting(*a, **kw):
+        counted["n"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tiered, "quantize_expert", counting)
+    run = quantize_checkpoint(hf_model, out, [parse_tier("int4")], progress=False)
+    assert run["resumed_layers"] == [0] and counted["n"] == E  # layer 1 only
+    assert not part.exists()
+    for f in sorted(ref.iterdir()):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
 
 
 def test_manifest_sections_match_the_layout(hf_model, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 HELP = "quantize a Hugging Face Qwen3-MoE checkpoint into a tiered dynaexq checkpoint"
 
@@ -20,23 +21,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alignment", type=int, default=256, help="blob section alignment")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+        "--threads",
+        type=int,
+        default=0,
+        help="experts quantized in parallel (0: one per CPU core); the output does not "
+        "depend on it",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    import os
 
     from dynaexq.checkpoint import CheckpointError
     from dynaexq.quant.expert import PackedExpertError
     from dynaexq.quant.methods import QuantizationError
-    from dynaexq.quant.tiered import quantize_checkpoint
+    from dynaexq.quant.tiered import partial_dir, quantize_checkpoint
     from dynaexq.quant.tiers import TierError, parse_tiers
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads > 0 else max(1, len(os.sched_getaffinity(0)))
     try:
         tiers = parse_tiers(args.tiers)
+        resuming = partial_dir(Path(args.out)).is_dir()
         m = quantize_checkpoint(
             args.src,
             args.out,
@@ -44,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
             alignment=args.alignment,
             progress=not args.no_progress,
+            threads=threads,
         )
     except (TierError, CheckpointError, QuantizationError, PackedExpertError) as e:
         print(f"dynaexq quantize: error: {e}", file=sys.stderr)
@@ -51,11 +57,21 @@ def run(args: argparse.Namespace) -> int:
     except FileExistsError as e:
         print(f"dynaexq quantize: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"dynaexq quantize: interrupted; run the same command again to resume from "
+            f"{partial_dir(Path(args.out))}",
+            file=sys.stderr,
+        )
+        raise
+    resumed = m["resumed_layers"]
+    note = f" (resumed: {len(resumed)} layers were already done)" if resuming and resumed else ""
     print(
         f"wrote {args.out}: {len(m['experts'])} MoE layers x {m['num_experts']} experts, "
         f"tiers {', '.join(t['name'] for t in m['tiers'])}; "
-        f"{m['source_expert_bytes'] / 1e6:.1f} MB of expert weights in "
-        f"{m['quantize_seconds']:.1f} s ({m['quantize_mb_per_s']:.2f} MB/s)"
+        f"{m['source_expert_bytes'] / 1e6:.1f} MB of expert weights, this run "
+        f"{m['quantize_seconds']:.1f} s ({m['quantize_mb_per_s']:.2f} MB/s, "
+        f"{threads} thread{'s' if threads > 1 else ''}){note}"
     )
     for name, s in m["summary"].items():
         if s:

@@ -15,11 +15,14 @@ It is written into a hidden sibling directory and renamed into place only when c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import struct
 import time
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,7 @@ from dynaexq.quant.tiers import TierSpec
 
 MANIFEST = "manifest.json"
 FORMAT = "dynaexq-tiered-checkpoint"
-_NONEXPERT_SHARD_BYTES = 2 << 30
+_NONEXPERT_SHARD_BYTES = 512 << 20  # bounds the memory a non-expert shard needs
 
 
 # Tensors of the source that no dynaexq model reads, left out of tiered checkpoints:
@@ -109,6 +112,34 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+class TieredMismatchError(CheckpointError):
+    """A tiered checkpoint does not match its config.json or its source checkpoint."""
+
+
+class NotEnoughDiskError(CheckpointError, OSError):
+    """The output's file system cannot hold the tiered checkpoint (checked before starting)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class QuantizeBusyError(CheckpointError):
+    """Another `dynaexq quantize` is writing the same output."""
+
+
+def source_fingerprint(src: Path) -> dict[str, Any]:
+    """What identifies a source checkpoint: its config and the name, size and mtime of
+    every weight file (cheap: no data is read). A tiered checkpoint records it, so a
+    resumed run or a cached checkpoint that no longer matches its source is detected."""
+    files = {}
+    for f in sorted(src.iterdir()):
+        if f.suffix == ".safetensors" or f.name == "model.safetensors.index.json":
+            st = f.stat()
+            files[f.name] = [st.st_size, st.st_mtime_ns]
+    cfg = (src / "config.json").read_bytes()
+    return {"config_sha256": hashlib.sha256(cfg).hexdigest(), "files": files}
+
+
 def quantize_checkpoint(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -116,17 +147,29 @@ def quantize_checkpoint(
     force: bool = False,
     alignment: int = DEFAULT_ALIGNMENT,
     progress: bool = True,
+    threads: int = 1,
 ) -> dict[str, Any]:
-    """Write a tiered checkpoint of `src` at `dst`; returns the manifest.
+    """Write a tiered checkpoint of `src` at `dst`; returns the manifest, plus the run's
+    `quantize_seconds`, `quantize_mb_per_s` and `resumed_layers` (not written to the
+    manifest, so the output's bytes do not depend on timing).
+
+    Streams one expert at a time (`threads` workers quantize in parallel) into one shard
+    per MoE layer; each shard is written under a temporary name and renamed when
+    complete, in a hidden sibling directory `.<dst>.partial` that is renamed to `dst`
+    when everything is written. An interrupted run (Ctrl-C, kill, power loss) leaves that
+    directory behind, and running again resumes from the shards already complete; the
+    result is byte-identical to an uninterrupted run (any thread count).
 
     Raises dynaexq.checkpoint.CheckpointError (a subclass: MissingTensorError,
-    TensorShapeError, UnsupportedDtypeError, NonFiniteTensorError, ...) on bad input,
-    naming the file or tensor; FileExistsError if dst exists
-    and not force. Nothing appears at `dst` unless the whole run succeeded.
+    TensorShapeError, UnsupportedDtypeError, NonFiniteTensorError, NotEnoughDiskError,
+    ...) on bad input, naming the file or tensor; FileExistsError if dst exists and not
+    force. Nothing appears at `dst` unless the whole run succeeded.
     """
     src_p, dst_p = Path(src), Path(dst)
     if not tiers:
         raise CheckpointError("no tiers requested")
+    if threads < 1:
+        raise CheckpointError(f"threads must be >= 1, got {threads}")
     if dst_p.exists() and not force:
         raise FileExistsError(f"{dst_p} exists; pass --force to overwrite it")
     if not src_p.is_dir():
@@ -138,9 +181,14 @@ def quantize_checkpoint(
     shape = MoeShape.of(ModelConfig.from_file(config), config)
     source = Checkpoint(src_p)
     try:
-        return _quantize(source, shape, src_p, dst_p, tiers, alignment, progress)
+        return _quantize(source, shape, src_p, dst_p, tiers, alignment, progress, threads)
     finally:
         source.close()
+
+
+def partial_dir(dst: Path) -> Path:
+    """Where an unfinished run of `dst` keeps its work (resumed by the next run)."""
+    return dst.parent / f".{dst.name}.partial"
 
 
 def _quantize(
@@ -151,10 +199,8 @@ def _quantize(
     tiers: list[TierSpec],
     alignment: int,
     progress: bool,
+    threads: int,
 ) -> dict[str, Any]:
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
     # Check every expert tensor (presence, shape, dtype) from the headers before the long run.
     expert_names: dict[int, list[str]] = {}
     for layer in shape.moe_layers:
@@ -172,46 +218,210 @@ def _quantize(
                 "(layer not MoE per config.json, or both expert layouts present?)"
             )
 
-    tmp = dst_p.parent / f".{dst_p.name}.partial-{os.getpid()}"
+    job = {
+        "format": FORMAT,
+        "layout_version": LAYOUT_VERSION,
+        "alignment": alignment,
+        "tiers": [t.name for t in tiers],
+        "source": str(src_p),
+        "source_fingerprint": source_fingerprint(src_p),
+    }
+    tmp = partial_dir(dst_p)
     if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+        try:
+            old = json.loads((tmp / _JOB).read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old != job:  # another source, tiers or layout: its shards are of no use
+            shutil.rmtree(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    lock = _lock(tmp)
     t0 = time.perf_counter()
     try:
-        manifest = _write(
-            source, shape, expert_names, tiers, tmp, alignment, progress, save_file, tqdm
-        )
+        _write_atomic(tmp / _JOB, json.dumps(job, indent=1, sort_keys=True).encode())
+        plan = _Plan(source, shape, expert_names, tiers, alignment)
+        plan.check_disk(tmp)
+        done_before = plan.done_layers(tmp)
+        manifest = _write(source, plan, tmp, progress, threads)
         manifest["source"] = str(src_p)
-        seconds = time.perf_counter() - t0
-        manifest["quantize_seconds"] = round(seconds, 3)
-        manifest["quantize_mb_per_s"] = round(manifest["source_expert_bytes"] / 1e6 / seconds, 3)
+        manifest["source_fingerprint"] = job["source_fingerprint"]
         _copy_side_files(src_p, tmp)
         # The manifest is the last file written: a directory without one is incomplete.
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+        (tmp / _JOB).unlink()
+        lock.close()
+        (tmp / _LOCK).unlink()
         if dst_p.exists():
-            old = dst_p.parent / f".{dst_p.name}.old-{os.getpid()}"
-            dst_p.rename(old)
+            old_dir = dst_p.parent / f".{dst_p.name}.old-{os.getpid()}"
+            dst_p.rename(old_dir)
             tmp.rename(dst_p)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            shutil.rmtree(old_dir) if old_dir.is_dir() else old_dir.unlink()
         else:
             tmp.rename(dst_p)
-    except BaseException:
+    except CheckpointError:
+        # Bad input found mid-run (a non-finite weight...): nothing to resume from.
+        lock.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
+    except BaseException:
+        # Interrupted (Ctrl-C, out of disk...): keep the complete shards for the next run.
+        lock.close()
+        raise
+    seconds = time.perf_counter() - t0
+    out = dict(manifest)
+    new_bytes = plan.source_bytes(skip=done_before)
+    out["quantize_seconds"] = round(seconds, 3)
+    out["quantize_mb_per_s"] = round(new_bytes / 1e6 / max(seconds, 1e-9), 3)
+    out["resumed_layers"] = sorted(done_before)
+    return out
+
+
+_JOB = "job.json"
+_LOCK = ".lock"
+
+
+def _lock(tmp: Path) -> Any:
+    """An exclusive lock on the partial directory (released when the process dies)."""
+    import fcntl
+
+    f = open(tmp / _LOCK, "a")  # noqa: SIM115 (held for the whole run)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise QuantizeBusyError(
+            f"{tmp}: another dynaexq quantize is writing this output (lock held)"
+        ) from None
+    return f
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _shard_name(layer: int) -> str:
+    return f"experts-layer{layer:03d}.safetensors"
+
+
+def _metrics_name(layer: int) -> str:
+    return f"experts-layer{layer:03d}.metrics.json"
+
+
+class _Plan:
+    """Sizes and file names of everything the run writes (for the disk check and resume)."""
+
+    def __init__(
+        self,
+        source: Checkpoint,
+        shape: MoeShape,
+        expert_names: dict[int, list[str]],
+        tiers: list[TierSpec],
+        alignment: int,
+    ) -> None:
+        self.source, self.shape, self.tiers, self.alignment = source, shape, tiers, alignment
+        self.expert_names = expert_names
+        h, i = shape.hidden_size, shape.intermediate_size
+        self.nbytes = {t.name: expert_nbytes(t, h, i, alignment) for t in tiers}
+        self.layer_src_bytes = {
+            layer: sum(source.nbytes(n) for n in names) for layer, names in expert_names.items()
+        }
+        known = {n for names in expert_names.values() for n in names}
+        self.nonexpert = [
+            n
+            for n in sorted(source.names())
+            if n not in known and not n.startswith(IGNORED_PREFIXES)
+        ]
+        self.shards = _group_shards(self.nonexpert, source.nbytes, _NONEXPERT_SHARD_BYTES)
+
+    def shard_bytes(self) -> int:
+        return _HEADER_ROOM + self.shape.num_experts * sum(self.nbytes.values())
+
+    def done_layers(self, tmp: Path) -> set[int]:
+        return {
+            layer
+            for layer in self.expert_names
+            if (tmp / _shard_name(layer)).is_file() and (tmp / _metrics_name(layer)).is_file()
+        }
+
+    def source_bytes(self, skip: set[int]) -> int:
+        return sum(b for layer, b in self.layer_src_bytes.items() if layer not in skip)
+
+    def check_disk(self, tmp: Path) -> None:
+        done = self.done_layers(tmp)
+        need = self.shard_bytes() * (len(self.expert_names) - len(done))
+        for k, names in enumerate(self.shards):
+            if not (tmp / _nonexpert_name(k)).is_file():
+                need += sum(self.source.nbytes(n) for n in names) + (1 << 20)
+        need += sum(
+            f.stat().st_size
+            for f in self.source.path.iterdir()
+            if f.is_file() and f.suffix != ".safetensors"
+        )
+        free = shutil.disk_usage(tmp).free
+        if free < need + (64 << 20):
+            total = self.shard_bytes() * len(self.expert_names)
+            raise NotEnoughDiskError(
+                f"{tmp.parent}: the tiered checkpoint needs {need / 1e9:.2f} GB more "
+                f"({total / 1e9:.2f} GB of expert shards in all, tiers "
+                f"{', '.join(self.nbytes)}), but only {free / 1e9:.2f} GB are free; "
+                "free some space or pass another --out"
+            )
+
+
+# Room for a layer shard's safetensors header: the data starts at this offset, so every
+# expert row is page-aligned in the file (and in its memory map) when its size is.
+_HEADER_ROOM = 4096
+
+
+def _nonexpert_name(k: int) -> str:
+    return f"nonexpert-{k:05d}.safetensors"
+
+
+def _group_shards(names: list[str], nbytes: Any, limit: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for n in names:
+        shards[-1].append(n)
+        size += nbytes(n)
+        if size >= limit:
+            shards.append([])
+            size = 0
+    return [s for s in shards if s]
+
+
+def _layer_header(layer: int, tiers: list[TierSpec], nbytes: dict[str, int], e: int) -> bytes:
+    """A safetensors header for one layer shard: one U8 tensor [E, nbytes] per tier, in
+    tier order, the data starting at `_HEADER_ROOM` (the header is padded with spaces, as
+    the format allows)."""
+    meta: dict[str, Any] = {"__metadata__": {"format": FORMAT, "layer": str(layer)}}
+    off = 0
+    for t in tiers:
+        size = e * nbytes[t.name]
+        meta[f"layers.{layer}.experts.{t.name}"] = {
+            "dtype": "U8",
+            "shape": [e, nbytes[t.name]],
+            "data_offsets": [off, off + size],
+        }
+        off += size
+    text = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
+    room = _HEADER_ROOM - 8
+    if len(text) > room:
+        raise AssertionError("layer shard header does not fit its room")
+    return struct.pack("<Q", room) + text + b" " * (room - len(text))
 
 
 def _write(
-    source: Checkpoint,
-    shape: MoeShape,
-    expert_names: dict[int, list[str]],
-    tiers: list[TierSpec],
-    out: Path,
-    alignment: int,
-    progress: bool,
-    save_file: Any,
-    tqdm: Any,
+    source: Checkpoint, plan: _Plan, out: Path, progress: bool, threads: int
 ) -> dict[str, Any]:
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    shape, tiers, alignment = plan.shape, plan.tiers, plan.alignment
     e = shape.num_experts
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -223,69 +433,148 @@ def _write(
         "num_hidden_layers": shape.num_layers,
         "moe_layers": list(shape.moe_layers),
         "tiers": [_tier_entry(t, shape, alignment) for t in tiers],
-        "expert_nbytes": {
-            t.name: expert_nbytes(t, shape.hidden_size, shape.intermediate_size, alignment)
-            for t in tiers
-        },
+        "expert_nbytes": dict(plan.nbytes),
         "experts": {},
         "nonexpert": {},
         "metrics": {t.name: {} for t in tiers},
     }
-    src_bytes = 0
+    done = plan.done_layers(out)
+    total = len(plan.expert_names) * e
     bar = tqdm(
-        total=len(expert_names) * e, desc="quantizing experts", unit="expert", disable=not progress
+        total=total,
+        initial=len(done) * e,
+        desc="quantizing experts",
+        unit="expert",
+        disable=not progress,
+        smoothing=0.05,
     )
-    for layer, names in expert_names.items():
-        src_bytes += sum(source.nbytes(n) for n in names)
-        blobs = {
-            t.name: torch.empty(e, manifest["expert_nbytes"][t.name], dtype=torch.uint8)
-            for t in tiers
-        }
-        for t in tiers:
-            manifest["metrics"][t.name][str(layer)] = []
-        for ex in range(e):
-            x = source.expert(layer, ex, check_finite=True)
-            g, u, d = x.gate, x.up, x.down
+    t0 = time.perf_counter()
+    moved = 0
+    # One intra-op thread per worker: `threads` experts at once, and results that do not
+    # depend on the thread count (every reduction runs in the same order).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dynaexq-quantize")
+    try:
+        for layer in plan.expert_names:
+            fname = _shard_name(layer)
+            if layer not in done:
+                _quantize_layer(source, plan, layer, out, pool, threads, bar)
+                moved += plan.layer_src_bytes[layer]
+                mb_s = moved / 1e6 / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{mb_s:.1f} MB/s", refresh=False)
+            metrics = json.loads((out / _metrics_name(layer)).read_text())
             for t in tiers:
-                qe = quantize_expert(t, g, u, d)
-                blobs[t.name][ex] = pack_quantized_expert(qe, alignment)
-                manifest["metrics"][t.name][str(layer)].append(
-                    {k: round(v, 6) for k, v in qe.metrics.items()}
-                )
-            bar.update(1)
-        fname = f"experts-layer{layer:03d}.safetensors"
-        save_file({f"layers.{layer}.experts.{n}": b for n, b in blobs.items()}, str(out / fname))
-        manifest["experts"][str(layer)] = {
-            "file": fname,
-            "tensors": {n: f"layers.{layer}.experts.{n}" for n in blobs},
-        }
-    bar.close()
-    # Non-expert tensors, unchanged, in shards of bounded size.
-    shard: dict[str, torch.Tensor] = {}
-    size, idx = 0, 0
-
-    def flush() -> None:
-        nonlocal shard, size, idx
-        if shard:
-            fname = f"nonexpert-{idx:05d}.safetensors"
-            save_file(shard, str(out / fname))
-            for k in shard:
-                manifest["nonexpert"][k] = fname
-            shard, size, idx = {}, 0, idx + 1
-
-    known = {n for names in expert_names.values() for n in names}
-    for name in sorted(source.names()):
-        if name in known or name.startswith(IGNORED_PREFIXES):
-            continue
-        t = source.tensor_as_stored(name).contiguous()
-        shard[name] = t
-        size += t.numel() * t.element_size()
-        if size >= _NONEXPERT_SHARD_BYTES:
-            flush()
-    flush()
-    manifest["source_expert_bytes"] = src_bytes
+                manifest["metrics"][t.name][str(layer)] = metrics[t.name]
+            manifest["experts"][str(layer)] = {
+                "file": fname,
+                "tensors": {t.name: f"layers.{layer}.experts.{t.name}" for t in tiers},
+            }
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(before)
+        bar.close()
+    # Non-expert tensors, unchanged, in shards of bounded size (each written whole under
+    # a temporary name, then renamed: a present shard is complete).
+    for k, names in enumerate(plan.shards):
+        fname = _nonexpert_name(k)
+        if not (out / fname).is_file():
+            shard = {n: source.tensor_as_stored(n).contiguous() for n in names}
+            part = out / (fname + ".partial")
+            save_file(shard, str(part))
+            _fsync(part)
+            part.replace(out / fname)
+            del shard
+        for n in names:
+            manifest["nonexpert"][n] = fname
+    manifest["source_expert_bytes"] = sum(plan.layer_src_bytes.values())
     manifest["summary"] = {t.name: _summary(manifest["metrics"][t.name]) for t in tiers}
     return manifest
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _quantize_layer(
+    source: Checkpoint,
+    plan: _Plan,
+    layer: int,
+    out: Path,
+    pool: ThreadPoolExecutor,
+    threads: int,
+    bar: Any,
+) -> None:
+    """Quantize one layer's experts into its shard, streaming: the main thread reads one
+    expert at a time from the memory-mapped source, workers quantize and write its rows
+    in place; at most 2 x threads experts are in memory at once."""
+    tiers, alignment, e = plan.tiers, plan.alignment, plan.shape.num_experts
+    nbytes = plan.nbytes
+    header = _layer_header(layer, tiers, nbytes, e)
+    base = {}
+    off = _HEADER_ROOM
+    for t in tiers:
+        base[t.name] = off
+        off += e * nbytes[t.name]
+    part = out / (_shard_name(layer) + ".partial")
+    metrics: dict[str, list[dict[str, float]]] = {t.name: [None] * e for t in tiers}  # type: ignore[list-item]
+    fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, off)
+        os.pwrite(fd, header, 0)
+
+        def work(ex: int, x: Any) -> None:
+            for t in tiers:
+                qe = quantize_expert(t, x.gate, x.up, x.down)
+                blob = pack_quantized_expert(qe, alignment)
+                os.pwrite(fd, blob.numpy().tobytes(), base[t.name] + ex * nbytes[t.name])
+                metrics[t.name][ex] = {k: round(v, 6) for k, v in qe.metrics.items()}
+
+        futures: list[Future[None]] = []
+        try:
+            _feed(source, layer, e, pool, work, futures, threads, bar)
+        except BaseException:
+            # No worker may still write through `fd` once it is closed (its number could
+            # be reused by the next file opened).
+            for f in futures:
+                f.cancel()
+            wait(futures)
+            raise
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    part.replace(out / _shard_name(layer))
+    _write_atomic(out / _metrics_name(layer), json.dumps(metrics, sort_keys=True).encode())
+
+
+def _feed(
+    source: Checkpoint,
+    layer: int,
+    e: int,
+    pool: ThreadPoolExecutor,
+    work: Any,
+    futures: list[Future[None]],
+    threads: int,
+    bar: Any,
+) -> None:
+    for ex in range(e):
+        x = source.expert(layer, ex, check_finite=True)
+        futures.append(pool.submit(work, ex, x))
+        del x
+        while len([f for f in futures if not f.done()]) >= 2 * threads:
+            wait([f for f in futures if not f.done()], return_when=FIRST_COMPLETED)
+        for f in [f for f in futures if f.done()]:
+            f.result()  # re-raise a worker's error here
+            futures.remove(f)
+            bar.update(1)
+    for f in list(futures):
+        f.result()
+        futures.remove(f)
+        bar.update(1)
 
 
 def _summary(per_layer: dict[str, list[dict[str, float]]]) -> dict[str, float]:
@@ -314,6 +603,47 @@ class TieredCheckpoint:
                 f"{mf}: layout version {self.manifest.get('layout_version')}, "
                 f"this build reads {LAYOUT_VERSION}"
             )
+
+        self._check_config()
+
+    def _check_config(self) -> None:
+        """The manifest's expert shapes must be those of the config.json beside it."""
+        cfg_path = self.root / "config.json"
+        if not cfg_path.is_file():
+            return
+        shape = MoeShape.of(ModelConfig.from_file(cfg_path), cfg_path)
+        m = self.manifest
+        want = {
+            "hidden_size": shape.hidden_size,
+            "moe_intermediate_size": shape.intermediate_size,
+            "num_experts": shape.num_experts,
+            "moe_layers": list(shape.moe_layers),
+        }
+        bad = {k: (m.get(k), v) for k, v in want.items() if m.get(k) != v}
+        if bad:
+            raise TieredMismatchError(
+                f"{self.root}: manifest and config.json disagree on "
+                + ", ".join(f"{k} ({a} vs {b})" for k, (a, b) in bad.items())
+                + "; re-run dynaexq quantize"
+            )
+
+    def check_source(self, src: str | os.PathLike[str]) -> None:
+        """Raise TieredMismatchError unless this checkpoint was made from `src` as it
+        is now (same config, same weight files by name, size and mtime)."""
+        have = self.manifest.get("source_fingerprint")
+        now = source_fingerprint(Path(src))
+        if have != now:
+            why = "records no source fingerprint" if have is None else "was made from"
+            raise TieredMismatchError(
+                f"{self.root} {why} a different version of {src} (its config or weight "
+                "files changed since); re-run dynaexq quantize --force"
+                if have is not None
+                else f"{self.root} {why}; re-run dynaexq quantize --force"
+            )
+
+    @property
+    def expert_files(self) -> dict[int, Path]:
+        return {int(k): self.root / v["file"] for k, v in self.manifest["experts"].items()}
 
     @property
     def tiers(self) -> list[TierSpec]:
