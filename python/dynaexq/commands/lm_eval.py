@@ -8,7 +8,8 @@ import sys
 NAME = "lm-eval"
 HELP = (
     "score lm-evaluation-harness tasks through the engine in process (loglikelihood, "
-    "loglikelihood_rolling, generate_until; batched), e.g. --tasks hellaswag --budget 20%%"
+    "loglikelihood_rolling, generate_until; batched), e.g. dynaexq lm-eval --budget 6GiB "
+    "-- --tasks dynaexq_heldout"
 )
 
 
