@@ -293,3 +293,55 @@ def test_neutral_client_fields_are_accepted_and_typos_refused(server: Server) ->
         "POST", "/v1/chat/completions", {"model": MODEL, "messages": msgs, "servce_tier": "auto"}
     )
     assert data["error"]["message"] == "unknown field: servce_tier"
+
+
+def test_prompt_scores_across_prefill_chunks(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: a prompt prefilled in 5-token chunks beside other rows, scored 3
+    positions at a time, has the scores of one engine.forward over it."""
+    import asyncio
+
+    from dynaexq.serve import scheduler as sched_mod
+
+    monkeypatch.setattr(sched_mod, "PROMPT_SCORE_ROWS", 3)
+    ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog. def add(a, b):")
+    other = engine.tokenizer.encode("experts route")
+
+    async def main() -> Any:
+        s = sched_mod.Scheduler(engine, max_batch=3, max_context=64, max_prefill_tokens=5)
+        s.start()
+        try:
+            reqs = [
+                s.submit([sched_mod.SequenceSpec(tuple(other), 4)]),
+                s.submit([sched_mod.SequenceSpec(tuple(ids), 0, prompt_logprobs=2)]),
+                s.submit([sched_mod.SequenceSpec(tuple(ids), 2, prompt_logprobs=0, logprobs=1)]),
+            ]
+            out = []
+            for r in reqs:
+                events = []
+                while not events or events[-1].finish_reason is None:
+                    ev = await asyncio.wait_for(r.events.get(), 60)
+                    assert not isinstance(ev, BaseException), ev
+                    events.append(ev)
+                out.append(events)
+            return out
+        finally:
+            s.stop(drain=False, timeout=30)
+
+    _, scored, both = asyncio.run(main())
+    assert len(ids) > 15  # several chunks
+    want = forward_logprobs(engine, ids)
+    (ev,) = scored
+    assert ev.token_ids == [] and ev.finish_reason == "length"
+    lp = ev.prompt_logprobs
+    assert len(lp) == len(ids) and lp[0] is None
+    for j in range(1, len(ids)):
+        assert lp[j].token_id == ids[j]
+        assert lp[j].logprob == pytest.approx(float(want[j - 1, ids[j]]), abs=ATOL)
+        top = torch.topk(want[j - 1], 2)
+        assert [t for t, _ in lp[j].top] == top.indices.tolist()
+    # with generation: the prompt's scores come with the first event, no alternatives
+    first = both[0].prompt_logprobs
+    assert [e.logprob for e in first[1:]] == pytest.approx([e.logprob for e in lp[1:]], abs=ATOL)
+    assert all(e.top == () for e in first[1:])
+    gen = [t for ev in both for t in ev.token_ids]
+    assert len(gen) == 2 and sum(len(ev.logprobs or []) for ev in both) == 2

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from dynaexq.serve.metrics import ServerMetrics
 
 log = logging.getLogger("dynaexq.serve")
+PROMPT_SCORE_ROWS = 256  # prompt positions scored per log-softmax (echo)
 
 
 class QueueFullError(Exception):
@@ -412,24 +413,25 @@ class Scheduler:
         if seq.prompt_logprobs is None:
             seq.prompt_logprobs = [None]  # the first token: nothing predicts it
         n = min(len(logits), len(prompt) - 1 - start)  # the last position predicts no prompt
-        if n <= 0:
-            return
-        lp = torch.log_softmax(logits[:n].float(), dim=-1)
-        targets = torch.tensor(prompt[start + 1 : start + 1 + n], device=lp.device)
-        chosen = lp.gather(1, targets.unsqueeze(1))[:, 0].tolist()
         top_n = seq.spec.prompt_logprobs or 0
-        if top_n:
-            values, idx = lp.topk(top_n, dim=-1)
-            tops = [
-                tuple(zip(i, v, strict=True))
-                for i, v in zip(idx.tolist(), values.tolist(), strict=True)
+        # A slice of positions at a time: float32 log-probabilities of a long chunk over a
+        # large vocabulary would otherwise take gigabytes at once.
+        for a in range(0, max(n, 0), PROMPT_SCORE_ROWS):
+            b = min(n, a + PROMPT_SCORE_ROWS)
+            lp = torch.log_softmax(logits[a:b].float(), dim=-1)
+            targets = torch.tensor(prompt[start + 1 + a : start + 1 + b], device=lp.device)
+            chosen = lp.gather(1, targets.unsqueeze(1))[:, 0].tolist()
+            tops: list[tuple[tuple[int, float], ...]] = [()] * (b - a)
+            if top_n:
+                values, idx = lp.topk(top_n, dim=-1)
+                tops = [
+                    tuple(zip(i, v, strict=True))
+                    for i, v in zip(idx.tolist(), values.tolist(), strict=True)
+                ]
+            seq.prompt_logprobs += [
+                TokenLogprob(t, c, top)
+                for t, c, top in zip(targets.tolist(), chosen, tops, strict=True)
             ]
-        else:
-            tops = [()] * n
-        seq.prompt_logprobs += [
-            TokenLogprob(t, c, top)
-            for t, c, top in zip(targets.tolist(), chosen, tops, strict=True)
-        ]
 
     def _finish_without_tokens(self, seq: _Sequence) -> None:
         seq.finished = True
