@@ -414,6 +414,11 @@ def test_reasoning_content_from_a_thinking_template(
     assert r.choices[0].message.content == ""
     reasoning, content, _, _ = assemble_stream(client.chat.completions.create(stream=True, **kw))
     assert (reasoning, content) == (want, "")
+    # a grammar decides the whole output: JSON content, no reasoning
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    r = client.chat.completions.create(response_format=fmt, **{**kw, "max_tokens": 120})
+    assert r.choices[0].message.reasoning_content is None
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
     off = {"chat_template_kwargs": {"enable_thinking": False}}
     want = greedy({"enable_thinking": False})
     r = client.chat.completions.create(extra_body=off, **kw)

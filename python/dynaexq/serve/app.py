@@ -843,8 +843,10 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
         )  # fmt: skip
         handle = submit(specs)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        reasoning = thinks(tokenizer)
-        opened = text.rstrip().endswith("<think>")  # the template opened the think block
+        # A grammar decides the whole output (JSON, a tool call): no reasoning block, even
+        # where the template opened one.
+        reasoning = thinks(tokenizer) and grammar is None
+        opened = reasoning and text.rstrip().endswith("<think>")  # the template opened one
 
         def parser() -> ChatOutputParser:
             return ChatOutputParser(reasoning=reasoning, tools=use_tools, in_reasoning=opened)
