@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyMemoryView};
 
 use crate::pool::Arena;
-use crate::store::HostStore;
+use crate::store::{HostStore, MappedTier, StagingRing};
 use crate::transfer::cpu::{CpuBackend, ManualBackend};
 use crate::transfer::{
     Completion, CopyBackend, EngineConfig, Fault, Priority, TransferEngine, TransferStatus,
@@ -29,6 +29,43 @@ pub(super) fn pinned_store(
         Ok(Arc::new(crate::transfer::cuda::PinnedArena::new(&ctx, len, a)?) as Arc<dyn Arena>)
     })
     .map_err(to_py)
+}
+
+#[cfg(feature = "cuda")]
+fn pinned_ring(slots: u32, slot_bytes: u64, align: u64, ctx: &DeviceCtx) -> PyResult<StagingRing> {
+    let ctx = ctx.0.clone();
+    StagingRing::new(slots, slot_bytes, align, |len, a| {
+        Ok(Arc::new(crate::transfer::cuda::PinnedArena::new(&ctx, len, a)?) as Arc<dyn Arena>)
+    })
+    .map_err(to_py)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn pinned_ring(_n: u32, _b: u64, _a: u64, _ctx: &DeviceCtx) -> PyResult<StagingRing> {
+    Err(BackendError::new_err("this build has no CUDA support"))
+}
+
+fn store_shape(experts: &[i64], tier_bytes: &[Vec<i64>]) -> PyResult<(Vec<u32>, Vec<Vec<u64>>)> {
+    let experts = experts
+        .iter()
+        .enumerate()
+        .map(|(l, &n)| {
+            positive(&format!("experts[{l}]"), n).and_then(|n| {
+                u32::try_from(n).map_err(|_| PyValueError::new_err("too many experts"))
+            })
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let sizes = tier_bytes
+        .iter()
+        .enumerate()
+        .map(|(l, row)| {
+            row.iter()
+                .enumerate()
+                .map(|(t, &b)| positive(&format!("tier_bytes[{l}][{t}]"), b))
+                .collect::<PyResult<Vec<_>>>()
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    Ok((experts, sizes))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -58,25 +95,7 @@ impl PyHostStore {
         alignment: i64,
         device: Option<i64>,
     ) -> PyResult<Self> {
-        let experts = experts
-            .iter()
-            .enumerate()
-            .map(|(l, &n)| {
-                positive(&format!("experts[{l}]"), n).and_then(|n| {
-                    u32::try_from(n).map_err(|_| PyValueError::new_err("too many experts"))
-                })
-            })
-            .collect::<PyResult<Vec<_>>>()?;
-        let sizes = tier_bytes
-            .iter()
-            .enumerate()
-            .map(|(l, row)| {
-                row.iter()
-                    .enumerate()
-                    .map(|(t, &b)| positive(&format!("tier_bytes[{l}][{t}]"), b))
-                    .collect::<PyResult<Vec<_>>>()
-            })
-            .collect::<PyResult<Vec<_>>>()?;
+        let (experts, sizes) = store_shape(&experts, &tier_bytes)?;
         let alignment = positive("alignment", alignment)?;
         let store = match device {
             None => HostStore::new(&experts, &sizes, alignment).map_err(to_py)?,
@@ -85,6 +104,82 @@ impl PyHostStore {
         Ok(Self {
             inner: Arc::new(store),
         })
+    }
+
+    /// A store over memory-mapped files (a tiered checkpoint): `locations[l][t]` is
+    /// `(file index, offset of expert 0, stride)` of layer l's tier t in `files`. Copies
+    /// pass through a ring of `staging_slots` slots sized for the largest tier (pinned
+    /// memory with `device=N`). Born frozen; host memory holds only the ring and the
+    /// mapped pages the page cache keeps.
+    #[staticmethod]
+    #[pyo3(signature = (files, experts, tier_bytes, locations, staging_slots = 8, alignment = 256, device = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn mapped(
+        py: Python<'_>,
+        files: Vec<std::path::PathBuf>,
+        experts: Vec<i64>,
+        tier_bytes: Vec<Vec<i64>>,
+        locations: Vec<Vec<(u32, u64, u64)>>,
+        staging_slots: i64,
+        alignment: i64,
+        device: Option<i64>,
+    ) -> PyResult<Self> {
+        let (experts, sizes) = store_shape(&experts, &tier_bytes)?;
+        let alignment = positive("alignment", alignment)?;
+        let slots = u32::try_from(positive("staging_slots", staging_slots)?)
+            .map_err(|_| PyValueError::new_err("too many staging slots"))?;
+        let slot_bytes = sizes.iter().flatten().copied().max().unwrap_or(1);
+        let ring = match device {
+            None => StagingRing::host(slots, slot_bytes, alignment).map_err(to_py)?,
+            Some(d) => pinned_ring(slots, slot_bytes, alignment, &open_device(py, d)?)?,
+        };
+        let tiers = locations
+            .iter()
+            .map(|row| {
+                row.iter()
+                    .map(|&(file, offset, stride)| MappedTier {
+                        file,
+                        offset,
+                        stride,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>();
+        let store = py
+            .detach(|| HostStore::mapped(&experts, &sizes, &files, &tiers, ring))
+            .map_err(to_py)?;
+        Ok(Self {
+            inner: Arc::new(store),
+        })
+    }
+
+    /// True for a store over memory-mapped files.
+    #[getter]
+    fn mapped_files(&self) -> bool {
+        self.inner.is_mapped()
+    }
+
+    /// Bytes the store itself holds in host memory: the whole arena (resident) or the
+    /// staging ring (mapped; the mapped pages are the page cache's).
+    #[getter]
+    fn resident_bytes(&self) -> u64 {
+        self.inner.resident_bytes()
+    }
+
+    /// slots, slot_bytes, total_bytes, in_use, peak_in_use, acquisitions of the staging
+    /// ring; None for a resident store.
+    fn staging_stats<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(r) = self.inner.staging() else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        d.set_item("slots", r.slots())?;
+        d.set_item("slot_bytes", r.slot_bytes())?;
+        d.set_item("total_bytes", r.total_bytes())?;
+        d.set_item("in_use", r.in_use())?;
+        d.set_item("peak_in_use", r.peak_in_use())?;
+        d.set_item("acquisitions", r.acquisitions())?;
+        Ok(Some(d))
     }
 
     /// Copy the packed bytes of (layer, expert, tier) in (any buffer: bytes, numpy,
@@ -142,11 +237,14 @@ impl PyHostStore {
                 "freeze the host store before viewing it",
             ));
         }
-        let (offset, len) = self.inner.locate(layer, expert, tier).map_err(to_py)?;
+        let (arena, offset, len) = self
+            .inner
+            .locate_arena(layer, expert, tier)
+            .map_err(to_py)?;
         memoryview(
             py,
             BlockView {
-                arena: self.inner.arena().clone(),
+                arena,
                 offset,
                 len,
                 readonly: true,

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crate::completion::{settle, Settled};
 use crate::errors::{Error, Result};
 use crate::pool::{Arena, ArenaKind};
-use crate::store::HostStore;
+use crate::store::{HostStore, StagingSlot};
 use crate::sync::lock;
 use crate::table::{ExpertTable, PendingTransition, Version};
 
@@ -217,6 +217,9 @@ struct Flight {
     handle: Arc<dyn CopyHandle>,
     cancel: bool,
     len: u64,
+    /// The staging slot the copy reads (mapped stores): released when the flight is
+    /// dropped, which is only after its copy has ended.
+    _staging: Option<StagingSlot>,
 }
 
 #[derive(Default)]
@@ -298,6 +301,17 @@ impl TransferEngine {
                 store.num_layers(),
                 table.num_layers()
             )));
+        }
+        if let Some(ring) = store.staging() {
+            // Every flight holds at most one staging slot, so admission never finds the
+            // ring full.
+            if (ring.slots() as usize) < config.max_in_flight {
+                return Err(Error::InvalidConfig(format!(
+                    "the store's staging ring has {} slots, fewer than max_in_flight = {}",
+                    ring.slots(),
+                    config.max_in_flight
+                )));
+            }
         }
         if arena.kind() != backend.arena_kind() {
             return Err(Error::InvalidConfig(format!(
@@ -594,7 +608,7 @@ impl TransferEngine {
                 break;
             };
             match self.admit(&req) {
-                Ok((pending, handle, len)) => {
+                Ok((pending, handle, len, staging)) => {
                     st.status.insert(req.id, TransferStatus::InFlight);
                     st.flights.push(Flight {
                         req,
@@ -602,6 +616,7 @@ impl TransferEngine {
                         handle,
                         cancel: false,
                         len,
+                        _staging: staging,
                     });
                 }
                 Err(status) => {
@@ -612,15 +627,12 @@ impl TransferEngine {
         }
     }
 
-    fn admit(
-        &self,
-        req: &Request,
-    ) -> std::result::Result<(PendingTransition, Arc<dyn CopyHandle>, u64), TransferStatus> {
+    fn admit(&self, req: &Request) -> std::result::Result<Admitted, TransferStatus> {
         let t = self
             .table
             .begin(req.layer, req.expert, req.to)
             .map_err(|e| TransferStatus::Rejected(e.to_string()))?;
-        let src = match self.store.bytes(req.layer, req.expert, req.to) {
+        let (src, len, staging) = match source(&self.store, req.layer, req.expert, req.to) {
             Ok(s) => s,
             Err(e) => {
                 let _ = self.table.abort(t);
@@ -629,26 +641,54 @@ impl TransferEngine {
         };
         let job = CopyJob {
             id: req.id,
-            src: src.as_ptr(),
+            src,
             dst: self.arena.base_address() + t.block().offset,
-            len: src.len(),
+            len,
             fault: req.fault.clone(),
             store: self.store.clone(),
             arena: self.arena.clone(),
         };
-        // SAFETY: the source is frozen store memory kept alive by the job; the destination
+        // SAFETY: the source is frozen store memory kept alive by the job, or a staging
+        // slot this flight owns until its copy has ended; the destination
         // is the pending block `begin` just reserved for this transfer only (no reader can
         // lease it before `complete`, and only this engine holds the capability to
         // complete it), at least `len` bytes long (checked against the slot classes in
         // `new`). A backend whose `start` fails guarantees no copy is left running.
         match unsafe { self.backend.start(job) } {
-            Ok(h) => Ok((t, h, src.len() as u64)),
+            Ok(h) => Ok((t, h, len as u64, staging)),
             Err(e) => {
                 let _ = self.table.abort(t);
                 Err(TransferStatus::Failed(e.to_string()))
             }
         }
     }
+}
+
+type Admitted = (
+    PendingTransition,
+    Arc<dyn CopyHandle>,
+    u64,
+    Option<StagingSlot>,
+);
+
+/// Where a copy of (layer, expert, tier) reads from, as (address, length): the resident
+/// store's memory, or a staging slot filled from a mapped store, returned too: the
+/// caller keeps it (unchanged) until the copy reading it has ended.
+fn source(
+    store: &HostStore,
+    layer: u32,
+    expert: u32,
+    tier: u8,
+) -> Result<(*const u8, usize, Option<StagingSlot>)> {
+    let staged = store.stage(layer, expert, tier)?;
+    let (ptr, len) = match &staged {
+        Some(slot) => (slot.as_ptr(), slot.len()),
+        None => {
+            let b = store.bytes(layer, expert, tier)?;
+            (b.as_ptr(), b.len())
+        }
+    };
+    Ok((ptr, len, staged))
 }
 
 /// Copy the store's bytes of every published version into its block (load time). Waits
@@ -661,10 +701,36 @@ fn upload(
     versions: &[(u32, u32, Version)],
 ) -> Result<()> {
     let notifier = backend.notifier();
-    let mut handles = Vec::new();
+    let wait_for = |h: &Arc<dyn CopyHandle>| -> Result<()> {
+        loop {
+            let seen = notifier.epoch();
+            match h.state() {
+                CopyState::Pending => notifier.wait(seen, Duration::from_millis(1)),
+                CopyState::Done => return Ok(()),
+                CopyState::Failed(m) => return Err(Error::Backend(m)),
+            }
+        }
+    };
+    // Copies in flight, oldest first, each with the staging slot it reads (if any).
+    let mut handles: VecDeque<(Arc<dyn CopyHandle>, Option<StagingSlot>)> = VecDeque::new();
     let mut failure = None;
     for &(l, e, v) in versions {
-        let src = match store.bytes(l, e, v.tier) {
+        let got = loop {
+            match source(store, l, e, v.tier) {
+                // A full staging ring: let the oldest copy end and free its slot.
+                Err(Error::Exhausted { .. }) if !handles.is_empty() => {
+                    let (h, _slot) = handles.pop_front().expect("not empty");
+                    if let Err(err) = wait_for(&h) {
+                        failure.get_or_insert(err);
+                    }
+                }
+                other => break other,
+            }
+        };
+        if failure.is_some() {
+            break;
+        }
+        let (src, len, staging) = match got {
             Ok(s) => s,
             Err(err) => {
                 failure = Some(err);
@@ -673,36 +739,30 @@ fn upload(
         };
         let job = CopyJob {
             id: 0,
-            src: src.as_ptr(),
+            src,
             dst: arena.base_address() + v.block.offset,
-            len: src.len(),
+            len,
             fault: None,
             store: store.clone(),
             arena: arena.clone(),
         };
-        // SAFETY: the source is frozen store memory kept alive by the job; the destination
+        // SAFETY: the source is frozen store memory kept alive by the job, or a staging
+        // slot kept in `handles` until the copy has ended; the destination
         // is a published block of a table that is not sealed and whose writer lock the
         // caller (`ExpertTable::upload_initial`) holds, so no reader exists; each block is
         // written by exactly one job.
         match unsafe { backend.start(job) } {
-            Ok(h) => handles.push(h),
+            Ok(h) => handles.push_back((h, staging)),
             Err(err) => {
                 failure = Some(err);
                 break;
             }
         }
     }
-    for h in handles {
-        loop {
-            let seen = notifier.epoch();
-            match h.state() {
-                CopyState::Pending => notifier.wait(seen, Duration::from_millis(1)),
-                CopyState::Done => break,
-                CopyState::Failed(m) => {
-                    failure.get_or_insert(Error::Backend(m));
-                    break;
-                }
-            }
+    // Each slot is dropped only after its copy has ended.
+    for (h, _slot) in handles {
+        if let Err(err) = wait_for(&h) {
+            failure.get_or_insert(err);
         }
     }
     failure.map_or(Ok(()), Err)
