@@ -302,7 +302,7 @@ def test_a_budget_can_be_a_share_of_hot_experts(model_dir, cache) -> None:
 
 
 def test_telemetry_keeps_running_totals_beyond_its_window() -> None:
-    from dynaexq.runtime.runtime import StepRecord, Telemetry
+    from dynaexq.runtime.telemetry import StepRecord, Telemetry
 
     t = Telemetry(keep=3)
     for i in range(10):

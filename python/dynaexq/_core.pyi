@@ -384,6 +384,32 @@ class TransferEngine:
     def backend(self) -> str: ...
     def stats(self) -> dict[str, int]: ...
 
+# ------------------------------------------------------------ the CPU expert executor
+
+@final
+class CpuExperts:
+    """One MoE layer per call on the CPU, straight from the packed bytes of the table's
+    published versions (every hit expert leased for the call), parallel over experts and
+    output rows on `threads` threads, with the GIL released. `tiers[t]` names table tier
+    t ("bf16", "fp16", "int4g128", "int2g64a", ...)."""
+
+    def __new__(
+        cls,
+        table: ExpertTable,
+        tiers: Sequence[str],
+        hidden_size: int,
+        intermediate_size: int,
+        alignment: int = 256,
+        threads: int = 1,
+    ) -> CpuExperts: ...
+    def forward(
+        self, layer: int, x: Any, expert_ids: Any, weights: Any, out: Any
+    ) -> tuple[list[int], list[float]]:
+        """x float32 [T, H], expert_ids int64 [T, k], weights float32 [T, k] -> `out`
+        float32 [T, H]; returns (pairs, routing weight) served per table tier."""
+    @property
+    def threads(self) -> int: ...
+
 # ------------------------------------------------------------ dequantize kernels
 
 def kernel_launch_plan(

@@ -5,6 +5,8 @@
 
 pub mod completion;
 pub mod controller;
+#[cfg(not(loom))]
+pub mod cpu_experts;
 pub mod errors;
 pub mod fence;
 pub mod kernels;

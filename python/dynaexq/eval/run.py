@@ -155,7 +155,7 @@ def run_policies(
             tel: dict[str, float] = {}
             if rt is not None:
                 rt.flush()
-                from dynaexq.runtime.runtime import Telemetry
+                from dynaexq.runtime.telemetry import Telemetry
 
                 tel = Telemetry.of(rt.telemetry.records[before:]).totals()
             runs.append(

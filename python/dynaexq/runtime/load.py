@@ -21,8 +21,9 @@ from dynaexq.engine import EMBEDDED_MODEL_DIR, Engine, embedded_model_path
 from dynaexq.engine import load as load_engine
 from dynaexq.quant import parse_tier
 from dynaexq.runtime.budget import FixedMemory, PoolPlan, fixed_memory, parse_budget, plan_pool
+from dynaexq.runtime.offload import OffloadRuntime
 from dynaexq.runtime.policy import Policy
-from dynaexq.runtime.runtime import OffloadRuntime, PrecisionRuntime
+from dynaexq.runtime.precision import PrecisionRuntime
 from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
 
 
@@ -122,6 +123,7 @@ def load_with_policy(
     progress: bool = True,
     cache_dir: Path | None = None,
     lockstep: bool = True,
+    threads: int | None = None,
 ) -> tuple[Engine, Deployment | None]:
     """Load `path` (default: the embedded model) to run under `policy` within `budget`
     (a size, or "20%": the bytes at which static-map holds 20% of the experts hot).
@@ -129,10 +131,13 @@ def load_with_policy(
     `calibration`: token streams to rank experts on (or a precomputed [layers, experts]
     score array); needed by static-map and dynamic. `lockstep` publishes every copy in
     flight at the next step boundary (reproducible evaluation); serving turns it off so
-    that nothing ever waits. Returns the engine (its experts run
+    that nothing ever waits. `threads`: CPU threads of torch and of the expert executor
+    (default: torch's current setting). Returns the engine (its experts run
     through the runtime, `engine.precision` is the runtime) and what was deployed.
     """
     pol = Policy(policy) if isinstance(policy, str) else policy
+    if threads is not None:
+        torch.set_num_threads(max(1, threads))
     if tiers is not None:
         names = tiers.split(",") if isinstance(tiers, str) else list(tiers)
         from dataclasses import replace
@@ -197,7 +202,9 @@ def load_with_policy(
             init = np.asarray(plan.assignment, dtype=np.uint8).reshape(shape)
         else:
             init = initial_tiers(plan, scores)
-        runtime = PrecisionRuntime(store, plan, pol, init, calibration=scores, lockstep=lockstep)
+        runtime = PrecisionRuntime(
+            store, plan, pol, init, calibration=scores, lockstep=lockstep, threads=threads
+        )
     engine = load_engine(ckpt_path, dtype=dtype, device="cpu", experts=lambda c, d, dev: runtime)
     engine.add_routing_hook(runtime.observe)
     engine.precision = runtime  # type: ignore[attr-defined]
@@ -235,7 +242,8 @@ def load(
     `tiers` picks them (default int2,bf16). `calibration`: texts or token arrays that rank
     experts for the initial hot set (the embedded model ships its own). The engine's
     `precision` is the runtime and `deployment` what was sized. Other keyword arguments go
-    to the runtime (batch, context, chunk, progress, cache_dir).
+    to the runtime (batch, context, chunk, progress, cache_dir, threads: CPU threads of
+    torch and of the expert executor).
     """
     if budget is None and policy in (None, "full"):
         return load_engine(path, dtype=dtype, device=device, experts=experts)

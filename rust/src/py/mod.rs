@@ -139,12 +139,14 @@ fn positive(what: &str, v: i64) -> PyResult<u64> {
 }
 
 mod controller;
+mod cpu_experts;
 mod expert_pool;
 mod expert_table;
 mod kernels;
 mod layout;
 mod transfer_engine;
 use controller::*;
+use cpu_experts::*;
 use expert_pool::*;
 use expert_table::*;
 use kernels::*;
@@ -185,5 +187,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(resolve_ptx, m)?)?;
     m.add_function(wrap_pyfunction!(check_ptx, m)?)?;
     m.add_class::<PyDequantKernels>()?;
+    m.add_class::<PyCpuExperts>()?;
     Ok(())
 }

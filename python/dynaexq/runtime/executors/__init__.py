@@ -1,0 +1,1 @@
+"""Expert executors: where routed tokens meet expert weights, one per device kind."""

@@ -1,0 +1,322 @@
+"""The precision runtime (static, static-map and dynamic policies): experts executed from
+the pool through leases, a controller that moves them between tiers between steps, and
+telemetry of every step.
+
+Where things happen (one place each):
+- a byte of expert memory is handed out: the Rust `ExpertPool` (classes built in
+  `_build_pool`);
+- a transfer completes and its version becomes visible: the Rust `TransferEngine`'s
+  poll (it calls `ExpertTable.complete`), run by `TransferMover.land` between steps.
+
+The forward pass only reads published versions; nothing it does waits for a transition.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dynaexq._core import ExpertPool, ExpertTable
+from dynaexq.runtime.budget import PoolPlan
+from dynaexq.runtime.executors.cpu import CpuExecutor
+from dynaexq.runtime.mover import TransferMover
+from dynaexq.runtime.policy import Policy
+from dynaexq.runtime.store import TierStore
+from dynaexq.runtime.telemetry import StepRecord, Telemetry
+
+
+class PrecisionRuntime:
+    """Expert executor + controller for the static, static-map and dynamic policies."""
+
+    def __init__(
+        self,
+        store: TierStore,
+        plan: PoolPlan,
+        policy: Policy,
+        initial: np.ndarray,
+        *,
+        compute_dtype: torch.dtype = torch.float32,
+        threads: int | None = None,
+        calibration: np.ndarray | None = None,
+        lockstep: bool = True,
+    ) -> None:
+        self.store = store
+        self.plan = plan
+        self.policy = policy
+        self.compute_dtype = compute_dtype
+        self.layer_pos = {layer: i for i, layer in enumerate(store.layers)}
+        self.num_layers = len(store.layers)
+        self.experts = store.experts
+        self.tiers = len(store.tiers)
+        self.pool, self.table = self._build_pool(initial)
+        # The expert threads: as many as torch uses unless told otherwise.
+        self.executor = CpuExecutor(
+            self.table, store, self.real, threads or max(1, torch.get_num_threads())
+        )
+        self.mover: TransferMover | None = None
+        if len(self.real) > 1 and policy.name == "dynamic":
+            self.mover = TransferMover(
+                self.table, store, self.real, policy.controller.in_flight, lockstep=lockstep
+            )
+        # request key -> (layer_pos, expert, target table tier, is a promotion)
+        self.busy: dict[int, tuple[int, int, int, bool]] = {}
+        self._promotions = 0  # finished transitions that raised an expert's tier
+        self._tokens_since = 0  # routed tokens since the controller's last step
+        self.first_layer = store.layers[0]
+        self._seen_first: set[str] = set()
+        self.telemetry = Telemetry()
+        self.record_maps = False  # keep every step's tier map and scores (plots)
+        self.step = 0
+        self._step = _StepCounters()
+        self.tracker = None
+        if policy.name == "dynamic" and len(self.real) > 1:
+            from dynaexq._core import HotnessTracker
+
+            c = policy.controller
+            self.tracker = HotnessTracker(
+                self.num_layers, self.experts, signal=c.signal, alpha=c.alpha, window=c.window
+            )
+            if calibration is not None:
+                self.tracker.seed(np.asarray(calibration, dtype=np.float32).ravel().tolist())
+
+    # -- construction --------------------------------------------------------------------
+    def _build_pool(self, initial: np.ndarray) -> tuple[ExpertPool, ExpertTable]:
+        """One slot class per tier that has slots (and one per tier for staging). Tiers
+        without slots are left out of the table: table tier k is store tier `real[k]`."""
+        p = self.plan
+        slot_bytes: dict[str, int] = {}
+        slots: dict[str, int] = {}
+        classes: list[list[str]] = []
+        self.real: list[int] = []
+        for t in range(self.tiers):
+            if not p.slots[t] and not p.staging[t]:
+                continue
+            names = []
+            for name, count in ((f"t{t}", p.slots[t]), (f"t{t}s", p.staging[t])):
+                if count:
+                    slot_bytes[name], slots[name] = p.slot_bytes[t], count
+                    names.append(name)
+            classes.append(names)
+            self.real.append(t)
+        self.table_tier = {t: k for k, t in enumerate(self.real)}
+        pool = ExpertPool(slot_bytes, slots)
+        table = ExpertTable(
+            pool,
+            [self.experts] * self.num_layers,
+            [classes],
+            initial_tiers=[[self.table_tier[int(t)] for t in row] for row in initial],
+        )
+        # Fill every published block with its tier's bytes before any reader exists (the
+        # first lease seals the table; a transfer engine uploads the same bytes again).
+        for li in range(self.num_layers):
+            for e in range(self.experts):
+                tier = self.real[table.tier(li, e)]
+                table.load(li, e, self.store.blob(li, e, tier).numpy())
+        return pool, table
+
+    # -- the expert executor -------------------------------------------------------------
+    def forward(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        self._boundary(layer, "forward")
+        t, k = expert_ids.shape
+        out, pairs, mass = self.executor.forward(self.layer_pos[layer], hidden, expert_ids, weights)
+        top = self.table_tier.get(self.tiers - 1)
+        self._step.pairs += t * k
+        self._step.hi_pairs += pairs[top] if top is not None else 0
+        self._step.mass += float(sum(mass))
+        self._step.hi_mass += mass[top] if top is not None else 0.0
+        self._step.tokens = max(self._step.tokens, t)
+        return out
+
+    def observe(self, layer: int, expert_ids: torch.Tensor, router_probs: torch.Tensor) -> None:
+        """Routing hook: the routed probability mass of every pick feeds the tracker."""
+        self._boundary(layer, "observe")
+        if self.tracker is None:
+            return
+        k = expert_ids.shape[1]
+        mass = router_probs.gather(1, expert_ids).float()
+        self.tracker.observe(
+            self.layer_pos[layer],
+            expert_ids.reshape(-1).tolist(),
+            mass.reshape(-1).tolist(),
+            k,
+        )
+
+    # -- between steps -------------------------------------------------------------------
+    def _boundary(self, layer: int, kind: str) -> None:
+        """A second call of the same kind for the first MoE layer means a new forward pass
+        began: the previous step ends here, so any caller (generation, eval, server) gets
+        step-granular control without telling the runtime."""
+        if layer != self.first_layer:
+            return
+        if kind in self._seen_first:
+            self.end_step()
+        self._seen_first.add(kind)
+
+    def flush(self) -> StepRecord | None:
+        """Close the step in progress, if any (the end of a run)."""
+        if not self._seen_first:
+            return None
+        return self.end_step()
+
+    def end_step(self) -> StepRecord:
+        """Land finished copies, then (every T steps) plan and submit new transitions."""
+        t0 = time.perf_counter()
+        finished, failed, moved = self._land()
+        landed_s = (
+            time.perf_counter() - t0 if self.mover is not None and self.mover.lockstep else 0.0
+        )
+        started = 0
+        if self.tracker is not None:
+            c = self.policy.controller
+            self._tokens_since += self._step.tokens
+            if self._tokens_since >= c.step_tokens:
+                self.tracker.end_step()
+                self._tokens_since = 0
+                if self.tracker.steps % c.replan_every == 0:
+                    started = self._plan()
+        rec = StepRecord(
+            step=self.step,
+            tokens=self._step.tokens,
+            hi_share=self._step.hi_pairs / max(1, self._step.pairs),
+            mass_hi_share=self._step.hi_mass / max(1e-12, self._step.mass),
+            started=started,
+            finished=finished,
+            failed=failed,
+            bytes_moved=moved,
+            wait_s=0.0,
+            boundary_wait_s=landed_s,
+            tiers_per_layer=self.tiers_per_layer(),
+        )
+        self.telemetry.add(rec)
+        if self.record_maps:
+            self.telemetry.tier_maps.append(self.tier_map())
+            if self.tracker is not None:
+                scores = np.asarray(self.tracker.scores(), dtype=np.float32)
+                self.telemetry.hotness.append(scores.reshape(self.num_layers, self.experts))
+        self._step = _StepCounters()
+        self._seen_first = set()
+        self.step += 1
+        return rec
+
+    def _land(self) -> tuple[int, int, int]:
+        finished = failed = moved = 0
+        if self.mover is None:
+            return 0, 0, 0
+        for key, status, tier in self.mover.land():
+            _, _, _, up = self.busy.pop(key)
+            if status == "completed":
+                finished += 1
+                moved += self.plan.slot_bytes[self.real[tier]]
+                self._promotions += int(up)
+            else:  # failed, cancelled or rejected (no slot yet): the old version stays
+                failed += int(status == "failed")
+        return finished, failed, moved
+
+    def table_map(self) -> np.ndarray:
+        """Published table tier of every expert, [layers, experts]."""
+        return np.array(
+            [
+                [self.table.tier(li, e) for e in range(self.experts)]
+                for li in range(self.num_layers)
+            ],
+            dtype=np.uint8,
+        )
+
+    def tier_map(self) -> np.ndarray:
+        """Published store tier (0 = lowest precision) of every expert, [layers, experts]."""
+        return np.asarray(self.real, dtype=np.uint8)[self.table_map()]
+
+    def tiers_per_layer(self) -> list[list[int]]:
+        m = self.tier_map()
+        return [np.bincount(row, minlength=self.tiers).tolist() for row in m]
+
+    def snapshot(self) -> dict[str, object]:
+        """Counters and occupancy for /metrics and the bench (cheap, thread-safe reads)."""
+        names = [t.name for t in self.store.tiers]
+        counts = self.tiers_per_layer()
+        tot = self.telemetry.totals()
+        stats = self.pool.stats()
+        used: dict[str, int] = {}
+        cap: dict[str, int] = {}
+        for cls, c in stats["classes"].items():
+            tier = names[int(cls[1:].rstrip("s"))]
+            used[tier] = used.get(tier, 0) + c["live"] * c["slot_bytes"]
+            cap[tier] = cap.get(tier, 0) + c["capacity"] * c["slot_bytes"]
+        promote = self._promotions
+        return {
+            "policy": self.policy.name,
+            "budget_bytes": self.plan.budget,
+            "tier_counts": {
+                layer: {names[t]: n for t, n in enumerate(counts[i]) if n}
+                for i, layer in enumerate(self.store.layers)
+            },
+            "transitions": {
+                "promote": promote,
+                "demote": int(tot["transitions_finished"]) - promote,
+            },
+            "transitions_in_flight": len(self.busy),
+            "bytes_moved": {"h2d": int(tot["bytes_moved"]), "d2h": 0},
+            "pool_used_bytes": used,
+            "pool_capacity_bytes": cap,
+            "expert_wait_seconds": 0.0,
+        }
+
+    def _capacity(self) -> list[int]:
+        """Slots per tier of one layer (per-layer split) or of the whole model (global)."""
+        p = self.plan
+        return list(p.per_layer) if p.per_layer is not None else list(p.slots)
+
+    def _plan(self) -> int:
+        from dynaexq._core import plan_transitions
+
+        assert self.tracker is not None
+        c = self.policy.controller
+        current = self.table_map()
+        busy = np.zeros_like(current, dtype=bool)
+        for li, e, to, _ in self.busy.values():
+            busy[li, e] = True
+            current[li, e] = to
+        gain = None
+        if c.planner == "value":
+            gain = self.store.gains()[..., self.real].reshape(-1).tolist()
+        # The churn cap: bytes per routed token, over the tokens one plan period covers.
+        max_bytes = c.max_bytes_per_token * c.step_tokens * c.replan_every
+        _, moves, _ = plan_transitions(
+            self.num_layers,
+            self.experts,
+            self.tracker.scores(),
+            current.reshape(-1).tolist(),
+            busy.reshape(-1).tolist(),
+            [self.plan.slot_bytes[t] for t in self.real],
+            [self._capacity()[t] for t in self.real],
+            split="per-layer" if self.plan.per_layer is not None else "global",
+            gain=gain,
+            delta=c.delta,
+            max_transitions=c.max_transitions,
+            max_bytes=int(min(max_bytes, 2**63 - 1)),
+            max_in_flight=c.in_flight,
+            in_flight=len(self.busy),
+        )
+        started = 0
+        assert self.mover is not None
+        for layer, expert, frm, to, _ in moves:
+            key = self.mover.request(layer, expert, to)
+            if key is None:
+                continue
+            self.busy[key] = (layer, expert, to, to > frm)
+            started += 1
+        return started
+
+
+@dataclass
+class _StepCounters:
+    tokens: int = 0
+    pairs: int = 0
+    hi_pairs: int = 0
+    mass: float = 0.0
+    hi_mass: float = 0.0

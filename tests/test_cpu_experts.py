@@ -1,0 +1,122 @@
+"""The Rust CPU expert executor against the reference dequantizer (`dynaexq.quant`): every
+tier, random shapes, group sizes and routings (experts with one token and with many)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from dynaexq import ExpertPool, ExpertTable
+from dynaexq._core import CpuExperts
+from dynaexq.quant import PackedExpertView, pack_expert, parse_tier
+from dynaexq.quant.expert import expert_nbytes, reference_expert_forward
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+TIERS = [
+    "bf16",
+    "fp16",
+    "int8g128",
+    "int4g128",
+    "int4g32a",
+    "int3g64",
+    "int3g128a",
+    "int2g64",
+    "int2g32a",
+    "int4g64-rtn",
+]
+
+
+def build(tiers: list[str], experts: int, h: int, i: int, seed: int):
+    """A one-layer table whose expert e sits at table tier e % len(tiers), with the
+    reference weights of every expert."""
+    g = torch.Generator().manual_seed(seed)
+    specs = [parse_tier(t) for t in tiers]
+    sizes = {f"t{k}": expert_nbytes(s, h, i) for k, s in enumerate(specs)}
+    pool = ExpertPool(sizes, {name: experts for name in sizes})
+    initial = [[e % len(tiers) for e in range(experts)]]
+    table = ExpertTable(pool, [experts], [[f"t{k}" for k in range(len(tiers))]], initial)
+    refs = []
+    for e in range(experts):
+        spec = specs[e % len(tiers)]
+        gate = torch.randn(i, h, generator=g) * 0.2
+        up = torch.randn(i, h, generator=g) * 0.2
+        down = torch.randn(h, i, generator=g) * 0.2
+        blob = pack_expert(spec, gate, up, down)
+        table.load(0, e, blob.numpy())
+        refs.append(PackedExpertView(spec, h, i, blob))
+    return table, refs
+
+
+def reference(refs, x, ids, w):
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            out[t] += w[t, j] * reference_expert_forward(refs[e], x[t : t + 1])[0]
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    h=st.sampled_from([32, 48, 64, 100]),
+    i=st.sampled_from([32, 40, 64, 96]),
+    tokens=st.integers(1, 12),
+    k=st.integers(1, 3),
+    tiers=st.lists(st.sampled_from(TIERS), min_size=1, max_size=3, unique=True),
+    threads=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_the_reference_dequantizer(h, i, tokens, k, tiers, threads, seed) -> None:
+    experts = 5
+    table, refs = build(tiers, experts, h, i, seed)
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.standard_normal((tokens, h)).astype(np.float32))
+    # Skewed routing: expert 0 takes many tokens, others one or none.
+    ids = torch.from_numpy(
+        np.stack(
+            [
+                rng.choice(experts, size=k, replace=False, p=[0.6, 0.1, 0.1, 0.1, 0.1])
+                for _ in range(tokens)
+            ]
+        ).astype(np.int64)
+    )
+    w = torch.from_numpy(rng.random((tokens, k)).astype(np.float32))
+    core = CpuExperts(table, tiers, h, i, 256, threads)
+    out = np.empty((tokens, h), dtype=np.float32)
+    pairs, mass = core.forward(0, x.numpy(), ids.numpy(), w.numpy(), out)
+    want = reference(refs, x, ids, w)
+    torch.testing.assert_close(torch.from_numpy(out), want, rtol=2e-4, atol=2e-4)
+    tier_of = [e % len(tiers) for e in range(experts)]
+    assert pairs == [
+        int(sum(tier_of[int(e)] == t for e in ids.reshape(-1))) for t in range(len(tiers))
+    ]
+    assert sum(mass) == pytest.approx(float(w.sum()), rel=1e-5)
+
+
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    table, _ = build(["int4g128", "bf16"], 4, 64, 64, 3)
+    x = np.random.default_rng(0).standard_normal((9, 64)).astype(np.float32)
+    ids = np.array([[t % 4, (t + 1) % 4] for t in range(9)], dtype=np.int64)
+    w = np.full((9, 2), 0.5, dtype=np.float32)
+    outs = []
+    for threads in (1, 2, 3):
+        out = np.empty_like(x)
+        CpuExperts(table, ["int4g128", "bf16"], 64, 64, 256, threads).forward(0, x, ids, w, out)
+        outs.append(out)
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+
+
+def test_bad_inputs_are_errors() -> None:
+    table, _ = build(["int2g64"], 2, 32, 32, 0)
+    core = CpuExperts(table, ["int2g64"], 32, 32)
+    x = np.zeros((2, 32), dtype=np.float32)
+    w = np.ones((2, 1), dtype=np.float32)
+    with pytest.raises(ValueError, match="expert 7"):
+        core.forward(0, x, np.array([[0], [7]], dtype=np.int64), w, np.empty_like(x))
+    with pytest.raises(ValueError, match="writable float32"):
+        core.forward(0, x, np.zeros((2, 1), dtype=np.int64), w, np.empty((1, 32), np.float32))
+    with pytest.raises(ValueError, match="slots hold"):
+        CpuExperts(table, ["bf16"], 32, 32)
+    with pytest.raises(ValueError, match="cannot read tier"):
+        CpuExperts(table, ["int9"], 32, 32)
