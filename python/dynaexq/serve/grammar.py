@@ -9,6 +9,7 @@ token mask (`SequenceSpec.grammar`). Compiled grammars are cached by xgrammar.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,9 @@ def schema_grammar(schema: dict[str, Any]) -> Any:
         if _LOOSE_CHAR in text:
             grammar = xgr.Grammar.from_ebnf(text.replace(_LOOSE_CHAR, _JSON_CHAR))
     except Exception as e:  # xgrammar raises RuntimeError/ValueError/its own errors
-        raise GrammarError(f"cannot use this JSON schema ({e})") from None
+        # drop xgrammar's log prefix ("[10:04:38] /project/cpp/....cc:123: ")
+        why = re.sub(r"^\[[0-9:]+\] \S+:\d+: ", "", str(e).strip().splitlines()[0])
+        raise GrammarError(f"cannot use this JSON schema ({why})") from None
     return grammar
 
 
