@@ -469,4 +469,4 @@ def test_bad_schema_is_a_400(server: Server) -> None:
         "POST", "/v1/chat/completions", {"model": MODEL, "messages": ASK, "response_format": fmt}
     )
     assert status == 400 and data["error"]["param"] == "response_format", data
-    assert "Unsupported type \"frobnicate\"" in data["error"]["message"], data
+    assert 'Unsupported type "frobnicate"' in data["error"]["message"], data
