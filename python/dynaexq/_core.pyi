@@ -311,6 +311,23 @@ class HostStore:
         device: int | None = None,
     ) -> HostStore:
         """`device=N` allocates pinned (page-locked) memory for device N's copies."""
+    @staticmethod
+    def mapped(
+        files: Sequence[str | os.PathLike[str]],
+        experts: Sequence[int],
+        tier_bytes: Sequence[Sequence[int]],
+        locations: Sequence[Sequence[tuple[int, int, int]]],
+        staging_slots: int = 8,
+        alignment: int = 256,
+        device: int | None = None,
+    ) -> HostStore:
+        """Over memory-mapped files: locations[l][t] = (file, offset of expert 0, stride);
+        copies pass through a ring of `staging_slots` slots (pinned with `device=N`)."""
+    @property
+    def mapped_files(self) -> bool: ...
+    @property
+    def resident_bytes(self) -> int: ...
+    def staging_stats(self) -> dict[str, int] | None: ...
     def write(self, layer: int, expert: int, tier: int, data: Any) -> None:
         """Copy the packed bytes in (any buffer); only before `freeze`."""
     def freeze(self) -> None: ...

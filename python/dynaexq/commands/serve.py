@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dynaexq.runtime.budget import BudgetError, format_bytes, kv_cache_bytes, parse_budget
+    from dynaexq.runtime.memory import format_memory_report, memory_report
     from dynaexq.serve.runtime import RuntimeSpec, check_policy
 
     # Cheap checks first, before the model is loaded.
@@ -225,5 +226,6 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    print(format_memory_report(memory_report(engine)), file=sys.stderr, flush=True)
     server.run(sockets=[sock])
     return 0

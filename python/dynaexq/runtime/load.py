@@ -1,14 +1,17 @@
 """`load_with_policy`: a checkpoint, a byte budget and a policy -> a running engine.
 
 Steps: read the config; get the packed tiers (a tiered checkpoint, or quantize on the fly
-into the cache with a progress bar); size the pool from the budget; rank experts by an
-offline calibration (routed probability mass of the full-precision model on calibration
-text) for the initial hot set; build the runtime over the Rust pool and table and hand it
-to the model as its expert executor.
+into the cache with a progress bar) and map them; build the model's non-expert weights;
+rank experts by an offline calibration (routed probability mass on calibration text, the
+experts run from the memory maps at the highest tier: `runtime.calibration`; cached) for
+the initial hot set; size the pool from the budget; build the runtime over the Rust pool
+and table and hand it to the model as its expert executor. Nothing holds every tier (or
+the full-precision model) in host memory.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,11 @@ from dynaexq.engine import EMBEDDED_MODEL_DIR, Engine, embedded_model_path
 from dynaexq.engine import load as load_engine
 from dynaexq.quant import parse_tier
 from dynaexq.runtime.budget import FixedMemory, PoolPlan, fixed_memory, parse_budget, plan_pool
+from dynaexq.runtime.calibration import (  # calibration_scores: re-exported (eval)
+    calibrate,
+    calibration_scores,  # noqa: F401
+    default_calibration_text,
+)
 from dynaexq.runtime.offload import OffloadRuntime
 from dynaexq.runtime.policy import Policy
 from dynaexq.runtime.precision import PrecisionRuntime
@@ -36,39 +44,6 @@ class Deployment:
     fixed: FixedMemory
     store: TierStore
     calibration: np.ndarray | None
-
-
-def calibration_scores(
-    engine: Engine, streams: Sequence[np.ndarray], *, window: int = 128, prompts: int = 128
-) -> np.ndarray:
-    """Mean routed probability mass per (MoE layer, expert) over up to `prompts` windows of
-    `window` tokens cut from `streams`, with the engine's own experts: [layers, experts]."""
-    config = engine.config
-    layers = config.moe_layers
-    pos = {layer: i for i, layer in enumerate(layers)}
-    mass = np.zeros((len(layers), config.num_experts), dtype=np.float64)
-    tokens = np.zeros(len(layers), dtype=np.int64)
-
-    def hook(layer: int, ids: torch.Tensor, probs: torch.Tensor) -> None:
-        picked = probs.gather(1, ids).double().cpu().numpy()
-        np.add.at(mass[pos[layer]], ids.cpu().numpy().ravel(), picked.ravel())
-        tokens[pos[layer]] += ids.shape[0]
-
-    windows = []
-    per_stream = max(1, -(-prompts // max(1, len(streams))))
-    for s in streams:
-        s = np.asarray(s, dtype=np.int64)
-        n = min(per_stream, len(s) // window)
-        windows += [s[i * window : (i + 1) * window] for i in range(n)]
-    if not windows:
-        raise ValueError(f"calibration text is shorter than one {window}-token window")
-    remove = engine.add_routing_hook(hook)
-    try:
-        for i in range(0, len(windows), 16):
-            engine.forward(torch.from_numpy(np.stack(windows[i : i + 16])))
-    finally:
-        remove()
-    return (mass / np.maximum(tokens, 1)[:, None]).astype(np.float32)
 
 
 def initial_tiers(plan: PoolPlan, scores: np.ndarray) -> np.ndarray:
@@ -124,6 +99,8 @@ def load_with_policy(
     cache_dir: Path | None = None,
     lockstep: bool = True,
     threads: int | None = None,
+    host_store: str | None = None,
+    staging_slots: int = 8,
 ) -> tuple[Engine, Deployment | None]:
     """Load `path` (default: the embedded model) to run under `policy` within `budget`
     (a size, or "20%": the bytes at which static-map holds 20% of the experts hot).
@@ -132,8 +109,16 @@ def load_with_policy(
     score array); needed by static-map and dynamic. `lockstep` publishes every copy in
     flight at the next step boundary (reproducible evaluation); serving turns it off so
     that nothing ever waits. `threads`: CPU threads of torch and of the expert executor
-    (default: torch's current setting). Returns the engine (its experts run
+    (default: torch's current setting). `host_store`: how the transfer engine's host copy
+    of the tiers is held: "mapped" (memory maps of the tiered checkpoint and a ring of
+    `staging_slots` staging slots), "pinned" (every tier resident) or "auto" (pinned when
+    it takes under half of the available RAM; the default, unless the environment sets
+    DYNAEXQ_HOST_STORE). Returns the engine (its experts run
     through the runtime, `engine.precision` is the runtime) and what was deployed.
+
+    Host memory: the non-expert weights, the pool (on the CPU backend) and the staging
+    ring; calibration runs the experts from the memory maps (`runtime.calibration`), and
+    the tiers are never copied into the process.
     """
     pol = Policy(policy) if isinstance(policy, str) else policy
     if threads is not None:
@@ -150,7 +135,12 @@ def load_with_policy(
     config = checkpoint.config
     tier_specs = [parse_tier(t) for t in pol.tiers]
     tc = tiered_checkpoint_for(ckpt_path, tier_specs, cache_dir=cache_dir, progress=progress)
-    store = TierStore.from_tiered(tc, tier_specs)
+    mode = host_store or os.environ.get("DYNAEXQ_HOST_STORE") or "auto"
+    store = TierStore.from_tiered(tc, tier_specs, host_store=mode, staging_slots=staging_slots)
+    # The model's non-expert weights, once; its experts switch from the memory-mapped
+    # calibration executor to the runtime below.
+    switch = _Switch()
+    engine = load_engine(ckpt_path, dtype=dtype, device="cpu", experts=lambda c, d, dev: switch)
     dtype_bytes = 4 if dtype in ("float32", "fp32") else 2
     fixed = fixed_memory(
         config,
@@ -173,9 +163,7 @@ def load_with_policy(
         if isinstance(calibration, np.ndarray) and calibration.ndim == 2:
             scores = calibration.astype(np.float32)
         else:
-            full = load_engine(ckpt_path, dtype=dtype, device="cpu")
-            scores = calibration_scores(full, list(calibration))
-            del full
+            scores = calibrate(engine, store, list(calibration), progress=progress)
     values = None
     if scores is not None and pol.controller.planner == "value":
         # Value of each tier per expert: calibration hotness x error reduction vs tier 0.
@@ -205,10 +193,18 @@ def load_with_policy(
         runtime = PrecisionRuntime(
             store, plan, pol, init, calibration=scores, lockstep=lockstep, threads=threads
         )
-    engine = load_engine(ckpt_path, dtype=dtype, device="cpu", experts=lambda c, d, dev: runtime)
+    engine.experts = runtime
     engine.add_routing_hook(runtime.observe)
     engine.precision = runtime  # type: ignore[attr-defined]
     return engine, Deployment(pol, plan, fixed, store, scores)
+
+
+class _Switch:
+    """The executor the model is built with before the runtime exists (calibration swaps
+    its own in); running the model through it is a bug."""
+
+    def forward(self, layer, hidden, expert_ids, weights):
+        raise RuntimeError("the model ran before its expert runtime was installed")
 
 
 def default_calibration(path: Path | None, tokens: int = 16384) -> list[np.ndarray] | None:
@@ -240,10 +236,13 @@ def load(
     ("6GiB", bytes) the pool is sized from it and `policy` (default "dynamic"; also
     "static", "static-map", "offload", "full") decides which experts hold which tier;
     `tiers` picks them (default int2,bf16). `calibration`: texts or token arrays that rank
-    experts for the initial hot set (the embedded model ships its own). The engine's
+    experts for the initial hot set (default: the embedded model's own held-out text, or
+    a generic text shipped with the package; the ranking is cached beside the tiered
+    checkpoint). The engine's
     `precision` is the runtime and `deployment` what was sized. Other keyword arguments go
     to the runtime (batch, context, chunk, progress, cache_dir, threads: CPU threads of
-    torch and of the expert executor).
+    torch and of the expert executor, host_store: "auto"/"mapped"/"pinned",
+    staging_slots).
     """
     if budget is None and policy in (None, "full"):
         return load_engine(path, dtype=dtype, device=device, experts=experts)
@@ -252,22 +251,25 @@ def load(
     pol = policy or "dynamic"
     name = pol if isinstance(pol, str) else pol.name
     cal: Sequence[np.ndarray] | np.ndarray | None
+    ckpt = embedded_model_path() if path is None else Path(path)
     if calibration is not None and len(calibration) and isinstance(calibration[0], str):
-        full = load_engine(path, dtype="float32", device="cpu")
-        cal = [np.asarray(full.encode(t)) for t in calibration]  # type: ignore[arg-type]
+        cal = _encode(ckpt, list(calibration))  # type: ignore[arg-type]
     else:
         cal = calibration  # type: ignore[assignment]
     if cal is None and name in ("static-map", "dynamic"):
         cal = default_calibration(None if path is None else Path(path))
+        if cal is None and (ckpt / "tokenizer.json").is_file():
+            # Any other model: the generic text shipped with the package.
+            cal = _encode(ckpt, [default_calibration_text()])
         if cal is None and name == "static-map":
             raise ValueError(
                 f"policy {name!r} ranks experts on calibration text: pass calibration=[...] "
                 "(a few hundred tokens per domain of your workload)"
             )
         if cal is None:
-            # dynamic without calibration: a cold start from an arbitrary hot set that the
-            # controller replaces as soon as it has seen the workload.
-            config = Checkpoint(embedded_model_path() if path is None else Path(path)).config
+            # dynamic without calibration or a tokenizer: a cold start from an arbitrary
+            # hot set that the controller replaces as soon as it has seen the workload.
+            config = Checkpoint(ckpt).config
             cal = np.zeros((len(config.moe_layers), config.num_experts), dtype=np.float32)
     if device not in (None, "cpu") and str(device) != "cpu":
         raise ValueError("the precision runtime runs on the CPU backend in this build")
@@ -282,3 +284,15 @@ def load(
     )
     engine.deployment = dep  # type: ignore[attr-defined]
     return engine
+
+
+def _encode(path: Path, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of `texts` with the checkpoint's tokenizer (nothing else is loaded)."""
+    from dynaexq.tokenizer import Tokenizer
+
+    if not (path / "tokenizer.json").is_file():
+        raise ValueError(
+            f"{path} has no tokenizer.json: pass calibration as token id arrays, not text"
+        )
+    tok = Tokenizer(path)
+    return [np.asarray(tok.encode(t), dtype=np.int64) for t in texts]

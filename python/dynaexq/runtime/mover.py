@@ -21,16 +21,10 @@ class TransferMover:
     def __init__(
         self, table: ExpertTable, store: TierStore, real: list[int], in_flight: int, lockstep: bool
     ) -> None:
-        from dynaexq._core import HostStore, TransferEngine
+        from dynaexq._core import TransferEngine
 
-        layers = len(store.layers)
-        host = HostStore([store.experts] * layers, [[store.slot_bytes[t] for t in real]] * layers)
-        for li in range(layers):
-            for k, t in enumerate(real):
-                blobs = store.blobs[(li, t)].numpy()
-                for e in range(store.experts):
-                    host.write(li, e, k, blobs[e])
-        host.freeze()
+        # Memory-mapped tiered checkpoint + staging ring, or every tier resident (store.py).
+        host = store.host_store(real, min_slots=in_flight)
         self.host = host
         self.engine = TransferEngine(
             table, host, max_in_flight=in_flight, queue_capacity=1024, workers=1, driver=False

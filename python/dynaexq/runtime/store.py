@@ -1,26 +1,35 @@
-"""The packed tiers of every expert in host memory, and where they come from.
+"""The packed tiers of every expert, and where they come from.
 
-A `TierStore` holds, for every MoE layer and every tier, one uint8 tensor [E, slot bytes]
-whose row e is expert e's packed blob (docs/packed-layout.md), plus each expert's
-quantization error per tier. It is filled once at load time, from a tiered checkpoint
-(`dynaexq quantize`), or by quantizing the original checkpoint on the fly into a cache
-directory (with a progress bar) so that the next load reuses it. Nothing is quantized on
-the serving path.
+A `TierStore` maps, for every MoE layer and every tier, one uint8 tensor [E, slot bytes]
+of the tiered checkpoint (`dynaexq quantize`) whose row e is expert e's packed blob
+(docs/packed-layout.md), plus each expert's quantization error per tier. Nothing is
+copied at load time: the blobs are memory-mapped views, so host memory holds only the
+pages that were read (the page cache's, not the process's). The original checkpoint is
+quantized once into a cache directory (with a progress bar) when no tiered checkpoint
+is given, and reused. Nothing is quantized on the serving path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dynaexq.checkpoint import CheckpointError
 from dynaexq.quant import TierSpec, expert_nbytes, parse_tier, parse_tiers
-from dynaexq.quant.tiered import LAYOUT_VERSION, TieredCheckpoint, quantize_checkpoint
+from dynaexq.quant.tiered import (
+    LAYOUT_VERSION,
+    TieredCheckpoint,
+    TieredMismatchError,
+    quantize_checkpoint,
+)
 
 
 def default_cache_dir() -> Path:
@@ -64,17 +73,84 @@ def tiered_checkpoint_for(
         missing = {t.name for t in tier_list} - {t.name for t in tc.tiers}
         if missing:
             raise ValueError(f"{src_p} holds tiers {[t.name for t in tc.tiers]}, not {missing}")
+        origin = tc.manifest.get("source")
+        if tc.manifest.get("source_fingerprint") and origin and Path(origin).is_dir():
+            tc.check_source(origin)  # its source changed since: stale
         return tc
     dst = (cache_dir or default_cache_dir()) / f"{src_p.name}-{_source_key(src_p, tier_list)}"
-    if not (dst / "manifest.json").is_file():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        quantize_checkpoint(src_p, dst, tier_list, force=True, progress=progress)
+    if (dst / "manifest.json").is_file():
+        tc = TieredCheckpoint(dst)
+        try:
+            if tc.manifest.get("source_fingerprint") is not None:
+                tc.check_source(src_p)
+            return tc
+        except TieredMismatchError:
+            pass  # a cached copy of an older version of the source: quantize again
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    quantize_checkpoint(src_p, dst, tier_list, force=True, progress=progress, threads=_cpu_count())
     return TieredCheckpoint(dst)
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class HostMemoryError(MemoryError):
+    """The host cannot hold what was asked of it (e.g. every tier resident/pinned)."""
+
+
+HOST_STORE_MODES = ("auto", "mapped", "pinned")
+
+
+def mem_available() -> int:
+    """MemAvailable of /proc/meminfo in bytes (what can be allocated without swapping)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def safetensors_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, start, end) with absolute byte offsets in the file, from the
+    safetensors header alone (8-byte little-endian length, then JSON)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        size = path.stat().st_size
+        if n > min(size - 8, 100 << 20):
+            raise CheckpointError(f"{path}: not a safetensors file (header of {n} B)")
+        try:
+            meta = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    out = {}
+    for name, ent in meta.items():
+        if name == "__metadata__":
+            continue
+        a, b = ent["data_offsets"]
+        out[name] = (ent["dtype"], tuple(ent["shape"]), 8 + n + a, 8 + n + b)
+        if 8 + n + b > size:
+            raise CheckpointError(f"{path}: tensor {name!r} runs past the end of the file")
+    return out
 
 
 @dataclass
 class TierStore:
-    """Packed blobs of every expert at every tier, lowest precision first."""
+    """Packed blobs of every expert at every tier, lowest precision first, read through
+    memory maps of the tiered checkpoint's layer shards: `blobs[(layer pos, tier)]` is a
+    uint8 [E, bytes] view of the file (nothing is copied; the page cache holds what was
+    read, and the kernel may drop it again). `host_mode` says how the transfer engine's
+    Rust store holds them: "mapped" (the same files, with a bounded staging ring) or
+    "pinned" (every tier resident, pinned on a GPU)."""
 
     tiers: list[TierSpec]
     layers: list[int]  # MoE layer ids of the model, in order
@@ -84,6 +160,12 @@ class TierStore:
     slot_bytes: list[int]
     blobs: dict[tuple[int, int], torch.Tensor]  # (layer position, tier) -> uint8 [E, bytes]
     errors: np.ndarray  # [layers, experts, tiers] relative weight error per tier
+    files: list[Path] = field(default_factory=list)  # one expert shard per layer
+    # [layer pos][tier] -> (file index, offset of expert 0, stride) in `files`
+    places: list[list[tuple[int, int, int]]] = field(default_factory=list)
+    host_mode: str = "mapped"
+    staging_slots: int = 8
+    root: Path | None = None
 
     @classmethod
     def from_tiered(
@@ -91,7 +173,16 @@ class TierStore:
         tc: TieredCheckpoint,
         tiers: list[TierSpec] | list[str] | None = None,
         pin: bool = False,
+        *,
+        host_store: str = "auto",
+        staging_slots: int = 8,
     ) -> TierStore:
+        """Map `tc`'s layer shards. `host_store`: "mapped", "pinned" (every tier of the
+        chosen ones resident: HostMemoryError when MemAvailable cannot hold it) or "auto"
+        (pinned when that takes under half of MemAvailable, else mapped). `pin=True` is
+        the old spelling of "pinned"."""
+        if host_store not in HOST_STORE_MODES:
+            raise ValueError(f"host_store must be one of {HOST_STORE_MODES}, got {host_store!r}")
         m = tc.manifest
         wanted = (
             tc.tiers
@@ -105,18 +196,39 @@ class TierStore:
         slot_bytes = [expert_nbytes(t, h, i, align) for t in chosen]
         blobs: dict[tuple[int, int], torch.Tensor] = {}
         errors = np.zeros((len(layers), e, len(chosen)), dtype=np.float32)
+        files: list[Path] = []
+        places: list[list[tuple[int, int, int]]] = []
         for li, layer in enumerate(layers):
+            ent = m["experts"][str(layer)]
+            path = tc.root / ent["file"]
+            layout = safetensors_layout(path)
+            mm = _map(path)
+            files.append(path)
+            row = []
             for ti, t in enumerate(chosen):
-                blob = tc.expert_blobs(layer, t).contiguous()
-                if tuple(blob.shape) != (e, slot_bytes[ti]):
-                    raise ValueError(
-                        f"{tc.root}: layer {layer} tier {t.name} has blobs {tuple(blob.shape)}, "
-                        f"expected {(e, slot_bytes[ti])}"
+                name = ent["tensors"][t.name]
+                if name not in layout:
+                    raise TieredMismatchError(f"{path}: no tensor {name!r} (tier {t.name})")
+                dtype, shape, start, end = layout[name]
+                if dtype != "U8" or shape != (e, slot_bytes[ti]):
+                    raise TieredMismatchError(
+                        f"{tc.root}: layer {layer} tier {t.name} has blobs {dtype} {list(shape)}, "
+                        f"expected U8 {[e, slot_bytes[ti]]} (layout version "
+                        f"{m.get('layout_version')}, manifest and shards disagree)"
                     )
-                blobs[(li, ti)] = blob.pin_memory() if pin else blob
+                blobs[(li, ti)] = torch.frombuffer(
+                    mm, dtype=torch.uint8, count=end - start, offset=start
+                ).view(e, slot_bytes[ti])
+                row.append((li, start, slot_bytes[ti]))
                 per_expert = m["metrics"][t.name][str(layer)]
                 errors[li, :, ti] = [float(x["weights"]) for x in per_expert]
-        return cls(chosen, layers, e, h, i, slot_bytes, blobs, errors)
+            places.append(row)
+        store = cls(
+            chosen, layers, e, h, i, slot_bytes, blobs, errors, files, places,
+            staging_slots=staging_slots, root=tc.root,
+        )  # fmt: skip
+        store.host_mode = store.choose_host_mode("pinned" if pin else host_store)
+        return store
 
     def blob(self, layer_pos: int, expert: int, tier: int) -> torch.Tensor:
         return self.blobs[(layer_pos, tier)][expert]
@@ -124,6 +236,56 @@ class TierStore:
     @property
     def num_experts_total(self) -> int:
         return len(self.layers) * self.experts
+
+    def tier_total_bytes(self, tiers: list[int] | None = None) -> int:
+        """Bytes of every expert at each of `tiers` (default all): what pinning costs."""
+        ts = range(len(self.tiers)) if tiers is None else tiers
+        return len(self.layers) * self.experts * sum(self.slot_bytes[t] for t in ts)
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of the tiered checkpoint's expert shards mapped into the process."""
+        return sum(f.stat().st_size for f in self.files)
+
+    def choose_host_mode(self, mode: str) -> str:
+        need = self.tier_total_bytes()
+        avail = mem_available()
+        if mode == "pinned" and need > 0.9 * avail:
+            raise HostMemoryError(
+                f"pinning every tier ({', '.join(t.name for t in self.tiers)}) of every expert "
+                f"needs {need / 2**30:.2f} GiB of host RAM, but only {avail / 2**30:.2f} GiB "
+                "are available; use host_store='mapped' (memory maps of the tiered checkpoint "
+                "and a bounded staging ring)"
+            )
+        if mode == "auto":
+            return "pinned" if need <= 0.5 * avail else "mapped"
+        return mode
+
+    def host_store(self, tiers: list[int], *, min_slots: int = 1, device: int | None = None):
+        """The Rust HostStore the transfer engine copies from, over store tiers `tiers`
+        (its tier k is store tier tiers[k]): the mapped files with a staging ring of
+        max(staging_slots, min_slots) slots, or every tier resident ("pinned")."""
+        from dynaexq._core import HostStore
+
+        layers = len(self.layers)
+        sizes = [[self.slot_bytes[t] for t in tiers]] * layers
+        if self.host_mode == "mapped" and self.files:
+            return HostStore.mapped(
+                [str(f) for f in self.files],
+                [self.experts] * layers,
+                sizes,
+                [[self.places[li][t] for t in tiers] for li in range(layers)],
+                staging_slots=max(self.staging_slots, min_slots),
+                device=device,
+            )
+        host = HostStore([self.experts] * layers, sizes, device=device)
+        for li in range(layers):
+            for k, t in enumerate(tiers):
+                blobs = self.blobs[(li, t)].numpy()
+                for e in range(self.experts):
+                    host.write(li, e, k, blobs[e])
+        host.freeze()
+        return host
 
     def gains(self) -> np.ndarray:
         """Error reduction of each expert at each tier relative to tier 0, [L, E, T]."""
@@ -136,6 +298,15 @@ class TierStore:
                 "slot_bytes": self.slot_bytes,
                 "layers": len(self.layers),
                 "experts": self.experts,
+                "host_store": self.host_mode,
                 "mean_error": [float(x) for x in self.errors.mean(axis=(0, 1))],
             }
         )
+
+
+def _map(path: Path) -> mmap.mmap:
+    """A private (copy-on-write) map of the whole file: its pages are the page cache's
+    until written, and nothing writes them (writable only so that torch can wrap it
+    without a read-only warning)."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dynaexq.runtime.memory import memory_report
 from dynaexq.serve.chat import end_of_turn_ids, render_chat, thinks
 from dynaexq.serve.detokenize import OffsetTracker
 from dynaexq.serve.grammar import GrammarError, Grammars
@@ -649,6 +650,7 @@ def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: Serve
             "generated_tokens": scheduler.generated_tokens,
             "tokens_per_second": metrics.tokens_rate(),
             "runtime": snap,
+            "memory": memory_report(engine),
         }
 
     def need_tokenizer() -> Any:
