@@ -104,3 +104,26 @@ def test_too_small_budget_names_the_kv_cache_cost(
     assert "cannot hold every expert at the lowest tier" in err
     assert "the KV cache for --max-batch 4 x context 64 tokens costs" in err
     assert f"({kv} bytes)" in err
+
+
+def test_dynaexq_serve_takes_a_share(model_dir: Path, tmp_path: Path) -> None:
+    """`dynaexq serve --budget 50%` starts, serves, and reports the bytes `dynaexq.load`
+    resolves for 50% at its batch and context (at 20% this tiny model leaves dynamic no
+    room for its staging slots, and the server says so)."""
+    pytest.importorskip("openai")
+    from test_serve import MODEL, start_server, stop_server
+
+    srv = start_server(model_dir, tmp_path / "server.log", "--budget", "50%", "--policy", "dynamic")
+    try:
+        r = srv.client().completions.create(model=MODEL, prompt="The quick", max_tokens=4)
+        assert r.usage.completion_tokens >= 1
+        runtime = srv.stats()["runtime"]
+        engine, _ = serve_runtime.build_runtime(
+            serve_runtime.RuntimeSpec(model_dir, "dynamic", "50%", "float32", "cpu", batch=4,
+                                      context=64)
+        )  # fmt: skip
+        assert runtime["policy"] == "dynamic"
+        assert runtime["budget_bytes"] == engine.deployment.plan.budget
+    finally:
+        stop_server(srv)
+    assert srv.proc.returncode == 0, srv.log.read_text()
