@@ -276,17 +276,28 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{where}: {msg}" if where and not msg.startswith(f"{param}:") else msg), param
 
 
-def create_app(engine: Engine, runtime_stats: RuntimeStats | None, config: ServerConfig) -> FastAPI:
-    """The app; the scheduler's worker thread starts with the app's lifespan."""
+def create_app(
+    engine: Engine,
+    runtime_stats: RuntimeStats | None,
+    config: ServerConfig,
+    scheduler_factory: Callable[[ServerMetrics], Scheduler] | None = None,
+) -> FastAPI:
+    """The app; the scheduler's worker thread starts with the app's lifespan.
+
+    scheduler_factory(metrics) replaces the in-process scheduler with another backend of
+    the same interface (`dynaexq.serve.ray`: replicas behind Ray Serve)."""
     metrics = ServerMetrics(runtime_stats)
-    scheduler = Scheduler(
-        engine,
-        max_batch=config.max_batch,
-        max_queue=config.max_queue,
-        max_context=config.max_context,
-        max_prefill_tokens=config.max_prefill_tokens,
-        metrics=metrics,
-    )
+    if scheduler_factory is not None:
+        scheduler = scheduler_factory(metrics)
+    else:
+        scheduler = Scheduler(
+            engine,
+            max_batch=config.max_batch,
+            max_queue=config.max_queue,
+            max_context=config.max_context,
+            max_prefill_tokens=config.max_prefill_tokens,
+            metrics=metrics,
+        )
     metrics.bind_scheduler(lambda: scheduler.queue_depth, lambda: scheduler.running)
     created = int(time.time())
     tokenizer = engine.tokenizer
