@@ -487,6 +487,7 @@ def test_schemathesis_against_the_openapi_schema(server: Server) -> None:
                 code = response.json()["error"]["code"]
                 allowed = ("context_length_exceeded", "too_many_sequences")
                 allowed += ("invalid_parameter_combination",)  # e.g. top_logprobs alone
+                allowed += ("tools_not_supported",)  # this model's template has no tools
                 assert code in allowed, response.text
             case.validate_response(response, excluded_checks=[positive_data_acceptance])
 

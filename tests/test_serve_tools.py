@@ -387,6 +387,7 @@ def test_template_without_tools_refuses_them(
             "POST", "/v1/chat/completions", {"model": MODEL, "messages": ASK, "tools": [WEATHER]}
         )
         assert status == 400 and data["error"]["param"] == "tools", data
+        assert data["error"]["code"] == "tools_not_supported"
         assert "does not render tools" in data["error"]["message"]
 
 

@@ -828,8 +828,9 @@ def create_app(
                 req.chat_template_kwargs,
             )  # fmt: skip
         except ValueError as e:
-            param = "tools" if str(e).startswith("tools:") else "messages"
-            raise APIError(400, str(e), param=param) from None
+            if str(e).startswith("tools:"):  # the template has no place for tools
+                raise APIError(400, str(e), param="tools", code="tools_not_supported") from None
+            raise APIError(400, str(e), param="messages") from None
         ids = await encode_text(text, chat=True)
         max_new = fit(ids, req.token_limit, None, "messages")
         grammar = None
