@@ -219,11 +219,29 @@ def test_run_policies_reports_every_policy_and_the_gap(model_dir, cache, monkeyp
     )
     summary = run_policies(model_dir, domains, cfg, progress=lambda s: None)
     seen = {(r["policy"], r["domain"]) for r in summary["runs"]}
-    want = ("full", "static", "static-map", "dynamic", "dynamic-slow")
+    want = (
+        "full",
+        "static",
+        "uniform",
+        "static-map",
+        "static-knapsack",
+        "dynamic",
+        "dynamic-slow",
+    )
     assert seen == {(p, d) for p in want for d in "ab"}
     assert {(g["policy"], g["domain"]) for g in summary["gaps"]} == {
-        (p, d) for p in ("static-map", "dynamic", "dynamic-slow") for d in "ab"
+        (p, d) for p in want[1:] for d in "ab"
     }
+    # Every budgeted policy is measured against the best static one at its budget.
+    for g in summary["gaps"]:
+        if g["policy"] in ("dynamic", "dynamic-slow"):
+            assert g["best_static"].split()[0] in (
+                "static",
+                "uniform",
+                "static-map",
+                "static-knapsack",
+            )
+            assert np.isfinite(g["margin_over_best_static"])
 
 
 def test_dynaexq_load_takes_a_budget_and_a_policy(model_dir, cache) -> None:

@@ -22,15 +22,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a named text file to evaluate on (repeatable); default: the embedded model's "
         "held-out splits",
     )
+    p.add_argument(
+        "--domains",
+        default="embedded",
+        help="embedded (the model's held-out splits), unseen (every domain built by "
+        "scripts/build_unseen_domains.py), tuning, held-back, or a comma list of unseen "
+        "domain names",
+    )
+    p.add_argument("--offsets", type=int, default=1, help="scored slices per domain (seeds)")
+    p.add_argument(
+        "--calibration",
+        default="domain",
+        help="comma list of calibration sources for static-map/static-knapsack/dynamic: "
+        "domain (each domain's own first tokens), mix (every domain's together), generic "
+        "(the text shipped with the package)",
+    )
+    p.add_argument(
+        "--uniform-tiers",
+        default="int2,int3,int4,int8,bf16",
+        help="tiers the 'uniform' baseline picks from (the best that fits each budget)",
+    )
+    p.add_argument("--mixed", action="store_true", help="also run mixed-domain batches")
     p.add_argument("--tiers", default="int2,bf16", help="tiers, e.g. int2,bf16 or int2,int4,bf16")
     p.add_argument(
-        "--policies", default="full,static,static-map,dynamic", help="policies to compare"
+        "--policies",
+        default="full,static,uniform,static-map,static-knapsack,dynamic",
+        help="policies to compare",
     )
     p.add_argument(
         "--budgets",
         default="10%,20%,30%",
-        help="budgets: N%% = the bytes at which static-map holds N%% of experts hot, or sizes "
-        "like 6GiB",
+        help="budgets: N%% = the bytes at which static-map holds N%% of experts hot, Nbits = "
+        "an expert pool of N bits per expert weight on average, or sizes like 6GiB",
     )
     p.add_argument("--tokens", type=int, default=16384, help="scored tokens per domain")
     p.add_argument(
@@ -81,11 +104,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
+    from dynaexq.eval.run import parse_bits
     from dynaexq.runtime.budget import parse_budget
 
     try:  # every budget read by the one parser, before anything is loaded
         for b in [*args.budgets.split(","), args.shift_budget]:
-            parse_budget(b.strip())
+            if parse_bits(b) is None:
+                parse_budget(b.strip())
     except ValueError as e:
         print(f"dynaexq eval: error: {e}", file=sys.stderr)
         return 2
@@ -99,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         embedded_domains,
         run_policies,
         text_domains,
+        unseen_domains,
     )
     from dynaexq.eval.shift import run_shift
     from dynaexq.runtime.policy import ControllerSettings
@@ -129,12 +155,17 @@ def run(args: argparse.Namespace) -> int:
         controller=controller,
         variants=VARIANTS if args.variants == "all" else (),
         variant_budget=args.shift_budget,
+        uniform_tiers=tuple(t.strip() for t in args.uniform_tiers.split(",")),
+        offsets=args.offsets,
+        calibrations=tuple(c.strip() for c in args.calibration.split(",")),
     )
     if args.data:
         from dynaexq.engine import load
 
         engine = load(args.model)
         domains = text_domains(args.data, engine.encode)
+    elif args.domains != "embedded":
+        domains = unseen_domains("all" if args.domains == "unseen" else args.domains)
     else:
         if args.model is not None:
             print("--model given without --data: evaluating on the embedded held-out text")

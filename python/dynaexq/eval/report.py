@@ -110,14 +110,16 @@ def write_report(
         "",
         "## Perplexity and next-token accuracy",
         "",
-        "| budget | policy | domain | hot/layer | perplexity | accuracy | transitions | "
-        "bytes moved/token |",
-        "|---|---|---|---|---|---|---|---|",
+        "| budget | policy | calibration | domain | offset | hot/layer | perplexity | accuracy "
+        "| transitions | bytes moved/token |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["runs"]:
         t = r["telemetry"]
+        name = r["policy"] + (f" ({r['tier']})" if r.get("tier") else "")
         lines.append(
-            f"| {r['budget']} | {r['policy']} | {r['domain']} | {r['hot_per_layer'] or '-'} | "
+            f"| {r['budget']} | {name} | {r.get('calibration', '-')} | {r['domain']} | "
+            f"{r.get('offset', 0)} | {r['hot_per_layer'] or '-'} | "
             f"{r['perplexity']:.3f} | {r['accuracy']:.4f} | "
             f"{int(t.get('transitions_started', 0))} | {t.get('bytes_moved_per_token', 0):.0f} |"
         )
@@ -127,14 +129,37 @@ def write_report(
         "",
         "(static-low - policy) / (static-low - full), on log-perplexity and on accuracy.",
         "",
-        "| budget | policy | domain | gap recovered (log ppl) | gap recovered (accuracy) |",
-        "|---|---|---|---|---|",
+        "| budget | policy | calibration | domain | offset | gap recovered (log ppl) | "
+        "gap recovered (accuracy) | best static | margin over best static (points) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for g in summary["gaps"]:
+        m = g.get("margin_over_best_static")
+        name = g["policy"] + (f" ({g['tier']})" if g.get("tier") else "")
         lines.append(
-            f"| {g['budget']} | {g['policy']} | {g['domain']} | "
-            f"{100 * g['gap_recovered_ppl']:.1f}% | {100 * g['gap_recovered_acc']:.1f}% |"
+            f"| {g['budget']} | {name} | {g.get('calibration', '-')} | {g['domain']} | "
+            f"{g.get('offset', 0)} | {100 * g['gap_recovered_ppl']:.1f}% | "
+            f"{100 * g['gap_recovered_acc']:.1f}% | {g.get('best_static', '-')} | "
+            f"{'-' if m is None else f'{m:+.1f}'} |"
         )
+    if summary.get("margins"):
+        lines += [
+            "",
+            "## Margin over the best static policy at equal bytes",
+            "",
+            "Points of gap recovered (log-perplexity) above the best of static-low, the best "
+            "uniform tier that fits, static-map and static-knapsack (same calibration), per "
+            "scored slice; mean, min and max over the offsets.",
+            "",
+            "| budget | policy | calibration | domain | offsets | mean | min | max |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for m in summary["margins"]:
+            lines.append(
+                f"| {m['budget']} | {m['policy']} | {m['calibration']} | {m['domain']} | "
+                f"{m['offsets']} | {m['margin_mean']:+.1f} | {m['margin_min']:+.1f} | "
+                f"{m['margin_max']:+.1f} |"
+            )
     if shift is not None:
         lines += [
             "",

@@ -34,6 +34,45 @@ def embedded_domains() -> dict[str, np.ndarray]:
     return {p.stem: np.load(p).astype(np.int64) for p in sorted(HELDOUT_DIR.glob("*.npy"))}
 
 
+UNSEEN_MANIFEST = Path(__file__).resolve().parent / "unseen_manifest.json"
+UNSEEN_DIR = Path.home() / ".cache" / "dynaexq" / "domains"
+
+
+def unseen_domains(which: str = "all", root: Path | None = None) -> dict[str, np.ndarray]:
+    """Token streams of the text domains the embedded model never saw, built by
+    scripts/build_unseen_domains.py into `root` (default ~/.cache/dynaexq/domains) and
+    checked against the committed manifest. `which`: "all", "tuning", "held-back" or a
+    comma-separated list of names."""
+    import hashlib
+    import json
+
+    manifest = json.loads(UNSEEN_MANIFEST.read_text())
+    names = {
+        "all": list(manifest["domains"]),
+        "tuning": manifest["tuning"],
+        "held-back": manifest["held_back"],
+    }.get(which) or [n.strip() for n in which.split(",")]
+    root = root or UNSEEN_DIR
+    out = {}
+    for name in names:
+        if name not in manifest["domains"]:
+            raise ValueError(f"unknown unseen domain {name!r}; have {sorted(manifest['domains'])}")
+        p = root / f"{name}.npy"
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"{p} is missing: build it with python scripts/build_unseen_domains.py"
+            )
+        arr = np.load(p)
+        want = manifest["domains"][name]["sha256"]
+        if hashlib.sha256(arr.astype(np.int32).tobytes()).hexdigest() != want:
+            raise ValueError(
+                f"{p} differs from the committed manifest (this machine's files differ): "
+                "rebuild it and commit the new manifest, or compare with care"
+            )
+        out[name] = arr.astype(np.int64)
+    return out
+
+
 def text_domains(specs: list[str], encode: Callable[[str], list[int]]) -> dict[str, np.ndarray]:
     """`name=path.txt` pairs -> token streams."""
     out = {}
@@ -69,10 +108,24 @@ VARIANTS = (
 )
 
 
+STATIC_POLICIES = ("static", "uniform", "static-map", "static-knapsack")
+UNIFORM_TIERS = ("int2", "int3", "int4", "int8", "bf16")
+
+
 @dataclass
 class EvalConfig:
     tiers: tuple[str, ...] = ("int2", "bf16")
-    policies: tuple[str, ...] = ("full", "static", "static-map", "dynamic")
+    # "uniform": the highest-precision tier of `uniform_tiers` whose every expert fits the
+    # budget; "static-knapsack": every expert's tier (of `tiers`) chosen once by the
+    # multiple-choice knapsack over calibration hotness x error reduction, fixed.
+    policies: tuple[str, ...] = (
+        "full",
+        "static",
+        "uniform",
+        "static-map",
+        "static-knapsack",
+        "dynamic",
+    )
     budgets: tuple[str, ...] = ("10%", "20%", "30%")
     tokens_per_domain: int = 16384
     calibration_tokens: int = 16384
@@ -82,6 +135,14 @@ class EvalConfig:
     controller: ControllerSettings = field(default_factory=ControllerSettings)
     variants: tuple[Variant, ...] = ()
     variant_budget: str = "20%"
+    uniform_tiers: tuple[str, ...] = UNIFORM_TIERS
+    # Scored slices per domain: offset o scores tokens [o * tokens_per_domain, ...) after
+    # the calibration cut (results are reported per offset and as mean / min / max).
+    offsets: int = 1
+    # Where static-map, static-knapsack and dynamic's calibration comes from: "domain"
+    # (each domain's own first calibration_tokens), "mix" (those of every domain
+    # together), "generic" (the text shipped with the package, no domain text at all).
+    calibrations: tuple[str, ...] = ("domain",)
 
 
 @dataclass
@@ -96,6 +157,10 @@ class RunResult:
     hot_per_layer: int | None
     telemetry: dict[str, float]
     seconds: float
+    offset: int = 0
+    calibration: str = "-"
+    tier: str | None = None  # uniform: the tier chosen
+    pool_bytes: int | None = None  # the expert pool the policy laid out
 
 
 def split_calibration(
@@ -108,16 +173,67 @@ def split_calibration(
     return calib, evals
 
 
+def parse_bits(spec: str) -> float | None:
+    """'3bits' / '3.5bit' -> average bits per expert weight; None for other budgets."""
+    t = spec.strip().lower()
+    for suffix in ("bits", "bit"):
+        if t.endswith(suffix):
+            try:
+                bits = float(t[: -len(suffix)])
+            except ValueError:
+                raise ValueError(f"cannot read {spec!r} as bits per expert weight") from None
+            if bits <= 0:
+                raise ValueError(f"bits per expert weight must be positive, got {spec!r}")
+            return bits
+    return None
+
+
+def expert_weights(store: TierStore) -> int:
+    """Weights of every routed expert (gate, up and down projections)."""
+    return len(store.layers) * store.experts * 3 * store.hidden_size * store.intermediate_size
+
+
 def budget_bytes(
     spec: str, store: TierStore, fixed_total: int, layers: int, experts: int
 ) -> tuple[int, int | None]:
     """'20%' -> the bytes at which static-map holds 20% of each layer's experts hot (and
-    that count); anything else is read as a size."""
+    that count); '3bits' -> the fixed bytes plus an expert pool of 3 bits per expert
+    weight on average (scales and zeros included); anything else is read as a size."""
+    bits = parse_bits(spec)
+    if bits is not None:
+        return fixed_total + int(bits * expert_weights(store) / 8), None
     nbytes = resolve_budget(spec, store, fixed_total)
     assert nbytes is not None
     share = parse_budget(spec).share
     hot = int(round(share * experts)) if share is not None else None
     return nbytes, hot
+
+
+def best_uniform_tier(slot_bytes: list[int], n: int, room: int) -> int | None:
+    """Index of the largest tier whose `n` experts fit in `room` bytes (None: none fits)."""
+    fits = [t for t, b in enumerate(slot_bytes) if n * b <= room]
+    return max(fits, key=lambda t: slot_bytes[t]) if fits else None
+
+
+def generic_calibration(path: Path) -> list[np.ndarray]:
+    """The generic calibration text shipped with the package, tokenised."""
+    from dynaexq.runtime.calibration import default_calibration_text
+    from dynaexq.tokenizer import Tokenizer
+
+    tok = Tokenizer(path)
+    return [np.asarray(tok.encode(default_calibration_text()), dtype=np.int64)]
+
+
+def eval_slices(evals: dict[str, np.ndarray], cfg: EvalConfig) -> dict[tuple[str, int], np.ndarray]:
+    """(domain, offset) -> [streams, N+1] token streams scored at that offset."""
+    out = {}
+    for name, t in evals.items():
+        for o in range(cfg.offsets):
+            part = t[o * cfg.tokens_per_domain :]
+            if o and len(part) < cfg.tokens_per_domain + 1:
+                break
+            out[(name, o)] = as_streams(part, cfg.streams, cfg.window, cfg.tokens_per_domain)
+    return out
 
 
 def run_policies(
@@ -127,120 +243,213 @@ def run_policies(
     *,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Score every (budget, policy, domain); returns a JSON-ready dict with the runs and
-    the gap recovered of each policy per budget and domain."""
+    """Score every (budget, policy, domain, offset, calibration); returns a JSON-ready dict
+    with the runs, the gap recovered of each policy and dynamic's margin over the best
+    static policy per budget and domain."""
     path = model_path or EMBEDDED_MODEL_DIR
     calib, evals = split_calibration(domains, cfg.calibration_tokens)
     tc = tiered_checkpoint_for(path, [*cfg.tiers], progress=True)
     store = TierStore.from_tiered(tc)
     full, _ = load_with_policy(path, policy="full")
     config = full.config
-    scores = calibration_scores(full, list(calib.values()))
+    scores: dict[tuple[str, str], np.ndarray] = {}
+    for mode in cfg.calibrations:
+        if mode == "domain":
+            for name, c in calib.items():
+                scores[(mode, name)] = calibration_scores(full, [c])
+        elif mode == "mix":
+            mixed = calibration_scores(full, list(calib.values()))
+            scores.update({(mode, name): mixed for name in calib})
+        elif mode == "generic":
+            gen = calibration_scores(full, generic_calibration(path))
+            scores.update({(mode, name): gen for name in calib})
+        else:
+            raise ValueError(f"calibration must be domain, mix or generic, got {mode!r}")
     layers, experts = len(config.moe_layers), config.num_experts
     fixed = fixed_memory(
         config, dtype_bytes=4, batch=cfg.streams, context=cfg.window, chunk=cfg.chunk
     )
-    streams = {
-        name: as_streams(t, cfg.streams, cfg.window, cfg.tokens_per_domain)
-        for name, t in evals.items()
-    }
+    streams = eval_slices(evals, cfg)
     runs: list[RunResult] = []
 
-    def score(engine, policy: str, budget: str, nbytes: int | None, hot: int | None) -> None:
-        for name, s in streams.items():
-            t0 = time.perf_counter()
-            rt = getattr(engine, "precision", None)
-            before = len(rt.telemetry.records) if rt is not None else 0
-            r: StreamResult = evaluate_streams(engine.model, s, window=cfg.window, chunk=cfg.chunk)
-            tel: dict[str, float] = {}
-            if rt is not None:
-                rt.flush()
-                from dynaexq.runtime.telemetry import Telemetry
+    def score(engine, policy: str, budget: str, nbytes, hot, domain, offset, cal, **extra):
+        t0 = time.perf_counter()
+        rt = getattr(engine, "precision", None)
+        before = len(rt.telemetry.records) if rt is not None else 0
+        r: StreamResult = evaluate_streams(
+            engine.model, streams[(domain, offset)], window=cfg.window, chunk=cfg.chunk
+        )
+        tel: dict[str, float] = {}
+        if rt is not None:
+            rt.flush()
+            from dynaexq.runtime.telemetry import Telemetry
 
-                tel = Telemetry.of(rt.telemetry.records[before:]).totals()
-            runs.append(
-                RunResult(
-                    policy,
-                    budget,
-                    nbytes,
-                    name,
-                    r.perplexity(),
-                    r.accuracy(),
-                    r.tokens,
-                    hot,
-                    tel,
-                    time.perf_counter() - t0,
-                )
+            tel = Telemetry.of(rt.telemetry.records[before:]).totals()
+            tel.update(getattr(rt, "controller_stats", dict)())
+        runs.append(
+            RunResult(
+                policy,
+                budget,
+                nbytes,
+                domain,
+                r.perplexity(),
+                r.accuracy(),
+                r.tokens,
+                hot,
+                tel,
+                time.perf_counter() - t0,
+                offset,
+                cal,
+                **extra,
             )
-            progress(
-                f"  {policy:10s} {budget:>6s} {name:8s} ppl {r.perplexity():8.3f} "
-                f"acc {r.accuracy():.4f} ({time.perf_counter() - t0:.1f}s)"
-            )
+        )
+        progress(
+            f"  {policy:15s} {budget:>6s} {domain:8s} @{offset} {cal:7s} "
+            f"ppl {r.perplexity():8.3f} acc {r.accuracy():.4f} ({time.perf_counter() - t0:.1f}s)"
+        )
 
+    keys = sorted(streams)
     if "full" in cfg.policies:
-        score(full, "full", "-", None, None)
+        for d, o in keys:
+            score(full, "full", "-", None, None, d, o, "-")
     del full
 
-    def run(label: str, pol: Policy, budget: str) -> None:
-        """Load `pol` within `budget` (bytes as static-map's share) and score it."""
-        nbytes, _ = budget_bytes(budget, store, fixed.total, layers, experts)
-        try:
-            engine, dep = load_with_policy(
-                path,
-                policy=pol,
-                budget=nbytes,
-                calibration=scores,
-                batch=cfg.streams,
-                context=cfg.window,
-                chunk=cfg.chunk,
-                progress=False,
-            )
-        except ValueError as e:
-            progress(f"  {label:10s} {budget:>6s} skipped: {e}")
-            return
-        per_layer = dep.plan.per_layer[-1] if dep and dep.plan.per_layer else None
-        score(engine, label, "-" if label == "static" else budget, nbytes, per_layer)
+    def load(pol: Policy, nbytes: int, cal_scores):
+        return load_with_policy(
+            path,
+            policy=pol,
+            budget=nbytes,
+            calibration=cal_scores,
+            batch=cfg.streams,
+            context=cfg.window,
+            chunk=cfg.chunk,
+            progress=False,
+        )
 
-    for budget in cfg.budgets:
-        for name in cfg.policies:
-            if name == "full" or (name == "static" and budget != cfg.budgets[0]):
-                continue  # static at the low tier does not depend on the budget
-            run(name, Policy(name, tiers=cfg.tiers, controller=cfg.controller), budget)
+    def run(label: str, pol: Policy, budget: str, mode: str) -> None:
+        """Load `pol` within `budget` and score it on every domain and offset, each domain
+        with its own calibration of `mode`."""
+        nbytes, _ = budget_bytes(budget, store, fixed.total, layers, experts)
+        for d, o in keys:
+            try:
+                engine, dep = load(pol, nbytes, scores[(mode, d)])
+            except ValueError as e:
+                progress(f"  {label:15s} {budget:>6s} skipped: {e}")
+                return
+            per_layer = dep.plan.per_layer[-1] if dep and dep.plan.per_layer else None
+            pool = dep.plan.pool_bytes if dep else None
+            score(engine, label, budget, nbytes, per_layer, d, o, mode, pool_bytes=pool)
+
+    if "static" in cfg.policies:
+        nbytes, _ = budget_bytes(cfg.budgets[0], store, fixed.total, layers, experts)
+        for d, o in keys:
+            engine, dep = load(Policy("static", tiers=cfg.tiers), nbytes, None)
+            score(engine, "static", "-", None, None, d, o, "-", tier=store.tiers[0].name)
+    uniform_cache: dict[str, list[RunResult]] = {}
+    if "uniform" in cfg.policies:
+        ustore = TierStore.from_tiered(tiered_checkpoint_for(path, [*cfg.uniform_tiers]))
+        names = [t.name for t in ustore.tiers]
+        for budget in cfg.budgets:
+            nbytes, _ = budget_bytes(budget, store, fixed.total, layers, experts)
+            t = best_uniform_tier(ustore.slot_bytes, layers * experts, nbytes - fixed.total)
+            if t is None:
+                progress(f"  uniform         {budget:>6s} skipped: no tier fits")
+                continue
+            if names[t] not in uniform_cache:  # one run per tier, reused across budgets
+                first = len(runs)
+                for d, o in keys:
+                    engine, dep = load(Policy("static", tiers=(names[t],)), nbytes, None)
+                    score(
+                        engine, "uniform", budget, nbytes, None, d, o, "-", tier=names[t],
+                        pool_bytes=dep.plan.pool_bytes if dep else None,
+                    )  # fmt: skip
+                uniform_cache[names[t]] = runs[first:]
+            else:
+                runs.extend(
+                    replace(r, budget=budget, budget_bytes=nbytes) for r in uniform_cache[names[t]]
+                )
+    for mode in cfg.calibrations:
+        for budget in cfg.budgets:
+            for name in cfg.policies:
+                if name in ("full", "static", "uniform"):
+                    continue
+                if name == "static-knapsack":
+                    ctl = replace(cfg.controller, planner="value", split="global")
+                    pol = Policy("static-map", tiers=cfg.tiers, controller=ctl)
+                else:
+                    pol = Policy(name, tiers=cfg.tiers, controller=cfg.controller)
+                run(name, pol, budget, mode)
     for v in cfg.variants:
         controller = replace(cfg.controller, **dict(v.controller))
         pol = Policy("dynamic", tiers=v.tiers or cfg.tiers, controller=controller)
-        run(v.label, pol, cfg.variant_budget)
+        run(v.label, pol, cfg.variant_budget, cfg.calibrations[0])
     return summarize(runs, cfg)
 
 
 def summarize(runs: list[RunResult], cfg: EvalConfig) -> dict[str, Any]:
-    by = {(r.policy, r.budget, r.domain): r for r in runs}
-    domains = sorted({r.domain for r in runs})
+    """Gap recovered of every budgeted run, the best static policy per (budget, domain,
+    offset, calibration) and every other policy's margin over it (points of gap
+    recovered on log-perplexity), then the margins per (budget, policy, domain,
+    calibration) over the offsets (mean, min, max)."""
+    base = {(r.policy, r.domain, r.offset): r for r in runs if r.policy in ("full", "static")}
     gaps: list[dict[str, Any]] = []
-    pairs = [(b, p) for b in cfg.budgets for p in ("static-map", "dynamic", "offload")]
-    pairs += [(cfg.variant_budget, v.label) for v in cfg.variants]
-    for budget, policy in pairs:
-        for d in domains:
-            full, low, mine = (
-                by.get(("full", "-", d)),
-                by.get(("static", "-", d)),
-                by.get((policy, budget, d)),
-            )
-            if not (full and low and mine):
-                continue
-            gaps.append(
-                {
-                    "budget": budget,
-                    "policy": policy,
-                    "domain": d,
-                    "gap_recovered_ppl": gap_recovered(
-                        math.log(low.perplexity),
-                        math.log(full.perplexity),
-                        math.log(mine.perplexity),
-                    ),
-                    "gap_recovered_acc": gap_recovered(low.accuracy, full.accuracy, mine.accuracy),
-                }
-            )
+    for r in runs:
+        full, low = base.get(("full", r.domain, r.offset)), base.get(("static", r.domain, r.offset))
+        if not (full and low) or r.policy == "full":
+            continue
+        gaps.append(
+            {
+                "budget": r.budget,
+                "policy": r.policy,
+                "domain": r.domain,
+                "offset": r.offset,
+                "calibration": r.calibration,
+                "tier": r.tier,
+                "gap_recovered_ppl": gap_recovered(
+                    math.log(low.perplexity), math.log(full.perplexity), math.log(r.perplexity)
+                ),
+                "gap_recovered_acc": gap_recovered(low.accuracy, full.accuracy, r.accuracy),
+            }
+        )
+    # The best static policy that fits each budget: static-low, the best uniform tier, and
+    # the calibrated static maps (of the same calibration as the policy compared).
+    best: dict[tuple[str, str, int, str], dict[str, Any]] = {}
+    cals = {g["calibration"] for g in gaps if g["calibration"] != "-"} or {"-"}
+    for g in gaps:
+        if g["policy"] not in STATIC_POLICIES:
+            continue
+        for cal in cals if g["calibration"] == "-" else {g["calibration"]}:
+            for budget in cfg.budgets if g["budget"] == "-" else (g["budget"],):
+                key = (budget, g["domain"], g["offset"], cal)
+                if key not in best or g["gap_recovered_ppl"] > best[key]["gap_recovered_ppl"]:
+                    best[key] = g
+    for g in gaps:
+        cal = g["calibration"] if g["calibration"] != "-" else None
+        for c in [cal] if cal else sorted(cals):
+            b = best.get((g["budget"], g["domain"], g["offset"], c))
+            if b is not None and cal is not None:
+                g["best_static"] = b["policy"] + (f" ({b['tier']})" if b["tier"] else "")
+                g["margin_over_best_static"] = 100 * (
+                    g["gap_recovered_ppl"] - b["gap_recovered_ppl"]
+                )
+    margins: dict[tuple[str, str, str, str], list[float]] = {}
+    for g in gaps:
+        if "margin_over_best_static" in g and g["policy"] not in STATIC_POLICIES:
+            key = (g["budget"], g["policy"], g["domain"], g["calibration"])
+            margins.setdefault(key, []).append(g["margin_over_best_static"])
+    margin_rows = [
+        {
+            "budget": k[0],
+            "policy": k[1],
+            "domain": k[2],
+            "calibration": k[3],
+            "offsets": len(v),
+            "margin_mean": float(np.mean(v)),
+            "margin_min": float(np.min(v)),
+            "margin_max": float(np.max(v)),
+        }
+        for k, v in sorted(margins.items())
+    ]
     return {
         "config": {
             **{k: v for k, v in asdict(cfg).items() if k not in ("controller", "variants")},
@@ -249,4 +458,9 @@ def summarize(runs: list[RunResult], cfg: EvalConfig) -> dict[str, Any]:
         },
         "runs": [asdict(r) for r in runs],
         "gaps": gaps,
+        "best_static": [
+            {"budget": k[0], "domain": k[1], "offset": k[2], "calibration": k[3], **v}
+            for k, v in sorted(best.items())
+        ],
+        "margins": margin_rows,
     }

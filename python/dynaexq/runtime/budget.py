@@ -352,16 +352,29 @@ def plan_pool(
     return pool_plan([n - int(hot), int(hot)], [k, k], per_layer, notes)
 
 
-def _plan_knapsack(policy, layers, experts, slot_bytes, room, in_flight, values, mk):
+def knapsack_choice(values: list[float], slot_bytes: list[int], space: int) -> list[int] | None:
+    """Every expert's tier by the multiple-choice knapsack (values: experts x tiers) within
+    `space` bytes: exact (dynamic programming in the Rust core) when its table is small
+    enough, which it is for models of a few hundred experts, else the greedy over each
+    expert's convex hull. None when every expert at the lowest tier does not fit."""
     from dynaexq._core import knapsack
 
+    try:
+        return knapsack(values, slot_bytes, space, exact=True)
+    except ValueError as e:
+        if "greedy" not in str(e):
+            raise
+        return knapsack(values, slot_bytes, space)
+
+
+def _plan_knapsack(policy, layers, experts, slot_bytes, room, in_flight, values, mk):
     n = layers * experts
     k = in_flight if policy == "dynamic" else 0
     staging = [k] * len(slot_bytes)
     space = room - k * sum(slot_bytes)
     if len(values) != n * len(slot_bytes):
         raise BudgetError(f"expected {n} x {len(slot_bytes)} values, got {len(values)}")
-    choice = knapsack(list(values), list(slot_bytes), max(0, space))
+    choice = knapsack_choice(list(values), list(slot_bytes), max(0, space))
     if choice is None:
         raise BudgetError(
             f"{policy} with {k} transitions in flight needs at least "

@@ -166,8 +166,12 @@ def load_with_policy(
             scores = calibrate(engine, store, list(calibration), progress=progress)
     values = None
     if scores is not None and pol.controller.planner == "value":
-        # Value of each tier per expert: calibration hotness x error reduction vs tier 0.
-        values = (scores[..., None] * store.gains()).reshape(-1).tolist()
+        # Value of each tier per expert: calibration hotness x error reduction vs tier 0,
+        # hotness as the expert's share of its layer's routed mass (the router's top-k
+        # weights are renormalised per token, so a layer's raw mass says nothing of how
+        # much its output depends on its experts).
+        share = scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-12)
+        values = (share[..., None] * store.gains()).reshape(-1).tolist()
     plan = plan_pool(
         pol.name,
         layers=len(store.layers),

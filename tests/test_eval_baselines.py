@@ -1,0 +1,123 @@
+"""The static baselines of `dynaexq eval`: the knapsack's static assignment is the best
+one that fits (checked against brute force), the best uniform tier, margins."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from dynaexq.eval.run import (
+    EvalConfig,
+    RunResult,
+    best_uniform_tier,
+    parse_bits,
+    summarize,
+)
+from dynaexq.runtime.budget import FixedMemory, plan_pool
+
+FIXED = FixedMemory(weights=1000, kv_cache=0, workspace=0, margin=0)
+
+
+def brute_force(values: np.ndarray, slot_bytes: list[int], space: int) -> float:
+    """Best total value of one tier per item within `space` bytes, by enumeration."""
+    items, tiers = values.shape
+    best = -np.inf
+    for choice in itertools.product(range(tiers), repeat=items):
+        if sum(slot_bytes[t] for t in choice) <= space:
+            best = max(best, sum(values[i, t] for i, t in enumerate(choice)))
+    return float(best)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_static_knapsack_is_the_best_assignment_that_fits(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    layers, experts = 2, int(rng.integers(2, 4))
+    tiers = int(rng.integers(2, 4))
+    slot_bytes = sorted(int(b) for b in rng.choice(np.arange(1, 13), size=tiers, replace=False))
+    n = layers * experts
+    # Hotness x error reduction: zero at the lowest tier, growing with precision.
+    hot = rng.random(n)
+    err = np.sort(rng.random((n, tiers)), axis=1)
+    err[:, 0] = 0.0
+    values = hot[:, None] * err
+    space = int(rng.integers(n * slot_bytes[0], n * slot_bytes[-1] + 1))
+    plan = plan_pool(
+        "static-map",
+        layers=layers,
+        experts=experts,
+        slot_bytes=slot_bytes,
+        fixed=FIXED,
+        budget=FIXED.total + space,
+        values=values.ravel().tolist(),
+    )
+    assert plan.assignment is not None and plan.staging == (0,) * tiers
+    choice = list(plan.assignment)
+    used = sum(slot_bytes[t] for t in choice)
+    assert used <= space and plan.pool_bytes == used
+    got = sum(values[i, t] for i, t in enumerate(choice))
+    assert got == pytest.approx(brute_force(values, slot_bytes, space), rel=1e-5, abs=1e-6)
+    assert list(plan.slots) == [choice.count(t) for t in range(tiers)]
+
+
+def test_static_knapsack_refuses_a_budget_below_the_lowest_tier() -> None:
+    with pytest.raises(ValueError, match="cannot hold every expert"):
+        plan_pool(
+            "static-map",
+            layers=1,
+            experts=2,
+            slot_bytes=[2, 5],
+            fixed=FIXED,
+            budget=FIXED.total + 3,
+            values=[0.0, 1.0, 0.0, 1.0],
+        )
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_best_uniform_tier_is_the_largest_that_fits(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    sizes = [int(x) for x in rng.integers(1, 50, size=5)]
+    n, room = int(rng.integers(1, 10)), int(rng.integers(0, 400))
+    t = best_uniform_tier(sizes, n, room)
+    fitting = [s for s in sizes if n * s <= room]
+    if not fitting:
+        assert t is None
+    else:
+        assert t is not None and sizes[t] == max(fitting)
+
+
+def test_bits_budgets() -> None:
+    assert parse_bits("3bits") == 3.0 and parse_bits("2.5bit") == 2.5
+    assert parse_bits("20%") is None and parse_bits("6GiB") is None
+    with pytest.raises(ValueError):
+        parse_bits("xbits")
+
+
+def _run(policy, budget, domain, ppl, offset=0, calibration="domain", tier=None):
+    return RunResult(
+        policy, budget, None, domain, ppl, 0.5, 100, None, {}, 0.0, offset, calibration, tier
+    )
+
+
+def test_margin_is_over_the_best_static_that_fits() -> None:
+    e = np.e
+    runs = [
+        _run("full", "-", "d", e**1.0, calibration="-"),
+        _run("static", "-", "d", e**2.0, calibration="-", tier="int2"),
+        _run("uniform", "20%", "d", e**1.2, calibration="-", tier="int4"),  # 80%
+        _run("static-map", "20%", "d", e**1.5),  # 50%
+        _run("static-knapsack", "20%", "d", e**1.4),  # 60%
+        _run("dynamic", "20%", "d", e**1.3),  # 70%
+        _run("static-map", "10%", "d", e**1.6),  # 40%
+        _run("dynamic", "10%", "d", e**1.5),  # 50%
+    ]
+    s = summarize(runs, EvalConfig(budgets=("10%", "20%")))
+    dyn = {g["budget"]: g for g in s["gaps"] if g["policy"] == "dynamic"}
+    assert dyn["20%"]["best_static"] == "uniform (int4)"
+    assert dyn["20%"]["margin_over_best_static"] == pytest.approx(-10.0)
+    # No uniform run at 10%: the best static there is static-map.
+    assert dyn["10%"]["best_static"] == "static-map"
+    assert dyn["10%"]["margin_over_best_static"] == pytest.approx(10.0)
+    rows = {(m["budget"], m["policy"]): m for m in s["margins"]}
+    assert rows[("20%", "dynamic")]["margin_mean"] == pytest.approx(-10.0)
+    assert ("20%", "static-map") not in rows
