@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Build text domains the embedded model never saw, from files on this machine.
+
+The embedded model was trained on CPython's standard library, C headers under
+/usr/include and manual pages (scripts/build_corpus.py). The domains here are other
+languages and formats:
+
+* ``rust``: Rust sources of the crates in cargo's registry (``~/.cargo/registry/src``);
+* ``yaml``: YAML files (``*.yml``, ``*.yaml``) of installed Python packages and crates;
+* ``perl``: Perl modules (``*.pm``) under ``/usr/share/perl*``;
+* ``shell``: shell scripts (``*.sh``) under ``/usr``, ``/etc``, ``/opt`` and installed packages;
+* ``pypkg``: Python sources of installed third-party packages (the venv's site-packages,
+  not the standard library the model was trained on).
+
+Tuning domains (controller defaults are chosen on these): ``rust`` and ``yaml``.
+Held back until the final report: ``perl``, ``shell`` and ``pypkg``.
+
+Excluded everywhere: ``/usr/share/doc`` (Debian documentation), ``/usr/include``,
+``/usr/share/man``, CPython's own tree outside site-packages, and minified files (any
+line over 1000 characters). Files are taken in sorted path order, each kept or skipped
+by a hash of its path (deterministic), concatenated with a blank line between them,
+tokenised with the embedded model's tokenizer and cut at ``--tokens``. Output (outside
+the clone by default): ``DIR/<domain>.npy`` (int32 token ids) and ``DIR/manifest.json``
+(sources, file counts, token counts, sha256 of each array). A copy of the manifest is
+committed as ``python/dynaexq/eval/unseen_manifest.json``; `dynaexq eval --domains
+unseen` reads the arrays from the cache and checks them against it.
+
+Usage::
+
+    python scripts/build_unseen_domains.py [--out ~/.cache/dynaexq/domains] [--tokens 98304]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import site
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HOME = Path.home()
+EXCLUDE = ("/usr/share/doc/", "/usr/include/", "/usr/share/man/")
+
+
+def _site_dirs() -> list[Path]:
+    dirs = [Path(p) for p in site.getsitepackages()]
+    return [d for d in dirs if d.is_dir()]
+
+
+SOURCES: dict[str, tuple[list[Path], tuple[str, ...]]] = {
+    "rust": ([HOME / ".cargo" / "registry" / "src"], ("*.rs",)),
+    "yaml": ([*_site_dirs(), HOME / ".cargo" / "registry" / "src"], ("*.yml", "*.yaml")),
+    "perl": ([Path("/usr/share/perl"), Path("/usr/share/perl5")], ("*.pm",)),
+    "shell": ([Path("/usr"), Path("/etc"), Path("/opt"), *_site_dirs()], ("*.sh",)),
+    "pypkg": (_site_dirs(), ("*.py",)),
+}
+TUNING = ("rust", "yaml")
+HELD_BACK = ("perl", "shell", "pypkg")
+
+
+def _key(domain: str, path: str) -> bytes:
+    return hashlib.sha256(f"{domain}\x00{path}".encode()).digest()
+
+
+def documents(domain: str, max_bytes: int = 24_000):
+    """Files of `domain` in a deterministic pseudo-random order (a hash of the path), so
+    that the text spreads over many packages instead of the first ones alphabetically."""
+    roots, patterns = SOURCES[domain]
+    seen: set[Path] = set()
+    found: list[tuple[bytes, str, Path, Path]] = []
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for pattern in patterns:
+            for p in sorted(root.rglob(pattern)):
+                try:
+                    rp = p.resolve()
+                    if rp in seen or not rp.is_file():
+                        continue
+                except OSError:
+                    continue
+                if any(x in str(rp) for x in EXCLUDE) or str(rp).startswith("/work/"):
+                    continue
+                seen.add(rp)
+                rel = str(p.relative_to(root))
+                found.append((_key(domain, rel), rel, root, rp))
+    found.sort()
+    for _, rel, root, rp in found:
+        try:
+            data = rp.read_bytes()
+        except OSError:
+            continue
+        if not data or len(data) > max_bytes or b"\x00" in data:
+            continue
+        text = data.decode("utf-8", errors="replace")
+        if max((len(line) for line in text.splitlines()), default=0) > 1000:
+            continue  # minified or generated
+        yield rel, root, text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=HOME / ".cache" / "dynaexq" / "domains")
+    ap.add_argument("--tokens", type=int, default=98304, help="tokens per domain")
+    ap.add_argument("--domains", default=",".join(SOURCES))
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
+    from dynaexq.engine import EMBEDDED_MODEL_DIR
+    from dynaexq.tokenizer import Tokenizer
+
+    tok = Tokenizer(EMBEDDED_MODEL_DIR)
+    args.out.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, object] = {
+        "tokens_per_domain": args.tokens,
+        "tuning": list(TUNING),
+        "held_back": list(HELD_BACK),
+        "domains": {},
+    }
+    for domain in [d.strip() for d in args.domains.split(",")]:
+        ids: list[int] = []
+        files = 0
+        roots: set[str] = set()
+        for _rel, root, text in documents(domain):
+            ids.extend(tok.encode(text + "\n\n"))
+            files += 1
+            roots.add(str(root))
+            if len(ids) >= args.tokens:
+                break
+        if len(ids) < args.tokens:
+            print(f"{domain}: only {len(ids)} tokens from {files} files", file=sys.stderr)
+        arr = np.asarray(ids[: args.tokens], dtype=np.int32)
+        path = args.out / f"{domain}.npy"
+        np.save(path, arr)
+        manifest["domains"][domain] = {  # type: ignore[index]
+            "roots": sorted(r.replace(str(HOME), "~") for r in roots),
+            "patterns": list(SOURCES[domain][1]),
+            "files": files,
+            "tokens": int(arr.size),
+            "sha256": hashlib.sha256(arr.tobytes()).hexdigest(),
+        }
+        print(f"{domain}: {arr.size} tokens from {files} files -> {path}")
+    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
