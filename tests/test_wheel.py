@@ -3,8 +3,8 @@ fresh virtual environment outside the source tree, runs the main job (budgeted g
 on the embedded model) and finds its kernels: the .cu sources it carries compile to PTX
 with NVRTC at first use, and the Rust loader selects the right architecture from them.
 
-Slow (a release build of the Rust core: about a minute when its target directory is warm,
-several minutes cold on 2 cores), so it runs only with DYNAEXQ_TEST_WHEEL=1:
+Slow (a release build of the Rust core: 54 s cold, less when its target directory is warm;
+71-84 s for the whole test here), so it runs only with DYNAEXQ_TEST_WHEEL=1:
 
     DYNAEXQ_TEST_WHEEL=1 python -m pytest tests/test_wheel.py -q
 
