@@ -23,6 +23,13 @@ pub trait UseFence: Send + Sync {
     fn record_use(&self, slot: u32);
     /// Every use recorded for `slot` has completed.
     fn uses_completed(&self, slot: u32) -> bool;
+    /// Work reading all of `slots` was issued (one step of a device executor that reads
+    /// every expert through a table image): one mark covers them all.
+    fn record_uses(&self, slots: &[u32]) {
+        for &s in slots {
+            self.record_use(s);
+        }
+    }
     /// How long dropping the table may wait for outstanding uses. Blocks whose uses are
     /// still outstanding after that stay reserved (never reused) rather than freed.
     fn drop_wait(&self) -> Duration {
@@ -130,6 +137,9 @@ impl<S: StreamMarks> OrderedUses<S> {
 
 impl<S: StreamMarks> UseFence for OrderedUses<S> {
     fn record_use(&self, slot: u32) {
+        self.record_uses(&[slot]);
+    }
+    fn record_uses(&self, slots: &[u32]) {
         let mut g = lock(&self.inner);
         g.next += 1;
         let seq = g.next;
@@ -144,8 +154,10 @@ impl<S: StreamMarks> UseFence for OrderedUses<S> {
         if let Some(p) = pending {
             g.outstanding.push_back((seq, p));
         }
-        let last = &mut g.last[slot as usize];
-        *last = (*last).max(seq);
+        for &slot in slots {
+            let last = &mut g.last[slot as usize];
+            *last = (*last).max(seq);
+        }
     }
     fn uses_completed(&self, slot: u32) -> bool {
         let mut g = lock(&self.inner);
@@ -227,6 +239,9 @@ impl ManualFence {
 impl UseFence for ManualFence {
     fn record_use(&self, slot: u32) {
         self.0.record_use(slot)
+    }
+    fn record_uses(&self, slots: &[u32]) {
+        self.0.record_uses(slots)
     }
     fn uses_completed(&self, slot: u32) -> bool {
         self.0.uses_completed(slot)

@@ -35,8 +35,8 @@ pub use pool::{
 #[cfg(not(loom))]
 pub use table::OwnedLease;
 pub use table::{
-    EntryState, ExpertTable, LayerTiers, Lease, PendingTransition, TableStats, Ticket, Transition,
-    Version,
+    EntryState, ExpertTable, LayerTiers, Lease, PendingTransition, StepPin, TableStats, Ticket,
+    Transition, Version,
 };
 
 #[cfg(not(loom))]

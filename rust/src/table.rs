@@ -796,6 +796,54 @@ fn alloc_from(pool: &mut ExpertPool, classes: &[ClassId], pending: bool) -> Resu
     Err(last.expect("tiers have at least one class"))
 }
 
+/// One step of a device executor that reads experts through a table image (a
+/// [layers, experts] -> (tier, slot) array copied to the device, which the kernels read
+/// instead of leasing per expert). `pin_step` leases every published version and reads the
+/// image from the leased words; the executor uploads the image and enqueues the step's
+/// kernels, then `record` places one use mark for every slot of the image and releases the
+/// leases. So a block retired while the step was being prepared is pinned by a lease, and
+/// once the step is enqueued by the mark: it is reclaimed only after the compute stream
+/// passed the last step whose image still pointed at it.
+pub struct StepPin<'a> {
+    table: &'a ExpertTable,
+    words: Vec<u64>,
+}
+
+impl StepPin<'_> {
+    /// (tier, global slot) of every entry, in entry order (layer-major).
+    pub fn image(&self) -> impl Iterator<Item = (u8, u32)> + '_ {
+        self.words.iter().map(|&w| (tier_of(w), slot_of(w)))
+    }
+    /// The published versions the image holds.
+    pub fn versions(&self) -> Vec<Version> {
+        self.words
+            .iter()
+            .map(|&w| self.table.version_from_word(w))
+            .collect()
+    }
+    /// The step's kernels are enqueued: mark every slot of the image used, then release.
+    pub fn record(self) {
+        let slots: Vec<u32> = self.words.iter().map(|&w| slot_of(w)).collect();
+        self.table.fence.record_uses(&slots);
+    }
+}
+
+impl Drop for StepPin<'_> {
+    fn drop(&mut self) {
+        for &w in &self.words {
+            self.table.release_word(w);
+        }
+    }
+}
+
+impl ExpertTable {
+    /// Lease every published version for one device step (see [`StepPin`]).
+    pub fn pin_step(&self) -> StepPin<'_> {
+        let words = (0..self.published.len()).map(|e| self.acquire(e)).collect();
+        StepPin { table: self, words }
+    }
+}
+
 /// A read lease on a published version (scoped guard).
 pub struct Lease<'a> {
     table: &'a ExpertTable,

@@ -189,3 +189,73 @@ fn one_reader_vs_migrating_writer() {
 fn two_readers_vs_migrating_writer() {
     model(2);
 }
+
+/// The device executor's step protocol (issue 20): a "device" thread pins a step (leases
+/// every published version, reads the table image), records the step's use mark and
+/// releases the leases, then its "kernel" reads the block the image pointed at, and only
+/// then does the stream complete (signal). Meanwhile the writer migrates the expert twice,
+/// the second migration reusing the first one's reclaimed block. The kernel's read must
+/// never race with a write into the block it reads (loom checks the cells), and it must
+/// see the bytes of the version its image held.
+#[test]
+fn device_step_image_vs_migrating_writer() {
+    use dynaexq::ManualFence;
+    loom::model(|| {
+        let pool = ExpertPool::new(&PoolConfig::new(vec![
+            ClassSpec::new("lo", 64, 2),
+            ClassSpec::new("hi", 128, 1),
+        ]))
+        .unwrap();
+        let (lo, hi) = (pool.class_id("lo").unwrap(), pool.class_id("hi").unwrap());
+        let fence = std::sync::Arc::new(ManualFence::new(3));
+        let table = Arc::new(
+            ExpertTable::new(
+                Arc::new(Mutex::new(pool)),
+                vec![LayerTiers {
+                    experts: 1,
+                    tiers: vec![vec![lo], vec![hi]],
+                }],
+                None,
+                fence.clone() as std::sync::Arc<dyn UseFence>,
+            )
+            .unwrap(),
+        );
+        let blocks = Arc::new(Blocks((0..3).map(|_| UnsafeCell::new(0)).collect()));
+        let first = table.published(0, 0).unwrap();
+        blocks.0[global_slot(&first.block)].with_mut(|p| unsafe { *p = 1 });
+        table.seal();
+
+        let device = {
+            let (table, blocks, fence) = (table.clone(), blocks.clone(), fence.clone());
+            thread::spawn(move || {
+                let pin = table.pin_step();
+                let (slot, version) = {
+                    let v = pin.versions()[0];
+                    (pin.image().next().unwrap().1, v.version)
+                };
+                pin.record(); // the step is enqueued: its leases go, its mark stays
+                let seen = blocks.0[slot as usize].with(|p| unsafe { *p });
+                assert_eq!(seen, version, "the kernel read another version's bytes");
+                fence.signal(); // the stream passed the step
+            })
+        };
+        for (to, version) in [(1u8, 2u32), (0, 3)] {
+            let t = match table.begin(0, 0, to) {
+                Ok(t) => t,
+                // The block the device step still reads is not free yet: wait for it.
+                Err(_) => loop {
+                    table.reclaim();
+                    if let Ok(t) = table.begin(0, 0, to) {
+                        break t;
+                    }
+                    thread::yield_now();
+                },
+            };
+            blocks.0[global_slot(&t.block())].with_mut(|p| unsafe { *p = version });
+            assert_eq!(table.complete(t).unwrap().version, version);
+        }
+        device.join().unwrap();
+        table.reclaim();
+        assert_eq!(table.stats().retired_waiting, 0);
+    });
+}
