@@ -35,4 +35,7 @@ stage "stub check (mypy stubtest)"
 "$VIRTUAL_ENV/bin/python" -m mypy.stubtest dynaexq._core --ignore-missing-stub --allowlist "$root/tests/stubtest-allowlist.txt"
 
 stage "pytest"
+# The wheel test builds the wheel (own target dir under the cache), installs it into a
+# fresh venv outside the tree and runs the main job there.
+export DYNAEXQ_TEST_WHEEL=${DYNAEXQ_TEST_WHEEL:-1}
 "$py" -m pytest -q -p no:cacheprovider "$@"
