@@ -90,6 +90,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default=None, help="torch device; default: cuda when available, else cpu"
     )
+    ray = parser.add_argument_group("Ray Serve (past one GPU; needs dynaexq[ray])")
+    ray.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="serve N replicas (one per GPU) behind Ray Serve, starting a local Ray cluster "
+        "or joining --ray-address / RAY_ADDRESS; default: one in-process engine, no Ray",
+    )
+    ray.add_argument(
+        "--router",
+        default="affinity",
+        choices=["affinity", "pow2"],
+        help="with --replicas: hot-set-affinity routing, or Ray's power of two choices",
+    )
+    ray.add_argument("--ray-address", default=None, help="with --replicas: join this cluster")
+    ray.add_argument("--ray-cpus", type=float, default=None, help="CPUs of a local Ray cluster")
+    ray.add_argument("--replica-cpus", type=float, default=None, help="CPUs per replica (1)")
+    ray.add_argument(
+        "--replica-gpus", type=float, default=None, help="GPUs per replica (1 with GPUs, else 0)"
+    )
     parser.add_argument(
         "--log-level",
         default="info",
@@ -125,6 +145,14 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_batch", "max_prefill_tokens"):
         if getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be >= 1")
+    if getattr(args, "replicas", None) is not None:
+        if args.replicas < 1:
+            return _fail("--replicas must be >= 1")
+        try:
+            from dynaexq.serve.ray import serve_main
+        except ImportError as e:
+            return _fail(str(e))
+        return serve_main(args)
     if args.max_queue < 0:
         return _fail("--max-queue must be >= 0")
     if args.max_context is not None and args.max_context < 2:
