@@ -390,6 +390,9 @@ fn matmul_rows(
 /// Rows of one parallel work item.
 const ROWS_PER_TASK: usize = 32;
 
+/// Matrices up to this many weights run as one task (splitting costs more than it saves).
+const SMALL_MATRIX: usize = 1 << 16;
+
 /// `y = x @ W^T` for one packed matrix: x [n, K] row-major, returns y^T [N, n].
 fn matmul(blob: &[u8], m: &MatrixLayout, x: &[f32], n: usize) -> Vec<f32> {
     let k32 = m.k32();
@@ -399,6 +402,11 @@ fn matmul(blob: &[u8], m: &MatrixLayout, x: &[f32], n: usize) -> Vec<f32> {
         xp[t * k32..t * k32 + m.k].copy_from_slice(&x[t * m.k..(t + 1) * m.k]);
     }
     let mut out = vec![0f32; m.n * n];
+    if m.n * k32 <= SMALL_MATRIX {
+        // Small experts: one task (the experts of the layer already run in parallel).
+        matmul_rows(blob, m, 0..m.n, &xp, n, &mut out, &mut Vec::new());
+        return out;
+    }
     out.par_chunks_mut(ROWS_PER_TASK * n)
         .enumerate()
         .for_each_init(Vec::new, |buf, (c, chunk)| {
