@@ -326,7 +326,8 @@ class ExpertScratch:
         self._bufs: dict[tuple, torch.Tensor] = {}
 
     def get(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-        k = (key, dtype, str(device))
+        # Buffers made under torch.inference_mode cannot be written outside it: one set each.
+        k = (key, dtype, str(device), torch.is_inference_mode_enabled())
         buf = self._bufs.get(k)
         n = 1
         for s in shape:
