@@ -1,6 +1,7 @@
 """Figures for dynaexq on Ray Serve (CPU, loopback only, bounded loops).
 
-    python examples/ray/bench_ray.py affinity   # affinity vs Ray's default router, mixed domains
+    python examples/ray/bench_ray.py affinity [N [ROUTER_KWARGS_JSON [ROUTERS]]]
+                                                # affinity vs Ray's default router, mixed domains
     python examples/ray/bench_ray.py scaling    # throughput, p50/p99 at 1 vs 2 replicas
 
 Prints one JSON object per run. Starts its own small Ray instance (num_cpus=2, no
@@ -68,12 +69,15 @@ def score(ids: list[int]) -> tuple[str, float, int]:
     return headers.get("x-dynaexq-replica", "?"), -float(sum(lps)), len(lps)
 
 
-def affinity_run(router: str, requests: int, concurrency: int, length: int) -> dict[str, Any]:
+def affinity_run(
+    router: str, requests: int, concurrency: int, length: int, kwargs: dict[str, Any]
+) -> dict[str, Any]:
     from ray import serve
 
     deploy(
         replicas=2, num_cpus=1, threads=1, policy="dynamic", budget="20%", router=router,
         max_batch=4, max_queue=8, max_context=256, routing_stats_period_s=1.0,
+        router_kwargs=kwargs if router == "affinity" else {},
     )  # fmt: skip
     per = requests // len(DOMAINS)
     traffic = []
@@ -94,7 +98,9 @@ def affinity_run(router: str, requests: int, concurrency: int, length: int) -> d
         counts: dict[str, int] = {}
         for r in mine:
             counts[r[1]] = counts.get(r[1], 0) + 1
-        out[f"{d}_top_replica_share"] = round(max(counts.values()) / len(mine), 3)
+        top = max(counts, key=counts.__getitem__)
+        out[f"{d}_top_replica"] = top
+        out[f"{d}_top_replica_share"] = round(counts[top] / len(mine), 3)
         out[f"{d}_nll_per_token_2nd_half"] = round(
             sum(r[2] for r in mine) / sum(r[3] for r in mine), 4
         )
@@ -176,9 +182,13 @@ def main() -> None:
     serve.start(http_options={"host": HOST, "port": PORT})
     try:
         if which == "affinity":
-            for router in ("affinity", "pow2"):
-                print(json.dumps(affinity_run(router, requests, 4, 128)), flush=True)
-            print(json.dumps(reference_nll(128, requests // 2)), flush=True)
+            kwargs = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+            routers = sys.argv[4].split(",") if len(sys.argv) > 4 else ["affinity", "pow2"]
+            for router in routers:
+                run = affinity_run(router, requests, 4, 128, kwargs)
+                print(json.dumps({**run, "router_kwargs": kwargs}), flush=True)
+            if len(sys.argv) <= 4:
+                print(json.dumps(reference_nll(128, requests // 2)), flush=True)
         else:
             for n in (1, 2):
                 print(json.dumps(scaling_run(n, requests, 8)), flush=True)

@@ -763,7 +763,7 @@ class HotSetAffinityRouter(RequestRouter):
 
     def initialize_state(  # type: ignore[override]
         self,
-        imbalance: int = 4,
+        imbalance: int = 2,
         hot_weight: float = 1.0,
         profile_weight: float = 1.0,
         balance_weight: float = 0.5,
