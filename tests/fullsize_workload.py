@@ -184,11 +184,17 @@ class Sampler:
         self._t.join()
 
 
-def run_sampled(cmd: list[str], **kw) -> tuple[subprocess.CompletedProcess, dict[str, int]]:
+def run_sampled(
+    cmd: list[str], timeout: float | None = None, **kw
+) -> tuple[subprocess.CompletedProcess, dict[str, int]]:
     """Run `cmd`, sampling its memory until it exits."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
     with Sampler(p.pid) as s:
-        out, err = p.communicate()
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
     return subprocess.CompletedProcess(cmd, p.returncode, out, err), s.peak
 
 

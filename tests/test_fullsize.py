@@ -7,7 +7,7 @@ mismatched tiered checkpoints), an interrupted `dynaexq quantize` resumed to a
 byte-identical result, the memory report.
 
 The slow test (`test_fullsize_checkpoint_in_bounded_host_memory`) runs the whole path on
-a 6 GB synthetic checkpoint written once into the cache (~/.cache/dynaexq/synthetic, never
+a 7.9 GB synthetic checkpoint written once into the cache (~/.cache/dynaexq/synthetic, never
 in the clone) and reused: quantize (only when the quantizer's code changed: the tiered
 checkpoint is cached under a key of its sources), then `dynaexq serve` (load with a
 budget and the dynamic policy, calibrate, one completion, /stats) and `dynaexq.load` +
@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -276,9 +277,13 @@ def test_memory_report_counts_every_component(tiered) -> None:
 
 # ---------------------------------------------------------------------------- full size
 
-FULL = {"layers": 10, "experts": 128, "hidden": 1024, "inter": 768}
+# 13 x 128 experts of 4.7 MB: 7.9 GB of bf16 experts. On the CPU backend the "device" pool
+# is host memory too: its int2 floor alone is 14% of the checkpoint, so the bound leaves
+# ~11% for everything else (torch alone is ~0.3 GB): the model must be this large for the
+# process baseline to fit beside it.
+FULL = {"layers": 13, "experts": 128, "hidden": 1024, "inter": 768}
 FULL_TIERS = "int2,bf16"
-FULL_BUDGET = "4%"
+FULL_BUDGET = "2%"
 
 
 def _quantizer_key() -> str:
@@ -324,7 +329,7 @@ def test_fullsize_checkpoint_in_bounded_host_memory(tmp_path) -> None:
         record.write_text(json.dumps({"peak": peak, "mb_per_s": mb_s, "stdout": done.stdout}))
     q = json.loads(record.read_text())
     figures["quantize"] = q
-    assert q["peak"]["RssAnon"] < limit, q
+    assert q["peak"]["RssAnon"] < limit, q["peak"]
 
     # 2. dynaexq serve: load (budget, dynamic, calibration), one completion, /stats.
     calib = tmp_path / "calib.txt"
@@ -352,9 +357,21 @@ def test_fullsize_checkpoint_in_bounded_host_memory(tmp_path) -> None:
                 m = re.search(r"on (http://[\d.]+:\d+)/v1", line)
                 url = m.group(1) if m else None
                 assert time.monotonic() - t0 < 1800, "".join(log)
-            # The memory report follows the startup line.
+            # The memory report follows the startup line; then the server starts listening.
             log += [p.stderr.readline() for _ in range(3)]
-            body = json.dumps({"prompt": "def fibonacci(n):", "max_tokens": 8}).encode()
+            while True:
+                try:
+                    urllib.request.urlopen(url + "/health", timeout=60).read()
+                    break
+                except urllib.error.URLError:
+                    assert p.poll() is None and time.monotonic() - t0 < 1800, "".join(log)
+                    time.sleep(0.1)
+            figures["serve_ready_s"] = time.monotonic() - t0
+            models = json.loads(urllib.request.urlopen(url + "/v1/models", timeout=60).read())
+            model = models["data"][0]["id"]
+            body = json.dumps(
+                {"model": model, "prompt": "def fibonacci(n):", "max_tokens": 8}
+            ).encode()
             req = urllib.request.Request(
                 url + "/v1/completions", body, {"Content-Type": "application/json"}
             )
@@ -372,7 +389,9 @@ def test_fullsize_checkpoint_in_bounded_host_memory(tmp_path) -> None:
     assert mem["host_store"]["mapped_tiered_bytes"] > size
     assert any("memory: host anonymous" in line for line in log), "".join(log)
     figures["serve"] = {"peak": s.peak, "memory": mem, "startup_log": "".join(log[-4:])}
-    assert s.peak["RssAnon"] < limit, figures
+    report = root / f"{name}.figures.json"
+    report.write_text(json.dumps(figures, indent=1))
+    assert s.peak["RssAnon"] < limit, figures["serve"]
 
     # 3. dynaexq.load + generate from the cached tiered checkpoint (cached ranking):
     #    time to first token and peak memory.
@@ -387,6 +406,6 @@ def test_fullsize_checkpoint_in_bounded_host_memory(tmp_path) -> None:
     run = json.loads(out.read_text())
     figures["load"] = run
     assert run["pieces"] >= 1 and run["first_token_s"] is not None
-    assert run["peak"]["RssAnon"] < limit, run
-    (root / f"{name}.figures.json").write_text(json.dumps(figures, indent=1))
+    report.write_text(json.dumps(figures, indent=1))
+    assert run["peak"]["RssAnon"] < limit, run["peak"]
     print(json.dumps(figures, indent=1))
