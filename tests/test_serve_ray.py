@@ -296,15 +296,17 @@ def mixed_traffic(client: Client, per_domain: int) -> dict[str, Any]:
         results = list(pool.map(one, traffic))
     stats = client.request("GET", "/replicas")[2]
     second = results[len(results) // 2 :]  # after the hot sets had time to follow traffic
-    share = {}
+    share, top = {}, {}
     for d in DOMAINS:
         mine = [r for dd, r in second if dd == d]
-        share[d] = max(mine.count(r) for r in set(mine)) / len(mine)
+        top[d] = max(set(mine), key=mine.count)
+        share[d] = mine.count(top[d]) / len(mine)
     reps = list(stats["replicas"].values())
     hot = [{(li, e) for li, row in enumerate(s["hot"]) for e in row} for s in reps]
     jaccard = len(hot[0] & hot[1]) / len(hot[0] | hot[1]) if len(hot) == 2 else 1.0
     return {
         "share": share,
+        "top": top,
         "jaccard": jaccard,
         "hi_mass_share": sorted(s["hi_mass_share"] for s in reps),
         "served_by": stats["served_by"],
@@ -328,6 +330,7 @@ def test_affinity_router_specialises_replicas(cluster: Client) -> None:
         )
     aff, pow2 = runs["affinity"], runs["pow2"]
     assert len(aff["served_by"]) == 2  # both replicas still serve
+    assert aff["top"]["python"] != aff["top"]["c"], aff  # each domain has its own replica
     assert np.mean(list(aff["share"].values())) >= 0.65, aff
     assert np.mean(list(aff["share"].values())) > np.mean(list(pow2["share"].values()))
     assert aff["jaccard"] < pow2["jaccard"], (aff, pow2)  # hot sets diverge

@@ -133,10 +133,9 @@ def reference_nll(length: int, per: int) -> dict[str, float]:
     return out
 
 
-def scaling_run(replicas: int, requests: int, concurrency: int) -> dict[str, Any]:
+def scaling_run(replicas: int, threads: int, requests: int, concurrency: int) -> dict[str, Any]:
     from ray import serve
 
-    threads = 2 // replicas
     deploy(
         replicas=replicas, num_cpus=2 / replicas, threads=threads, router="pow2",
         max_batch=8, max_queue=16, max_context=256,
@@ -190,8 +189,9 @@ def main() -> None:
             if len(sys.argv) <= 4:
                 print(json.dumps(reference_nll(128, requests // 2)), flush=True)
         else:
-            for n in (1, 2):
-                print(json.dumps(scaling_run(n, requests, 8)), flush=True)
+            # replicas x torch threads on the same 2 cores (1x1: one core left idle)
+            for n, threads in ((1, 2), (2, 1), (1, 1)):
+                print(json.dumps(scaling_run(n, threads, requests, 8)), flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
