@@ -377,6 +377,15 @@ impl ExpertTable {
         Ok(self.version_from_word(self.published[e].load(Ordering::Acquire)))
     }
 
+    /// The published tier of every entry, in entry order (lock-free; a snapshot that may
+    /// be stale as soon as it returns).
+    pub fn published_tiers(&self) -> Vec<u8> {
+        self.published
+            .iter()
+            .map(|w| tier_of(w.load(Ordering::Acquire)))
+            .collect()
+    }
+
     /// Pin the published version of entry `e`: the lock-free read path.
     fn acquire(&self, e: usize) -> u64 {
         if !self.sealed.load(Ordering::Acquire) {

@@ -219,13 +219,8 @@ class PrecisionRuntime:
 
     def table_map(self) -> np.ndarray:
         """Published table tier of every expert, [layers, experts]."""
-        return np.array(
-            [
-                [self.table.tier(li, e) for e in range(self.experts)]
-                for li in range(self.num_layers)
-            ],
-            dtype=np.uint8,
-        )
+        tiers = np.frombuffer(self.table.tiers(), dtype=np.uint8)
+        return tiers.reshape(self.num_layers, self.experts).copy()
 
     def tier_map(self) -> np.ndarray:
         """Published store tier (0 = lowest precision) of every expert, [layers, experts]."""

@@ -368,6 +368,12 @@ impl PyExpertTable {
         version_py(py, self.pool.get(), v)
     }
 
+    /// The published tier of every expert, layer-major, as bytes (one call for telemetry
+    /// instead of one per expert).
+    fn tiers<'py>(&self, py: Python<'py>) -> Bound<'py, pyo3::types::PyBytes> {
+        pyo3::types::PyBytes::new(py, &self.inner.published_tiers())
+    }
+
     /// The current tier of (layer, expert).
     fn tier(&self, layer: u32, expert: u32) -> PyResult<u8> {
         Ok(self.inner.published(layer, expert).map_err(to_py)?.tier)
