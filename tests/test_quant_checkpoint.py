@@ -287,8 +287,11 @@ def test_interrupted_run_leaves_nothing_complete_and_resumes(hf_model, tmp_path,
 
     monkeypatch.setattr(tiered, "quantize_expert", flaky)
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        main(["quantize", str(hf_model), "--tiers", "int4", "--out", str(out), "--no-progress"])
+    with pytest.raises(KeyboardInterrupt):  # one thread: the patched quantizer runs here
+        main(
+            ["quantize", str(hf_model), "--tiers", "int4", "--out", str(out), "--no-progress",
+             "--threads", "1"]
+        )  # fmt: skip
     # Nothing complete at the output; the first layer's shard waits in the partial dir.
     assert not out.exists()
     part = tiered.partial_dir(out)

@@ -22,7 +22,14 @@ import shutil
 import struct
 import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -454,7 +461,20 @@ def _write(
     # depend on the thread count (every reduction runs in the same order).
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dynaexq-quantize")
+    # Several workers are processes: the quantizer's many small tensor operations hold
+    # the GIL often enough that threads run no faster than one.
+    pool: Executor
+    if threads > 1:
+        import multiprocessing
+
+        pool = ProcessPoolExecutor(
+            max_workers=threads,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
+    else:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynaexq-quantize")
     try:
         for layer in plan.expert_names:
             fname = _shard_name(layer)
@@ -505,7 +525,7 @@ def _quantize_layer(
     plan: _Plan,
     layer: int,
     out: Path,
-    pool: ThreadPoolExecutor,
+    pool: Executor,
     threads: int,
     bar: Any,
 ) -> None:
@@ -526,23 +546,26 @@ def _quantize_layer(
     try:
         os.ftruncate(fd, off)
         os.pwrite(fd, header, 0)
+        ino = os.fstat(fd).st_ino
 
-        def work(ex: int, x: Any) -> None:
-            for t in tiers:
-                qe = quantize_expert(t, x.gate, x.up, x.down)
-                blob = pack_quantized_expert(qe, alignment)
-                os.pwrite(fd, blob.numpy().tobytes(), base[t.name] + ex * nbytes[t.name])
-                metrics[t.name][ex] = {k: round(v, 6) for k, v in qe.metrics.items()}
+        def work(ex: int, x: Any) -> Future[dict[str, dict[str, float]]]:
+            return pool.submit(
+                _quantize_one, (str(part), ino), tiers, alignment, base, nbytes, ex, x.gate,
+                x.up, x.down,
+            )  # fmt: skip
 
-        futures: list[Future[None]] = []
+        def done(ex: int, m: dict[str, dict[str, float]]) -> None:
+            for name, v in m.items():
+                metrics[name][ex] = v
+
+        futures: list[tuple[int, Future[dict[str, dict[str, float]]]]] = []
         try:
-            _feed(source, layer, e, pool, work, futures, threads, bar)
+            _feed(source, layer, e, work, done, futures, threads, bar)
         except BaseException:
-            # No worker may still write through `fd` once it is closed (its number could
-            # be reused by the next file opened).
-            for f in futures:
+            # No worker may still write into the shard once this returns.
+            for _, f in futures:
                 f.cancel()
-            wait(futures)
+            wait([f for _, f in futures])
             raise
         os.fsync(fd)
     finally:
@@ -551,30 +574,73 @@ def _quantize_layer(
     _write_atomic(out / _metrics_name(layer), json.dumps(metrics, sort_keys=True).encode())
 
 
+def _quantize_one(
+    part: tuple[str, int],
+    tiers: list[TierSpec],
+    alignment: int,
+    base: dict[str, int],
+    nbytes: dict[str, int],
+    ex: int,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+) -> dict[str, dict[str, float]]:
+    """Quantize expert `ex` at every tier and write its rows into the shard `part`
+    (in a worker process or thread); returns its metrics per tier."""
+    fd = _worker_fd(part)
+    out = {}
+    for t in tiers:
+        qe = quantize_expert(t, gate, up, down)
+        blob = pack_quantized_expert(qe, alignment)
+        os.pwrite(fd, blob.numpy().tobytes(), base[t.name] + ex * nbytes[t.name])
+        out[t.name] = {k: round(v, 6) for k, v in qe.metrics.items()}
+    return out
+
+
+_FDS: dict[tuple[str, int], int] = {}
+
+
+def _worker_fd(part: tuple[str, int]) -> int:
+    """This process's descriptor of the shard being written, (path, inode): a new file
+    under an old name is opened anew; the previous one is closed."""
+    fd = _FDS.get(part)
+    if fd is None:
+        for old in list(_FDS):
+            os.close(_FDS.pop(old))
+        fd = os.open(part[0], os.O_WRONLY)
+        if os.fstat(fd).st_ino != part[1]:
+            os.close(fd)
+            raise OSError(f"{part[0]} was replaced while being written")
+        _FDS[part] = fd
+    return fd
+
+
 def _feed(
     source: Checkpoint,
     layer: int,
     e: int,
-    pool: ThreadPoolExecutor,
     work: Any,
-    futures: list[Future[None]],
+    done: Any,
+    futures: list[tuple[int, Future[dict[str, dict[str, float]]]]],
     threads: int,
     bar: Any,
 ) -> None:
+    def collect(block: bool) -> None:
+        pending = [f for _, f in futures if not f.done()]
+        if block and pending:
+            wait(pending, return_when=FIRST_COMPLETED)
+        for item in [it for it in futures if it[1].done()]:
+            done(item[0], item[1].result())  # re-raises a worker's error here
+            futures.remove(item)
+            bar.update(1)
+
     for ex in range(e):
         x = source.expert(layer, ex, check_finite=True)
-        futures.append(pool.submit(work, ex, x))
+        futures.append((ex, work(ex, x)))
         del x
-        while len([f for f in futures if not f.done()]) >= 2 * threads:
-            wait([f for f in futures if not f.done()], return_when=FIRST_COMPLETED)
-        for f in [f for f in futures if f.done()]:
-            f.result()  # re-raise a worker's error here
-            futures.remove(f)
-            bar.update(1)
-    for f in list(futures):
-        f.result()
-        futures.remove(f)
-        bar.update(1)
+        collect(block=len(futures) >= 2 * threads)
+    while futures:
+        collect(block=True)
 
 
 def _summary(per_layer: dict[str, list[dict[str, float]]]) -> dict[str, float]:
