@@ -329,12 +329,13 @@ class ReplicaServer:
             from dynaexq.serve.grammar import Grammars
 
             tok = self.engine.tokenizer
+            assert tok is not None  # the ingress compiles grammars only with a tokenizer
             stops = set(self.engine.eos_token_ids) | end_of_turn_ids(tok)
             grammars = Grammars(tok, self.engine.config.vocab_size, stops)
             self._grammar_info = grammars.json_object().tokenizer_info
         return xgrammar.CompiledGrammar.deserialize_json(text, self._grammar_info)
 
-    async def generate(self, job: dict[str, Any]) -> AsyncIterator[tuple[str, Any]]:
+    async def generate(self, job: dict[str, Any]) -> AsyncIterator[tuple[Any, ...]]:
         """Stream ("events", [SequenceEvent], None) items, the last with this replica's
         summary in place of None; failures are
         ("error", kind, message) items (kind: queue_full, shutting_down, invalid, failed)."""
@@ -368,7 +369,7 @@ class ReplicaServer:
                 batch = [await handle.events.get()]
                 while not handle.events.empty():
                     batch.append(handle.events.get_nowait())
-                events = []
+                events: list[Any] = []
                 for item in batch:
                     if isinstance(item, BaseException):
                         if events:
@@ -877,6 +878,9 @@ class HotSetAffinityRouter(RequestRouter):
             del self._sessions[k]
 
 
+_RouterConfig: Any = RequestRouterConfig
+
+
 # -- application -------------------------------------------------------------------------
 def _cluster_gpus() -> float:
     try:
@@ -897,7 +901,7 @@ def build_app(args: Mapping[str, Any] | None = None) -> Any:
     if num_gpus is None:
         num_gpus = 1.0 if _cluster_gpus() > 0 else 0.0
     options = asdict(opts)
-    router = RequestRouterConfig(
+    router = _RouterConfig(
         request_router_class=ROUTER_AFFINITY.replace(":", ".")
         if opts.router == "affinity"
         else RequestRouterConfig.model_fields["request_router_class"].default,
@@ -919,8 +923,9 @@ def build_app(args: Mapping[str, Any] | None = None) -> Any:
         replica_opts["num_replicas"] = "auto"
     else:
         replica_opts["num_replicas"] = opts.replicas
-    replica = serve.deployment(ReplicaServer).options(**replica_opts)
-    ingress = serve.deployment(serve.ingress()(IngressServer)).options(
+    deployment: Any = serve.deployment
+    replica = deployment(ReplicaServer).options(**replica_opts)
+    ingress = deployment(serve.ingress()(IngressServer)).options(
         name="DynaexqIngress",
         ray_actor_options={"num_cpus": opts.ingress_num_cpus},
         max_ongoing_requests=max(1000, 4 * opts.replicas * (opts.max_batch + opts.max_queue)),
