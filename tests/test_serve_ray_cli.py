@@ -31,6 +31,11 @@ def test_replicas_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--replicas must be >= 1" in capsys.readouterr().err
 
 
+def test_replicas_need_a_fixed_port(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--replicas", "2", "--port", "0"]) == 2
+    assert "fixed --port" in capsys.readouterr().err
+
+
 def test_ray_options_in_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["serve", "--help"])

@@ -964,6 +964,9 @@ def serve_main(args: Any) -> int:
         options["num_cpus"] = args.replica_cpus
     if args.replica_gpus is not None:
         options["num_gpus"] = args.replica_gpus
+    if args.port == 0:
+        print("dynaexq serve: error: --replicas needs a fixed --port", file=sys.stderr)
+        return 2
     try:
         application = build_app(options)
     except ValueError as e:
