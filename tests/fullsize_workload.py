@@ -156,8 +156,26 @@ def status(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
+def tree(pid: int | str) -> list[str]:
+    """`pid` and its descendants (worker processes count too)."""
+    if pid == "self":
+        pid = os.getpid()
+    out, todo = [], [str(pid)]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += f.read().split()
+        except OSError:
+            pass
+    return out
+
+
 class Sampler:
-    """Peak RssAnon and VmRSS of a process, sampled every `every` seconds in a thread."""
+    """Peak RssAnon and VmRSS of a process and its children (summed), sampled every
+    `every` seconds in a thread."""
 
     def __init__(self, pid: int | str = "self", every: float = 0.01) -> None:
         self.pid, self.every = pid, every
@@ -167,12 +185,18 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                s = status(self.pid)
-            except (OSError, ValueError):
-                return  # the process is gone
+            total: dict[str, int] = {}
+            for p in tree(self.pid):
+                try:
+                    s = status(p)
+                except (OSError, ValueError):
+                    if p == (str(os.getpid()) if self.pid == "self" else str(self.pid)):
+                        return  # the process is gone
+                    continue
+                for k, v in s.items():
+                    total[k] = total.get(k, 0) + v
             for k in self.peak:
-                self.peak[k] = max(self.peak[k], s.get(k, 0))
+                self.peak[k] = max(self.peak[k], total.get(k, 0))
             self._stop.wait(self.every)
 
     def __enter__(self) -> Sampler:
