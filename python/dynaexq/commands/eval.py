@@ -83,6 +83,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--in-flight", type=int, default=4, help="transitions in flight (K)")
     c.add_argument("--split", choices=("per-layer", "global"), default="per-layer")
     c.add_argument("--planner", choices=("top-n", "value"), default="top-n")
+    c.add_argument(
+        "--gate",
+        choices=("skill", "off"),
+        default="off",
+        help="no-harm rule: follow the workload only while it measurably beats the static plan",
+    )
+    c.add_argument("--gate-margin", type=float, default=0.05, help="relative value to follow")
+    c.add_argument("--gate-alpha", type=float, default=0.8, help="EMA of the gate's advantage")
+    c.add_argument("--prior-weight", type=float, default=0.0, help="blend of the calibration prior")
     p.add_argument(
         "--shift",
         default="python,prose,c",
@@ -142,6 +151,10 @@ def run(args: argparse.Namespace) -> int:
         in_flight=args.in_flight,
         split=args.split,
         planner=args.planner,
+        gate=args.gate,
+        gate_margin=args.gate_margin,
+        gate_alpha=args.gate_alpha,
+        prior_weight=args.prior_weight,
     )
     cfg = EvalConfig(
         tiers=tuple(t.strip() for t in args.tiers.split(",")),
@@ -158,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         uniform_tiers=tuple(t.strip() for t in args.uniform_tiers.split(",")),
         offsets=args.offsets,
         calibrations=tuple(c.strip() for c in args.calibration.split(",")),
+        mixed=args.mixed,
     )
     if args.data:
         from dynaexq.engine import load

@@ -102,6 +102,10 @@ VARIANTS = (
     Variant("dynamic-long", None, (("alpha", 0.9), ("replan_every", 4), ("delta", 0.01))),
     # A short window of recent steps instead of an EMA.
     Variant("dynamic-window", None, (("signal", "window"), ("window", 4))),
+    # The no-harm rule (runtime/gate.py): hold the static plan unless following pays.
+    Variant("dynamic-gated", None, (("gate", "skill"),)),
+    # Holding always (a gate that never opens): what the staging slots alone cost.
+    Variant("dynamic-hold", None, (("gate", "skill"), ("gate_margin", 1e9))),
     # Three tiers: equal byte split with top-n, or tiers sized by the knapsack (value).
     Variant("3tier-topn", ("int2", "int4", "bf16"), (("planner", "top-n"),)),
     Variant("3tier-knapsack", ("int2", "int4", "bf16"), (("planner", "value"),)),
@@ -143,6 +147,9 @@ class EvalConfig:
     # (each domain's own first calibration_tokens), "mix" (those of every domain
     # together), "generic" (the text shipped with the package, no domain text at all).
     calibrations: tuple[str, ...] = ("domain",)
+    # Also score "mixed": batches whose parallel streams come from different domains (one
+    # stream per domain, round robin), calibrated on every domain's calibration text.
+    mixed: bool = False
 
 
 @dataclass
@@ -233,6 +240,17 @@ def eval_slices(evals: dict[str, np.ndarray], cfg: EvalConfig) -> dict[tuple[str
             if o and len(part) < cfg.tokens_per_domain + 1:
                 break
             out[(name, o)] = as_streams(part, cfg.streams, cfg.window, cfg.tokens_per_domain)
+    if cfg.mixed and len(evals) > 1:
+        names = sorted(evals)
+        per = cfg.tokens_per_domain // cfg.streams
+        for o in range(cfg.offsets):
+            rows = []
+            for i in range(cfg.streams):
+                d = names[i % len(names)]
+                # stream i takes its own part of its domain's slice at this offset
+                part = evals[d][o * cfg.tokens_per_domain + (i // len(names)) * per :]
+                rows.append(as_streams(part, 1, cfg.window, per)[0])
+            out[("mixed", o)] = np.stack(rows)
     return out
 
 
@@ -265,6 +283,12 @@ def run_policies(
             scores.update({(mode, name): gen for name in calib})
         else:
             raise ValueError(f"calibration must be domain, mix or generic, got {mode!r}")
+    if cfg.mixed and len(calib) > 1:
+        for mode in cfg.calibrations:
+            if mode == "domain":
+                scores[(mode, "mixed")] = calibration_scores(full, list(calib.values()))
+            else:
+                scores[(mode, "mixed")] = next(v for (m, _), v in scores.items() if m == mode)
     layers, experts = len(config.moe_layers), config.num_experts
     fixed = fixed_memory(
         config, dtype_bytes=4, batch=cfg.streams, context=cfg.window, chunk=cfg.chunk

@@ -40,6 +40,16 @@ class ControllerSettings:
     in_flight: int = 4  # K
     split: str = "per-layer"  # hot slots per layer, or "global"
     planner: str = "top-n"  # "top-n" (hotness) or "value" (hotness x error reduction)
+    # The no-harm rule (runtime/gate.py): "skill" follows the live signal only while its
+    # plans have served the routing they were made for better than the static plan by
+    # more than `gate_margin` (relative value, EMA `gate_alpha` over steps), else holds
+    # the static plan; "off" always follows.
+    gate: str = "off"
+    gate_margin: float = 0.05
+    gate_alpha: float = 0.8
+    gate_lag: int = 2  # steps from a plan to the first step it serves (lockstep: 2)
+    # The signal planned on: (1 - w) * live signal + w * calibration prior.
+    prior_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.signal not in ("ema", "window"):
@@ -52,6 +62,12 @@ class ControllerSettings:
             raise PolicyError(f"split must be per-layer or global, got {self.split!r}")
         if self.planner not in ("top-n", "value"):
             raise PolicyError(f"planner must be top-n or value, got {self.planner!r}")
+        if self.gate not in ("skill", "off"):
+            raise PolicyError(f"gate must be skill or off, got {self.gate!r}")
+        if not 0.0 <= self.prior_weight <= 1.0 or not 0.0 <= self.gate_alpha < 1.0:
+            raise PolicyError("prior_weight must be in [0, 1] and gate_alpha in [0, 1)")
+        if self.gate_lag < 0:
+            raise PolicyError("gate_lag must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,30 @@ class PrecisionRuntime:
             )
             if calibration is not None:
                 self.tracker.seed(np.asarray(calibration, dtype=np.float32).ravel().tolist())
+        # What the controller step is fed besides the tracker: the routed mass of the
+        # current controller step (for the no-harm gate), the calibration prior, and the
+        # static plan it holds when following does not pay.
+        shape = (self.num_layers, self.experts)
+        self.prior = (
+            np.asarray(calibration, dtype=np.float32).reshape(shape)
+            if calibration is not None
+            else np.zeros(shape, dtype=np.float32)
+        )
+        self.hold_map = np.asarray(initial, dtype=np.uint8).reshape(shape).copy()
+        self._mass = np.zeros(shape, dtype=np.float64)
+        self._mass_tokens = np.zeros(self.num_layers, dtype=np.int64)
+        self.gate = None
+        if self.tracker is not None and policy.controller.gate == "skill":
+            from dynaexq.runtime.gate import NoHarmGate
+
+            c = policy.controller
+            self.gate = NoHarmGate(
+                self.hold_map,
+                self._tier_values(),
+                lag=c.gate_lag,
+                skill_alpha=c.gate_alpha,
+                margin=c.gate_margin,
+            )
 
     # -- construction --------------------------------------------------------------------
     def _build_pool(self, initial: np.ndarray) -> tuple[ExpertPool, ExpertTable]:
@@ -139,6 +163,9 @@ class PrecisionRuntime:
             return
         k = expert_ids.shape[1]
         mass = router_probs.gather(1, expert_ids).float()
+        li = self.layer_pos[layer]
+        np.add.at(self._mass[li], expert_ids.reshape(-1).numpy(), mass.reshape(-1).numpy())
+        self._mass_tokens[li] += expert_ids.shape[0]
         self.tracker.observe(
             self.layer_pos[layer],
             expert_ids.reshape(-1).tolist(),
@@ -177,8 +204,11 @@ class PrecisionRuntime:
             if self._tokens_since >= c.step_tokens:
                 self.tracker.end_step()
                 self._tokens_since = 0
+                routed = self._mass / np.maximum(self._mass_tokens, 1)[:, None]
+                self._mass[:] = 0.0
+                self._mass_tokens[:] = 0
                 if self.tracker.steps % c.replan_every == 0:
-                    started = self._plan()
+                    started = self._plan(routed)
         rec = StepRecord(
             step=self.step,
             tokens=self._step.tokens,
@@ -266,7 +296,18 @@ class PrecisionRuntime:
         p = self.plan
         return list(p.per_layer) if p.per_layer is not None else list(p.slots)
 
-    def _plan(self) -> int:
+    def _tier_values(self) -> np.ndarray:
+        """[L, E, store tiers] value of each tier per unit of routed mass, as the planner
+        counts it: the store's error reduction (value planner) or the tier's rank."""
+        if self.policy.controller.planner == "value":
+            return self.store.gains().astype(np.float64)
+        ranks = np.arange(self.tiers, dtype=np.float64)
+        return np.broadcast_to(ranks, (self.num_layers, self.experts, self.tiers)).copy()
+
+    def controller_stats(self) -> dict[str, float]:
+        return self.gate.stats() if self.gate is not None else {}
+
+    def _plan(self, routed: np.ndarray | None = None) -> int:
         from dynaexq._core import plan_transitions
 
         assert self.tracker is not None
@@ -281,22 +322,41 @@ class PrecisionRuntime:
             gain = self.store.gains()[..., self.real].reshape(-1).tolist()
         # The churn cap: bytes per routed token, over the tokens one plan period covers.
         max_bytes = c.max_bytes_per_token * c.step_tokens * c.replan_every
-        _, moves, _ = plan_transitions(
-            self.num_layers,
-            self.experts,
-            self.tracker.scores(),
-            current.reshape(-1).tolist(),
-            busy.reshape(-1).tolist(),
-            [self.plan.slot_bytes[t] for t in self.real],
-            [self._capacity()[t] for t in self.real],
-            split="per-layer" if self.plan.per_layer is not None else "global",
-            gain=gain,
-            delta=c.delta,
-            max_transitions=c.max_transitions,
-            max_bytes=int(min(max_bytes, 2**63 - 1)),
-            max_in_flight=c.in_flight,
-            in_flight=len(self.busy),
-        )
+        scores = np.asarray(self.tracker.scores(), dtype=np.float32)
+        if c.prior_weight > 0:
+            scores = (1 - c.prior_weight) * scores + c.prior_weight * self.prior.ravel()
+
+        def plan(scores, gain, delta):
+            return plan_transitions(
+                self.num_layers,
+                self.experts,
+                scores.tolist(),
+                current.reshape(-1).tolist(),
+                busy.reshape(-1).tolist(),
+                [self.plan.slot_bytes[t] for t in self.real],
+                [self._capacity()[t] for t in self.real],
+                split="per-layer" if self.plan.per_layer is not None else "global",
+                gain=gain,
+                delta=delta,
+                max_transitions=c.max_transitions,
+                max_bytes=int(min(max_bytes, 2**63 - 1)),
+                max_in_flight=c.in_flight,
+                in_flight=len(self.busy),
+            )
+
+        target, moves, _ = plan(scores, gain, c.delta)
+        if self.gate is not None and routed is not None:
+            real = np.asarray(self.real, dtype=np.uint8)
+            proposal = real[np.frombuffer(bytes(target), dtype=np.uint8)].reshape(current.shape)
+            if not self.gate.observe(routed, proposal):
+                # Hold the static plan: stay, or steer back to it (its tiers as scores,
+                # every tier step worth the same, so the planner's target is the plan).
+                here = real[current]
+                if np.array_equal(here, self.hold_map):
+                    return 0
+                back = np.asarray([self.table_tier.get(int(t), 0) for t in range(self.tiers)])
+                held = back[self.hold_map].astype(np.float32).ravel()
+                _, moves, _ = plan(held, None, 0.0)
         started = 0
         assert self.mover is not None
         for layer, expert, frm, to, _ in moves:

@@ -1,0 +1,95 @@
+"""How well does each hotness signal predict the routing the controller's plan will serve?
+
+A plan made after step s is published before step s + `lag` (lockstep evaluation: 2), so
+a signal is worth what the hot set it picks at s captures of the routed mass of step
+s + lag. `routing_trace` records the routed probability mass of every (layer, expert)
+per step from the full-precision model (the same step structure as `evaluate_streams`);
+`signal_skill` scores signals on it: the share of routed mass the top-n set of each
+signal captures, relative to the oracle (the top-n of the step itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from dynaexq.eval.stream import evaluate_streams
+
+
+def routing_trace(engine, streams: np.ndarray, *, window: int, chunk: int) -> np.ndarray:
+    """[steps, layers, experts] mean routed probability mass per token of every step."""
+    layers = engine.config.moe_layers
+    pos = {layer: i for i, layer in enumerate(layers)}
+    e = engine.config.num_experts
+    cur = np.zeros((len(layers), e), dtype=np.float64)
+    tok = np.zeros(len(layers), dtype=np.int64)
+    steps: list[np.ndarray] = []
+
+    def hook(layer: int, ids: torch.Tensor, probs: torch.Tensor) -> None:
+        picked = probs.gather(1, ids).double().cpu().numpy()
+        np.add.at(cur[pos[layer]], ids.cpu().numpy().ravel(), picked.ravel())
+        tok[pos[layer]] += ids.shape[0]
+
+    def on_step(_: int) -> None:
+        steps.append(cur / np.maximum(tok, 1)[:, None])
+        cur[:] = 0.0
+        tok[:] = 0
+
+    remove = engine.add_routing_hook(hook)
+    try:
+        evaluate_streams(engine.model, streams, window=window, chunk=chunk, on_step=on_step)
+    finally:
+        remove()
+    return np.stack(steps)
+
+
+def ema(trace: np.ndarray, alpha: float, seed: np.ndarray) -> np.ndarray:
+    """EMA after each step: out[s] = alpha * out[s-1] + (1 - alpha) * trace[s]."""
+    out = np.empty_like(trace)
+    s = seed.astype(np.float64)
+    for i, c in enumerate(trace):
+        s = alpha * s + (1.0 - alpha) * c
+        out[i] = s
+    return out
+
+
+def captured(signal: np.ndarray, target: np.ndarray, n: int) -> np.ndarray:
+    """Per step, routed mass of `target` ([steps, L, E]) inside the per-layer top-n of
+    `signal` (same shape, or [L, E] for a fixed set), summed over layers."""
+    if signal.ndim == 2:
+        signal = np.broadcast_to(signal, target.shape)
+    idx = np.argsort(-signal, axis=-1, kind="stable")[..., :n]
+    return np.take_along_axis(target, idx, axis=-1).sum(axis=(-1, -2))
+
+
+def signal_skill(
+    trace: np.ndarray,
+    prior: np.ndarray,
+    n: int,
+    *,
+    lag: int = 2,
+    signals: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] | None = None,
+) -> dict[str, float]:
+    """Share of the oracle's captured mass each signal's top-n captures `lag` steps
+    later, averaged over steps. `prior`: the calibration ranking, [L, E]."""
+    if signals is None:
+        signals = default_signals()
+    target = trace[lag:]
+    oracle = captured(target, target, n)
+    out = {"prior (static)": float((captured(prior, target, n) / oracle).mean())}
+    for name, fn in signals.items():
+        sig = fn(trace, prior)[: len(trace) - lag]
+        out[name] = float((captured(sig, target, n) / oracle).mean())
+    out["last step"] = float((captured(trace[:-lag], target, n) / oracle).mean())
+    return out
+
+
+def default_signals() -> dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]]:
+    sig: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {}
+    for a in (0.5, 0.8, 0.9, 0.97):
+        sig[f"ema {a}"] = lambda t, p, a=a: ema(t, a, p)
+    for w in (0.25, 0.5, 0.75):
+        sig[f"blend prior {w} + ema 0.8"] = lambda t, p, w=w: w * p + (1 - w) * ema(t, 0.8, p)
+    return sig
