@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from dynaexq.eval.report import plot_ppl_vs_budget, plot_shift, write_report
+    from dynaexq.eval.report import plot_pareto, plot_ppl_vs_budget, plot_shift, write_report
     from dynaexq.eval.run import (
         VARIANTS,
         EvalConfig,
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         f"dynaexq eval: domains {', '.join(f'{k} ({len(v)} tokens)' for k, v in domains.items())}"
     )
     summary = run_policies(args.model, domains, cfg)
-    plots = [plot_ppl_vs_budget(summary, args.out)]
+    plots = [plot_ppl_vs_budget(summary, args.out), plot_pareto(summary, args.out)]
     shift = None
     if args.shift != "none":
         order = [d.strip() for d in args.shift.split(",")]

@@ -62,6 +62,43 @@ def plot_ppl_vs_budget(summary: dict[str, Any], out: Path) -> Path:
     return path
 
 
+def plot_pareto(summary: dict[str, Any], out: Path) -> Path:
+    """Quality vs bytes: gap recovered (log-perplexity, mean over offsets) of every
+    budgeted policy against the budget it ran in, one panel per domain."""
+    plt = _plt()
+    gaps = [g for g in summary["gaps"] if g["budget"] != "-"]
+    runs = {(r["policy"], r["budget"], r["domain"], r.get("offset", 0), r.get("calibration")): r
+            for r in summary["runs"]}  # fmt: skip
+    domains = sorted({g["domain"] for g in gaps})
+    fig, axes = plt.subplots(1, len(domains), figsize=(4.2 * len(domains), 3.4), squeeze=False)
+    for ax, d in zip(axes[0], domains, strict=False):
+        series: dict[str, dict[float, list[float]]] = {}
+        for g in gaps:
+            if g["domain"] != d:
+                continue
+            r = runs.get((g["policy"], g["budget"], d, g.get("offset", 0), g.get("calibration")))
+            if r is None or not r.get("budget_bytes"):
+                continue
+            label = g["policy"] + ("" if g.get("calibration") in ("-", "domain") else
+                                   f" [{g['calibration']}]")  # fmt: skip
+            series.setdefault(label, {}).setdefault(r["budget_bytes"] / 2**20, []).append(
+                100 * g["gap_recovered_ppl"]
+            )
+        for label, pts in sorted(series.items()):
+            xs = sorted(pts)
+            ax.plot(xs, [float(np.mean(pts[x])) for x in xs], "o-", ms=3, label=label)
+        ax.set_xlabel("budget (MiB, everything dynaexq owns)")
+        ax.set_title(d)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("gap recovered, log-ppl (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "pareto.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_shift(trace: ShiftTrace, order: list[str], out: Path) -> list[Path]:
     """Hotness heatmap per layer over time, and the tier map over time."""
     plt = _plt()
@@ -165,15 +202,19 @@ def write_report(
             "",
             f"## Workload shift ({' -> '.join(shift['order'])}, budget {shift['budget']})",
             "",
-            "| policy | segment | perplexity | gap recovered | transitions | settle steps |",
-            "|---|---|---|---|---|---|",
+            "| policy | segment | perplexity | gap recovered | margin over best static | "
+            "transitions | settle steps |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, segs in shift["policies"].items():
             for s in segs:
                 gap = s.get("gap_recovered_ppl")
+                m = s.get("margin_over_best_static")
+                margin = "-" if m is None else f"{m:+.1f} ({s['best_static']})"
                 lines.append(
                     f"| {name} | {s['domain']} | {s['perplexity']:.3f} | "
                     f"{'-' if gap is None else f'{100 * gap:.1f}%'} | "
+                    f"{margin} | "
                     f"{s.get('transitions', '-')} | {s.get('settle_steps', '-')} |"
                 )
     lines += ["", "## Plots", ""]

@@ -95,13 +95,36 @@ def run_shift(
     results: dict[str, Any] = {"order": order, "segment_tokens": seg, "budget": budget}
     per_policy: dict[str, Any] = {}
     trace = None
-    for name in ("full", "static", "static-map", "dynamic"):
+    from dataclasses import replace
+
+    from dynaexq.eval.run import best_uniform_tier, expert_weights  # noqa: F401
+
+    ustore = TierStore.from_tiered(tiered_checkpoint_for(path, [*cfg.uniform_tiers]))
+    ut = best_uniform_tier(
+        ustore.slot_bytes, len(config.moe_layers) * config.num_experts, nbytes - fixed.total
+    )
+    policies: dict[str, Policy] = {
+        "static": Policy("static", tiers=cfg.tiers),
+        "static-map": Policy("static-map", tiers=cfg.tiers, controller=cfg.controller),
+        "static-knapsack": Policy(
+            "static-map",
+            tiers=cfg.tiers,
+            controller=replace(cfg.controller, planner="value", split="global"),
+        ),
+        "dynamic": Policy("dynamic", tiers=cfg.tiers, controller=cfg.controller),
+        "dynamic-gated": Policy(
+            "dynamic", tiers=cfg.tiers, controller=replace(cfg.controller, gate="skill")
+        ),
+    }
+    if ut is not None:
+        policies["uniform"] = Policy("static", tiers=(ustore.tiers[ut].name,))
+    for name in ("full", *policies):
         if name == "full":
             engine = full
         else:
             engine, _ = load_with_policy(
                 path,
-                policy=Policy(name, tiers=cfg.tiers, controller=cfg.controller),
+                policy=policies[name],
                 budget=nbytes,
                 calibration=first_scores,
                 batch=1,
@@ -129,7 +152,7 @@ def run_shift(
                 entry["bytes_moved"] = sum(x.bytes_moved for x in recs)
                 entry["hi_share"] = float(np.mean([x.hi_share for x in recs])) if recs else 0.0
             segs.append(entry)
-        if name == "dynamic" and rt is not None and rt.telemetry.tier_maps:
+        if name == "dynamic" and rt is not None and rt.telemetry.tier_maps:  # plots
             maps = np.stack(rt.telemetry.tier_maps)
             top = len(store.tiers) - 1
             for i, entry in enumerate(segs):
@@ -142,12 +165,20 @@ def run_shift(
         progress(
             f"  shift {name:10s} " + " ".join(f"{s['domain']}={s['perplexity']:.3f}" for s in segs)
         )
-    for name in ("static-map", "dynamic"):
+    for name in [p for p in per_policy if p not in ("full", "static")]:
         for i, entry in enumerate(per_policy[name]):
             lo = per_policy["static"][i]["perplexity"]
             hi = per_policy["full"][i]["perplexity"]
             entry["gap_recovered_ppl"] = gap_recovered(
                 math.log(lo), math.log(hi), math.log(entry["perplexity"])
+            )
+    statics = [p for p in ("uniform", "static-map", "static-knapsack") if p in per_policy]
+    for name in [p for p in per_policy if p.startswith("dynamic")]:
+        for i, entry in enumerate(per_policy[name]):
+            best = max(statics, key=lambda p: per_policy[p][i]["gap_recovered_ppl"])
+            entry["best_static"] = best
+            entry["margin_over_best_static"] = 100 * (
+                entry["gap_recovered_ppl"] - per_policy[best][i]["gap_recovered_ppl"]
             )
     results["policies"] = per_policy
     results["chunk"] = chunk
