@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=0,
-        help="experts quantized in parallel (0: one per CPU core); the output does not "
-        "depend on it",
+        help="experts quantized in parallel, by worker processes of ~0.7 GB each beyond the "
+        "first (0: one per CPU core, as many as fit in half the available RAM); the output "
+        "does not depend on it",
     )
 
 
@@ -38,7 +39,12 @@ def run(args: argparse.Namespace) -> int:
     from dynaexq.quant.tiered import partial_dir, quantize_checkpoint
     from dynaexq.quant.tiers import TierError, parse_tiers
 
-    threads = args.threads if args.threads > 0 else max(1, len(os.sched_getaffinity(0)))
+    from dynaexq.runtime.store import mem_available
+
+    # Each worker beyond the first is a process of ~0.7 GB (torch and the quantizer's
+    # temporaries): by default one per core, as many as leave half the free RAM.
+    fit = max(1, int(mem_available() * 0.5) // (700 << 20))
+    threads = args.threads if args.threads > 0 else max(1, min(len(os.sched_getaffinity(0)), fit))
     try:
         tiers = parse_tiers(args.tiers)
         resuming = partial_dir(Path(args.out)).is_dir()
