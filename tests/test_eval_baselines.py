@@ -121,3 +121,21 @@ def test_margin_is_over_the_best_static_that_fits() -> None:
     rows = {(m["budget"], m["policy"]): m for m in s["margins"]}
     assert rows[("20%", "dynamic")]["margin_mean"] == pytest.approx(-10.0)
     assert ("20%", "static-map") not in rows
+
+
+def test_offsets_and_mixed_batches_cut_disjoint_slices() -> None:
+    from dynaexq.eval.run import eval_slices
+
+    evals = {"a": np.arange(10_000), "b": 100_000 + np.arange(10_000)}
+    cfg = EvalConfig(tokens_per_domain=512, streams=4, window=64, offsets=3, mixed=True)
+    s = eval_slices(evals, cfg)
+    assert set(s) == {(d, o) for d in ("a", "b", "mixed") for o in range(3)}
+    assert s[("a", 0)].shape == (4, 129)
+    # Offsets score disjoint tokens (the last target of one slice may start the next).
+    firsts = [set(s[("a", o)][:, :-1].ravel()) for o in range(3)]
+    assert not (firsts[0] & firsts[1]) and not (firsts[1] & firsts[2])
+    # A mixed batch holds streams of both domains, each from that domain's slice.
+    m = s[("mixed", 1)]
+    assert m.shape == (4, 129)
+    assert (m[0] < 100_000).all() and (m[1] >= 100_000).all()
+    assert set(m[0]) <= set(range(512, 1024 + 1))
