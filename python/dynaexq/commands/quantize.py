@@ -38,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
     from dynaexq.quant.methods import QuantizationError
     from dynaexq.quant.tiered import partial_dir, quantize_checkpoint
     from dynaexq.quant.tiers import TierError, parse_tiers
-
     from dynaexq.runtime.store import mem_available
 
     # Each worker beyond the first is a process of ~0.7 GB (torch and the quantizer's
