@@ -25,30 +25,37 @@ fn global_slot(b: &dynaexq::Block) -> usize {
     (if b.class.0 == 0 { 0 } else { 2 }) + b.index as usize
 }
 
+/// One expert, tier 0 in class "lo" (2 slots: slots 0-1), tier 1 in "hi" (slot 2),
+/// published at tier 0 with version 1's bytes (1) in its block; and the block contents.
+fn one_expert(fence: std::sync::Arc<dyn UseFence>) -> (Arc<ExpertTable>, Arc<Blocks>) {
+    let pool = ExpertPool::new(&PoolConfig::new(vec![
+        ClassSpec::new("lo", 64, 2),
+        ClassSpec::new("hi", 128, 1),
+    ]))
+    .unwrap();
+    let (lo, hi) = (pool.class_id("lo").unwrap(), pool.class_id("hi").unwrap());
+    let table = Arc::new(
+        ExpertTable::new(
+            Arc::new(Mutex::new(pool)),
+            vec![LayerTiers {
+                experts: 1,
+                tiers: vec![vec![lo], vec![hi]],
+            }],
+            None,
+            fence,
+        )
+        .unwrap(),
+    );
+    let blocks = Arc::new(Blocks((0..3).map(|_| UnsafeCell::new(0)).collect()));
+    let first = table.published(0, 0).unwrap();
+    blocks.0[global_slot(&first.block)].with_mut(|p| unsafe { *p = 1 });
+    (table, blocks)
+}
+
 fn model(readers: usize) {
     loom::model(move || {
-        let pool = ExpertPool::new(&PoolConfig::new(vec![
-            ClassSpec::new("lo", 64, 2),
-            ClassSpec::new("hi", 128, 1),
-        ]))
-        .unwrap();
-        let (lo, hi) = (pool.class_id("lo").unwrap(), pool.class_id("hi").unwrap());
-        let pool = Arc::new(Mutex::new(pool));
-        let table = Arc::new(
-            ExpertTable::new(
-                pool,
-                vec![LayerTiers {
-                    experts: 1,
-                    tiers: vec![vec![lo], vec![hi]],
-                }],
-                None,
-                std::sync::Arc::new(SyncUses) as std::sync::Arc<dyn UseFence>,
-            )
-            .unwrap(),
-        );
-        let blocks = Arc::new(Blocks((0..3).map(|_| UnsafeCell::new(0)).collect()));
-        let first = table.published(0, 0).unwrap();
-        blocks.0[global_slot(&first.block)].with_mut(|p| unsafe { *p = 1 });
+        let (table, blocks) =
+            one_expert(std::sync::Arc::new(SyncUses) as std::sync::Arc<dyn UseFence>);
 
         let handles: Vec<_> = (0..readers)
             .map(|_| {
@@ -87,27 +94,8 @@ fn model(readers: usize) {
 fn copy_worker_completion_vs_reader() {
     use dynaexq::completion::{settle, CopyHandle, CopyState, JobState, Settled};
     loom::model(|| {
-        let pool = ExpertPool::new(&PoolConfig::new(vec![
-            ClassSpec::new("lo", 64, 2),
-            ClassSpec::new("hi", 128, 1),
-        ]))
-        .unwrap();
-        let (lo, hi) = (pool.class_id("lo").unwrap(), pool.class_id("hi").unwrap());
-        let table = Arc::new(
-            ExpertTable::new(
-                Arc::new(Mutex::new(pool)),
-                vec![LayerTiers {
-                    experts: 1,
-                    tiers: vec![vec![lo], vec![hi]],
-                }],
-                None,
-                std::sync::Arc::new(SyncUses) as std::sync::Arc<dyn UseFence>,
-            )
-            .unwrap(),
-        );
-        let blocks = Arc::new(Blocks((0..3).map(|_| UnsafeCell::new(0)).collect()));
-        let first = table.published(0, 0).unwrap();
-        blocks.0[global_slot(&first.block)].with_mut(|p| unsafe { *p = 1 });
+        let (table, blocks) =
+            one_expert(std::sync::Arc::new(SyncUses) as std::sync::Arc<dyn UseFence>);
         table.seal();
         let t = table.begin(0, 0, 1).unwrap();
         let job = Arc::new(JobState::default());
@@ -201,28 +189,8 @@ fn two_readers_vs_migrating_writer() {
 fn device_step_image_vs_migrating_writer() {
     use dynaexq::ManualFence;
     loom::model(|| {
-        let pool = ExpertPool::new(&PoolConfig::new(vec![
-            ClassSpec::new("lo", 64, 2),
-            ClassSpec::new("hi", 128, 1),
-        ]))
-        .unwrap();
-        let (lo, hi) = (pool.class_id("lo").unwrap(), pool.class_id("hi").unwrap());
         let fence = std::sync::Arc::new(ManualFence::new(3));
-        let table = Arc::new(
-            ExpertTable::new(
-                Arc::new(Mutex::new(pool)),
-                vec![LayerTiers {
-                    experts: 1,
-                    tiers: vec![vec![lo], vec![hi]],
-                }],
-                None,
-                fence.clone() as std::sync::Arc<dyn UseFence>,
-            )
-            .unwrap(),
-        );
-        let blocks = Arc::new(Blocks((0..3).map(|_| UnsafeCell::new(0)).collect()));
-        let first = table.published(0, 0).unwrap();
-        blocks.0[global_slot(&first.block)].with_mut(|p| unsafe { *p = 1 });
+        let (table, blocks) = one_expert(fence.clone() as std::sync::Arc<dyn UseFence>);
         table.seal();
 
         let device = {
