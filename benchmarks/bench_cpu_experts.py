@@ -73,15 +73,29 @@ def per_expert(args: argparse.Namespace) -> list[dict]:
         ids = np.zeros((tokens, 1), dtype=np.int64)
         w = np.ones((tokens, 1), dtype=np.float32)
         out = np.empty_like(xs)
-        for tier in args.tiers.split(","):
-            core = CpuExperts(one_tier_table(tier, 1, h, i), [tier], h, i, 256, args.threads)
+        for tier, act in variants(args):
+            table = one_tier_table(tier, 1, h, i)
+            core = CpuExperts(table, [tier], h, i, 256, args.threads, act)
 
             def call(core=core, xs=xs, ids=ids, w=w, out=out) -> None:
                 core.forward(0, xs, ids, w, out)
 
             s = best_of(call, args.reps)
-            rows.append({"tokens": tokens, "what": f"dynaexq {tier}", "us": s * 1e6})
+            rows.append({"tokens": tokens, "what": f"dynaexq {label(tier, act)}", "us": s * 1e6})
     return rows
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(tier, activations) pairs: 16-bit tiers take float inputs either way."""
+    out = []
+    for tier in args.tiers.split(","):
+        acts = ["float"] if not parse_tier(tier).is_quantized else args.activations.split(",")
+        out += [(tier, a) for a in acts]
+    return out
+
+
+def label(tier: str, act: str) -> str:
+    return tier if not parse_tier(tier).is_quantized else f"{tier}/{act}"
 
 
 def memcpy_bandwidth(nbytes: int) -> float:
@@ -99,11 +113,13 @@ def decode(args: argparse.Namespace) -> dict:
     memcpy_gbs = memcpy_bandwidth(1 << 30)
     rng = np.random.default_rng(0)
     result = {"memcpy_GBps_read_plus_write": memcpy_gbs, "experts": experts, "tiers": {}}
-    for tier in ("bf16", *args.tiers.split(",")):
-        if tier in result["tiers"]:
+    for tier, act in [("bf16", "float"), *variants(args)]:
+        name = label(tier, act)
+        if name in result["tiers"]:
             continue
         nbytes = expert_nbytes(parse_tier(tier), h, i)
-        core = CpuExperts(one_tier_table(tier, experts, h, i), [tier], h, i, 256, args.threads)
+        table = one_tier_table(tier, experts, h, i)
+        core = CpuExperts(table, [tier], h, i, 256, args.threads, act)
         x = rng.standard_normal((1, h)).astype(np.float32)
         out = np.empty_like(x)
         w = np.full((1, top_k), 1 / top_k, dtype=np.float32)
@@ -120,7 +136,7 @@ def decode(args: argparse.Namespace) -> dict:
 
         s = best_of(run, 2)
         read = steps * top_k * nbytes
-        result["tiers"][tier] = {
+        result["tiers"][name] = {
             "pool_GB": experts * nbytes / 1e9,
             "expert_MB": nbytes / 1e6,
             "steps_per_s": steps / s,
@@ -137,6 +153,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tiers", default="int8g128,int4g128,int3g64,int2g64,int2g64a,fp16")
+    p.add_argument(
+        "--activations",
+        default="int8,float",
+        help="inputs of the integer tiers: int8 (the default of the executor), float, or both",
+    )
     p.add_argument("--experts", type=int, default=120, help="experts in the decode pool")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--reps", type=int, default=5)
@@ -150,7 +171,7 @@ def main() -> None:
             r["us"] for r in rows if r["tokens"] == tokens and r["what"] == "torch dense bfloat16"
         )
         for r in (r for r in rows if r["tokens"] == tokens):
-            print(f"  {tokens:2d} tok  {r['what']:<22} {r['us']:9.0f} us  ({base / r['us']:.2f}x)")
+            print(f"  {tokens:2d} tok  {r['what']:<28} {r['us']:9.0f} us  ({base / r['us']:.2f}x)")
     d = decode(args)
     print(
         f"\nDecode, one token per step to 8 of {d['experts']} experts (2048 x 768), "
@@ -158,7 +179,7 @@ def main() -> None:
     )
     for tier, t in d["tiers"].items():
         print(
-            f"  {tier:<10} pool {t['pool_GB']:5.2f} GB  {t['steps_per_s']:7.1f} steps/s  "
+            f"  {tier:<16} pool {t['pool_GB']:5.2f} GB  {t['steps_per_s']:7.1f} steps/s  "
             f"{t['vs_bf16']:.2f}x bf16  reads {t['read_GBps']:5.1f} GB/s "
             f"({100 * t['of_memcpy_read']:.0f}% of memcpy's read rate)"
         )

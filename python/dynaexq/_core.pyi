@@ -410,7 +410,9 @@ class CpuExperts:
     """One MoE layer per call on the CPU, straight from the packed bytes of the table's
     published versions (every hit expert leased for the call), parallel over experts and
     output rows on `threads` threads, with the GIL released. `tiers[t]` names table tier
-    t ("bf16", "fp16", "int4g128", "int2g64a", ...)."""
+    t ("bf16", "fp16", "int4g128", "int2g64a", ...). `activations`: "int8" (integer tiers
+    take their inputs quantized to int8 per weight group, integer dot products) or "float"
+    (exact float32 inputs)."""
 
     def __new__(
         cls,
@@ -420,6 +422,7 @@ class CpuExperts:
         intermediate_size: int,
         alignment: int = 256,
         threads: int = 1,
+        activations: str = "int8",
     ) -> CpuExperts: ...
     def forward(
         self, layer: int, x: Any, expert_ids: Any, weights: Any, out: Any
@@ -428,6 +431,8 @@ class CpuExperts:
         float32 [T, H]; returns (pairs, routing weight) served per table tier."""
     @property
     def threads(self) -> int: ...
+    @property
+    def activations(self) -> str: ...
 
 # ------------------------------------------------------------ dequantize kernels
 

@@ -12,6 +12,12 @@
 //! y[t, r] = sum_g s[r, g] * (sum_{k in g} q[r, k] x[t, k] - z[r, g] * sum_{k in g} x[t, k])
 //! ```
 //!
+//! With `Activations::Int8` (the default) an integer tier's inputs are first rounded to
+//! int8 per weight group, and the inner sums become exact integer dot products
+//! (`int8_dot`: AVX-512 VNNI or AVX2 where present) for the few tokens of a decode step,
+//! or one GEMM of the dequantized rows on the same rounded inputs for many tokens.
+//! `Activations::Float` keeps float32 inputs (exact dequantize-and-dot).
+//!
 //! The k picks of a token are summed in pick order and every dot product is computed by one
 //! thread in a fixed order, so results do not depend on the thread count.
 
@@ -23,6 +29,8 @@ use rayon::prelude::*;
 
 use crate::errors::{Error, Result};
 use crate::table::ExpertTable;
+
+mod int8_dot;
 
 /// 16-bit weight encodings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -513,8 +521,23 @@ const ROWS_PER_TASK: usize = 32;
 /// Matrices up to this many weights run as one task (splitting costs more than it saves).
 const SMALL_MATRIX: usize = 1 << 16;
 
+/// How a quantized tier meets its input: as float32 (exact dequantize-and-dot), or
+/// quantized to int8 per weight group first (integer dot products; see `int8_dot`).
+/// Dense tiers always take float32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Activations {
+    Float,
+    #[default]
+    Int8,
+}
+
+/// Tokens per expert below which int8 activations go through integer dot products; from
+/// here on the rows are dequantized once and multiplied by a GEMM (on the same int8
+/// activations, as floats, so the result does not depend on the path).
+const INT8_TOKENS: usize = int8_dot::MAX_TOKENS + 1;
+
 /// `y = x @ W^T` for one packed matrix: x [n, K] row-major, returns y^T [N, n].
-fn matmul(blob: &[u8], m: &MatrixLayout, x: &[f32], n: usize) -> Vec<f32> {
+fn matmul(blob: &[u8], m: &MatrixLayout, x: &[f32], n: usize, act: Activations) -> Vec<f32> {
     let k32 = m.k32();
     // Tokens padded to K32 columns with zeros.
     let mut xp = vec![0f32; n * k32];
@@ -522,23 +545,50 @@ fn matmul(blob: &[u8], m: &MatrixLayout, x: &[f32], n: usize) -> Vec<f32> {
         xp[t * k32..t * k32 + m.k].copy_from_slice(&x[t * m.k..(t + 1) * m.k]);
     }
     let mut out = vec![0f32; m.n * n];
-    if m.n * k32 <= SMALL_MATRIX {
-        // Small experts: one task (the experts of the layer already run in parallel).
-        matmul_rows(blob, m, 0..m.n, &xp, n, &mut out, &mut Vec::new());
-        return out;
+    if act == Activations::Int8 && matches!(m.format, TierFormat::Quantized { .. }) {
+        let tokens = int8_dot::Int8Tokens::new(m, &xp, n);
+        if n < INT8_TOKENS && int8_dot::available(m) {
+            for_row_blocks(m, n, &mut out, |rows, chunk, buf| {
+                int8_dot::rows_dot(blob, m, rows, &tokens, chunk, buf)
+            });
+            return out;
+        }
+        xp = tokens.dequantized();
+    }
+    for_row_blocks(m, n, &mut out, |rows, chunk, buf| {
+        matmul_rows(blob, m, rows, &xp, n, chunk, buf)
+    });
+    out
+}
+
+/// Runs `f(rows, out[rows], scratch)` over blocks of `ROWS_PER_TASK` output rows in
+/// parallel (one block for small matrices: the experts of the layer already run in
+/// parallel, and splitting costs more than it saves).
+fn for_row_blocks<F>(m: &MatrixLayout, n: usize, out: &mut [f32], f: F)
+where
+    F: Fn(Range<usize>, &mut [f32], &mut Vec<f32>) + Sync,
+{
+    if m.n * m.k32() <= SMALL_MATRIX {
+        f(0..m.n, out, &mut Vec::new());
+        return;
     }
     out.par_chunks_mut(ROWS_PER_TASK * n)
         .enumerate()
         .for_each_init(Vec::new, |buf, (c, chunk)| {
             let start = c * ROWS_PER_TASK;
             let rows = start..(start + chunk.len() / n.max(1)).min(m.n);
-            matmul_rows(blob, m, rows, &xp, n, chunk, buf);
+            f(rows, chunk, buf);
         });
-    out
 }
 
 /// One expert on `n` tokens: x [n, H] -> [n, H] (SwiGLU: down(silu(gate x) * up x)).
-pub fn expert_forward(blob: &[u8], layout: &ExpertLayout, x: &[f32], n: usize) -> Result<Vec<f32>> {
+pub fn expert_forward(
+    blob: &[u8],
+    layout: &ExpertLayout,
+    x: &[f32],
+    n: usize,
+    act: Activations,
+) -> Result<Vec<f32>> {
     check_blob(blob, layout)?;
     let (h, i) = (layout.down.n, layout.down.k);
     if x.len() != n * h {
@@ -547,16 +597,16 @@ pub fn expert_forward(blob: &[u8], layout: &ExpertLayout, x: &[f32], n: usize) -
             x.len()
         )));
     }
-    let gu = matmul(blob, &layout.gate_up, x, n); // [2I, n]
-    let mut act = vec![0f32; n * i];
+    let gu = matmul(blob, &layout.gate_up, x, n, act); // [2I, n]
+    let mut act_in = vec![0f32; n * i];
     for t in 0..n {
         for c in 0..i {
             let g = gu[c * n + t];
             let u = gu[(i + c) * n + t];
-            act[t * i + c] = g / (1.0 + (-g).exp()) * u;
+            act_in[t * i + c] = g / (1.0 + (-g).exp()) * u;
         }
     }
-    let y = matmul(blob, &layout.down, &act, n); // [H, n]
+    let y = matmul(blob, &layout.down, &act_in, n, act); // [H, n]
     let mut out = vec![0f32; n * h];
     for t in 0..n {
         for r in 0..h {
@@ -595,6 +645,7 @@ pub fn moe_layer(
     formats: &[TierFormat],
     shape: ExpertShape,
     routed: Routed<'_>,
+    act: Activations,
 ) -> Result<(Vec<f32>, LayerServed)> {
     let Routed { x, ids, weights, k } = routed;
     let h = shape.hidden;
@@ -658,7 +709,7 @@ pub fn moe_layer(
                 let t = p / k;
                 xs.extend_from_slice(&x[t * h..(t + 1) * h]);
             }
-            expert_forward(blob, &layouts[lease.tier() as usize], &xs, pairs.len())
+            expert_forward(blob, &layouts[lease.tier() as usize], &xs, pairs.len(), act)
         })
         .collect();
     let mut served = LayerServed {

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use dynaexq::cpu_experts::{
-    expert_forward, moe_layer, ExpertLayout, ExpertShape, Half, Routed, TierFormat,
+    expert_forward, moe_layer, Activations, ExpertLayout, ExpertShape, Half, Routed, TierFormat,
 };
 use dynaexq::{ClassSpec, ExpertPool, ExpertTable, LayerTiers, PoolConfig, SyncUses, UseFence};
 use half::f16;
@@ -112,17 +112,60 @@ fn random_expert(format: TierFormat, shape: ExpertShape, seed: u64) -> (Vec<u8>,
     (blob, weights)
 }
 
-fn reference(w: &[Vec<f64>; 2], shape: ExpertShape, x: &[f32], n: usize) -> Vec<f64> {
+/// `v` as `Activations::Int8` sees it: rounded to 127 steps of its group's largest
+/// magnitude (identity without groups: dense tiers take float inputs).
+fn int8_activations(v: &[f64], group: Option<usize>) -> Vec<f64> {
+    let Some(group) = group else {
+        return v.to_vec();
+    };
+    v.chunks(group)
+        .flat_map(|g| {
+            let amax = g.iter().fold(0f64, |a, x| a.max(x.abs()));
+            let s = amax / 127.0;
+            g.iter().map(move |&x| {
+                if s > 0.0 {
+                    (x / s).round().clamp(-127.0, 127.0) * s
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect()
+}
+
+/// The largest |SiLU(gate) * up| of one token (the down matrix's input), in f64.
+fn hidden_max(w: &[Vec<f64>; 2], shape: ExpertShape, x: &[f32], group: Option<usize>) -> f64 {
+    let (h, i) = (shape.hidden, shape.intermediate);
+    let xt: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let xt = int8_activations(&xt, group);
+    let gu: Vec<f64> = (0..2 * i)
+        .map(|r| (0..h).map(|c| w[0][r * h + c] * xt[c]).sum())
+        .collect();
+    (0..i)
+        .map(|c| (gu[c] / (1.0 + (-gu[c]).exp()) * gu[i + c]).abs())
+        .fold(0.0, f64::max)
+}
+
+/// The expert in f64; with `group`, its inputs are first rounded as int8 activations.
+fn reference(
+    w: &[Vec<f64>; 2],
+    shape: ExpertShape,
+    x: &[f32],
+    n: usize,
+    group: Option<usize>,
+) -> Vec<f64> {
     let (h, i) = (shape.hidden, shape.intermediate);
     let mut out = vec![0f64; n * h];
     for t in 0..n {
-        let xt = &x[t * h..(t + 1) * h];
+        let xt: Vec<f64> = x[t * h..(t + 1) * h].iter().map(|&v| v as f64).collect();
+        let xt = int8_activations(&xt, group);
         let gu: Vec<f64> = (0..2 * i)
-            .map(|r| (0..h).map(|c| w[0][r * h + c] * xt[c] as f64).sum())
+            .map(|r| (0..h).map(|c| w[0][r * h + c] * xt[c]).sum())
             .collect();
         let act: Vec<f64> = (0..i)
             .map(|c| gu[c] / (1.0 + (-gu[c]).exp()) * gu[i + c])
             .collect();
+        let act = int8_activations(&act, group);
         for r in 0..h {
             out[t * h + r] = (0..i).map(|c| w[1][r * i + c] * act[c]).sum();
         }
@@ -162,11 +205,62 @@ proptest! {
         let (blob, w) = random_expert(format, shape, seed);
         let layout = ExpertLayout::new(format, shape).unwrap();
         let x: Vec<f32> = (0..n * hidden).map(|j| ((j * 37 % 101) as f32 - 50.0) / 50.0).collect();
-        let got = expert_forward(&blob, &layout, &x, n).unwrap();
-        let want = reference(&w, shape, &x, n);
+        let got = expert_forward(&blob, &layout, &x, n, Activations::Float).unwrap();
+        let want = reference(&w, shape, &x, n, None);
         let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
         for (g, r) in got.iter().zip(&want) {
             prop_assert!((*g as f64 - r).abs() <= 1e-4 * scale + 1e-6, "{g} vs {r} ({format:?})");
+        }
+        // Int8 activations: the reference rounds its inputs the same way. (An input that
+        // lands on a rounding boundary may round the other way in f32: one step of one
+        // input, hence the looser bound.)
+        let group = match format {
+            TierFormat::Quantized { group, .. } => Some(group),
+            TierFormat::Dense(_) => None,
+        };
+        let got = expert_forward(&blob, &layout, &x, n, Activations::Int8).unwrap();
+        let want = reference(&w, shape, &x, n, group);
+        let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+        for (g, r) in got.iter().zip(&want) {
+            prop_assert!((*g as f64 - r).abs() <= 2e-3 * scale + 1e-6, "{g} vs {r} ({format:?}, int8)");
+        }
+    }
+
+    /// Int8 activations give each token the same result whether its expert ran on integer
+    /// dot products (few tokens) or on a GEMM of the dequantized rows (many tokens).
+    #[test]
+    fn int8_results_do_not_depend_on_the_token_count(
+        format in formats(),
+        hidden in prop_oneof![Just(64usize), Just(96), Just(160)],
+        seed in any::<u64>(),
+    ) {
+        let shape = ExpertShape { hidden, intermediate: 64, alignment: 256 };
+        let (blob, w) = random_expert(format, shape, seed);
+        let layout = ExpertLayout::new(format, shape).unwrap();
+        let n = 12;
+        let group = match format {
+            TierFormat::Quantized { group, .. } => Some(group),
+            TierFormat::Dense(_) => None,
+        };
+        let x: Vec<f32> = (0..n * hidden).map(|j| ((j * 53 % 97) as f32 - 48.0) / 40.0).collect();
+        let all = expert_forward(&blob, &layout, &x, n, Activations::Int8).unwrap();
+        for t in 0..n {
+            let one = expert_forward(&blob, &layout, &x[t * hidden..(t + 1) * hidden], 1, Activations::Int8)
+                .unwrap();
+            let row = &all[t * hidden..(t + 1) * hidden];
+            let scale = one.iter().fold(1e-3f32, |m, v| m.max(v.abs())) as f64;
+            // Float rounding differs between the paths, so an intermediate activation on a
+            // rounding boundary of its int8 step may round the other way: allow two such
+            // steps (one step of input c moves an output by |w_down[r, c]| * step).
+            let step = match group {
+                Some(_) => hidden_max(&w, shape, &x[t * hidden..(t + 1) * hidden], group) / 127.0,
+                None => 0.0,
+            };
+            let w_max = w[1].iter().fold(0f64, |m, v| m.max(v.abs()));
+            let tol = 1e-4 * scale + 2.0 * w_max * step;
+            for (a, b) in row.iter().zip(&one) {
+                prop_assert!(((a - b).abs() as f64) <= tol, "token {t}: {a} vs {b} ({format:?})");
+            }
         }
     }
 }
@@ -233,7 +327,7 @@ fn one_layer_from_a_table_releases_its_leases() {
             .num_threads(threads)
             .build()
             .unwrap()
-            .install(|| moe_layer(&table, 0, &formats, shape, routed).unwrap())
+            .install(|| moe_layer(&table, 0, &formats, shape, routed, Activations::Int8).unwrap())
     };
     let (out, served) = run(1);
     assert_eq!(run(3).0, out, "results depend on the thread count");
@@ -249,7 +343,14 @@ fn one_layer_from_a_table_releases_its_leases() {
             let p = tok * k + j;
             let e = ids[p] as usize;
             let layout = ExpertLayout::new(formats[e % 2], shape).unwrap();
-            let y = expert_forward(&blobs[e], &layout, &x[tok * 64..(tok + 1) * 64], 1).unwrap();
+            let y = expert_forward(
+                &blobs[e],
+                &layout,
+                &x[tok * 64..(tok + 1) * 64],
+                1,
+                Activations::Int8,
+            )
+            .unwrap();
             for (w, v) in want.iter_mut().zip(y) {
                 *w += weights[p] * v;
             }

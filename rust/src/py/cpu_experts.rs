@@ -6,7 +6,9 @@ use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::cpu_experts::{moe_layer, ExpertLayout, ExpertShape, Half, Routed, TierFormat};
+use crate::cpu_experts::{
+    moe_layer, Activations, ExpertLayout, ExpertShape, Half, Routed, TierFormat,
+};
 use crate::table::ExpertTable;
 
 use super::*;
@@ -51,13 +53,17 @@ pub struct PyCpuExperts {
     shape: ExpertShape,
     pool: rayon::ThreadPool,
     threads: usize,
+    activations: Activations,
 }
 
 #[pymethods]
 impl PyCpuExperts {
     /// `tiers[t]`: the tier name of table tier t (e.g. ["int2g64", "bf16"]).
+    /// `activations`: "int8" (integer tiers take their inputs quantized to int8 per
+    /// weight group: integer dot products, the default) or "float" (exact float32 inputs).
     #[new]
-    #[pyo3(signature = (table, tiers, hidden_size, intermediate_size, alignment = 256, threads = 1))]
+    #[pyo3(signature = (table, tiers, hidden_size, intermediate_size, alignment = 256, threads = 1, activations = "int8"))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         table: &PyExpertTable,
         tiers: Vec<String>,
@@ -65,7 +71,17 @@ impl PyCpuExperts {
         intermediate_size: usize,
         alignment: usize,
         threads: usize,
+        activations: &str,
     ) -> PyResult<Self> {
+        let activations = match activations {
+            "int8" => Activations::Int8,
+            "float" => Activations::Float,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "activations must be \"int8\" or \"float\", not {other:?}"
+                )))
+            }
+        };
         let formats = tiers
             .iter()
             .map(|t| tier_format(t))
@@ -105,6 +121,7 @@ impl PyCpuExperts {
             shape,
             pool: threads_pool(threads)?,
             threads,
+            activations,
         })
     }
 
@@ -143,7 +160,7 @@ impl PyCpuExperts {
             ));
         }
         let table = self.table.clone();
-        let (formats, shape) = (&self.formats, self.shape);
+        let (formats, shape, act) = (&self.formats, self.shape, self.activations);
         let (y, served) = py
             .detach(|| {
                 let routed = Routed {
@@ -153,7 +170,7 @@ impl PyCpuExperts {
                     k,
                 };
                 self.pool
-                    .install(|| moe_layer(&table, layer, formats, shape, routed))
+                    .install(|| moe_layer(&table, layer, formats, shape, routed, act))
             })
             .map_err(to_py)?;
         ob.copy_from_slice(py, &y)?;
@@ -163,6 +180,15 @@ impl PyCpuExperts {
     #[getter]
     fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// "int8" or "float" (see the constructor).
+    #[getter]
+    fn activations(&self) -> &'static str {
+        match self.activations {
+            Activations::Int8 => "int8",
+            Activations::Float => "float",
+        }
     }
 }
 

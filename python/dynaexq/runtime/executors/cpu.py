@@ -15,10 +15,17 @@ from dynaexq.runtime.store import TierStore
 
 class CpuExecutor:
     """Runs one MoE layer from the table's published versions; counts what each tier
-    served. `real[k]` is the store tier of table tier k."""
+    served. `real[k]` is the store tier of table tier k. `activations`: "int8" (integer
+    tiers take their inputs rounded to int8 per weight group and run on integer dot
+    products, as llama.cpp's quantized CPU kernels do) or "float" (exact float32 inputs)."""
 
     def __init__(
-        self, table: ExpertTable, store: TierStore, real: list[int], threads: int = 1
+        self,
+        table: ExpertTable,
+        store: TierStore,
+        real: list[int],
+        threads: int = 1,
+        activations: str = "int8",
     ) -> None:
         h, i = store.hidden_size, store.intermediate_size
         align = int(getattr(store, "alignment", DEFAULT_ALIGNMENT))
@@ -29,7 +36,7 @@ class CpuExecutor:
                     f"tier {spec.name}: the store's blobs are {store.slot_bytes[t]} B, the "
                     f"packed layout at alignment {align} is {expert_nbytes(spec, h, i, align)} B"
                 )
-        self.core = CpuExperts(table, [s.name for s in tiers], h, i, align, threads)
+        self.core = CpuExperts(table, [s.name for s in tiers], h, i, align, threads, activations)
         self.hidden_size = h
 
     def forward(
