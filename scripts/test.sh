@@ -22,6 +22,11 @@ stage "ruff"
 
 stage "cargo test (unit, property, fuzz-corpus replay)"
 cargo test --workspace --release --quiet
+# The int8 expert kernels this CPU does not pick by itself (AVX2 and the scalar
+# definition under AVX-512 VNNI), through the whole-expert property tests.
+for kernel in avx2 scalar; do
+    DYNAEXQ_INT8_KERNEL=$kernel cargo test -p dynaexq --release --quiet --test cpu_experts
+done
 
 stage "CUDA kernels: NVRTC -> PTX (sm_80/86/89/90/120) + ptxas via nvJitLink"
 "$py" scripts/compile_kernels.py --out "${CARGO_TARGET_DIR:-$root/target}/dynaexq-ptx"

@@ -531,11 +531,6 @@ pub enum Activations {
     Int8,
 }
 
-/// Tokens per expert below which int8 activations go through integer dot products; from
-/// here on the rows are dequantized once and multiplied by a GEMM (on the same int8
-/// activations, as floats, so the result does not depend on the path).
-const INT8_TOKENS: usize = int8_dot::MAX_TOKENS + 1;
-
 /// `y = x @ W^T` for one packed matrix: x [n, K] row-major, returns y^T [N, n].
 fn matmul(blob: &[u8], m: &MatrixLayout, x: &[f32], n: usize, act: Activations) -> Vec<f32> {
     let k32 = m.k32();
@@ -547,7 +542,10 @@ fn matmul(blob: &[u8], m: &MatrixLayout, x: &[f32], n: usize, act: Activations) 
     let mut out = vec![0f32; m.n * n];
     if act == Activations::Int8 && matches!(m.format, TierFormat::Quantized { .. }) {
         let tokens = int8_dot::Int8Tokens::new(m, &xp, n);
-        if n < INT8_TOKENS && int8_dot::available(m) {
+        // Integer dot products for any token count where this CPU has a kernel (they
+        // beat dequantize + SGEMM at every count measured); else the float paths on the
+        // same rounded inputs.
+        if int8_dot::available(m) {
             for_row_blocks(m, n, &mut out, |rows, chunk, buf| {
                 int8_dot::rows_dot(blob, m, rows, &tokens, chunk, buf)
             });

@@ -204,8 +204,8 @@ pub(super) fn rows_dot(
     // conversion per group and token).
     let count = rows.len();
     scratch.clear();
-    scratch.resize(n * ng + 2 * count * ng, 0.0);
-    let (combined, rest) = scratch.split_at_mut(n * ng);
+    scratch.resize(MAX_TOKENS * ng + 2 * count * ng, 0.0);
+    let (combined, rest) = scratch.split_at_mut(MAX_TOKENS * ng);
     let (scales, zeros) = rest.split_at_mut(count * ng);
     let span = rows.start * ng..rows.end * ng;
     halves(&blob[m.scales.clone()])[span.clone()].convert_to_f32_slice(scales);
@@ -220,56 +220,53 @@ pub(super) fn rows_dot(
         let row = &blob[m.weights.start + r * rb..][..rb];
         let s = &scales[j * ng..(j + 1) * ng];
         let z = &zeros[j * ng..(j + 1) * ng];
-        for t in 0..n {
-            let sx = &acts.scale[t * ng..(t + 1) * ng];
-            let sums = &acts.sum[t * ng..(t + 1) * ng];
-            let cs = &mut combined[t * ng..(t + 1) * ng];
-            let mut b = 0f32;
-            for g in 0..ng {
-                let c = s[g] * sx[g];
-                cs[g] = c;
-                b += c * z[g] * sums[g] as f32;
+        // Tokens in blocks of MAX_TOKENS: the row stays in L1 while every block reads it.
+        for t0 in (0..n).step_by(MAX_TOKENS) {
+            let nb = (n - t0).min(MAX_TOKENS);
+            for (tb, b) in bias.iter_mut().enumerate().take(nb) {
+                let t = t0 + tb;
+                let sx = &acts.scale[t * ng..(t + 1) * ng];
+                let sums = &acts.sum[t * ng..(t + 1) * ng];
+                let cs = &mut combined[tb * ng..(tb + 1) * ng];
+                let mut acc = 0f32;
+                for g in 0..ng {
+                    let c = s[g] * sx[g];
+                    cs[g] = c;
+                    acc += c * z[g] * sums[g] as f32;
+                }
+                *b = acc;
             }
-            bias[t] = b;
-        }
-        let k = Tokens { n, stride: k32, ng };
-        if acts.bits == 3 {
-            let (low, hi) = row.split_at(k32 / 4);
-            stream_dots(
-                low,
-                2,
-                4,
-                &acts.planes,
-                acts.group / 4,
-                combined,
-                k,
-                &mut dots,
-            );
-            stream_dots(
-                hi,
-                1,
-                8,
-                &acts.planes_high,
-                acts.group / 8,
-                combined,
-                k,
-                &mut high,
-            );
-            for t in 0..n {
-                dots[t] += 4.0 * high[t];
+            let k = Tokens {
+                n: nb,
+                stride: k32,
+                ng,
+            };
+            let planes = &acts.planes[t0 * k32..];
+            if acts.bits == 3 {
+                let (low, hi) = row.split_at(k32 / 4);
+                let (g4, g8) = (acts.group / 4, acts.group / 8);
+                stream_dots(low, 2, 4, planes, g4, combined, k, &mut dots);
+                let planes_high = &acts.planes_high[t0 * k32..];
+                stream_dots(hi, 1, 8, planes_high, g8, combined, k, &mut high);
+                for tb in 0..nb {
+                    dots[tb] += 4.0 * high[tb];
+                }
+            } else {
+                let per = per_byte(acts.bits);
+                let (bits, span) = (acts.bits as u32, acts.group / per);
+                stream_dots(row, bits, per, planes, span, combined, k, &mut dots);
             }
-        } else {
-            let per = per_byte(acts.bits);
-            let (bits, span) = (acts.bits as u32, acts.group / per);
-            stream_dots(row, bits, per, &acts.planes, span, combined, k, &mut dots);
-        }
-        for t in 0..n {
-            out[j * n + t] = dots[t] - bias[t];
+            for tb in 0..nb {
+                out[j * n + t0 + tb] = dots[tb] - bias[tb];
+            }
         }
     }
 }
 
-/// Most tokens one call of the integer kernel takes (`INT8_TOKENS` of the parent is below).
+/// How far ahead of the codes being dotted the VNNI kernel prefetches.
+const PREFETCH: usize = 1024;
+
+/// Tokens one pass of the integer kernel dots with a row's unpacked codes.
 pub(super) const MAX_TOKENS: usize = 8;
 
 /// Where token t's activations and combined scales start: `t * stride` in the planes,
@@ -412,6 +409,9 @@ unsafe fn vnni_stream_dots<const BITS: u32, const PER: usize>(
         let m: __mmask64 = if len == 64 { !0 } else { (1u64 << len) - 1 };
         // Masked loads read only the `len` bytes that exist (the rest are zero).
         let b = _mm512_maskz_loadu_epi8(m, bytes.as_ptr().add(c) as *const i8);
+        // Ask for the codes PREFETCH bytes ahead (the next rows: experts stream from
+        // DRAM in decode). A hint: it never faults, whatever the address.
+        _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().wrapping_add(c + PREFETCH) as *const i8);
         let mut codes = [_mm512_setzero_si512(); PER];
         for (p, code) in codes.iter_mut().enumerate() {
             // (unrolled: PER is a constant; plane 0 needs no shift)
