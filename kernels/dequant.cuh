@@ -206,3 +206,28 @@ template <int IS_BF16>
 DQ_HD float dq_w16(uint16_t v) {
     return IS_BF16 ? dq_bf16_to_float(v) : dq_half_to_float(v);
 }
+
+// Decode the 8 weights of oct o of row `row_n` (float, zero past column K); BITS 16 and 17
+// are bf16 and fp16 weights. Shared by gemv.cu and moe.cu.
+template <int BITS>
+DQ_HD void dq_oct_weights(const uint8_t* __restrict__ qweight, const uint16_t* __restrict__ scales,
+                          const uint16_t* __restrict__ zeros, int row_n, int K, int group_size,
+                          int o, float w[8]) {
+    if constexpr (BITS == 16 || BITS == 17) {  // 16: bf16 weights, 17: fp16 weights
+        const uint16_t* row = (const uint16_t*)qweight + (int64_t)row_n * K;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            int c = 8 * o + j;
+            w[j] = c < K ? dq_w16<BITS == 16>(row[c]) : 0.f;
+        }
+    } else {
+        const int k32 = dq_k32(K);
+        const uint8_t* row = qweight + (int64_t)row_n * dq_row_bytes(BITS, K);
+        float s, z;
+        dq_group_params(scales, zeros, BITS, dq_groups(K, group_size), row_n,
+                        8 * o / group_size, &s, &z);
+        DqOct v = dq_load_oct<BITS>(row, k32, o);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) w[j] = dq_value(dq_oct_code<BITS>(v, j), s, z);
+    }
+}

@@ -22,6 +22,7 @@ from dynaexq.quant import (
     relative_error,
 )
 from dynaexq.quant.cuda import (
+    MODULES,
     kernel_dir,
     kernel_names,
     nvrtc_compile,
@@ -162,30 +163,12 @@ def test_header_matmul_contract(shim, tier, swiglu):
 def test_ptx_compiles_with_every_kernel():
     """One architecture here; scripts/compile_kernels.py (a CI stage) does all of them."""
     pytest.importorskip("cuda.bindings")
-    for mod in ("gemv", "gemm"):
+    for mod in MODULES:
         ptx = nvrtc_compile(KERNELS / f"{mod}.cu", "80")
         assert set(kernel_names(mod)) <= set(ptx_entries(ptx))
 
 
 # ------------------------------------------------------------------ kernels on the CPU
-
-
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory) -> ctypes.CDLL:
-    """gemv.cu and gemm.cu themselves, compiled for the CPU on a small CUDA emulation."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    so = tmp_path_factory.mktemp("emu") / "libdq_emu.so"
-    subprocess.run(
-        [cxx, "-O1", "-std=c++20", "-pthread", "-shared", "-fPIC", "-w", f"-I{KERNELS}",
-         str(KERNELS / "emu_kernels.cpp"), "-o", str(so)],
-        check=True,
-    )  # fmt: skip
-    lib = ctypes.CDLL(str(so))
-    lib.emu_launch.argtypes = [ctypes.c_void_p, *[ctypes.c_int] * 3, *[ctypes.c_void_p] * 5,
-                               *[ctypes.c_int] * 5]  # fmt: skip
-    return lib
 
 
 def _emu_matmul(lib, view, name, x, swiglu, op):

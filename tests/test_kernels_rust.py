@@ -11,8 +11,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -145,25 +143,6 @@ def test_plan_rejects_bad_arguments(kw, match):
 def test_plan_rejects_negative_pointers():
     with pytest.raises(OverflowError):
         _core.kernel_launch_plan(**_ok_args(x=-1))
-
-
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory) -> ctypes.CDLL:
-    """kernels/gemv.cu and gemm.cu compiled for the CPU on the CUDA emulation
-    (kernels/cuda_emu.h), as in tests/test_kernels.py."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    so = tmp_path_factory.mktemp("emu") / "libdq_emu.so"
-    subprocess.run(
-        [cxx, "-O1", "-std=c++20", "-pthread", "-shared", "-fPIC", "-w", f"-I{kernel_dir()}",
-         str(kernel_dir() / "emu_kernels.cpp"), "-o", str(so)],
-        check=True,
-    )  # fmt: skip
-    lib = ctypes.CDLL(str(so))
-    lib.emu_launch.argtypes = [ctypes.c_void_p, *[ctypes.c_int] * 3, *[ctypes.c_void_p] * 5,
-                               *[ctypes.c_int] * 5]  # fmt: skip
-    return lib
 
 
 @pytest.mark.parametrize("tier", ["bf16", "int8g32a", "int4", "int3", "int2g64a"])

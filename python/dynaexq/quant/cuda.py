@@ -23,7 +23,7 @@ from dynaexq.quant.expert import PackedExpertView
 from dynaexq.quant.tiers import TierSpec
 
 ARCHES = ("80", "86", "89", "90", "120")
-MODULES = ("gemv", "gemm")
+MODULES = ("gemv", "gemm", "moe")
 WEIGHT_KINDS = ("int8", "int4", "int3", "int2", "bf16", "fp16")
 ACT_KINDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 GEMV_MAX_T = 8
@@ -34,12 +34,12 @@ class KernelCompileError(RuntimeError):
     pass
 
 
-KERNEL_SOURCES = ("dequant.cuh", "gemv.cu", "gemm.cu")  # what NVRTC compiles
+KERNEL_SOURCES = ("dequant.cuh", "gemv.cu", "gemm.cu", "moe.cu")  # what NVRTC compiles
 
 
 def kernel_dir() -> Path:
     """Where the kernel sources are: `DYNAEXQ_KERNEL_DIR`; else the installed package's
-    `dynaexq/kernels/` (a wheel carries gemv.cu, gemm.cu and dequant.cuh there); else
+    `dynaexq/kernels/` (a wheel carries the .cu files and dequant.cuh there); else
     `kernels/` of the source tree (this module lives in python/dynaexq/quant)."""
     override = os.environ.get("DYNAEXQ_KERNEL_DIR")
     if override:
@@ -85,7 +85,10 @@ def ptx_dir(arches: Sequence[str | int] | None = None, cache: Path | None = None
 
 
 def kernel_names(module: str) -> list[str]:
-    """Every extern "C" kernel a module must export."""
+    """Every extern "C" kernel a module must export (moe: one kernel per matrix and
+    activation type, every tier inside)."""
+    if module == "moe":
+        return [f"dq_moe_{m}_{a}" for a in ACT_KINDS.values() for m in ("gate_up", "down")]
     return [f"dq_{module}_{w}_{a}" for w in WEIGHT_KINDS for a in ACT_KINDS.values()]
 
 

@@ -1,0 +1,168 @@
+// Grouped mixed-tier expert GEMV for one MoE layer: every routed (token, expert) pair of
+// every expert of every tier in one launch per matrix, reading each expert's tier and
+// place in the pool from a device-resident expert table, so that a change of precision
+// (a new table entry) needs no new launch plan and does not invalidate a CUDA graph.
+//
+//   gate_up: act[p, n] = silu(W_gate[e] x[tok(p)])[n] * (W_up[e] x[tok(p)])[n]   n < I
+//   down:    y[p, n]   = (W_down[e] act[p])[n]                                    n < H
+//
+// for every pair p of expert e, the pairs sorted by expert: expert e owns pairs
+// expert_start[e] .. expert_start[e + 1] - 1 and pair p comes from token pair_token[p]
+// (down reads act row p itself). The caller combines y with the routing weights.
+//
+// Launch (both): blockDim = (128, 1, 1) (4 warps, one output column per warp),
+//                gridDim = (ceil(N / 4), E, 1), N = I (gate_up) or H (down).
+// A block takes one expert: it reads the expert's table entry (tier, byte offset of the
+// published block in `arena`) and that tier's section offsets, and dispatches on the tier
+// (uniform across the block, so no warp diverges). Experts without pairs return at once;
+// tokens of one expert go eight at a time (DQ_GEMV_MAX_T registers per accumulator).
+// Arguments:
+//   const uint8_t* arena, const DqExpertEntry* table [E], const DqTierDesc* tiers,
+//   const int* expert_start [E + 1], const int* pair_token [P] (down: unused, may be 0),
+//   const ACT* in, ACT* out, int E, int H, int I
+#include "dequant.cuh"
+
+#ifndef DQ_GEMV_MAX_T  // (the same values as gemv.cu's; both are built into the emulation)
+#define DQ_GEMV_MAX_T 8
+#define DQ_GEMV_WARPS 4
+#endif
+
+// One tier's blob layout (python/dynaexq/quant/expert.py: expert_layout): bits 2/3/4/8,
+// or 16 (bf16) / 17 (fp16) weights; byte offsets of the sections from the blob start
+// (zeros -1 for symmetric tiers; scales unused by 16-bit tiers).
+struct DqTierDesc {
+    int bits;
+    int group_size;
+    int64_t gate_up_weight, gate_up_scales, gate_up_zeros;
+    int64_t down_weight, down_scales, down_zeros;
+};
+
+// The table entry of one expert of the layer: its published tier (an index into the
+// tier descriptors) and the byte offset of its block in the arena.
+struct DqExpertEntry {
+    int64_t offset;
+    int tier;
+    int reserved;
+};
+
+template <int BITS, class ACT>
+__device__ __forceinline__ void dq_moe_body(const uint8_t* __restrict__ qweight,
+                                            const uint16_t* __restrict__ scales,
+                                            const uint16_t* __restrict__ zeros,
+                                            const typename ACT::T* __restrict__ in,
+                                            const int* __restrict__ pair_token, int start,
+                                            int count, typename ACT::T* __restrict__ out, int N,
+                                            int K, int group_size, int swiglu) {
+    const int lane = threadIdx.x & 31;
+    const int n = blockIdx.x * DQ_GEMV_WARPS + (threadIdx.x >> 5);
+    if (n >= N) return;  // warp-uniform
+    const int nocts = dq_k32(K) / 8;
+    for (int t0 = 0; t0 < count; t0 += DQ_GEMV_MAX_T) {
+        const int T = count - t0 < DQ_GEMV_MAX_T ? count - t0 : DQ_GEMV_MAX_T;
+        float accg[DQ_GEMV_MAX_T], accu[DQ_GEMV_MAX_T];
+        const typename ACT::T* rows[DQ_GEMV_MAX_T];
+#pragma unroll
+        for (int t = 0; t < DQ_GEMV_MAX_T; ++t) {
+            accg[t] = accu[t] = 0.f;
+            const int p = start + t0 + (t < T ? t : 0);
+            rows[t] = in + (int64_t)(pair_token ? pair_token[p] : p) * K;
+        }
+        for (int o = lane; o < nocts; o += 32) {
+            float wg[8], wu[8];
+            dq_oct_weights<BITS>(qweight, scales, zeros, n, K, group_size, o, wg);
+            if (swiglu) {
+                dq_oct_weights<BITS>(qweight, scales, zeros, N + n, K, group_size, o, wu);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) wu[j] = 0.f;
+            }
+            const int base = 8 * o;
+            const bool full = base + 8 <= K;
+#pragma unroll
+            for (int t = 0; t < DQ_GEMV_MAX_T; ++t) {
+                if (t >= T) break;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    float xv = (full || base + j < K) ? ACT::load(rows[t], base + j) : 0.f;
+                    accg[t] += wg[j] * xv;
+                    accu[t] += wu[j] * xv;
+                }
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < DQ_GEMV_MAX_T; ++t) {
+            if (t >= T) break;
+            float g = accg[t], u = accu[t];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) {
+                g += __shfl_xor_sync(0xffffffffu, g, off);
+                u += __shfl_xor_sync(0xffffffffu, u, off);
+            }
+            if (lane == 0)
+                ACT::store(out, (int64_t)(start + t0 + t) * N + n, swiglu ? dq_silu(g) * u : g);
+        }
+    }
+}
+
+// One matrix (gate_up when `gate_up`, else down) of the block's expert.
+template <class ACT>
+__device__ __forceinline__ void dq_moe_matrix(const uint8_t* __restrict__ arena,
+                                              const DqExpertEntry* __restrict__ table,
+                                              const DqTierDesc* __restrict__ tiers,
+                                              const int* __restrict__ expert_start,
+                                              const int* __restrict__ pair_token,
+                                              const typename ACT::T* __restrict__ in,
+                                              typename ACT::T* __restrict__ out, int E, int H,
+                                              int I, bool gate_up) {
+    const int e = blockIdx.y;
+    if (e >= E) return;
+    const int start = expert_start[e], count = expert_start[e + 1] - start;
+    if (count <= 0) return;  // block-uniform
+    const DqExpertEntry entry = table[e];
+    const DqTierDesc d = tiers[entry.tier];
+    const uint8_t* blob = arena + entry.offset;
+    const int64_t w = gate_up ? d.gate_up_weight : d.down_weight;
+    const int64_t s = gate_up ? d.gate_up_scales : d.down_scales;
+    const int64_t z = gate_up ? d.gate_up_zeros : d.down_zeros;
+    const uint8_t* qweight = blob + w;
+    const uint16_t* scales = (const uint16_t*)(blob + s);
+    const uint16_t* zeros = z < 0 ? (const uint16_t*)0 : (const uint16_t*)(blob + z);
+    const int N = gate_up ? I : H, K = gate_up ? H : I, swiglu = gate_up ? 1 : 0;
+    const int* tok = gate_up ? pair_token : (const int*)0;
+#define DQ_MOE_CASE(B)                                                                        \
+    case B:                                                                                   \
+        dq_moe_body<B, ACT>(qweight, scales, zeros, in, tok, start, count, out, N, K,         \
+                            d.group_size, swiglu);                                            \
+        break;
+    switch (d.bits) {
+        DQ_MOE_CASE(8)
+        DQ_MOE_CASE(4)
+        DQ_MOE_CASE(3)
+        DQ_MOE_CASE(2)
+        DQ_MOE_CASE(16)
+        DQ_MOE_CASE(17)
+        default:
+            break;  // unknown tiers were refused when the descriptors were written
+    }
+#undef DQ_MOE_CASE
+}
+
+#define DQ_MOE(ACT, SUFFIX)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) dq_moe_gate_up_##SUFFIX(                \
+        const uint8_t* arena, const DqExpertEntry* table, const DqTierDesc* tiers,            \
+        const int* expert_start, const int* pair_token, const ACT::T* in, ACT::T* out, int E, \
+        int H, int I) {                                                                       \
+        dq_moe_matrix<ACT>(arena, table, tiers, expert_start, pair_token, in, out, E, H, I,   \
+                           true);                                                             \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) dq_moe_down_##SUFFIX(                   \
+        const uint8_t* arena, const DqExpertEntry* table, const DqTierDesc* tiers,            \
+        const int* expert_start, const int* pair_token, const ACT::T* in, ACT::T* out, int E, \
+        int H, int I) {                                                                       \
+        dq_moe_matrix<ACT>(arena, table, tiers, expert_start, pair_token, in, out, E, H, I,   \
+                           false);                                                            \
+    }
+
+DQ_MOE(DqActF32, f32)
+DQ_MOE(DqActBF16, bf16)
+DQ_MOE(DqActF16, f16)
