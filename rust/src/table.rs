@@ -40,6 +40,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::Deref;
 use std::sync::atomic::Ordering;
 
 use crate::errors::{Error, Result};
@@ -813,12 +814,12 @@ fn alloc_from(pool: &mut ExpertPool, classes: &[ClassId], pending: bool) -> Resu
 /// leases. So a block retired while the step was being prepared is pinned by a lease, and
 /// once the step is enqueued by the mark: it is reclaimed only after the compute stream
 /// passed the last step whose image still pointed at it.
-pub struct StepPin<'a> {
-    table: &'a ExpertTable,
+pub struct StepPin<T: Deref<Target = ExpertTable>> {
+    table: T,
     words: Vec<u64>,
 }
 
-impl StepPin<'_> {
+impl<T: Deref<Target = ExpertTable>> StepPin<T> {
     /// (tier, global slot) of every entry, in entry order (layer-major).
     pub fn image(&self) -> impl Iterator<Item = (u8, u32)> + '_ {
         self.words.iter().map(|&w| (tier_of(w), slot_of(w)))
@@ -837,7 +838,7 @@ impl StepPin<'_> {
     }
 }
 
-impl Drop for StepPin<'_> {
+impl<T: Deref<Target = ExpertTable>> Drop for StepPin<T> {
     fn drop(&mut self) {
         for &w in &self.words {
             self.table.release_word(w);
@@ -847,9 +848,19 @@ impl Drop for StepPin<'_> {
 
 impl ExpertTable {
     /// Lease every published version for one device step (see [`StepPin`]).
-    pub fn pin_step(&self) -> StepPin<'_> {
+    pub fn pin_step(&self) -> StepPin<&ExpertTable> {
         let words = (0..self.published.len()).map(|e| self.acquire(e)).collect();
         StepPin { table: self, words }
+    }
+
+    /// The same, holding the table by `Arc` (for owners that outlive a borrow, such as
+    /// the Python binding).
+    pub fn pin_step_shared(self: &std::sync::Arc<Self>) -> StepPin<std::sync::Arc<ExpertTable>> {
+        let words = (0..self.published.len()).map(|e| self.acquire(e)).collect();
+        StepPin {
+            table: self.clone(),
+            words,
+        }
     }
 }
 

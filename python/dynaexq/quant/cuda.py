@@ -290,6 +290,27 @@ class CudaKernels:
         self._check(err, f"cuLaunchKernel({launch.kernel})")
         return launch.y
 
+    def launch_moe(
+        self,
+        kernel: str,
+        grid: tuple[int, int],
+        pointers: Sequence[int],
+        ints: Sequence[int],
+        device: torch.device | None = None,
+    ) -> None:
+        """One launch of a moe.cu kernel (128 threads a block) on torch's current stream;
+        the argument order of kernels/moe.cu (pointers, then E, H, I)."""
+        import ctypes
+
+        args = [ctypes.c_void_p(p) for p in pointers] + [ctypes.c_int(v) for v in ints]
+        ptrs = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+        stream = self._drv.CUstream(torch.cuda.current_stream(device).cuda_stream)
+        (err,) = self._drv.cuLaunchKernel(
+            self.functions[kernel], grid[0], grid[1], 1, 128, 1, 1, 0, stream,
+            ctypes.addressof(ptrs), 0,
+        )  # fmt: skip
+        self._check(err, f"cuLaunchKernel({kernel})")
+
     def expert_forward(
         self, view: PackedExpertView, x: torch.Tensor, force: str | None = None
     ) -> torch.Tensor:

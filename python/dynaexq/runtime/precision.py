@@ -192,6 +192,9 @@ class PrecisionRuntime:
 
     def end_step(self) -> StepRecord:
         """Land finished copies, then (every T steps) plan and submit new transitions."""
+        end = getattr(self.executor, "end_step", None)
+        if end is not None:  # a device executor's step pin: use marks, then its leases go
+            end()
         t0 = time.perf_counter()
         finished, failed, moved = self._land()
         landed_s = (

@@ -368,6 +368,13 @@ impl PyExpertTable {
         version_py(py, self.pool.get(), v)
     }
 
+    /// Lease every published version for one step of a device executor and read the
+    /// table image its kernels take (see `StepPin`).
+    fn pin_step(&self, py: Python<'_>) -> PyStepPin {
+        let base = self.pool.get().arena.base_address();
+        py.detach(|| PyStepPin::new(&self.inner, base))
+    }
+
     /// The published tier of every expert, layer-major, as bytes (one call for telemetry
     /// instead of one per expert).
     fn tiers<'py>(&self, py: Python<'py>) -> Bound<'py, pyo3::types::PyBytes> {

@@ -144,6 +144,7 @@ mod expert_pool;
 mod expert_table;
 mod kernels;
 mod layout;
+mod step_pin;
 mod transfer_engine;
 use controller::*;
 use cpu_experts::*;
@@ -151,6 +152,7 @@ use expert_pool::*;
 use expert_table::*;
 use kernels::*;
 use layout::*;
+use step_pin::*;
 use transfer_engine::*;
 
 #[pymodule(name = "_core")]
@@ -173,6 +175,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTransition>()?;
     m.add_class::<PyLease>()?;
     m.add_class::<PyExpertTable>()?;
+    m.add_class::<PyStepPin>()?;
     m.add_class::<PyLayout>()?;
     m.add_class::<PyHostStore>()?;
     m.add_class::<PyCompletion>()?;

@@ -1,0 +1,172 @@
+"""The grouped executor: one MoE layer in two kernel launches (kernels/moe.cu), whatever
+the batch and however the experts are spread over tiers.
+
+Per step it pins the expert table once (`ExpertTable.pin_step`: every published version
+leased) and copies the table image — per expert the tier and the byte offset of its block
+in the pool's arena — into a [layers, experts] device tensor the kernels read. Per layer
+it sorts the routed (token, expert) pairs by expert on the device, launches gate_up+SiLU
+and down for every expert at once (each thread block reads its expert's entry and
+dispatches on the tier), and combines the picks with their routing weights in pick order.
+At the end of the step `end_step` records one use mark for every block of the image and
+gives the leases back, so a block retired meanwhile is reclaimed only after the step that
+still pointed at it (the rule of `StepPin` in the Rust core).
+
+Routing, sorting and combining are torch ops with shapes fixed by the batch (no host
+synchronisation on the way to the kernels). `launch(kernel, grid, pointers, ints)` runs one
+kernel: `CudaKernels.launch_moe` on a GPU, the CPU emulation of the same source in tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from dynaexq._core import ExpertTable
+from dynaexq.quant.cuda import ACT_KINDS
+from dynaexq.quant.expert import DEFAULT_ALIGNMENT, expert_layout
+from dynaexq.quant.tiers import TierSpec
+
+# struct DqTierDesc / DqExpertEntry of kernels/moe.cu.
+TIER_DESC = np.dtype(
+    [("bits", "<i4"), ("group_size", "<i4"), ("gate_up_weight", "<i8"),
+     ("gate_up_scales", "<i8"), ("gate_up_zeros", "<i8"), ("down_weight", "<i8"),
+     ("down_scales", "<i8"), ("down_zeros", "<i8")]
+)  # fmt: skip
+EXPERT_ENTRY = np.dtype([("offset", "<i8"), ("tier", "<i4"), ("reserved", "<i4")])
+
+Launch = Callable[[str, tuple[int, int], Sequence[int], Sequence[int]], None]
+
+
+def tier_descriptors(
+    tiers: Sequence[TierSpec], hidden: int, intermediate: int, alignment: int
+) -> np.ndarray:
+    """One DqTierDesc per table tier: bits (16 bf16, 17 fp16 weights), group size and the
+    byte offsets of the blob's sections (zeros -1 for symmetric tiers)."""
+    out = np.zeros(len(tiers), dtype=TIER_DESC)
+    for k, t in enumerate(tiers):
+        offs = {s.name: s.offset for s in expert_layout(t, hidden, intermediate, alignment)}
+        d = out[k]
+        d["bits"] = t.bits if t.is_quantized else (16 if t.dtype == "bf16" else 17)
+        d["group_size"] = t.group_size
+        for m in ("gate_up", "down"):
+            d[f"{m}_weight"] = offs[f"{m}.qweight" if t.is_quantized else f"{m}.weight"]
+            d[f"{m}_scales"] = offs.get(f"{m}.scales", 0)
+            d[f"{m}_zeros"] = offs.get(f"{m}.zeros", -1)
+    return out
+
+
+class GroupedExecutor:
+    """Runs one MoE layer from the table's published versions with the grouped kernels;
+    counts what each tier served. `real[k]` is the store tier of table tier k."""
+
+    def __init__(
+        self,
+        table: ExpertTable,
+        store,
+        real: list[int],
+        launch: Launch,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if dtype not in ACT_KINDS:
+            raise ValueError(f"activations must be one of {list(ACT_KINDS)}, not {dtype}")
+        h, i = store.hidden_size, store.intermediate_size
+        align = int(getattr(store, "alignment", DEFAULT_ALIGNMENT))
+        self.table, self.launch = table, launch
+        self.device, self.dtype = torch.device(device), dtype
+        self.hidden_size, self.intermediate_size = h, i
+        self.layers = table.num_layers
+        self.experts = table.experts(0)
+        if any(table.experts(li) != self.experts for li in range(self.layers)):
+            raise ValueError("the grouped executor needs the same experts in every layer")
+        self.tiers = len(real)
+        descs = tier_descriptors([store.tiers[t] for t in real], h, i, align)
+        self.descs = torch.from_numpy(descs.view(np.uint8).copy()).to(self.device)
+        entries = self.layers * self.experts
+        self.image = torch.zeros(entries, 2, dtype=torch.int64, device=self.device)
+        # The host side of the image copy: pinned on a GPU, so the copy is asynchronous,
+        # and two of them, so a step never rewrites a buffer whose copy may still be
+        # queued (each is reused only after its copy's event).
+        cuda = self.device.type == "cuda"
+        self._host = [torch.zeros(entries, 2, dtype=torch.int64, pin_memory=cuda) for _ in "ab"]
+        self._copied = [torch.cuda.Event() if cuda else None for _ in "ab"]
+        self._steps = 0
+        self._pin = None
+        self._arena = 0
+
+    # -- one step ------------------------------------------------------------------------
+    def _begin_step(self) -> None:
+        pin = self.table.pin_step()
+        b = self._steps % 2
+        self._steps += 1
+        if self._copied[b] is not None:
+            self._copied[b].synchronize()  # this buffer's copy of two steps ago is done
+        host = self._host[b].numpy()
+        host[:, 0] = np.frombuffer(pin.offsets, dtype="<i8")
+        host[:, 1] = np.frombuffer(pin.tiers, dtype=np.uint8)  # tier, reserved = 0
+        # On the compute stream: ordered after the previous step's kernels (which read the
+        # old image) and before this step's.
+        self.image.copy_(self._host[b], non_blocking=True)
+        if self._copied[b] is not None:
+            self._copied[b].record()
+        self._pin, self._arena = pin, pin.base_address
+
+    def end_step(self) -> None:
+        """The step's kernels are enqueued: mark the image's blocks used, release them."""
+        if self._pin is not None:
+            self._pin.record()
+            self._pin = None
+
+    def forward(
+        self, layer_pos: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, list[int], list[float]]:
+        """hidden [T, H], expert_ids / weights [T, k] -> (sum over picks of weight x expert
+        output [T, H] in hidden's dtype, pairs served per table tier, routing weight served
+        per table tier)."""
+        if self._pin is None:
+            self._begin_step()
+        dev, e_count = self.device, self.experts
+        t_count, k = expert_ids.shape
+        h, i = self.hidden_size, self.intermediate_size
+        flat = expert_ids.reshape(-1).to(device=dev, dtype=torch.int64)
+        pairs = flat.numel()
+        # Pairs sorted by expert (token order within an expert), each expert's first pair.
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(e_count, dtype=torch.int32, device=dev)
+        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        start = torch.zeros(e_count + 1, dtype=torch.int32, device=dev)
+        start[1:] = counts.cumsum(0)
+        pair_token = torch.div(order, k, rounding_mode="floor").to(torch.int32)
+        x = hidden.detach().to(device=dev, dtype=self.dtype).contiguous()
+        act = torch.empty(pairs, i, dtype=self.dtype, device=dev)
+        y = torch.empty(pairs, h, dtype=self.dtype, device=dev)
+        entries = self.image.data_ptr() + layer_pos * e_count * EXPERT_ENTRY.itemsize
+        common = [self._arena, entries, self.descs.data_ptr(), start.data_ptr()]
+        suffix = ACT_KINDS[self.dtype]
+        self.launch(
+            f"dq_moe_gate_up_{suffix}",
+            ((i + 3) // 4, e_count),
+            [*common, pair_token.data_ptr(), x.data_ptr(), act.data_ptr()],
+            [e_count, h, i],
+        )
+        self.launch(
+            f"dq_moe_down_{suffix}",
+            ((h + 3) // 4, e_count),
+            [*common, 0, act.data_ptr(), y.data_ptr()],
+            [e_count, h, i],
+        )
+        # Pick (t, j) -> its pair; sum the picks of a token in pick order.
+        slot = torch.empty_like(order)
+        slot[order] = torch.arange(pairs, device=dev)
+        w = weights.detach().to(device=dev, dtype=torch.float32)
+        out = (y.float()[slot].view(t_count, k, h) * w.unsqueeze(-1)).sum(1)
+        # What each tier served (the host reads these once per call for telemetry).
+        tier_of = self.image[layer_pos * e_count : (layer_pos + 1) * e_count, 1]
+        pick_tier = tier_of[flat]
+        served = torch.zeros(self.tiers, dtype=torch.int64, device=dev)
+        served.scatter_add_(0, pick_tier, torch.ones_like(pick_tier))
+        mass = torch.zeros(self.tiers, dtype=torch.float64, device=dev)
+        mass.scatter_add_(0, pick_tier, w.reshape(-1).double())
+        return out.to(hidden.dtype), served.tolist(), mass.tolist()
