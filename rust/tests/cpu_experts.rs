@@ -124,7 +124,7 @@ fn int8_activations(v: &[f64], group: Option<usize>) -> Vec<f64> {
             let s = amax / 127.0;
             g.iter().map(move |&x| {
                 if s > 0.0 {
-                    (x / s).round().clamp(-127.0, 127.0) * s
+                    (x / s).round_ties_even().clamp(-127.0, 127.0) * s
                 } else {
                     0.0
                 }
@@ -196,7 +196,8 @@ proptest! {
     #[test]
     fn expert_forward_matches_the_reference(
         format in formats(),
-        hidden in prop_oneof![Just(32usize), Just(40), Just(96), Just(130)],
+        // (520: rows long enough for the int8 kernels to take several tokens)
+        hidden in prop_oneof![Just(32usize), Just(40), Just(96), Just(130), Just(520)],
         inter in prop_oneof![Just(32usize), Just(48), Just(64)],
         n in prop_oneof![Just(1usize), Just(2), Just(3), Just(17)],
         seed in any::<u64>(),
@@ -231,7 +232,7 @@ proptest! {
     #[test]
     fn int8_results_do_not_depend_on_the_token_count(
         format in formats(),
-        hidden in prop_oneof![Just(64usize), Just(96), Just(160)],
+        hidden in prop_oneof![Just(64usize), Just(96), Just(160), Just(544)],
         seed in any::<u64>(),
     ) {
         let shape = ExpertShape { hidden, intermediate: 64, alignment: 256 };

@@ -21,6 +21,7 @@
 use std::ops::Range;
 
 use half::slice::HalfFloatSliceExt;
+use multiversion::multiversion;
 
 use super::{halves, MatrixLayout, TierFormat};
 
@@ -76,16 +77,9 @@ impl Int8Tokens {
             let xt = &x[tok * k32..(tok + 1) * k32];
             for g in 0..groups {
                 let cols = g * group..((g + 1) * group).min(k32);
-                let amax = xt[cols.clone()].iter().fold(0f32, |a, v| a.max(v.abs()));
-                let sx = amax / 127.0;
-                let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-                let mut s = 0i32;
-                for c in cols {
-                    let q = (xt[c] * inv).round().clamp(-127.0, 127.0) as i8;
-                    natural[c] = q;
-                    s += q as i32;
-                }
-                t.scale[tok * groups + g] = sx;
+                let amax = abs_max(&xt[cols.clone()]);
+                let s = quantize_group(&xt[cols.clone()], amax, &mut natural[cols]);
+                t.scale[tok * groups + g] = amax / 127.0;
                 t.sum[tok * groups + g] = s;
             }
             let dst = &mut t.planes[tok * k32..(tok + 1) * k32];
@@ -96,26 +90,51 @@ impl Int8Tokens {
         }
         t
     }
+}
 
-    /// The activations as floats (`sx * xq`, natural order, n x K32): what every other path
-    /// multiplies with, so that results do not depend on which kernel served a token.
-    pub(super) fn dequantized(&self) -> Vec<f32> {
-        let per = per_byte(self.bits);
-        let mut out = vec![0f32; self.n * self.k32];
-        let nb = self.k32 / per;
-        for tok in 0..self.n {
-            let p = &self.planes[tok * self.k32..(tok + 1) * self.k32];
-            let o = &mut out[tok * self.k32..(tok + 1) * self.k32];
-            for plane in 0..per {
-                for j in 0..nb {
-                    let c = per * j + plane;
-                    o[c] =
-                        p[plane * nb + j] as f32 * self.scale[tok * self.groups + c / self.group];
-                }
+/// The activations as the integer kernels see them, as floats (`sx * xq`, n x K32 in
+/// natural order), in place: what every other path multiplies with, so that results do
+/// not depend on which kernel served a token.
+pub(super) fn round_in_place(m: &MatrixLayout, x: &mut [f32]) {
+    let TierFormat::Quantized { group, .. } = m.format else {
+        return;
+    };
+    for row in x.chunks_mut(m.k32()) {
+        for g in row.chunks_mut(group) {
+            let amax = abs_max(g);
+            if amax > 0.0 {
+                round_group(g, amax);
             }
         }
-        out
     }
+}
+
+// (Compiled for AVX2/AVX-512 too: rounding to nearest is one instruction from SSE4.1 on,
+// a library call below it.)
+#[multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2+fma"))]
+fn abs_max(v: &[f32]) -> f32 {
+    v.iter().fold(0f32, |a, x| a.max(x.abs()))
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2+fma"))]
+fn round_group(g: &mut [f32], amax: f32) {
+    let (sx, inv) = (amax / 127.0, 127.0 / amax);
+    for v in g.iter_mut() {
+        *v = (*v * inv).round_ties_even().clamp(-127.0, 127.0) * sx;
+    }
+}
+
+/// Codes of one group (`xq = round(x * 127 / amax)`) and their sum.
+#[multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2+fma"))]
+fn quantize_group(x: &[f32], amax: f32, out: &mut [i8]) -> i32 {
+    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    let mut s = 0i32;
+    for (o, &v) in out.iter_mut().zip(x) {
+        let q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+        *o = q;
+        s += q as i32;
+    }
+    s
 }
 
 /// `out[p * n + j] = x[per * j + p]`, n = len / per.
