@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine: run every GPU test (CUDA backend, pool, dequantize kernels from
 # Python and from the Rust core) and the transfer benchmarks, writing all to one folder.
-# Budget: under 6 minutes.
+# Budget: under 8 minutes.
 #   Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
 # With DYNAEXQ_PYTHON set (a bare machine whose python already has torch, as a lent GPU
 # has), no environment is built: dynaexq/_core.abi3.so must already be in python/dynaexq
@@ -38,5 +38,8 @@ step pytest_gpu timeout 240 "$py" -m pytest -q -p no:cacheprovider -m gpu $xdist
     --durations=15 --continue-on-collection-errors tests/
 step bench_transfer_cuda timeout 120 "$py" benchmarks/bench_transfer.py --backend cuda --out "$out"
 step bench_pool timeout 60 "$py" benchmarks/bench_pool.py
+# The grouped mixed-tier MoE kernels at Qwen3-30B-A3B's expert shape: decode of one layer
+# at batch 1/8/32 per tier table, against the bandwidth bound and a torch bf16 loop.
+step bench_moe_gpu timeout 120 "$py" benchmarks/bench_moe_gpu.py --out "$out"
 echo "results in $out; $failed step(s) failed (status.txt)"
 exit $((failed > 0))

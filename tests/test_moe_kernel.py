@@ -84,30 +84,44 @@ def ptr(a: np.ndarray | torch.Tensor) -> int:
     return a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()
 
 
-def grouped_forward(emu, layer: Layer, x: torch.Tensor, ids: np.ndarray, w: np.ndarray):
-    """Sort the picks by expert, run the two grouped launches, combine with the weights."""
+def emu_launch(emu):
+    def launch(kernel: str, grid, pointers, ints) -> None:
+        fn = ctypes.cast(getattr(emu, kernel), ctypes.c_void_p).value
+        assert emu.emu_launch_moe(fn, grid[0], grid[1], 128, *pointers, *ints) == 0
+
+    return launch
+
+
+def grouped_forward(launch, layer: Layer, x: torch.Tensor, ids: np.ndarray, w: np.ndarray):
+    """Sort the picks by expert, run the two grouped launches, combine with the weights
+    (everything where x is: the CPU for the emulation, the GPU for the real kernels)."""
     t_count, k = ids.shape
     experts = len(layer.table)
+    dev = x.device
     flat = ids.reshape(-1)
     order = np.argsort(flat, kind="stable")  # pairs sorted by expert, token order within
     start = np.zeros(experts + 1, dtype=np.int32)
     np.cumsum(np.bincount(flat, minlength=experts), out=start[1:])
     pair_token = (order // k).astype(np.int32)
     pairs = len(order)
-    act = torch.empty(pairs, layer.i, dtype=x.dtype)
-    y = torch.empty(pairs, layer.h, dtype=x.dtype)
+    on = {
+        name: torch.from_numpy(np.ascontiguousarray(a).view(np.uint8)).to(dev)
+        for name, a in (("arena", layer.arena), ("table", layer.table), ("descs", layer.descs),
+                        ("start", start), ("token", pair_token))
+    }  # fmt: skip
+    act = torch.empty(pairs, layer.i, dtype=x.dtype, device=dev)
+    y = torch.empty(pairs, layer.h, dtype=x.dtype, device=dev)
     suffix = ACTS[x.dtype]
-    for name, inp, out, n in (("gate_up", x, act, layer.i), ("down", act, y, layer.h)):
-        fn = ctypes.cast(getattr(emu, f"dq_moe_{name}_{suffix}"), ctypes.c_void_p).value
-        rc = emu.emu_launch_moe(
-            fn, (n + 3) // 4, experts, 128, ptr(layer.arena), ptr(layer.table),
-            ptr(layer.descs), ptr(start), ptr(pair_token), ptr(inp), ptr(out), experts,
-            layer.h, layer.i,
-        )  # fmt: skip
-        assert rc == 0
+    common = [ptr(on["arena"]), ptr(on["table"]), ptr(on["descs"]), ptr(on["start"])]
+    for name, inp, out, n, tok in (
+        ("gate_up", x, act, layer.i, ptr(on["token"])),
+        ("down", act, y, layer.h, 0),
+    ):
+        launch(f"dq_moe_{name}_{suffix}", ((n + 3) // 4, experts),
+               [*common, tok, ptr(inp), ptr(out)], [experts, layer.h, layer.i])  # fmt: skip
     slot = np.empty(pairs, dtype=np.int64)
     slot[order] = np.arange(pairs)  # pick (t, j) -> its pair
-    picks = y.float()[torch.from_numpy(slot)].view(t_count, k, layer.h)
+    picks = y.float().cpu()[torch.from_numpy(slot)].view(t_count, k, layer.h)
     return (picks * torch.from_numpy(w)[:, :, None]).sum(1)
 
 
@@ -151,7 +165,7 @@ def test_grouped_kernel_matches_the_reference(emu, tiers, act) -> None:
     ids = skewed_routing(rng, tokens, experts)
     w = rng.random(ids.shape).astype(np.float32)
     x = torch.from_numpy(rng.standard_normal((tokens, h)).astype(np.float32)).to(act)
-    got = grouped_forward(emu, layer, x, ids, w)
+    got = grouped_forward(emu_launch(emu), layer, x, ids, w)
     want = reference(layer, x, ids, w)
     tol = 1e-5 if act == torch.float32 else 2e-2
     assert relative_error(want, got) < tol
@@ -168,10 +182,34 @@ def test_a_table_write_switches_the_tier_without_a_new_plan(emu) -> None:
     ids = np.array([[0, 1], [0, 2], [2, 0]])
     w = rng.random(ids.shape).astype(np.float32)
     x = torch.from_numpy(rng.standard_normal((3, h)).astype(np.float32))
-    low = grouped_forward(emu, layer, x, ids, w)
+    low = grouped_forward(emu_launch(emu), layer, x, ids, w)
     layer.publish(0, 1)
-    high = grouped_forward(emu, layer, x, ids, w)
+    high = grouped_forward(emu_launch(emu), layer, x, ids, w)
     assert relative_error(reference(layer, x, ids, w), high) < 1e-5
     layer.publish(0, 0)
     assert relative_error(reference(layer, x, ids, w), low) < 1e-5
     assert relative_error(high, low) > 1e-3  # the switch is visible
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("tiers", "act"), CASES)
+def test_grouped_kernel_on_the_gpu(tiers, act) -> None:
+    """The same kernels compiled by NVRTC and launched on a GPU (CudaKernels.launch_moe)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from dynaexq.quant.cuda import CudaKernels
+
+    kernels = CudaKernels()
+    h, i, experts, tokens = 72, 40, 6, 13
+    layer = Layer(tiers, experts, h, i, seed=len(tiers))
+    rng = np.random.default_rng(3)
+    for e in range(experts):
+        layer.publish(e, int(rng.integers(len(tiers))))
+    ids = skewed_routing(rng, tokens, experts)
+    w = rng.random(ids.shape).astype(np.float32)
+    x = torch.from_numpy(rng.standard_normal((tokens, h)).astype(np.float32)).to(act)
+    got = grouped_forward(kernels.launch_moe, layer, x.cuda(), ids, w)
+    torch.cuda.synchronize()
+    want = reference(layer, x, ids, w)
+    tol = 1e-5 if act == torch.float32 else 2e-2
+    assert relative_error(want, got) < tol
