@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 from dynaexq import ExpertPool, ExpertTable
-from dynaexq.quant import TierSpec, pack_expert, parse_tier
-from dynaexq.quant.expert import DEFAULT_ALIGNMENT, expert_nbytes
+from dynaexq._core import HostStore, TransferEngine
+from dynaexq.quant import PackedExpertView, TierSpec, pack_expert, parse_tier
+from dynaexq.quant.expert import DEFAULT_ALIGNMENT, expert_nbytes, reference_expert_forward
 from dynaexq.runtime.executors.cpu import CpuExecutor
 from dynaexq.runtime.executors.grouped import EXPERT_ENTRY, TIER_DESC, GroupedExecutor
 
@@ -139,3 +140,82 @@ def test_only_supported_activation_types() -> None:
     table, store, _ = build(["int2g64", "bf16"], 2, 1, 32, 32, manual=False)
     with pytest.raises(ValueError, match="activations"):
         GroupedExecutor(table, store, [0, 1], lambda *a: None, dtype=torch.int8)
+
+
+def engine_layer(device: str, tiers: list[str], experts: int, h: int, i: int):
+    """A one-layer table whose published versions the transfer engine uploaded from a host
+    store (the path of a device pool: "cpu" backend here, "cuda" on a GPU)."""
+    specs = [parse_tier(t) for t in tiers]
+    sizes = [expert_nbytes(s, h, i) for s in specs]
+    cuda = device == "cuda"
+    store = HostStore([experts], [sizes], device=0 if cuda else None)
+    gen = torch.Generator().manual_seed(9)
+    for e in range(experts):
+        gate, up, down = (torch.randn(*s, generator=gen) * 0.2 for s in ((i, h), (i, h), (h, i)))
+        for t, spec in enumerate(specs):
+            store.write(0, e, t, pack_expert(spec, gate, up, down).numpy())
+    store.freeze()
+    pool = ExpertPool({f"t{t}": sizes[t] for t in range(len(specs))},
+                      {f"t{t}": experts for t in range(len(specs))},
+                      device=0 if cuda else None)  # fmt: skip
+    table = ExpertTable(
+        pool, [experts], [[f"t{t}" for t in range(len(specs))]], [[0] * experts],
+        compute_stream=torch.cuda.current_stream() if cuda else None,
+    )  # fmt: skip
+    engine = TransferEngine(table, store, backend="cuda" if cuda else "cpu")
+    return table, engine, store, Store(specs, h, i, sizes)
+
+
+def run_engine_case(device: str, launch) -> None:
+    h, i, experts = 40, 36, 4
+    tiers = ["int2g64", "bf16"]
+    table, engine, host, store = engine_layer(device, tiers, experts, h, i)
+    grouped = GroupedExecutor(table, store, [0, 1], launch, device=device)
+    rng = np.random.default_rng(1)
+    ids = torch.tensor([[0, 1], [0, 2], [3, 0], [1, 2]], device=device)
+    w = torch.from_numpy(rng.random((4, 2)).astype(np.float32)).to(device)
+    x = torch.from_numpy(rng.standard_normal((4, h)).astype(np.float32)).to(device)
+
+    def want() -> torch.Tensor:
+        out = torch.zeros(4, h)
+        for t in range(4):
+            for j in range(2):
+                e = int(ids[t, j])
+                tier = table.tier(0, e)
+                blob = torch.frombuffer(bytearray(host.view(0, e, tier)), dtype=torch.uint8)
+                view = PackedExpertView(store.tiers[tier], h, i, blob)
+                out[t] += float(w[t, j]) * reference_expert_forward(view, x[t : t + 1].cpu())[0]
+        return out
+
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("error")  # nothing on the way may wait
+    try:
+        out, served, _ = grouped.forward_device(0, x, ids, w)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    grouped.end_step()
+    torch.testing.assert_close(out.cpu(), want(), rtol=2e-5, atol=2e-5)
+    assert served.tolist() == [8, 0]
+    # A promotion through the engine lands between steps; the next step reads it.
+    job = engine.submit(0, 0, 1)
+    assert engine.wait(job, timeout=30) == "completed"
+    assert [c.status for c in engine.poll()] == ["completed"]
+    out, served, _ = grouped.forward_device(0, x, ids, w)
+    grouped.end_step()
+    torch.testing.assert_close(out.cpu(), want(), rtol=2e-5, atol=2e-5)
+    assert served.tolist() == [5, 3]  # expert 0's three pairs now at bf16
+
+
+def test_grouped_executor_over_an_engine_uploaded_table(emu) -> None:
+    run_engine_case("cpu", emu_launcher(emu))
+
+
+@pytest.mark.gpu
+def test_grouped_executor_on_the_gpu() -> None:
+    """Device pool, pinned host store, CUDA transfer engine, NVRTC kernels, no host sync."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from dynaexq.quant.cuda import CudaKernels
+
+    run_engine_case("cuda", CudaKernels().launch_moe)

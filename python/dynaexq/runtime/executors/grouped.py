@@ -125,6 +125,14 @@ class GroupedExecutor:
         """hidden [T, H], expert_ids / weights [T, k] -> (sum over picks of weight x expert
         output [T, H] in hidden's dtype, pairs served per table tier, routing weight served
         per table tier)."""
+        out, served, mass = self.forward_device(layer_pos, hidden, expert_ids, weights)
+        return out, served.tolist(), mass.tolist()
+
+    def forward_device(
+        self, layer_pos: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` with the per-tier counts left on the device (int64 pairs, float64
+        routing weight): nothing on the way waits for the device."""
         if self._pin is None:
             self._begin_step()
         dev, e_count = self.device, self.experts
@@ -169,4 +177,4 @@ class GroupedExecutor:
         served.scatter_add_(0, pick_tier, torch.ones_like(pick_tier))
         mass = torch.zeros(self.tiers, dtype=torch.float64, device=dev)
         mass.scatter_add_(0, pick_tier, w.reshape(-1).double())
-        return out.to(hidden.dtype), served.tolist(), mass.tolist()
+        return out.to(hidden.dtype), served, mass
