@@ -428,8 +428,10 @@ fn packed_rows_dot(
 }
 
 /// Tokens per expert from which a block of dequantized rows goes through a GEMM instead
-/// of one dot product per (row, token).
-const GEMM_TOKENS: usize = 3;
+/// of one dot product per (row, token). (Below it the GEMM's packing costs more than it
+/// saves: at 4 tokens the dots are 1.9x faster for a 2048 x 768 bf16 expert and make the
+/// embedded model's 32-request decode 1.1x faster.)
+const GEMM_TOKENS: usize = 8;
 
 /// `out[j * n + t] = W[rows.start + j] . x[t]` (`x`: n rows of K32 floats, zero past K).
 fn matmul_rows(
