@@ -310,15 +310,6 @@ fn stream_dots(
     k: Tokens,
     out: &mut [f32; MAX_TOKENS],
 ) {
-    assert!(k.n <= MAX_TOKENS && k.n > 0);
-    assert!(
-        xp.len() >= (k.n - 1) * k.stride + per * bytes.len(),
-        "activations of every plane"
-    );
-    assert!(
-        cs.len() >= k.n * k.ng && k.ng >= bytes.len().div_ceil(span),
-        "a scale per group"
-    );
     stream_dots_on(kernel(), bytes, bits, per, xp, span, cs, k, out)
 }
 
@@ -334,11 +325,24 @@ fn stream_dots_on(
     k: Tokens,
     out: &mut [f32; MAX_TOKENS],
 ) {
+    // What the SIMD kernels' unchecked loads rely on.
+    assert!(k.n <= MAX_TOKENS && k.n > 0);
+    assert!(
+        xp.len() >= (k.n - 1) * k.stride + per * bytes.len(),
+        "activations of every plane"
+    );
+    assert!(
+        cs.len() >= k.n * k.ng && k.ng >= bytes.len().div_ceil(span),
+        "a scale per group"
+    );
+    assert!(
+        span.is_power_of_two() || span % 64 == 0,
+        "groups map onto whole lanes"
+    );
     #[cfg(target_arch = "x86_64")]
     match kernel {
         // SAFETY (both arms): `kernel` is what `kernel()` detected on this CPU, or a
-        // weaker one (the tests), and the lengths the kernels rely on were asserted by
-        // `stream_dots`.
+        // weaker one (the tests), and the lengths the kernels rely on are asserted above.
         Kernel::Vnni => unsafe {
             match (bits, per) {
                 (8, 1) => vnni_stream_dots::<8, 1>(bytes, xp, span, cs, k, out),
@@ -400,7 +404,7 @@ fn scalar_stream_dot(
 ///
 /// # Safety
 /// The CPU must support AVX-512F, AVX-512BW and AVX-512 VNNI; the lengths asserted by
-/// `stream_dots` must hold.
+/// `stream_dots_on` must hold.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn vnni_stream_dots<const BITS: u32, const PER: usize>(
@@ -476,7 +480,7 @@ unsafe fn vnni_stream_dots<const BITS: u32, const PER: usize>(
 /// lanes of four bytes each; then as the VNNI kernel. Tails go through zeroed copies.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; BITS <= 4; the lengths asserted by `stream_dots`
+/// The CPU must support AVX2 and FMA; BITS <= 4; the lengths asserted by `stream_dots_on`
 /// must hold.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
