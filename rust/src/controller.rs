@@ -271,6 +271,10 @@ pub struct PlannerConfig {
     pub max_bytes: u64,
     /// At most this many transitions in flight at once (K).
     pub max_in_flight: usize,
+    /// Moves only when they pay: a move group (a promotion, or a demote+promote pair) is
+    /// made only if its gain in value exceeds this much per byte it copies; the groups
+    /// that do not pay are dropped (not deferred). 0 takes every group.
+    pub min_gain_per_byte: f32,
 }
 
 impl Default for PlannerConfig {
@@ -280,6 +284,7 @@ impl Default for PlannerConfig {
             max_transitions: usize::MAX,
             max_bytes: u64::MAX,
             max_in_flight: 4,
+            min_gain_per_byte: 0.0,
         }
     }
 }
@@ -448,6 +453,9 @@ pub fn plan(input: &PlanInput<'_>, cfg: &PlannerConfig) -> Result<Plan, Controll
             .iter()
             .map(|&(_, to)| input.tier_bytes[to as usize])
             .sum();
+        if cfg.min_gain_per_byte > 0.0 && group.gain <= cfg.min_gain_per_byte * bytes as f32 {
+            continue;
+        }
         if cost > budget.transitions || cost > budget.in_flight || bytes > budget.bytes {
             deferred += cost;
             continue;

@@ -83,6 +83,30 @@ fn hysteresis_keeps_an_incumbent_until_beaten_by_more_than_delta() {
 }
 
 #[test]
+fn moves_only_when_they_pay() {
+    // One hot slot held by expert 0 (score 0.30); expert 1 is better by 0.06 (the pair
+    // gains 0.06 x tier value 1). The pair copies 400 + 100 bytes (two_tier_input).
+    let current = [1u8, 0, 0, 0];
+    let busy = [false; 4];
+    let cap = Capacity::PerLayer(vec![4, 1]);
+    let scores = [0.30, 0.36, 0.1, 0.1];
+    let input = two_tier_input(&scores, &current, &busy, &cap, 1);
+    let bytes: u64 = input.tier_bytes.iter().sum();
+    for (per_byte, moves) in [(0.0, 2), (0.05 / bytes as f32, 2), (0.07 / bytes as f32, 0)] {
+        let cfg = PlannerConfig {
+            delta: 0.0,
+            min_gain_per_byte: per_byte,
+            ..Default::default()
+        };
+        let p = plan(&input, &cfg).unwrap();
+        assert_eq!(p.transitions.len(), moves, "min gain per byte {per_byte}");
+        // Dropped, not deferred: the target still names the better expert.
+        assert_eq!(p.target, vec![0, 1, 0, 0]);
+        assert_eq!(p.deferred, 0);
+    }
+}
+
+#[test]
 fn rate_limit_defers_pairs_whole() {
     let scores = [0.0, 0.0, 0.9, 0.8];
     let current = [1u8, 1, 0, 0];
@@ -318,7 +342,7 @@ proptest! {
         let tier_bytes: Vec<u64> = (0..tiers).map(|t| 10u64 << (2 * t)).collect();
         let input = PlanInput { layers, experts, scores: &scores, current: &current, busy: &busy,
             tier_bytes: &tier_bytes, gain: None, capacity: &capacity, in_flight };
-        let cfg = PlannerConfig { delta, max_transitions, max_bytes: u64::MAX, max_in_flight };
+        let cfg = PlannerConfig { delta, max_transitions, max_bytes: u64::MAX, max_in_flight, min_gain_per_byte: 0.0 };
         let p = plan(&input, &cfg).unwrap();
         prop_assert!(p.transitions.len() <= max_transitions);
         prop_assert!(p.transitions.len() <= max_in_flight.saturating_sub(in_flight));

@@ -81,6 +81,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     c.add_argument("--max-bytes-per-token", type=float, default=float("inf"), help="churn cap")
     c.add_argument("--in-flight", type=int, default=4, help="transitions in flight (K)")
+    c.add_argument(
+        "--staging",
+        choices=("every", "lowest"),
+        default="every",
+        help="staging slots: K of every tier, or K of the lowest tier only (the upper "
+        "tiers' bytes then hold experts; dynamic that does not move is the static knapsack)",
+    )
+    c.add_argument(
+        "--move-gain",
+        type=float,
+        default=0.0,
+        help="move only when the gain exceeds this share of the planned value per top-tier "
+        "slot copied (0: any gain)",
+    )
     c.add_argument("--split", choices=("per-layer", "global"), default="per-layer")
     c.add_argument("--planner", choices=("top-n", "value"), default="top-n")
     c.add_argument(
@@ -149,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
         delta=args.delta,
         max_bytes_per_token=args.max_bytes_per_token,
         in_flight=args.in_flight,
+        staging=args.staging,
+        move_gain=args.move_gain,
         split=args.split,
         planner=args.planner,
         gate=args.gate,

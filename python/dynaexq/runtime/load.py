@@ -183,6 +183,7 @@ def load_with_policy(
         static_tier=static_tier,
         split=pol.controller.split,
         values=values,
+        staging=pol.controller.staging,
     )
     if pol.name == "offload":
         runtime: PrecisionRuntime | OffloadRuntime = OffloadRuntime(store, plan, pol)

@@ -38,6 +38,15 @@ class ControllerSettings:
     max_transitions: int = 1 << 30  # R: per plan
     max_bytes_per_token: float = float("inf")  # churn cap: bytes moved per scored token
     in_flight: int = 4  # K
+    # Staging slots (runtime/budget.py): "every" reserves K slots of every tier; "lowest"
+    # only K of the lowest tier (a promotion into a full tier waits for a demotion out of
+    # it), so the upper tiers' bytes hold experts and dynamic that does not move holds
+    # the static assignment at the same bytes.
+    staging: str = "every"
+    # Moves only when they pay: a planned move (or demote+promote pair) is made only if
+    # its gain in planned value (routed mass x tier value) exceeds `move_gain` times the
+    # current assignment's total value per top-tier slot's bytes it copies (0: any gain).
+    move_gain: float = 0.0
     split: str = "per-layer"  # hot slots per layer, or "global"
     planner: str = "top-n"  # "top-n" (hotness) or "value" (hotness x error reduction)
     # The no-harm rule (runtime/gate.py): "skill" follows the live signal only while its
@@ -62,6 +71,10 @@ class ControllerSettings:
             raise PolicyError(f"split must be per-layer or global, got {self.split!r}")
         if self.planner not in ("top-n", "value"):
             raise PolicyError(f"planner must be top-n or value, got {self.planner!r}")
+        if self.staging not in ("every", "lowest"):
+            raise PolicyError(f"staging must be every or lowest, got {self.staging!r}")
+        if self.move_gain < 0:
+            raise PolicyError(f"move_gain must be >= 0, got {self.move_gain}")
         if self.gate not in ("skill", "off"):
             raise PolicyError(f"gate must be skill or off, got {self.gate!r}")
         if not 0.0 <= self.prior_weight <= 1.0 or not 0.0 <= self.gate_alpha < 1.0:

@@ -326,7 +326,22 @@ class PrecisionRuntime:
         if c.prior_weight > 0:
             scores = (1 - c.prior_weight) * scores + c.prior_weight * self.prior.ravel()
 
-        def plan(scores, gain, delta):
+        # Moves only when they pay: a move's gain must exceed `move_gain` x the current
+        # assignment's value (under the same signal) per top-tier slot's bytes copied.
+        per_byte = 0.0
+        if c.move_gain > 0:
+            g = (
+                np.asarray(gain, dtype=np.float64).reshape(*current.shape, len(self.real))
+                if gain is not None
+                else np.broadcast_to(
+                    np.arange(len(self.real), dtype=np.float64), (*current.shape, len(self.real))
+                )
+            )
+            held = np.take_along_axis(g, current[..., None].astype(np.int64), -1)[..., 0]
+            total = float((scores.reshape(current.shape) * held).sum())
+            per_byte = c.move_gain * total / self.plan.slot_bytes[self.real[-1]]
+
+        def plan(scores, gain, delta, per_byte=0.0):
             return plan_transitions(
                 self.num_layers,
                 self.experts,
@@ -342,9 +357,10 @@ class PrecisionRuntime:
                 max_bytes=int(min(max_bytes, 2**63 - 1)),
                 max_in_flight=c.in_flight,
                 in_flight=len(self.busy),
+                min_gain_per_byte=per_byte,
             )
 
-        target, moves, _ = plan(scores, gain, c.delta)
+        target, moves, _ = plan(scores, gain, c.delta, per_byte)
         if self.gate is not None and routed is not None:
             real = np.asarray(self.real, dtype=np.uint8)
             proposal = real[np.frombuffer(bytes(target), dtype=np.uint8)].reshape(current.shape)
