@@ -10,7 +10,7 @@ and the expert pool of each policy is laid out from what is left:
 - static(t):   every expert at tier t                        N * m_t
 - static-map:  n_hot experts at the high tier, the rest low   n_hot * m_hi + (N - n_hot) * m_lo
 - dynamic:     as static-map, plus staging slots for transitions in flight: K slots of
-               every tier (staging="every"), or K slots of the lowest tier only
+               every tier (staging="every"), or ceil(K / 2) slots of the lowest tier only
                (staging="lowest": a promotion into a full tier waits for a demotion out
                of it to land, so the upper tiers reserve nothing and their bytes hold
                experts; with a knapsack the assignment is the static one at the full
@@ -259,8 +259,8 @@ def plan_pool(
     `values` (experts x tiers, e.g. calibration hotness x error reduction): size the tiers
     by a multiple-choice knapsack over the bytes instead (global split): every expert gets
     the tier of the best total value that fits, and the slot counts follow.
-    `staging` (dynamic): "every" reserves `in_flight` slots of every tier, "lowest" only
-    of the lowest tier (see the module docstring).
+    `staging` (dynamic): "every" reserves `in_flight` slots of every tier, "lowest"
+    ceil(in_flight / 2) of the lowest tier only (see the module docstring).
     """
     if staging not in ("every", "lowest"):
         raise BudgetError(f"staging must be every or lowest, got {staging!r}")
@@ -333,11 +333,11 @@ def plan_pool(
         )
     k = in_flight if policy == "dynamic" else 0
     # Staging slots of each tier (transitions in flight).
-    stage = [k] * len(slot_bytes) if staging == "every" else [k] + [0] * top
+    # "lowest": one slot per demote+promote pair in flight (the pair's promotion waits for
+    # its demotion to free a slot of the upper tier, so only the demotion needs staging).
+    stage = [k] * len(slot_bytes) if staging == "every" else [(k + 1) // 2] + [0] * top
     if values is not None:
-        return _plan_knapsack(
-            policy, layers, experts, slot_bytes, room, stage, values, pool_plan
-        )
+        return _plan_knapsack(policy, layers, experts, slot_bytes, room, stage, values, pool_plan)
     if len(slot_bytes) != 2:
         return _plan_multi_tier(
             policy, layers, experts, slot_bytes, fixed, budget, room, stage, pool_plan

@@ -39,9 +39,9 @@ class ControllerSettings:
     max_bytes_per_token: float = float("inf")  # churn cap: bytes moved per scored token
     in_flight: int = 4  # K
     # Staging slots (runtime/budget.py): "every" reserves K slots of every tier; "lowest"
-    # only K of the lowest tier (a promotion into a full tier waits for a demotion out of
-    # it), so the upper tiers' bytes hold experts and dynamic that does not move holds
-    # the static assignment at the same bytes.
+    # only ceil(K / 2) of the lowest tier (a promotion into a full tier waits for a
+    # demotion out of it), so the upper tiers' bytes hold experts and dynamic that does
+    # not move holds the static assignment at the same bytes.
     staging: str = "every"
     # Moves only when they pay: a planned move (or demote+promote pair) is made only if
     # its gain in planned value (routed mass x tier value) exceeds `move_gain` times the
