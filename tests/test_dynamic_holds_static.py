@@ -199,3 +199,47 @@ def test_dynamic_that_does_not_move_is_the_static_knapsack(small_model, how) -> 
         assert d_engine.precision.telemetry.totals()["transitions_started"] == 0
         assert d.perplexity() == s.perplexity()
     assert exact >= 1, "no budget left room for the staging slot: pick others"
+
+
+def test_moves_that_do_not_pay_are_not_made_on_stationary_text(small_model) -> None:
+    """The no-harm rule of moves that pay: on stationary text (tokens drawn independently
+    from one distribution, calibrated on another draw) dynamic with the move threshold
+    of the defaults makes no transition; without it, the noise moves experts."""
+    from dynaexq.eval.stream import as_streams, evaluate_streams
+    from dynaexq.runtime.policy import ControllerSettings, Policy
+
+    model, tmp = small_model
+    rng = np.random.default_rng(9)
+    text = rng.integers(0, 128, size=2048 + 1025)
+    started = {}
+    for gain in (0.03, 0.0):
+        ctl = ControllerSettings(
+            planner="value",
+            staging="lowest",
+            in_flight=2,
+            step_tokens=32,
+            alpha=0.9,
+            move_gain=gain,
+        )
+        pol = Policy("dynamic", tiers=("int2", "int4", "bf16"), controller=ctl)
+        engine, _ = _engine(model, tmp, pol, "40%", [text[2048:]])
+        evaluate_streams(engine.model, as_streams(text[:2048], 2, 64, 2048), window=64, chunk=16)
+        engine.precision.flush()
+        started[gain] = engine.precision.telemetry.totals()["transitions_started"]
+    assert started[0.03] == 0
+    assert started[0.0] > 0
+
+
+def test_a_hotness_floor_of_one_ignores_the_calibration(small_model) -> None:
+    from dynaexq.runtime.policy import ControllerSettings, Policy
+
+    model, tmp = small_model
+    rng = np.random.default_rng(4)
+    calibs = [rng.integers(0, 128, size=512), np.full(512, 7)]
+    assign = {}
+    for f in (0.0, 1.0):
+        ctl = ControllerSettings(planner="value", split="global", hotness_floor=f)
+        pol = Policy("static-map", tiers=("int2", "int4", "bf16"), controller=ctl)
+        assign[f] = [_engine(model, tmp, pol, "30%", [c])[1].plan.assignment for c in calibs]
+    assert assign[1.0][0] == assign[1.0][1]
+    assert assign[0.0][0] != assign[0.0][1]

@@ -106,6 +106,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--gate-margin", type=float, default=0.05, help="relative value to follow")
     c.add_argument("--gate-alpha", type=float, default=0.8, help="EMA of the gate's advantage")
     c.add_argument("--prior-weight", type=float, default=0.0, help="blend of the calibration prior")
+    c.add_argument(
+        "--hotness-floor",
+        type=float,
+        default=0.0,
+        help="knapsack hotness: (1 - f) x calibration share + f x an even share",
+    )
     p.add_argument(
         "--shift",
         default="python,prose,c",
@@ -171,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         gate_margin=args.gate_margin,
         gate_alpha=args.gate_alpha,
         prior_weight=args.prior_weight,
+        hotness_floor=args.hotness_floor,
     )
     cfg = EvalConfig(
         tiers=tuple(t.strip() for t in args.tiers.split(",")),

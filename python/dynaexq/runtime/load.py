@@ -171,6 +171,8 @@ def load_with_policy(
         # weights are renormalised per token, so a layer's raw mass says nothing of how
         # much its output depends on its experts).
         share = scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-12)
+        f = pol.controller.hotness_floor
+        share = (1.0 - f) * share + f / store.experts
         values = (share[..., None] * store.gains()).reshape(-1).tolist()
     plan = plan_pool(
         pol.name,

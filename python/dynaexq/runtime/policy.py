@@ -59,6 +59,10 @@ class ControllerSettings:
     gate_lag: int = 2  # steps from a plan to the first step it serves (lockstep: 2)
     # The signal planned on: (1 - w) * live signal + w * calibration prior.
     prior_weight: float = 0.0
+    # The knapsack's hotness (planner "value"): (1 - f) * each expert's calibration share
+    # of its layer + f * an even share, a hedge against calibration text unlike the
+    # workload (f = 1: tiers by error reduction per byte alone, hotness ignored).
+    hotness_floor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.signal not in ("ema", "window"):
@@ -77,6 +81,8 @@ class ControllerSettings:
             raise PolicyError(f"move_gain must be >= 0, got {self.move_gain}")
         if self.gate not in ("skill", "off"):
             raise PolicyError(f"gate must be skill or off, got {self.gate!r}")
+        if not 0.0 <= self.hotness_floor <= 1.0:
+            raise PolicyError(f"hotness_floor must be in [0, 1], got {self.hotness_floor}")
         if not 0.0 <= self.prior_weight <= 1.0 or not 0.0 <= self.gate_alpha < 1.0:
             raise PolicyError("prior_weight must be in [0, 1] and gate_alpha in [0, 1)")
         if self.gate_lag < 0:

@@ -325,6 +325,12 @@ class PrecisionRuntime:
         scores = np.asarray(self.tracker.scores(), dtype=np.float32)
         if c.prior_weight > 0:
             scores = (1 - c.prior_weight) * scores + c.prior_weight * self.prior.ravel()
+        if c.hotness_floor > 0 and c.planner == "value":
+            # The knapsack's hotness (load.py): share of the layer, floored toward even.
+            per = scores.reshape(current.shape)
+            share = per / np.maximum(per.sum(axis=1, keepdims=True), 1e-12)
+            f = c.hotness_floor
+            scores = ((1 - f) * share + f / self.experts).astype(np.float32).ravel()
 
         # Moves only when they pay: a move's gain must exceed `move_gain` x the current
         # assignment's value (under the same signal) per top-tier slot's bytes copied.
