@@ -292,9 +292,15 @@ class PrecisionRuntime:
         }
 
     def _capacity(self) -> list[int]:
-        """Slots per tier of one layer (per-layer split) or of the whole model (global)."""
+        """Slots per tier of one layer (per-layer split) or of the whole model (global).
+        Staging of the lowest tier only (sequential moves): the staging slots count as
+        tier-0 capacity, so a demotion sees them free (per layer: every layer may use them;
+        the pool refuses what does not fit and the move is re-planned)."""
         p = self.plan
-        return list(p.per_layer) if p.per_layer is not None else list(p.slots)
+        cap = list(p.per_layer) if p.per_layer is not None else list(p.slots)
+        if self.policy.controller.staging == "lowest":
+            cap[0] += p.staging[0]
+        return cap
 
     def _tier_values(self) -> np.ndarray:
         """[L, E, store tiers] value of each tier per unit of routed mass, as the planner
@@ -364,6 +370,7 @@ class PrecisionRuntime:
                 max_in_flight=c.in_flight,
                 in_flight=len(self.busy),
                 min_gain_per_byte=per_byte,
+                sequential=c.staging == "lowest",
             )
 
         target, moves, _ = plan(scores, gain, c.delta, per_byte)
