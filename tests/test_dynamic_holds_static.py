@@ -212,7 +212,11 @@ def test_moves_that_do_not_pay_are_not_made_on_stationary_text(small_model) -> N
     rng = np.random.default_rng(9)
     text = rng.integers(0, 128, size=2048 + 1025)
     started = {}
-    for gain in (0.03, 0.0):
+    from dynaexq.runtime.policy import DEFAULT_CONTROLLER
+
+    default = DEFAULT_CONTROLLER.move_gain
+    assert default > 0
+    for gain in (default, 0.0):
         ctl = ControllerSettings(
             planner="value",
             staging="lowest",
@@ -226,7 +230,7 @@ def test_moves_that_do_not_pay_are_not_made_on_stationary_text(small_model) -> N
         evaluate_streams(engine.model, as_streams(text[:2048], 2, 64, 2048), window=64, chunk=16)
         engine.precision.flush()
         started[gain] = engine.precision.telemetry.totals()["transitions_started"]
-    assert started[0.03] == 0
+    assert started[default] == 0
     assert started[0.0] > 0
 
 

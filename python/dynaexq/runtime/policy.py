@@ -105,3 +105,30 @@ class Policy:
 
     def with_controller(self, **kw: object) -> Policy:
         return replace(self, controller=replace(self.controller, **kw))  # type: ignore[arg-type]
+
+
+# What `dynaexq.load`, `generate`, `serve` and `eval` run when given only a policy name
+# (issue 13; chosen on the unseen tuning domains rust/yaml, then run once on the held-back
+# ones: docs/results/eval/unseen.md): four tiers; dynamic starts from, and holds, the static
+# knapsack at the same bytes (hotness floored halfway to even), with one staging slot of
+# the lowest tier, and moves only when a move gains 1% of the planned value per top-tier
+# slot it copies, on a slow EMA.
+DEFAULT_TIERS = ("int2", "int3", "int4", "bf16")
+DEFAULT_CONTROLLER = ControllerSettings(
+    alpha=0.9,
+    in_flight=2,
+    staging="lowest",
+    planner="value",
+    split="global",
+    move_gain=0.01,
+    hotness_floor=0.5,
+)
+
+
+def default_policy(name: str) -> Policy:
+    """The policy `name` with the defaults above: dynamic takes them; the baselines keep
+    their own meaning (static-map: the calibration's top-n experts at bf16 over int2, as in
+    `dynaexq eval`; static: int2; offload: a bf16 cache)."""
+    if name == "dynamic":
+        return Policy(name, tiers=DEFAULT_TIERS, controller=DEFAULT_CONTROLLER)
+    return Policy(name)
