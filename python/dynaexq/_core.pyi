@@ -295,9 +295,14 @@ def plan_transitions(
     max_bytes: int = ...,
     max_in_flight: int = 4,
     in_flight: int = 0,
+    min_gain_per_byte: float = 0.0,
+    sequential: bool = False,
 ) -> tuple[list[int], list[tuple[int, int, int, int, int]], int]:
     """One planning round: (target tier per expert, transitions as (layer, expert, from,
-    to, bytes), number of wanted moves deferred by the limits)."""
+    to, bytes), number of wanted moves deferred by the limits); move groups whose gain
+    is at most `min_gain_per_byte` x the bytes they copy are dropped. `sequential`:
+    demote first through free slots only (a displaced expert goes to tier 0 when its
+    wanted tier is full), promote into the freed slot at a later plan."""
 
 def knapsack(
     values: Sequence[float], tier_bytes: Sequence[int], budget: int, exact: bool = False

@@ -40,6 +40,8 @@ fn bench_plan(c: &mut Criterion) {
         max_transitions: 64,
         max_bytes: u64::MAX,
         max_in_flight: 64,
+        min_gain_per_byte: 0.0,
+        sequential: false,
     };
     for (name, capacity) in [
         (

@@ -271,6 +271,17 @@ pub struct PlannerConfig {
     pub max_bytes: u64,
     /// At most this many transitions in flight at once (K).
     pub max_in_flight: usize,
+    /// Moves only when they pay: a move group (a promotion, or a demote+promote pair) is
+    /// made only if its gain in value exceeds this much per byte it copies; the groups
+    /// that do not pay are dropped (not deferred). 0 takes every group.
+    pub min_gain_per_byte: f32,
+    /// Demote before promoting, through free slots only (staging of the lowest tier): a
+    /// displaced incumbent goes to its wanted tier if that tier has a free slot now, else
+    /// to tier 0 (whose spare slots are the staging), and a promotion into a full tier
+    /// waits for the next plan, when the demotion has freed its slot. Without it a pair is
+    /// taken as capacity-neutral (the demoted expert takes the promoted one's old slot),
+    /// which needs staging slots in every tier.
+    pub sequential: bool,
 }
 
 impl Default for PlannerConfig {
@@ -280,6 +291,8 @@ impl Default for PlannerConfig {
             max_transitions: usize::MAX,
             max_bytes: u64::MAX,
             max_in_flight: 4,
+            min_gain_per_byte: 0.0,
+            sequential: false,
         }
     }
 }
@@ -433,7 +446,7 @@ pub fn plan(input: &PlanInput<'_>, cfg: &PlannerConfig) -> Result<Plan, Controll
         for &(i, t) in &wanted {
             target[i] = t;
         }
-        all_pairs.extend(pair_moves(input, members, slots, &wanted));
+        all_pairs.extend(pair_moves(input, members, slots, &wanted, cfg.sequential));
     }
     all_pairs.sort_by(|a, b| {
         b.gain
@@ -448,6 +461,9 @@ pub fn plan(input: &PlanInput<'_>, cfg: &PlannerConfig) -> Result<Plan, Controll
             .iter()
             .map(|&(_, to)| input.tier_bytes[to as usize])
             .sum();
+        if cfg.min_gain_per_byte > 0.0 && group.gain <= cfg.min_gain_per_byte * group.bytes as f32 {
+            continue;
+        }
         if cost > budget.transitions || cost > budget.in_flight || bytes > budget.bytes {
             deferred += cost;
             continue;
@@ -546,6 +562,9 @@ struct MoveGroup {
     gain: f32,
     order: usize,
     moves: Vec<(usize, u8)>,
+    /// Bytes the whole group copies (a sequential pair's later promotion included): what
+    /// its gain must pay for.
+    bytes: u64,
 }
 
 fn pair_moves(
@@ -553,6 +572,7 @@ fn pair_moves(
     members: &[usize],
     slots: &[usize],
     wanted: &[(usize, u8)],
+    sequential: bool,
 ) -> Vec<MoveGroup> {
     let tiers = input.tiers();
     let mut used = vec![0usize; tiers];
@@ -604,6 +624,7 @@ fn pair_moves(
                 gain,
                 order,
                 moves: vec![(i, t)],
+                bytes: input.tier_bytes[tu],
             });
             continue;
         }
@@ -614,19 +635,34 @@ fn pair_moves(
         let Some(&(d, dt)) = demotions[tu].last() else {
             continue;
         };
-        let dtu = dt as usize;
-        if dtu != from && free[dtu] <= 0 {
+        let mut dtu = dt as usize;
+        if sequential {
+            if free[dtu] <= 0 {
+                if free[0] <= 0 {
+                    continue;
+                }
+                dtu = 0;
+            }
+        } else if dtu != from && free[dtu] <= 0 {
             continue;
         }
         demotions[tu].pop();
-        if dtu != from {
+        if sequential || dtu != from {
             free[dtu] -= 1;
         }
         let loss = input.value(d, tu) - input.value(d, dtu);
+        // Sequential: only the demotion now (its slot frees at the next plan, which then
+        // promotes into it); the group is still worth, and paid for, as the pair.
+        let moves = if sequential {
+            vec![(d, dtu as u8)]
+        } else {
+            vec![(d, dtu as u8), (i, t)]
+        };
         groups.push(MoveGroup {
             gain: gain - loss,
             order,
-            moves: vec![(d, dt), (i, t)],
+            moves,
+            bytes: input.tier_bytes[tu] + input.tier_bytes[dtu],
         });
     }
     groups

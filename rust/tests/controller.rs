@@ -83,6 +83,80 @@ fn hysteresis_keeps_an_incumbent_until_beaten_by_more_than_delta() {
 }
 
 #[test]
+fn moves_only_when_they_pay() {
+    // One hot slot held by expert 0 (score 0.30); expert 1 is better by 0.06 (the pair
+    // gains 0.06 x tier value 1). The pair copies 400 + 100 bytes (two_tier_input).
+    let current = [1u8, 0, 0, 0];
+    let busy = [false; 4];
+    let cap = Capacity::PerLayer(vec![4, 1]);
+    let scores = [0.30, 0.36, 0.1, 0.1];
+    let input = two_tier_input(&scores, &current, &busy, &cap, 1);
+    let bytes: u64 = input.tier_bytes.iter().sum();
+    for (per_byte, moves) in [(0.0, 2), (0.05 / bytes as f32, 2), (0.07 / bytes as f32, 0)] {
+        let cfg = PlannerConfig {
+            delta: 0.0,
+            min_gain_per_byte: per_byte,
+            ..Default::default()
+        };
+        let p = plan(&input, &cfg).unwrap();
+        assert_eq!(p.transitions.len(), moves, "min gain per byte {per_byte}");
+        // Dropped, not deferred: the target still names the better expert.
+        assert_eq!(p.target, vec![0, 1, 0, 0]);
+        assert_eq!(p.deferred, 0);
+    }
+}
+
+#[test]
+fn sequential_moves_demote_through_free_slots_then_promote() {
+    // Three tiers, one layer of 4 experts: tier 2 holds expert 0, tier 1 expert 1, tier 0
+    // experts 2 and 3 plus one spare (staging) slot. The signal wants expert 1 at the top
+    // and expert 0 at tier 1, which is full: a capacity-neutral pair would deadlock (the
+    // demotion needs expert 1's tier-1 slot, free only once expert 1 has moved up).
+    let scores = [0.30, 0.60, 0.05, 0.05];
+    let mut current = vec![2u8, 1, 0, 0];
+    let busy = [false; 4];
+    let cap = Capacity::PerLayer(vec![3, 1, 1]);
+    let tier_bytes = [10u64, 20, 40];
+    let cfg = PlannerConfig {
+        delta: 0.0,
+        sequential: true,
+        ..Default::default()
+    };
+    let input = |current: &[u8]| PlanInput {
+        layers: 1,
+        experts: 4,
+        scores: &scores,
+        current: &current.to_vec().leak()[..],
+        busy: &busy,
+        tier_bytes: &tier_bytes,
+        gain: None,
+        capacity: &cap,
+        in_flight: 0,
+    };
+    // First plan: only the demotion, to tier 0 (its wanted tier 1 has no free slot).
+    let p = plan(&input(&current), &cfg).unwrap();
+    let moves: Vec<_> = p.transitions.iter().map(|t| (t.expert, t.to)).collect();
+    assert_eq!(moves, vec![(0, 0)]);
+    current[0] = 0;
+    // Next plan: the freed top slot takes expert 1; then expert 0 climbs into tier 1.
+    let p = plan(&input(&current), &cfg).unwrap();
+    let moves: Vec<_> = p.transitions.iter().map(|t| (t.expert, t.to)).collect();
+    assert_eq!(moves, vec![(1, 2)]);
+    current[1] = 2;
+    let p = plan(&input(&current), &cfg).unwrap();
+    let moves: Vec<_> = p.transitions.iter().map(|t| (t.expert, t.to)).collect();
+    assert_eq!(moves, vec![(0, 1)]);
+    // Without sequential moves the same start is planned as one capacity-neutral pair.
+    let cfg = PlannerConfig {
+        sequential: false,
+        ..cfg
+    };
+    let p = plan(&input(&[2, 1, 0, 0]), &cfg).unwrap();
+    let moves: Vec<_> = p.transitions.iter().map(|t| (t.expert, t.to)).collect();
+    assert_eq!(moves, vec![(0, 1), (1, 2)]);
+}
+
+#[test]
 fn rate_limit_defers_pairs_whole() {
     let scores = [0.0, 0.0, 0.9, 0.8];
     let current = [1u8, 1, 0, 0];
@@ -318,7 +392,7 @@ proptest! {
         let tier_bytes: Vec<u64> = (0..tiers).map(|t| 10u64 << (2 * t)).collect();
         let input = PlanInput { layers, experts, scores: &scores, current: &current, busy: &busy,
             tier_bytes: &tier_bytes, gain: None, capacity: &capacity, in_flight };
-        let cfg = PlannerConfig { delta, max_transitions, max_bytes: u64::MAX, max_in_flight };
+        let cfg = PlannerConfig { delta, max_transitions, max_bytes: u64::MAX, max_in_flight, min_gain_per_byte: 0.0, sequential: false };
         let p = plan(&input, &cfg).unwrap();
         prop_assert!(p.transitions.len() <= max_transitions);
         prop_assert!(p.transitions.len() <= max_in_flight.saturating_sub(in_flight));

@@ -163,6 +163,8 @@ fn the_planner_respects_tier_zeros_capacity() {
         max_transitions: 16,
         max_bytes: u64::MAX,
         max_in_flight: 16,
+        min_gain_per_byte: 0.0,
+        sequential: false,
     };
     let p = plan(&input, &cfg).unwrap();
     let mut next = current.to_vec();

@@ -43,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="tiers the 'uniform' baseline picks from (the best that fits each budget)",
     )
     p.add_argument("--mixed", action="store_true", help="also run mixed-domain batches")
-    p.add_argument("--tiers", default="int2,bf16", help="tiers, e.g. int2,bf16 or int2,int4,bf16")
+    p.add_argument(
+        "--tiers", default="int2,int3,int4,bf16", help="tiers, e.g. int2,bf16 or int2,int4,bf16"
+    )
     p.add_argument(
         "--policies",
         default="full,static,uniform,static-map,static-knapsack,dynamic",
@@ -67,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=32, help="tokens per sequence per step")
     c = p.add_argument_group("controller (dynamic)")
     c.add_argument("--signal", choices=("ema", "window"), default="ema")
-    c.add_argument("--alpha", type=float, default=0.5, help="EMA factor per step")
+    c.add_argument("--alpha", type=float, default=0.9, help="EMA factor per step")
     c.add_argument("--window-steps", type=int, default=4, help="steps in the window signal")
     c.add_argument("--replan-every", type=int, default=1, help="controller steps between plans (T)")
     c.add_argument(
@@ -80,9 +82,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--delta", type=float, default=0.005, help="hysteresis margin (routed mass per step)"
     )
     c.add_argument("--max-bytes-per-token", type=float, default=float("inf"), help="churn cap")
-    c.add_argument("--in-flight", type=int, default=4, help="transitions in flight (K)")
+    c.add_argument("--in-flight", type=int, default=2, help="transitions in flight (K)")
+    c.add_argument(
+        "--staging",
+        choices=("every", "lowest"),
+        default="lowest",
+        help="staging slots: K of every tier, or K of the lowest tier only (the upper "
+        "tiers' bytes then hold experts; dynamic that does not move is the static knapsack)",
+    )
+    c.add_argument(
+        "--move-gain",
+        type=float,
+        default=0.01,
+        help="move only when the gain exceeds this share of the planned value per top-tier "
+        "slot copied (0: any gain)",
+    )
     c.add_argument("--split", choices=("per-layer", "global"), default="per-layer")
-    c.add_argument("--planner", choices=("top-n", "value"), default="top-n")
+    c.add_argument(
+        "--planner",
+        choices=("top-n", "value"),
+        default="value",
+        help="dynamic's planner (static-map is always the top-n map of the calibration)",
+    )
     c.add_argument(
         "--gate",
         choices=("skill", "off"),
@@ -92,6 +113,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--gate-margin", type=float, default=0.05, help="relative value to follow")
     c.add_argument("--gate-alpha", type=float, default=0.8, help="EMA of the gate's advantage")
     c.add_argument("--prior-weight", type=float, default=0.0, help="blend of the calibration prior")
+    c.add_argument(
+        "--hotness-floor",
+        type=float,
+        default=0.5,
+        help="knapsack hotness: (1 - f) x calibration share + f x an even share",
+    )
     p.add_argument(
         "--shift",
         default="python,prose,c",
@@ -149,12 +176,15 @@ def run(args: argparse.Namespace) -> int:
         delta=args.delta,
         max_bytes_per_token=args.max_bytes_per_token,
         in_flight=args.in_flight,
+        staging=args.staging,
+        move_gain=args.move_gain,
         split=args.split,
         planner=args.planner,
         gate=args.gate,
         gate_margin=args.gate_margin,
         gate_alpha=args.gate_alpha,
         prior_weight=args.prior_weight,
+        hotness_floor=args.hotness_floor,
     )
     cfg = EvalConfig(
         tiers=tuple(t.strip() for t in args.tiers.split(",")),

@@ -107,7 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="who holds which tier (default with a budget: dynamic)",
     )
     memory.add_argument(
-        "--tiers", default=None, help="expert tiers, low to high or any order (default int2,bf16)"
+        "--tiers",
+        default=None,
+        help="expert tiers, low to high or any order (default for dynamic: "
+        "int2,int3,int4,bf16; for the others int2,bf16)",
     )
 
 

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tiers",
         default=None,
-        help="precision tiers for the precision policies, low to high, e.g. int2,bf16",
+        help="precision tiers for the precision policies, low to high (default for dynamic: "
+        "int2,int3,int4,bf16; for the others int2,bf16)",
     )
     parser.add_argument(
         "--calibration",

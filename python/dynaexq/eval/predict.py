@@ -93,3 +93,61 @@ def default_signals() -> dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray
     for w in (0.25, 0.5, 0.75):
         sig[f"blend prior {w} + ema 0.8"] = lambda t, p, w=w: w * p + (1 - w) * ema(t, 0.8, p)
     return sig
+
+
+def knapsack_assignment(
+    scores: np.ndarray, gains: np.ndarray, slot_bytes: list[int], space: int
+) -> np.ndarray:
+    """[L, E] tiers of the multiple-choice knapsack over share-of-layer x gains ([L, E, T])
+    within `space` bytes (the greedy over each expert's hull: fast enough per step)."""
+    from dynaexq._core import knapsack
+
+    share = scores / np.maximum(scores.sum(axis=-1, keepdims=True), 1e-12)
+    values = (share[..., None] * gains).reshape(-1).tolist()
+    choice = knapsack(values, slot_bytes, int(space))
+    if choice is None:
+        raise ValueError("the space does not hold every expert at the lowest tier")
+    return np.frombuffer(bytes(choice), dtype=np.uint8).reshape(scores.shape).astype(np.int64)
+
+
+def value_skill(
+    trace: np.ndarray,
+    prior: np.ndarray,
+    gains: np.ndarray,
+    slot_bytes: list[int],
+    space: int,
+    *,
+    lag: int = 2,
+    horizon: int = 8,
+    signals: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] | None = None,
+) -> dict[str, float]:
+    """How much more planned value (routed share x the tier's error reduction) the
+    knapsack assignment of each signal at step s serves over steps s + lag .. s + lag +
+    horizon than the static assignment (the prior's knapsack) does, as a relative
+    advantage averaged over steps; "oracle" plans on those future steps themselves."""
+    if signals is None:
+        signals = default_signals()
+    steps = len(trace) - lag - horizon + 1
+    if steps <= 0:
+        raise ValueError(f"a trace of {len(trace)} steps is shorter than lag + horizon")
+    share = trace / np.maximum(trace.sum(axis=-1, keepdims=True), 1e-12)
+    future = np.stack([share[s + lag : s + lag + horizon].sum(axis=0) for s in range(steps)])
+
+    def served(assign: np.ndarray, s: int) -> float:
+        g = np.take_along_axis(gains, assign[..., None], -1)[..., 0]
+        return float((future[s] * g).sum())
+
+    hold = knapsack_assignment(prior, gains, slot_bytes, space)
+    base = np.asarray([served(hold, s) for s in range(steps)])
+
+    def skill(assigns) -> float:
+        got = np.asarray([served(a, s) for s, a in enumerate(assigns)])
+        return float(np.mean(got / np.maximum(base, 1e-12) - 1.0))
+
+    out = {"oracle": skill(knapsack_assignment(f, gains, slot_bytes, space) for f in future)}
+    for name, fn in signals.items():
+        sig = fn(trace, prior)
+        out[name] = skill(
+            knapsack_assignment(sig[s], gains, slot_bytes, space) for s in range(steps)
+        )
+    return out

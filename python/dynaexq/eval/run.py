@@ -21,7 +21,7 @@ from dynaexq.engine import EMBEDDED_MODEL_DIR
 from dynaexq.eval.stream import StreamResult, as_streams, evaluate_streams, gap_recovered
 from dynaexq.runtime.budget import fixed_memory, parse_budget
 from dynaexq.runtime.load import calibration_scores, load_with_policy, resolve_budget
-from dynaexq.runtime.policy import ControllerSettings, Policy
+from dynaexq.runtime.policy import DEFAULT_CONTROLLER, DEFAULT_TIERS, ControllerSettings, Policy
 from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
 
 HELDOUT_DIR = EMBEDDED_MODEL_DIR / "heldout"
@@ -118,7 +118,7 @@ UNIFORM_TIERS = ("int2", "int3", "int4", "int8", "bf16")
 
 @dataclass
 class EvalConfig:
-    tiers: tuple[str, ...] = ("int2", "bf16")
+    tiers: tuple[str, ...] = DEFAULT_TIERS
     # "uniform": the highest-precision tier of `uniform_tiers` whose every expert fits the
     # budget; "static-knapsack": every expert's tier (of `tiers`) chosen once by the
     # multiple-choice knapsack over calibration hotness x error reduction, fixed.
@@ -136,7 +136,7 @@ class EvalConfig:
     streams: int = 4
     window: int = 256
     chunk: int = 32
-    controller: ControllerSettings = field(default_factory=ControllerSettings)
+    controller: ControllerSettings = field(default_factory=lambda: DEFAULT_CONTROLLER)
     variants: tuple[Variant, ...] = ()
     variant_budget: str = "20%"
     uniform_tiers: tuple[str, ...] = UNIFORM_TIERS
@@ -399,6 +399,9 @@ def run_policies(
                     continue
                 if name == "static-knapsack":
                     ctl = replace(cfg.controller, planner="value", split="global")
+                    pol = Policy("static-map", tiers=cfg.tiers, controller=ctl)
+                elif name == "static-map":  # the calibration's top-n map, whatever dynamic plans
+                    ctl = replace(cfg.controller, planner="top-n")
                     pol = Policy("static-map", tiers=cfg.tiers, controller=ctl)
                 else:
                     pol = Policy(name, tiers=cfg.tiers, controller=cfg.controller)

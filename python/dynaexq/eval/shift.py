@@ -105,7 +105,9 @@ def run_shift(
     )
     policies: dict[str, Policy] = {
         "static": Policy("static", tiers=cfg.tiers),
-        "static-map": Policy("static-map", tiers=cfg.tiers, controller=cfg.controller),
+        "static-map": Policy(
+            "static-map", tiers=cfg.tiers, controller=replace(cfg.controller, planner="top-n")
+        ),
         "static-knapsack": Policy(
             "static-map",
             tiers=cfg.tiers,

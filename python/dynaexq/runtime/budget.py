@@ -9,7 +9,12 @@ and the expert pool of each policy is laid out from what is left:
 
 - static(t):   every expert at tier t                        N * m_t
 - static-map:  n_hot experts at the high tier, the rest low   n_hot * m_hi + (N - n_hot) * m_lo
-- dynamic:     as static-map, plus K staging slots of each tier for transitions in flight
+- dynamic:     as static-map, plus staging slots for transitions in flight: K slots of
+               every tier (staging="every"), or ceil(K / 2) slots of the lowest tier only
+               (staging="lowest": a promotion into a full tier waits for a demotion out
+               of it to land, so the upper tiers reserve nothing and their bytes hold
+               experts; with a knapsack the assignment is the static one at the full
+               budget whenever its leftover bytes pay for the K low slots)
 - offload:     a cache of high-tier experts                   slots * m_hi, slots < N
 
 so at one budget the policies hold the same bytes, and dynamic pays for its staging.
@@ -244,6 +249,7 @@ def plan_pool(
     static_tier: int = 0,
     split: str = "per-layer",
     values: list[float] | None = None,
+    staging: str = "every",
 ) -> PoolPlan:
     """Slot counts for `policy` within `budget` (bytes for everything dynaexq owns).
 
@@ -253,7 +259,11 @@ def plan_pool(
     `values` (experts x tiers, e.g. calibration hotness x error reduction): size the tiers
     by a multiple-choice knapsack over the bytes instead (global split): every expert gets
     the tier of the best total value that fits, and the slot counts follow.
+    `staging` (dynamic): "every" reserves `in_flight` slots of every tier, "lowest"
+    ceil(in_flight / 2) of the lowest tier only (see the module docstring).
     """
+    if staging not in ("every", "lowest"):
+        raise BudgetError(f"staging must be every or lowest, got {staging!r}")
     if layers <= 0 or experts <= 0:
         raise BudgetError("the model has no MoE layers")
     if not slot_bytes or any(b <= 0 for b in slot_bytes):
@@ -321,23 +331,25 @@ def plan_pool(
         raise BudgetError(
             f"unknown policy {policy!r}: use full, static, static-map, dynamic or offload"
         )
+    k = in_flight if policy == "dynamic" else 0
+    # Staging slots of each tier (transitions in flight).
+    # "lowest": one slot per demote+promote pair in flight (the pair's promotion waits for
+    # its demotion to free a slot of the upper tier, so only the demotion needs staging).
+    stage = [k] * len(slot_bytes) if staging == "every" else [(k + 1) // 2] + [0] * top
     if values is not None:
-        return _plan_knapsack(
-            policy, layers, experts, slot_bytes, room, in_flight, values, pool_plan
-        )
+        return _plan_knapsack(policy, layers, experts, slot_bytes, room, stage, values, pool_plan)
     if len(slot_bytes) != 2:
         return _plan_multi_tier(
-            policy, layers, experts, slot_bytes, fixed, budget, room, in_flight, pool_plan
+            policy, layers, experts, slot_bytes, fixed, budget, room, stage, pool_plan
         )
     lo, hi = slot_bytes
-    k = in_flight if policy == "dynamic" else 0
-    staging_bytes = k * (lo + hi)
+    staging_bytes = sum(g * b for g, b in zip(stage, slot_bytes, strict=True))
     spare = room - n * lo - staging_bytes
     if spare < 0:
         need = fixed.total + n * lo + staging_bytes
         raise BudgetError(
             f"{policy} with {k} transitions in flight needs at least {format_bytes(need)} "
-            f"({need} bytes: every expert at the low tier plus {k} staging slots per tier); "
+            f"({need} bytes: every expert at the low tier plus staging slots {stage}); "
             f"the budget is {format_bytes(budget)}"
         )
     hot = max(0, min(n, spare // (hi - lo))) if hi > lo else n
@@ -349,7 +361,7 @@ def plan_pool(
         hot = each * layers
         if each == 0:
             notes.append("the budget leaves no high-precision slot per layer")
-    return pool_plan([n - int(hot), int(hot)], [k, k], per_layer, notes)
+    return pool_plan([n - int(hot), int(hot)], stage, per_layer, notes)
 
 
 def knapsack_choice(values: list[float], slot_bytes: list[int], space: int) -> list[int] | None:
@@ -367,31 +379,66 @@ def knapsack_choice(values: list[float], slot_bytes: list[int], space: int) -> l
         return knapsack(values, slot_bytes, space)
 
 
-def _plan_knapsack(policy, layers, experts, slot_bytes, room, in_flight, values, mk):
+def peel(choice: list[int], values: list[float], slot_bytes: list[int], space: int):
+    """`choice` (a tier per expert; values: experts x tiers) made to fit `space` bytes by
+    demotions one tier at a time, the least value lost first (per byte freed it would
+    be a hot expert's top tier, whose bytes are many: measured, that costs more than
+    several cold experts one tier down); None if even every expert at the lowest tier
+    does not fit."""
+    tiers = len(slot_bytes)
+    out = list(choice)
+    used = sum(slot_bytes[t] for t in out)
+    if len(slot_bytes) and len(out) * min(slot_bytes) > space:
+        return None
+    while used > space:
+        best, key = -1, math.inf
+        for i, t in enumerate(out):
+            if t == 0:
+                continue
+            freed = slot_bytes[t] - slot_bytes[t - 1]
+            if freed <= 0:
+                continue
+            k = values[i * tiers + t] - values[i * tiers + t - 1]
+            if k < key:
+                best, key = i, k
+        if best < 0:
+            return None
+        used -= slot_bytes[out[best]] - slot_bytes[out[best] - 1]
+        out[best] -= 1
+    return out
+
+
+def _plan_knapsack(policy, layers, experts, slot_bytes, room, staging, values, mk):
     n = layers * experts
-    k = in_flight if policy == "dynamic" else 0
-    staging = [k] * len(slot_bytes)
-    space = room - k * sum(slot_bytes)
+    reserve = sum(g * b for g, b in zip(staging, slot_bytes, strict=True))
     if len(values) != n * len(slot_bytes):
         raise BudgetError(f"expected {n} x {len(slot_bytes)} values, got {len(values)}")
-    choice = knapsack_choice(list(values), list(slot_bytes), max(0, space))
+    choice = None
+    if reserve and not any(staging[1:]):
+        # Staging of the lowest tier only: the static assignment at the full budget, less
+        # the cheapest demotions that pay for the staging slots (none when the knapsack's
+        # leftover bytes hold them: dynamic that never moves is then the static knapsack
+        # exactly; otherwise it differs from it by those few demotions).
+        full = knapsack_choice(list(values), list(slot_bytes), room)
+        if full is not None:
+            choice = peel(full, list(values), list(slot_bytes), room - reserve)
+    if choice is None:
+        choice = knapsack_choice(list(values), list(slot_bytes), max(0, room - reserve))
     if choice is None:
         raise BudgetError(
-            f"{policy} with {k} transitions in flight needs at least "
-            f"{format_bytes(n * slot_bytes[0] + k * sum(slot_bytes))} for experts"
+            f"{policy} with staging slots {list(staging)} needs at least "
+            f"{format_bytes(n * slot_bytes[0] + reserve)} for experts"
         )
     slots = [choice.count(t) for t in range(len(slot_bytes))]
     plan = mk(slots, staging, None, [f"tiers sized by knapsack: {slots}"])
     return replace(plan, assignment=tuple(choice))
 
 
-def _plan_multi_tier(policy, layers, experts, slot_bytes, fixed, budget, room, in_flight, mk):
+def _plan_multi_tier(policy, layers, experts, slot_bytes, fixed, budget, room, staging, mk):
     """Three or more tiers: fill from the bottom, giving each upper tier an equal share of
     the spare bytes (the controller's knapsack decides who sits where)."""
     n = layers * experts
-    k = in_flight if policy == "dynamic" else 0
-    staging = [k] * len(slot_bytes)
-    spare = room - n * slot_bytes[0] - k * sum(slot_bytes)
+    spare = room - n * slot_bytes[0] - sum(g * b for g, b in zip(staging, slot_bytes, strict=True))
     if spare < 0:
         raise BudgetError(
             f"the budget leaves no room for staging: need {format_bytes(-spare)} more"

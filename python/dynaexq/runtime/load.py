@@ -171,6 +171,8 @@ def load_with_policy(
         # weights are renormalised per token, so a layer's raw mass says nothing of how
         # much its output depends on its experts).
         share = scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-12)
+        f = pol.controller.hotness_floor
+        share = (1.0 - f) * share + f / store.experts
         values = (share[..., None] * store.gains()).reshape(-1).tolist()
     plan = plan_pool(
         pol.name,
@@ -183,6 +185,7 @@ def load_with_policy(
         static_tier=static_tier,
         split=pol.controller.split,
         values=values,
+        staging=pol.controller.staging,
     )
     if pol.name == "offload":
         runtime: PrecisionRuntime | OffloadRuntime = OffloadRuntime(store, plan, pol)
@@ -239,8 +242,10 @@ def load(
     Without `budget` and `policy` the experts run at full precision. With a `budget`
     ("6GiB", bytes) the pool is sized from it and `policy` (default "dynamic"; also
     "static", "static-map", "offload", "full") decides which experts hold which tier;
-    `tiers` picks them (default int2,bf16). `calibration`: texts or token arrays that rank
-    experts for the initial hot set (default: the embedded model's own held-out text, or
+    `tiers` picks them (default for dynamic int2,int3,int4,bf16 with the
+    controller of `runtime.policy.DEFAULT_CONTROLLER`; a Policy object is used as given).
+    `calibration`: texts or token arrays that rank experts for the initial hot set
+    (default: the embedded model's own held-out text, or
     a generic text shipped with the package; the ranking is cached beside the tiered
     checkpoint). The engine's
     `precision` is the runtime and `deployment` what was sized. Other keyword arguments go
@@ -252,8 +257,12 @@ def load(
         return load_engine(path, dtype=dtype, device=device, experts=experts)
     if experts is not None:
         raise ValueError("experts= replaces the expert executor; it cannot go with a policy")
+    from dynaexq.runtime.policy import default_policy
+
     pol = policy or "dynamic"
-    name = pol if isinstance(pol, str) else pol.name
+    if isinstance(pol, str):  # a name: the measured defaults (runtime/policy.py)
+        pol = default_policy(pol)
+    name = pol.name
     cal: Sequence[np.ndarray] | np.ndarray | None
     ckpt = embedded_model_path() if path is None else Path(path)
     if calibration is not None and len(calibration) and isinstance(calibration[0], str):

@@ -38,6 +38,15 @@ class ControllerSettings:
     max_transitions: int = 1 << 30  # R: per plan
     max_bytes_per_token: float = float("inf")  # churn cap: bytes moved per scored token
     in_flight: int = 4  # K
+    # Staging slots (runtime/budget.py): "every" reserves K slots of every tier; "lowest"
+    # only ceil(K / 2) of the lowest tier (a promotion into a full tier waits for a
+    # demotion out of it), so the upper tiers' bytes hold experts and dynamic that does
+    # not move holds the static assignment at the same bytes.
+    staging: str = "every"
+    # Moves only when they pay: a planned move (or demote+promote pair) is made only if
+    # its gain in planned value (routed mass x tier value) exceeds `move_gain` times the
+    # current assignment's total value per top-tier slot's bytes it copies (0: any gain).
+    move_gain: float = 0.0
     split: str = "per-layer"  # hot slots per layer, or "global"
     planner: str = "top-n"  # "top-n" (hotness) or "value" (hotness x error reduction)
     # The no-harm rule (runtime/gate.py): "skill" follows the live signal only while its
@@ -50,6 +59,10 @@ class ControllerSettings:
     gate_lag: int = 2  # steps from a plan to the first step it serves (lockstep: 2)
     # The signal planned on: (1 - w) * live signal + w * calibration prior.
     prior_weight: float = 0.0
+    # The knapsack's hotness (planner "value"): (1 - f) * each expert's calibration share
+    # of its layer + f * an even share, a hedge against calibration text unlike the
+    # workload (f = 1: tiers by error reduction per byte alone, hotness ignored).
+    hotness_floor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.signal not in ("ema", "window"):
@@ -62,8 +75,14 @@ class ControllerSettings:
             raise PolicyError(f"split must be per-layer or global, got {self.split!r}")
         if self.planner not in ("top-n", "value"):
             raise PolicyError(f"planner must be top-n or value, got {self.planner!r}")
+        if self.staging not in ("every", "lowest"):
+            raise PolicyError(f"staging must be every or lowest, got {self.staging!r}")
+        if self.move_gain < 0:
+            raise PolicyError(f"move_gain must be >= 0, got {self.move_gain}")
         if self.gate not in ("skill", "off"):
             raise PolicyError(f"gate must be skill or off, got {self.gate!r}")
+        if not 0.0 <= self.hotness_floor <= 1.0:
+            raise PolicyError(f"hotness_floor must be in [0, 1], got {self.hotness_floor}")
         if not 0.0 <= self.prior_weight <= 1.0 or not 0.0 <= self.gate_alpha < 1.0:
             raise PolicyError("prior_weight must be in [0, 1] and gate_alpha in [0, 1)")
         if self.gate_lag < 0:
@@ -86,3 +105,30 @@ class Policy:
 
     def with_controller(self, **kw: object) -> Policy:
         return replace(self, controller=replace(self.controller, **kw))  # type: ignore[arg-type]
+
+
+# What `dynaexq.load`, `generate`, `serve` and `eval` run when given only a policy name
+# (issue 13; chosen on the unseen tuning domains rust/yaml, then run once on the held-back
+# ones: docs/results/eval/unseen.md): four tiers; dynamic starts from, and holds, the static
+# knapsack at the same bytes (hotness floored halfway to even), with one staging slot of
+# the lowest tier, and moves only when a move gains 1% of the planned value per top-tier
+# slot it copies, on a slow EMA.
+DEFAULT_TIERS = ("int2", "int3", "int4", "bf16")
+DEFAULT_CONTROLLER = ControllerSettings(
+    alpha=0.9,
+    in_flight=2,
+    staging="lowest",
+    planner="value",
+    split="global",
+    move_gain=0.01,
+    hotness_floor=0.5,
+)
+
+
+def default_policy(name: str) -> Policy:
+    """The policy `name` with the defaults above: dynamic takes them; the baselines keep
+    their own meaning (static-map: the calibration's top-n experts at bf16 over int2, as in
+    `dynaexq eval`; static: int2; offload: a bf16 cache)."""
+    if name == "dynamic":
+        return Policy(name, tiers=DEFAULT_TIERS, controller=DEFAULT_CONTROLLER)
+    return Policy(name)

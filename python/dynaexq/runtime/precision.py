@@ -295,9 +295,15 @@ class PrecisionRuntime:
         }
 
     def _capacity(self) -> list[int]:
-        """Slots per tier of one layer (per-layer split) or of the whole model (global)."""
+        """Slots per tier of one layer (per-layer split) or of the whole model (global).
+        Staging of the lowest tier only (sequential moves): the staging slots count as
+        tier-0 capacity, so a demotion sees them free (per layer: every layer may use them;
+        the pool refuses what does not fit and the move is re-planned)."""
         p = self.plan
-        return list(p.per_layer) if p.per_layer is not None else list(p.slots)
+        cap = list(p.per_layer) if p.per_layer is not None else list(p.slots)
+        if self.policy.controller.staging == "lowest":
+            cap[0] += p.staging[0]
+        return cap
 
     def _tier_values(self) -> np.ndarray:
         """[L, E, store tiers] value of each tier per unit of routed mass, as the planner
@@ -328,8 +334,29 @@ class PrecisionRuntime:
         scores = np.asarray(self.tracker.scores(), dtype=np.float32)
         if c.prior_weight > 0:
             scores = (1 - c.prior_weight) * scores + c.prior_weight * self.prior.ravel()
+        if c.hotness_floor > 0 and c.planner == "value":
+            # The knapsack's hotness (load.py): share of the layer, floored toward even.
+            per = scores.reshape(current.shape)
+            share = per / np.maximum(per.sum(axis=1, keepdims=True), 1e-12)
+            f = c.hotness_floor
+            scores = ((1 - f) * share + f / self.experts).astype(np.float32).ravel()
 
-        def plan(scores, gain, delta):
+        # Moves only when they pay: a move's gain must exceed `move_gain` x the current
+        # assignment's value (under the same signal) per top-tier slot's bytes copied.
+        per_byte = 0.0
+        if c.move_gain > 0:
+            g = (
+                np.asarray(gain, dtype=np.float64).reshape(*current.shape, len(self.real))
+                if gain is not None
+                else np.broadcast_to(
+                    np.arange(len(self.real), dtype=np.float64), (*current.shape, len(self.real))
+                )
+            )
+            held = np.take_along_axis(g, current[..., None].astype(np.int64), -1)[..., 0]
+            total = float((scores.reshape(current.shape) * held).sum())
+            per_byte = c.move_gain * total / self.plan.slot_bytes[self.real[-1]]
+
+        def plan(scores, gain, delta, per_byte=0.0):
             return plan_transitions(
                 self.num_layers,
                 self.experts,
@@ -345,9 +372,11 @@ class PrecisionRuntime:
                 max_bytes=int(min(max_bytes, 2**63 - 1)),
                 max_in_flight=c.in_flight,
                 in_flight=len(self.busy),
+                min_gain_per_byte=per_byte,
+                sequential=c.staging == "lowest",
             )
 
-        target, moves, _ = plan(scores, gain, c.delta)
+        target, moves, _ = plan(scores, gain, c.delta, per_byte)
         if self.gate is not None and routed is not None:
             real = np.asarray(self.real, dtype=np.uint8)
             proposal = real[np.frombuffer(bytes(target), dtype=np.uint8)].reshape(current.shape)

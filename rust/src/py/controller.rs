@@ -96,7 +96,7 @@ impl PyHotnessTracker {
 #[pyo3(signature = (
     layers, experts, scores, current, busy, tier_bytes, capacity, split = "per-layer",
     gain = None, delta = 0.01, max_transitions = usize::MAX, max_bytes = u64::MAX,
-    max_in_flight = 4, in_flight = 0
+    max_in_flight = 4, in_flight = 0, min_gain_per_byte = 0.0, sequential = false
 ))]
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub(super) fn plan_transitions(
@@ -115,6 +115,8 @@ pub(super) fn plan_transitions(
     max_bytes: u64,
     max_in_flight: usize,
     in_flight: usize,
+    min_gain_per_byte: f32,
+    sequential: bool,
 ) -> PyResult<(Vec<u8>, Vec<(u32, u32, u8, u8, u64)>, usize)> {
     let capacity = match split {
         "per-layer" => Capacity::PerLayer(capacity),
@@ -141,6 +143,8 @@ pub(super) fn plan_transitions(
         max_transitions,
         max_bytes,
         max_in_flight,
+        min_gain_per_byte,
+        sequential,
     };
     let p = py
         .detach(|| plan_controller(&input, &cfg))
