@@ -128,3 +128,109 @@ def test_requests_larger_than_the_kv_bounds_are_refused(engine) -> None:
     run_with(engine, body, max_batch=2, max_context=96, kv_share=share)
     with pytest.raises(ValueError, match="max_kv_tokens"):
         KvShare(min_kv_tokens=64, max_kv_tokens=32)
+
+
+def _dynamic_engine(tmp_path_factory, share: KvShare, hot_per_layer: int):
+    """The tiny model under the dynamic policy (int2 / bf16) on a budget shared with the KV
+    pages: every expert at int2, `hot_per_layer` of each layer at bf16, the staging slots,
+    and the KV floor."""
+    import numpy as np
+    from dynaexq.checkpoint import Checkpoint
+    from dynaexq.runtime.budget import fixed_memory
+    from dynaexq.runtime.load import load_with_policy
+    from dynaexq.runtime.policy import Policy
+    from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
+
+    path = tmp_path_factory.mktemp("kv_dynamic_model")
+    train_tiny_tokenizer(path, TEXTS, vocab_size=200)
+    save_checkpoint(make_hf_model(seed=3, vocab_size=Tokenizer(path).vocab_size), path)
+    cache = tmp_path_factory.mktemp("kv_tiered")
+    tiers = ("int2", "bf16")
+    store = TierStore.from_tiered(tiered_checkpoint_for(path, tiers, cache_dir=cache))
+    config = Checkpoint(path).config
+    fixed = fixed_memory(config, dtype_bytes=4, batch=4, context=64, chunk=16)
+    floor = share.floor_bytes(config, 4)
+    lo, hi = store.slot_bytes
+    k = Policy("dynamic").controller.in_flight
+    layers, experts = len(store.layers), store.experts
+    experts_bytes = layers * (experts * lo + hot_per_layer * (hi - lo)) + k * (lo + hi)
+    budget = fixed.total - fixed.kv_cache + floor + experts_bytes
+    calibration = [np.random.default_rng(9).integers(0, 128, size=1024)]
+    engine, dep = load_with_policy(
+        path,
+        policy="dynamic",
+        budget=budget,
+        tiers=tiers,
+        calibration=calibration,
+        batch=4,
+        context=64,
+        chunk=16,
+        progress=False,
+        cache_dir=cache,
+        lockstep=False,
+        kv_share=share,
+    )
+    assert dep.plan.per_layer == (experts - hot_per_layer, hot_per_layer)
+    return engine, hi - lo
+
+
+def test_long_requests_borrow_expert_bytes_and_give_them_back(tmp_path_factory) -> None:
+    """Short requests run with the KV floor; long ones arrive: the scheduler asks the
+    runtime for bytes, hot experts are demoted and their bytes become pages (only once the
+    demotions are published and the old blocks reclaimed), nothing fails; when the load has
+    passed the bytes go back and the controller promotes experts again."""
+    share = KvShare(min_kv_tokens=48, max_kv_tokens=400, page_tokens=4)
+    engine, delta = _dynamic_engine(tmp_path_factory, share, hot_per_layer=6)
+    runtime, budget = engine.precision, engine.kv_budget
+    start = budget.snapshot()
+    # At rest the pages may use their floor only: the rest holds experts and staging.
+    assert start["kv_headroom"] == share.floor_bytes(engine.config, 4), start
+    seen = {"lent": 0, "kv": 0, "experts": start["expert_bytes"]}
+
+    async def watch(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            seen["lent"] = max(seen["lent"], runtime.kv_lent)
+            snap = budget.snapshot()
+            seen["kv"] = max(seen["kv"], snap["kv_bytes"])
+            seen["experts"] = min(seen["experts"], snap["expert_bytes"])
+            await asyncio.sleep(0.001)
+
+    def requests(sched, prompts, n):
+        return [sched.submit([SequenceSpec(tuple(engine.encode(p)), n)]) for p in prompts]
+
+    async def body(sched):
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(watch(stop))
+        short = requests(sched, PROMPTS[:2], 12)
+        long = requests(sched, PROMPTS[2:], 60)
+        done = [await drain(r) for r in short + long]
+        # The load has passed: a few short requests give the controller steps to promote.
+        for _ in range(3):
+            done += [await drain(r) for r in requests(sched, PROMPTS[:2], 24)]
+        stop.set()
+        await watcher
+        return done
+
+    sched, done = run_with(
+        engine,
+        body,
+        max_batch=6,
+        max_context=160,
+        kv_share=share,
+        kv_budget=budget,
+        kv_lender=runtime,
+    )
+    # Every request ran to its length (none failed, the preempted ones were recomputed).
+    assert [len(ids) for ids in done] == [12, 12] + [60] * 4 + [24] * 6
+    assert sched.preemptions > 0
+    end = budget.snapshot()
+    # The split moved to KV: pages held more than the floor and the experts' headroom
+    # allowed, paid for by lent top-tier slots.
+    assert seen["lent"] > 0 and end["moved_to_kv_bytes"] >= delta, (seen, end)
+    assert seen["kv"] > start["kv_headroom"], (seen, start)
+    # ... and back: nothing is lent any more and the experts took bytes the pages freed.
+    assert runtime.kv_lent == 0, runtime.kv_lent
+    assert end["moved_to_experts_bytes"] > 0, end
+    assert end["expert_bytes"] > seen["experts"], (seen, end)
+    assert end["charged_bytes"] <= end["limit"] and end["high_water_bytes"] <= end["limit"]
+    assert sched.kv_stats()["pages_used"] == 0

@@ -123,19 +123,22 @@ class ExpertPool:
 @final
 class DeviceBudget:
     """One byte budget for expert slots and KV pages: experts + KV pages <= limit.
-    `kv_floor` bytes stay reserved for KV pages, which hold at most `kv_ceiling`."""
+    `kv_floor` bytes stay reserved for KV pages, which hold at most `kv_ceiling`;
+    `expert_floor` bytes stay reserved for experts."""
 
     def __new__(
-        cls, limit: int, kv_floor: int = 0, kv_ceiling: int | None = None
+        cls, limit: int, kv_floor: int = 0, kv_ceiling: int | None = None, expert_floor: int = 0
     ) -> DeviceBudget: ...
     @property
     def limit(self) -> int: ...
     def snapshot(self) -> dict[str, int]:
-        """limit, expert_bytes, kv_bytes, kv_floor, kv_ceiling, charged_bytes,
+        """limit, expert_bytes, kv_bytes, kv_floor, kv_ceiling, expert_floor, charged_bytes,
         expert_headroom, kv_headroom, high_water_bytes, moved_to_kv_bytes,
         moved_to_experts_bytes, read at one instant."""
     def fits(self, use: str, nbytes: int) -> bool:
         """Whether `nbytes` more for `use` ("experts" or "kv") would fit now."""
+    def set_expert_floor(self, floor: int) -> None:
+        """Keep `floor` bytes for experts (KV pages cannot take them)."""
     def set_kv_bounds(self, kv_floor: int, kv_ceiling: int) -> None:
         """PoolExhausted when the floor does not fit beside the experts' bytes."""
 

@@ -6,8 +6,11 @@
 //! `expert_bytes + kv_bytes <= limit` holds after every call, whatever the interleaving
 //! (one mutex; each call checks and updates under it).
 //!
-//! Two bounds shape the split: `kv_floor` bytes are kept for KV pages even while the
-//! pages are not in use (experts cannot take them), and `kv_ceiling` caps the KV pages.
+//! Three bounds shape the split: `kv_floor` bytes are kept for KV pages even while the
+//! pages are not in use (experts cannot take them), `kv_ceiling` caps the KV pages, and
+//! `expert_floor` bytes are kept for experts (every expert's lowest-tier block and the
+//! staging slots of transitions in flight: KV pages cannot take them, so a demotion that
+//! frees bytes for pages can always reserve its new block).
 //!
 //! The tracker also counts the bytes that changed use: when experts give bytes back and
 //! KV pages then take bytes, the overlap counts as moved to KV (and the other way round),
@@ -48,6 +51,8 @@ pub struct BudgetSnapshot {
     pub kv_floor: u64,
     /// Most bytes KV pages may hold.
     pub kv_ceiling: u64,
+    /// Bytes kept for experts even while unused.
+    pub expert_floor: u64,
     /// Highest `expert_bytes + kv_bytes` seen.
     pub high_water: u64,
     /// Bytes experts gave back that KV pages took next.
@@ -61,17 +66,19 @@ impl BudgetSnapshot {
     pub fn used(&self) -> u64 {
         self.expert_bytes + self.kv_bytes
     }
-    /// Bytes that count against the limit: KV counts at least its floor.
+    /// Bytes that count against the limit: each use counts at least its floor.
     pub fn charged(&self) -> u64 {
-        self.expert_bytes + self.kv_bytes.max(self.kv_floor)
+        self.expert_bytes.max(self.expert_floor) + self.kv_bytes.max(self.kv_floor)
     }
     /// Bytes experts could still take.
     pub fn expert_headroom(&self) -> u64 {
-        self.limit.saturating_sub(self.charged())
+        self.limit
+            .saturating_sub(self.expert_bytes + self.kv_bytes.max(self.kv_floor))
     }
     /// Bytes KV pages could still take.
     pub fn kv_headroom(&self) -> u64 {
-        let by_limit = self.limit.saturating_sub(self.expert_bytes + self.kv_bytes);
+        let experts = self.expert_bytes.max(self.expert_floor);
+        let by_limit = self.limit.saturating_sub(experts + self.kv_bytes);
         by_limit.min(self.kv_ceiling.saturating_sub(self.kv_bytes))
     }
 }
@@ -214,6 +221,23 @@ impl DeviceBudget {
         }
     }
 
+    /// Keep `floor` bytes for experts (KV pages cannot take them). Refused when it would
+    /// not fit beside the KV pages' current bytes (or their floor).
+    pub fn set_expert_floor(&self, floor: u64) -> Result<()> {
+        let mut st = self.lock();
+        let s = st.snap;
+        if floor + s.kv_bytes.max(s.kv_floor) > s.limit {
+            return Err(Error::BudgetExceeded {
+                class: "expert floor".into(),
+                need: floor,
+                reserved: s.used(),
+                budget: s.limit,
+            });
+        }
+        st.snap.expert_floor = floor;
+        Ok(())
+    }
+
     /// Move the KV bounds (e.g. the operator's `--min-kv-tokens` / `--max-kv-tokens`).
     /// Refused when the new floor would not fit beside the experts' current bytes; a
     /// ceiling below the pages in use only stops further growth.
@@ -225,7 +249,7 @@ impl DeviceBudget {
             )));
         }
         let s = st.snap;
-        if s.expert_bytes + s.kv_bytes.max(kv_floor) > s.limit {
+        if s.expert_bytes.max(s.expert_floor) + s.kv_bytes.max(kv_floor) > s.limit {
             return Err(Error::BudgetExceeded {
                 class: "kv floor".into(),
                 need: kv_floor,
@@ -273,6 +297,20 @@ mod tests {
         assert!(DeviceBudget::with_kv_bounds(100, 200, 300).is_err());
         assert!(DeviceBudget::with_kv_bounds(100, 50, 20).is_err());
         assert!(DeviceBudget::new(0).is_err());
+    }
+
+    #[test]
+    fn expert_floor_is_kept_from_the_pages() {
+        let b = DeviceBudget::new(1000).unwrap();
+        b.set_expert_floor(400).unwrap();
+        b.try_take(BudgetUse::Experts, 100).unwrap();
+        assert!(b.try_take(BudgetUse::KvPages, 601).is_err());
+        b.try_take(BudgetUse::KvPages, 600).unwrap();
+        // Experts still reach their floor beside the pages.
+        b.try_take(BudgetUse::Experts, 300).unwrap();
+        assert!(b.try_take(BudgetUse::Experts, 1).is_err());
+        assert!(b.set_expert_floor(500).is_err());
+        assert_eq!(b.snapshot().charged(), 1000);
     }
 
     #[test]

@@ -6,14 +6,15 @@
 //! [`run_kv`] reads a configuration from the first bytes (page size, page count, expert
 //! classes, budget, KV floor and ceiling), then one operation per byte pair: open, share a
 //! prefix, reserve, publish, truncate, close a sequence; allocate, reserve, commit, free an
-//! expert slot; move the KV bounds. Each runs on the real pools and on a plain model, and
-//! after every operation it checks: the tracker's expert bytes equal the expert pool's,
-//! its KV bytes equal the pages in use x page bytes, experts + max(KV, floor) <= limit,
-//! every page's refcount equals the sequences holding it, free pages are exactly those
-//! with none, new pages are the lowest free ones, and block tables and prefix hits equal
-//! the model's (which keys prefixes by their full token list, not by hash). It returns
-//! the trace of handed-out pages and offsets (replaying the same bytes gives the same)
-//! and how often each outcome happened (so tests can show the inputs are not vacuous).
+//! expert slot; move the KV bounds and the experts' floor. Each runs on the real pools and
+//! on a plain model, and after every operation it checks: the tracker's expert bytes equal
+//! the expert pool's, its KV bytes equal the pages in use x page bytes, max(experts,
+//! expert floor) + max(KV, KV floor) <= limit, every page's refcount equals the sequences
+//! holding it, free pages are exactly those with none, new pages are the lowest free
+//! ones, and block tables and prefix hits equal the model's (which keys prefixes by their
+//! full token list, not by hash). It returns the trace of handed-out pages and offsets
+//! (replaying the same bytes gives the same) and how often each outcome happened (so
+//! tests can show the inputs are not vacuous).
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -75,6 +76,7 @@ struct Model {
     limit: u64,
     floor: u64,
     ceiling: u64,
+    expert_floor: u64,
     expert_bytes: u64,
     /// Expert blocks the interpreter owns, with their "pending" flag.
     experts: Vec<(Block, bool)>,
@@ -165,6 +167,7 @@ pub fn run_kv(data: &[u8]) -> KvRun {
         limit,
         floor,
         ceiling: ceiling.min(limit),
+        expert_floor: 0,
         expert_bytes: 0,
         experts: Vec::new(),
         expert_free: (0..2)
@@ -254,7 +257,7 @@ pub fn run_kv(data: &[u8]) -> KvRun {
                 let kv_now = model.kv_bytes(pages);
                 let headroom = model
                     .limit
-                    .saturating_sub(model.expert_bytes + kv_now)
+                    .saturating_sub(model.expert_bytes.max(model.expert_floor) + kv_now)
                     .min(model.ceiling.saturating_sub(kv_now));
                 let r = kv.reserve(id, tokens);
                 if grow == 0 {
@@ -403,12 +406,24 @@ pub fn run_kv(data: &[u8]) -> KvRun {
                 let new_ceiling = new_floor.max(limit * (1 + (arg / 5 % 8) as u64) / 8);
                 let r = budget.set_kv_bounds(new_floor, new_ceiling);
                 let kv_now = model.kv_bytes(pages);
-                if model.expert_bytes + kv_now.max(new_floor) > model.limit {
+                let experts = model.expert_bytes.max(model.expert_floor);
+                if experts + kv_now.max(new_floor) > model.limit {
                     assert!(matches!(r, Err(Error::BudgetExceeded { .. })), "{r:?}");
                 } else {
                     r.expect("bounds that fit");
                     model.floor = new_floor;
                     model.ceiling = new_ceiling.min(model.limit);
+                }
+                // Every third time, the experts' floor moves too.
+                if arg % 3 == 0 {
+                    let expert_floor = limit * (arg / 3 % 5) as u64 / 8;
+                    let r = budget.set_expert_floor(expert_floor);
+                    if expert_floor + kv_now.max(model.floor) > model.limit {
+                        assert!(matches!(r, Err(Error::BudgetExceeded { .. })), "{r:?}");
+                    } else {
+                        r.expect("an expert floor that fits");
+                        model.expert_floor = expert_floor;
+                    }
                 }
             }
             _ => {

@@ -50,14 +50,21 @@ class KvShare:
     def ceiling_bytes(self, config: ModelConfig, dtype_bytes: int) -> int:
         return self.pages * self.page_bytes(config, dtype_bytes)
 
-    def device_budget(self, config: ModelConfig, dtype_bytes: int, room: int) -> DeviceBudget:
-        """The tracker for `room` bytes of experts + KV pages under these bounds."""
+    def device_budget(
+        self, config: ModelConfig, dtype_bytes: int, room: int, expert_floor: int = 0
+    ) -> DeviceBudget:
+        """The tracker for `room` bytes of experts + KV pages under these bounds, keeping
+        `expert_floor` bytes for experts (their lowest-tier blocks and staging slots)."""
         floor = self.floor_bytes(config, dtype_bytes)
-        if room < floor:
+        if room < floor + expert_floor:
             raise ValueError(
                 f"the budget leaves {room} bytes for experts and KV, less than the KV floor "
-                f"of {self.min_kv_tokens} tokens ({floor} bytes)"
+                f"of {self.min_kv_tokens} tokens ({floor} bytes) beside the experts' least "
+                f"({expert_floor} bytes)"
             )
         return DeviceBudget(
-            room, kv_floor=floor, kv_ceiling=min(room, self.ceiling_bytes(config, dtype_bytes))
+            room,
+            kv_floor=floor,
+            kv_ceiling=min(room, self.ceiling_bytes(config, dtype_bytes)),
+            expert_floor=expert_floor,
         )

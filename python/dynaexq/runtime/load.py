@@ -206,6 +206,7 @@ def load_with_policy(
         kv_budget = None
         if kv_share is not None and plan.budget is not None:
             # Room for experts and KV together: the budget less every fixed byte but the KV floor.
+            # (the runtime keeps its published experts and staging slots from the pages)
             room = plan.budget - (fixed.total - fixed.kv_cache)
             kv_budget = kv_share.device_budget(config, dtype_bytes, room)
         runtime = PrecisionRuntime(

@@ -65,6 +65,8 @@ class PrecisionRuntime:
         self.experts = store.experts
         self.tiers = len(store.tiers)
         self.pool, self.table = self._build_pool(initial)
+        self._staging_bytes = sum(g * b for g, b in zip(plan.staging, plan.slot_bytes, strict=True))
+        self._sync_expert_floor()
         # The expert threads: as many as torch uses unless told otherwise.
         self.executor = CpuExecutor(
             self.table, store, self.real, threads or max(1, torch.get_num_threads())
@@ -270,6 +272,20 @@ class PrecisionRuntime:
         self.step += 1
         return rec
 
+    def _sync_expert_floor(self) -> None:
+        """Keep the published experts' bytes and the staging slots from the KV pages (a
+        transition, a lending demotion too, reserves its new block before the old one
+        goes): the floor follows the tiers as they land, as far as the pages allow."""
+        if self.kv_budget is None:
+            return
+        counts = np.bincount(self.table_map().ravel(), minlength=len(self.real))
+        resident = sum(
+            int(n) * self.plan.slot_bytes[t] for n, t in zip(counts, self.real, strict=True)
+        )
+        snap = self.kv_budget.snapshot()
+        room = snap["limit"] - max(snap["kv_bytes"], snap["kv_floor"])
+        self.kv_budget.set_expert_floor(max(0, min(resident + self._staging_bytes, room)))
+
     def _land(self) -> tuple[int, int, int]:
         finished = failed = moved = 0
         if self.mover is None:
@@ -283,6 +299,8 @@ class PrecisionRuntime:
                 self._promotions += int(up)
             else:  # failed, cancelled or rejected (no slot yet): the old version stays
                 failed += int(status == "failed")
+        if finished:
+            self._sync_expert_floor()
         return finished, failed, moved
 
     def table_map(self) -> np.ndarray:

@@ -409,6 +409,9 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
+                idle = not self._rows and not self._waiting and not self._preempted
+                if idle and self.kv_share is not None and self._lender is not None:
+                    self._lender.reclaim_from_kv()  # no load: lent bytes go back to experts
                 while (
                     not self._rows and not self._waiting and not self._preempted
                 ) and not self._stopping:

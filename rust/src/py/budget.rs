@@ -15,7 +15,7 @@ use super::*;
 /// One byte budget for expert slots and KV pages: `ExpertPool(..., shared_budget=b)` and
 /// `KvPagePool(..., budget=b)` reserve from it, so experts + KV pages never exceed
 /// `limit`. `kv_floor` bytes stay reserved for KV pages; they may hold at most
-/// `kv_ceiling` (default: the whole limit).
+/// `kv_ceiling` (default: the whole limit); `expert_floor` bytes stay reserved for experts.
 #[pyclass(frozen, name = "DeviceBudget", module = "dynaexq._core")]
 pub struct PyDeviceBudget {
     pub(super) inner: Arc<DeviceBudget>,
@@ -45,6 +45,7 @@ pub(super) fn snapshot_dict<'py>(
     d.set_item("kv_bytes", s.kv_bytes)?;
     d.set_item("kv_floor", s.kv_floor)?;
     d.set_item("kv_ceiling", s.kv_ceiling)?;
+    d.set_item("expert_floor", s.expert_floor)?;
     d.set_item("charged_bytes", s.charged())?;
     d.set_item("expert_headroom", s.expert_headroom())?;
     d.set_item("kv_headroom", s.kv_headroom())?;
@@ -57,8 +58,13 @@ pub(super) fn snapshot_dict<'py>(
 #[pymethods]
 impl PyDeviceBudget {
     #[new]
-    #[pyo3(signature = (limit, kv_floor = 0, kv_ceiling = None))]
-    fn new(limit: i64, kv_floor: i64, kv_ceiling: Option<i64>) -> PyResult<Self> {
+    #[pyo3(signature = (limit, kv_floor = 0, kv_ceiling = None, expert_floor = 0))]
+    fn new(
+        limit: i64,
+        kv_floor: i64,
+        kv_ceiling: Option<i64>,
+        expert_floor: i64,
+    ) -> PyResult<Self> {
         let limit = positive("limit", limit)?;
         let floor = non_negative("kv_floor", kv_floor)?;
         let ceiling = kv_ceiling
@@ -66,6 +72,13 @@ impl PyDeviceBudget {
             .transpose()?
             .unwrap_or(limit);
         let inner = DeviceBudget::with_kv_bounds(limit, floor, ceiling).map_err(to_py)?;
+        let expert_floor = non_negative("expert_floor", expert_floor)?;
+        inner.set_expert_floor(expert_floor).map_err(|_| {
+            PyValueError::new_err(format!(
+                "the expert floor ({expert_floor} B) and the KV floor ({floor} B) exceed the \
+                 budget ({limit} B)"
+            ))
+        })?;
         Ok(Self {
             inner: Arc::new(inner),
         })
@@ -77,7 +90,7 @@ impl PyDeviceBudget {
     }
 
     /// Every counter, read at one instant: limit, expert_bytes, kv_bytes, kv_floor,
-    /// kv_ceiling, charged_bytes, expert_headroom, kv_headroom, high_water_bytes,
+    /// kv_ceiling, expert_floor, charged_bytes, expert_headroom, kv_headroom, high_water_bytes,
     /// moved_to_kv_bytes, moved_to_experts_bytes.
     fn snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         snapshot_dict(py, &self.inner.snapshot())
@@ -89,6 +102,12 @@ impl PyDeviceBudget {
         Ok(self
             .inner
             .fits(parse_use(r#use)?, non_negative("nbytes", nbytes)?))
+    }
+
+    /// Keep `floor` bytes for experts; PoolExhausted when it does not fit beside the pages.
+    fn set_expert_floor(&self, floor: i64) -> PyResult<()> {
+        let floor = non_negative("floor", floor)?;
+        self.inner.set_expert_floor(floor).map_err(to_py)
     }
 
     /// Move the KV bounds; PoolExhausted when the floor does not fit beside the experts.
