@@ -234,3 +234,41 @@ def test_long_requests_borrow_expert_bytes_and_give_them_back(tmp_path_factory) 
     assert end["expert_bytes"] > seen["experts"], (seen, end)
     assert end["charged_bytes"] <= end["limit"] and end["high_water_bytes"] <= end["limit"]
     assert sched.kv_stats()["pages_used"] == 0
+
+
+def test_serve_wires_the_paged_cache_to_the_runtime_budget(tmp_path_factory) -> None:
+    """`dynaexq serve --kv-cache paged` as the app builds it: the scheduler's pages come
+    from the runtime's shared budget, the runtime lends to them, /metrics exports them."""
+    from dynaexq.cli import main
+    from dynaexq.serve.app import ServerConfig, create_app
+    from dynaexq.serve.runtime import RuntimeSpec, build_runtime
+
+    path = tmp_path_factory.mktemp("kv_serve_model")
+    train_tiny_tokenizer(path, TEXTS, vocab_size=200)
+    save_checkpoint(make_hf_model(seed=3, vocab_size=Tokenizer(path).vocab_size), path)
+    argv = ["serve", "--model", str(path), "--port", "0", "--max-kv-tokens", "64"]
+    assert main(argv) == 2  # the bounds belong to the paged cache
+    share = KvShare(min_kv_tokens=64, max_kv_tokens=256, page_tokens=8)
+    engine, stats = build_runtime(
+        RuntimeSpec(
+            path,
+            "dynamic",
+            "50%",
+            "float32",
+            "cpu",
+            batch=2,
+            context=64,
+            tiers="int2,bf16",
+            calibration=tuple(TEXTS[:8]),
+            kv_share=share,
+        )
+    )
+    app = create_app(engine, stats, ServerConfig("m", max_batch=2, max_context=64, kv_share=share))
+    sched = app.state.scheduler
+    assert sched.paged and sched.kv_budget is engine.kv_budget
+    assert sched._lender is engine.precision
+    snap = engine.kv_budget.snapshot()
+    assert snap["kv_floor"] == share.floor_bytes(engine.config, 4) and snap["expert_bytes"] > 0
+    body = sched.metrics.render().decode()
+    for name in ("dynaexq_kv_pages{", "dynaexq_budget_bytes{", "dynaexq_budget_moved_bytes"):
+        assert name in body, name
