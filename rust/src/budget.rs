@@ -13,8 +13,10 @@
 //! frees bytes for pages can always reserve its new block).
 //!
 //! The tracker also counts the bytes that changed use: when experts give bytes back and
-//! KV pages then take bytes, the overlap counts as moved to KV (and the other way round),
-//! so telemetry can show how much of the budget followed the load.
+//! KV pages then take bytes beyond their floor, the overlap counts as moved to KV (and the
+//! other way round), so telemetry can show how much of the budget followed the load.
+//! Bytes within the KV floor were never the experts' to give or take, so they never count
+//! (the expert floor is a protection the runtime moves with its tiers, not a share).
 //!
 //! The mutex is `std`'s even under loom: it is only ever taken inside the pool's own lock
 //! (never the other way round), so it adds no interleaving loom would need to explore.
@@ -174,14 +176,18 @@ impl DeviceBudget {
         if !fits {
             return Err(s);
         }
-        // Bytes a use takes come first from what it gave back itself, then from what the
-        // other use gave back (those moved).
-        let (own, other) = match what {
-            BudgetUse::Experts => (st.freed_by_experts, st.freed_by_kv),
-            BudgetUse::KvPages => (st.freed_by_kv, st.freed_by_experts),
+        // Bytes a use takes come first from its floor and from what it gave back itself,
+        // then from what the other use gave back (those moved).
+        let (own, other, beyond_floor) = match what {
+            BudgetUse::Experts => (st.freed_by_experts, st.freed_by_kv, nbytes),
+            BudgetUse::KvPages => (
+                st.freed_by_kv,
+                st.freed_by_experts,
+                (s.kv_bytes + nbytes).saturating_sub(s.kv_bytes.max(s.kv_floor)),
+            ),
         };
-        let from_own = nbytes.min(own);
-        let moved = (nbytes - from_own).min(other);
+        let from_own = beyond_floor.min(own);
+        let moved = (beyond_floor - from_own).min(other);
         match what {
             BudgetUse::Experts => {
                 st.freed_by_experts -= from_own;
@@ -214,10 +220,14 @@ impl DeviceBudget {
             what.name()
         );
         let n = nbytes.min(*held);
+        let before = *held;
         *held -= n;
         match what {
             BudgetUse::Experts => st.freed_by_experts += n,
-            BudgetUse::KvPages => st.freed_by_kv += n,
+            // Only what was above the floor is free for experts to take.
+            BudgetUse::KvPages => {
+                st.freed_by_kv += before.saturating_sub((before - n).max(st.snap.kv_floor))
+            }
         }
     }
 
@@ -297,6 +307,20 @@ mod tests {
         assert!(DeviceBudget::with_kv_bounds(100, 200, 300).is_err());
         assert!(DeviceBudget::with_kv_bounds(100, 50, 20).is_err());
         assert!(DeviceBudget::new(0).is_err());
+    }
+
+    #[test]
+    fn bytes_within_the_kv_floor_never_move() {
+        let b = DeviceBudget::with_kv_bounds(1000, 300, 1000).unwrap();
+        b.try_take(BudgetUse::Experts, 700).unwrap();
+        b.give(BudgetUse::Experts, 500);
+        // 300 of the 400 are the pages' own floor; 100 came from what experts gave back.
+        b.try_take(BudgetUse::KvPages, 400).unwrap();
+        assert_eq!(b.snapshot().moved_to_kv, 100);
+        // Of the 400 given back only the 100 above the floor were ever the experts' to take.
+        b.give(BudgetUse::KvPages, 400);
+        b.try_take(BudgetUse::Experts, 500).unwrap();
+        assert_eq!(b.snapshot().moved_to_experts, 100);
     }
 
     #[test]

@@ -374,51 +374,69 @@ class PrecisionRuntime:
             return 0
         if self._lend_keys:  # the bytes asked for last time have not arrived yet
             return 0
-        top = len(self.real) - 1
-        current = self.table_map()
-        for li, e, _, _ in self.busy.values():
-            current[li, e] = 255  # moving already: not a candidate
-        if self.tracker is not None:
-            scores = np.asarray(self.tracker.scores(), dtype=np.float32)
-            scores = scores.reshape(self.num_layers, self.experts)
-        else:
-            scores = self.prior
         want = -(-nbytes // unit)
-        picks: list[tuple[int, int]] = []
+        top = self.real[-1]
         if self.plan.per_layer is not None:
             # The per-layer split keeps every layer's top tier the same size: lend one
             # slot of every layer at a time.
-            cold = [
-                [int(e) for e in np.argsort(scores[li], kind="stable") if current[li, e] == top]
+            rounds = min(-(-want // self.num_layers), self._capacity()[top])
+            lent = self._request_moves(rounds, 0, 0, hottest=False)
+            rounds = lent // self.num_layers
+            self.kv_lent += rounds
+            return rounds * self.num_layers * unit
+        lent = self._request_moves(0, min(want, self._capacity()[top]), 0, hottest=False)
+        self.kv_lent += lent
+        return lent * unit
+
+    def _scores(self) -> np.ndarray:
+        """[layers, experts] hotness: the tracker's, else the calibration prior."""
+        if self.tracker is not None:
+            scores = np.asarray(self.tracker.scores(), dtype=np.float32)
+            return scores.reshape(self.num_layers, self.experts)
+        return self.prior
+
+    def _request_moves(self, per_layer: int, total: int, to: int, hottest: bool) -> int:
+        """Request `to`-bound transitions of the hottest (or coldest) experts that sit at
+        the other end of the tiers and are not moving: `per_layer` in every layer (per-layer
+        split) or `total` over the model. Returns the transitions requested."""
+        assert self.mover is not None
+        at = 0 if to == len(self.real) - 1 else len(self.real) - 1
+        current = self.table_map()
+        for li, e, _, _ in self.busy.values():
+            current[li, e] = 255  # moving already: not a candidate
+        scores = self._scores()
+        order = -scores if hottest else scores
+        if self.plan.per_layer is not None:
+            ranked = [
+                [int(e) for e in np.argsort(order[li], kind="stable") if current[li, e] == at]
                 for li in range(self.num_layers)
             ]
-            rounds = min(-(-want // self.num_layers), min(len(c) for c in cold))
-            rounds = min(rounds, self._capacity()[self.real[-1]])
-            picks = [(li, cold[li][r]) for r in range(rounds) for li in range(self.num_layers)]
-            lent = rounds
+            picks = [
+                (li, r[k]) for k in range(per_layer) for li, r in enumerate(ranked) if k < len(r)
+            ]
         else:
-            flat = [
-                (float(scores[li, e]), li, e)
+            flat = sorted(
+                (float(order[li, e]), li, e)
                 for li in range(self.num_layers)
                 for e in range(self.experts)
-                if current[li, e] == top
-            ]
-            picks = [(li, e) for _, li, e in sorted(flat)[:want]]
-            lent = len(picks)
-        if not picks:
-            return 0
-        self.kv_lent += lent
+                if current[li, e] == at
+            )
+            picks = [(li, e) for _, li, e in flat[:total]]
+        requested = 0
         for li, e in picks:
-            key = self.mover.request(li, e, 0)
+            key = self.mover.request(li, e, to)
             if key is not None:
-                self.busy[key] = (li, e, 0, False)
-                self._lend_keys.add(key)
-        return lent * unit * (self.num_layers if self.plan.per_layer is not None else 1)
+                self.busy[key] = (li, e, to, to > 0)
+                if to == 0:
+                    self._lend_keys.add(key)
+                requested += 1
+        return requested
 
     def reclaim_from_kv(self) -> int:
         """Take back lent top-tier slots that the shared budget can hold again (with room
-        for one promotion's new block beside its old one); the planner then promotes hot
-        experts into them. Returns the bytes of capacity taken back."""
+        for one promotion's new block beside its old one) and promote the hottest
+        lowest-tier experts into them at once (the transfer engine queues what exceeds its
+        copies in flight). Returns the bytes of capacity taken back."""
         if self.kv_budget is None or self.kv_lent == 0:
             return 0
         unit = self._lend_unit() * (self.num_layers if self.plan.per_layer is not None else 1)
@@ -427,6 +445,8 @@ class PrecisionRuntime:
         while n < self.kv_lent and self.kv_budget.fits("experts", (n + 1) * unit + margin):
             n += 1
         self.kv_lent -= n
+        if n and self.mover is not None:
+            self._request_moves(n, n, len(self.real) - 1, hottest=True)
         return n * unit
 
     def _tier_values(self) -> np.ndarray:
