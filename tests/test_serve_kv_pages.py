@@ -272,3 +272,25 @@ def test_serve_wires_the_paged_cache_to_the_runtime_budget(tmp_path_factory) -> 
     body = sched.metrics.render().decode()
     for name in ("dynaexq_kv_pages{", "dynaexq_budget_bytes{", "dynaexq_budget_moved_bytes"):
         assert name in body, name
+
+
+def test_a_request_the_kv_share_can_never_hold_fails_clearly(engine) -> None:
+    """Nothing runs, no lender can free bytes and the budget leaves the pages less than the
+    request needs: it gets an error instead of waiting forever; the next one still runs."""
+    from dynaexq import DeviceBudget
+
+    share = KvShare(min_kv_tokens=8, max_kv_tokens=64, page_tokens=4)
+    page = share.page_bytes(engine.config, 4)
+    budget = DeviceBudget(16 * page, kv_floor=2 * page, expert_floor=13 * page)
+
+    async def body(sched):
+        big = sched.submit([spec(engine, PROMPTS[0], 20)])
+        ev = await asyncio.wait_for(big.events.get(), 60)
+        small = sched.submit([spec(engine, PROMPTS[2], 4)])
+        return ev, await drain(small)
+
+    sched, (ev, small) = run_with(
+        engine, body, max_batch=2, max_context=96, kv_share=share, kv_budget=budget
+    )
+    assert isinstance(ev, Exception) and "KV share" in str(ev), ev
+    assert small == expected(engine, PROMPTS[2], 4)

@@ -526,12 +526,14 @@ class Scheduler:
         head = self._preempted[0].request if self._preempted else self._waiting.popleft()
         if self._preempted:
             self._preempted.pop(0)
-        head._post(
-            GenerationError(
-                "the KV share of the budget cannot hold this request even with nothing else "
-                f"running ({self._pages.available} pages free of {self._pages.capacity}); "
-                "raise --min-kv-tokens or the budget"
-            )
+        head.cancelled = True  # its other sequences, if any, go too
+        head._post(self._kv_too_small())
+
+    def _kv_too_small(self) -> GenerationError:
+        return GenerationError(
+            "the KV share of the budget cannot hold this request even with nothing else "
+            f"running ({self._pages.available} pages free of {self._pages.capacity}); "
+            "raise --min-kv-tokens or the budget"
         )
 
     def _grow_for_decode(self) -> None:
@@ -548,7 +550,14 @@ class Scheduler:
                 continue
             except PoolExhausted:
                 pass
-            self._ask_lender(1)
+            lending = self._ask_lender(1)
+            if len(self._rows) == 1 and not lending:
+                # Alone, and nothing will ever free a page: recomputing it would only
+                # run into the same wall again.
+                self._rows[0].request.cancelled = True
+                self._rows[0].request._post(self._kv_too_small())
+                self._remove_row(0)
+                continue
             newest = max(range(len(self._rows)), key=lambda i: self._rows[i].admitted)
             self._preempt(newest)
             r = 0  # rows moved; reserving again is a no-op for rows that have their page
