@@ -292,7 +292,12 @@ def run(args: argparse.Namespace) -> int:
             f"(KV cache {app.state.scheduler.kv_cache_bytes / 2**20:.1f} MiB reserved)"
             if kv_share is None
             else f"(paged KV: {kv_share.min_kv_tokens}-{kv_share.max_kv_tokens} tokens in "
-            f"pages of {kv_share.page_tokens}, sharing the budget with the experts)"
+            f"pages of {kv_share.page_tokens}, "
+            + (
+                "sharing the budget with the experts)"
+                if getattr(engine, "kv_budget", None) is not None
+                else "a budget of its own: the policy manages no expert bytes)"
+            )
         ),
         file=sys.stderr,
         flush=True,
