@@ -294,3 +294,33 @@ def test_a_request_the_kv_share_can_never_hold_fails_clearly(engine) -> None:
     )
     assert isinstance(ev, Exception) and "KV share" in str(ev), ev
     assert small == expected(engine, PROMPTS[2], 4)
+
+
+def test_qwen3_next_pages_its_attention_layers(tmp_path_factory) -> None:
+    """Qwen3-Next on the paged cache: pages for its full-attention layers, the linear
+    layers' state in rows that move with the sequences; under page pressure sequences are
+    preempted and recomputed (state rebuilt from position 0), and every greedy output is
+    what engine.generate gives for the prompt alone."""
+    path = tmp_path_factory.mktemp("kv_next_model")
+    train_tiny_tokenizer(path, TEXTS, vocab_size=200)
+    vocab = Tokenizer(path).vocab_size
+    save_checkpoint(make_hf_model(seed=21, architecture="qwen3_next", vocab_size=vocab), path)
+    engine = dynaexq.load(path, dtype="float32", device="cpu")
+    # Early sequences finish first, so later rows (and their state) move down.
+    lengths = [6, 20, 10, 2, 30, 40]
+
+    async def body(sched):
+        reqs = [sched.submit([spec(engine, p, n)]) for p, n in zip(PROMPTS, lengths, strict=True)]
+        return [await drain(r) for r in reqs]
+
+    share = KvShare(min_kv_tokens=48, max_kv_tokens=48, page_tokens=4)
+    sched, got = run_with(
+        engine, body, max_batch=6, max_context=96, kv_share=share, max_prefill_tokens=8
+    )
+    for p, n, ids in zip(PROMPTS, lengths, got, strict=True):
+        assert ids == expected(engine, p, n), p
+    assert sched.kv_stats()["preemptions"] > 0
+    assert sched.kv_stats()["pages_used"] == 0
+    # Only the attention layer's KV is paged.
+    per_token = 2 * len(engine.config.attention_layers) * engine.config.num_key_value_heads
+    assert share.page_bytes(engine.config, 4) == 4 * per_token * engine.config.head_dim * 4

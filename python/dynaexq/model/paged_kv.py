@@ -28,16 +28,19 @@ from dynaexq.model.config import ModelConfig
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int) -> int:
-    """Keys and values of one token over all attention layers."""
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes
+    """Keys and values of one token over all attention layers (Qwen3-Next: its full
+    attention layers; the linear ones keep a state of fixed size instead)."""
+    per_layer = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+    return len(config.attention_layers) * per_layer
 
 
 @dataclass
 class PagedKVCache:
-    """The page arena of every layer (see the module docstring)."""
+    """The page arena of every attention layer (see the module docstring); None for a
+    layer without softmax attention (Qwen3-Next's linear layers)."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    keys: list[torch.Tensor | None]
+    values: list[torch.Tensor | None]
     page_tokens: int
 
     @classmethod
@@ -54,12 +57,20 @@ class PagedKVCache:
                 f"a paged cache needs pages >= 1 and page_tokens >= 1, got {pages}, {page_tokens}"
             )
         shape = (pages + 1, config.num_key_value_heads, page_tokens, config.head_dim)
+        attention = set(config.attention_layers)
+
+        def arena(layer: int) -> torch.Tensor | None:
+            return torch.zeros(shape, dtype=dtype, device=device) if layer in attention else None
+
         n = config.num_hidden_layers
         return cls(
-            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
-            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+            keys=[arena(i) for i in range(n)],
+            values=[arena(i) for i in range(n)],
             page_tokens=page_tokens,
         )
+
+    def _first(self) -> torch.Tensor:
+        return next(t for t in self.keys if t is not None)
 
     @staticmethod
     def page_bytes(config: ModelConfig, page_tokens: int, dtype_bytes: int) -> int:
@@ -69,7 +80,7 @@ class PagedKVCache:
     @property
     def pages(self) -> int:
         """Pages a pool may hand out (the scratch page excluded)."""
-        return self.keys[0].shape[0] - 1
+        return self._first().shape[0] - 1
 
     @property
     def scratch_page(self) -> int:
@@ -77,7 +88,8 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        every = (*self.keys, *self.values)
+        return sum(t.numel() * t.element_size() for t in every if t is not None)
 
     def view(self, tables: Sequence[Sequence[int]]) -> PagedKVView:
         """The cache of a batch whose row r holds the pages `tables[r]` (in token order)."""
@@ -88,13 +100,14 @@ class PagedKVCache:
                 if min(table) < 0 or max(table) >= self.pages:
                     raise ValueError(f"row {r}: page ids must be in [0, {self.pages})")
                 block[r, : len(table)] = torch.tensor(list(table), dtype=torch.long)
-        return PagedKVView(self, block.to(self.keys[0].device))
+        return PagedKVView(self, block.to(self._first().device))
 
     def copy_page(self, src: int, dst: int) -> None:
         """Copy one page's keys and values (all layers) onto another page."""
         for k, v in zip(self.keys, self.values, strict=True):
-            k[dst].copy_(k[src])
-            v[dst].copy_(v[src])
+            if k is not None and v is not None:
+                k[dst].copy_(k[src])
+                v[dst].copy_(v[src])
 
 
 @dataclass
@@ -128,6 +141,8 @@ class PagedKVView:
         page = table.gather(1, positions // pt)  # [B, T]
         row = positions % pt
         ck, cv = self.arena.keys[layer], self.arena.values[layer]
+        if ck is None or cv is None:
+            raise ValueError(f"layer {layer} has no softmax attention, so no KV pages")
         ck[page, :, row] = k.transpose(1, 2)
         cv[page, :, row] = v.transpose(1, 2)
         b, heads, d = k.shape[0], k.shape[1], k.shape[3]

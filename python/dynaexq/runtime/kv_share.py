@@ -47,6 +47,16 @@ class KvShare:
         """Bytes always kept for KV pages (whole pages)."""
         return -(-self.min_kv_tokens // self.page_tokens) * self.page_bytes(config, dtype_bytes)
 
+    def fixed_bytes(self, config: ModelConfig, dtype_bytes: int, batch: int) -> int:
+        """What the expert plan counts as fixed generation state: the KV floor, and for
+        Qwen3-Next the recurrent + convolution state of `batch` rows (not paged)."""
+        state = 0
+        if config.model_type == "qwen3_next":
+            from dynaexq.model.qwen3_next import HybridCache
+
+            state = HybridCache.bytes_for(config, batch, 0, dtype_bytes)
+        return self.floor_bytes(config, dtype_bytes) + state
+
     def ceiling_bytes(self, config: ModelConfig, dtype_bytes: int) -> int:
         return self.pages * self.page_bytes(config, dtype_bytes)
 

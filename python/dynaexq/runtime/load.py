@@ -157,7 +157,7 @@ def load_with_policy(
     if kv_share is not None:
         from dataclasses import replace as _replace
 
-        fixed = _replace(fixed, kv_cache=kv_share.floor_bytes(config, dtype_bytes))
+        fixed = _replace(fixed, kv_cache=kv_share.fixed_bytes(config, dtype_bytes, batch))
     static_tier = 0
     if pol.static_tier is not None:
         names = [t.name for t in store.tiers]
@@ -207,7 +207,8 @@ def load_with_policy(
         if kv_share is not None and plan.budget is not None:
             # Room for experts and KV together: the budget less every fixed byte but the KV floor.
             # (the runtime keeps its published experts and staging slots from the pages)
-            room = plan.budget - (fixed.total - fixed.kv_cache)
+            floor = kv_share.floor_bytes(config, dtype_bytes)
+            room = plan.budget - (fixed.total - floor)
             kv_budget = kv_share.device_budget(config, dtype_bytes, room)
         runtime = PrecisionRuntime(
             store,

@@ -247,6 +247,7 @@ class Scheduler:
         self._admissions = itertools.count()
         self._calm_steps = 0
         self._lender = kv_lender
+        self._state_slab: Any = None  # paged Qwen3-Next: the linear layers' state rows
         if kv_share is None:
             # All KV memory (and any recurrent state) is reserved here, once, in the
             # model's own cache type (a KVCache; Qwen3-Next's HybridCache).
@@ -271,10 +272,13 @@ class Scheduler:
         from dynaexq.model.paged_kv import PagedKVCache
 
         config = self.engine.config
-        if config.model_type != "qwen3_moe":
-            raise ValueError(
-                f"the paged KV cache serves Qwen3-MoE models; {config.model_type} keeps "
-                "recurrent state beside its KV cache (use the contiguous cache)"
+        # Qwen3-Next: pages for its attention layers, rows of a state slab (capacity 0)
+        # for the recurrent and convolution state of its linear layers. A shared prefix
+        # would need that state at the prefix's end, which is not kept: no sharing there.
+        self._share_prefixes = config.model_type != "qwen3_next"
+        if config.model_type == "qwen3_next":
+            self._state_slab = self.engine.model.allocate_cache(
+                self.max_batch, 0, self.engine.dtype, self.engine.device
             )
         dtype_bytes = torch.empty((), dtype=self.engine.dtype).element_size()
         page_bytes = share.page_bytes(config, dtype_bytes)
@@ -298,7 +302,10 @@ class Scheduler:
     def kv_cache_bytes(self) -> int:
         """Bytes reserved for the KV cache: max_batch sequences of max_context tokens, or
         (paged) the page arena, of which the shared budget lets pages use their share."""
-        return int((self._arena if self.kv_share is not None else self._slab).nbytes)
+        if self.kv_share is None:
+            return int(self._slab.nbytes)
+        state = 0 if self._state_slab is None else self._state_slab.nbytes
+        return int(self._arena.nbytes + state)
 
     def kv_stats(self) -> dict[str, int]:
         """Pages used / free, preemptions and the budget split (paged KV; empty otherwise).
@@ -489,7 +496,7 @@ class Scheduler:
                 pool.open(seq.kv_id)
                 opened.append(seq)
                 tokens = seq.prefill_ids
-                if seq.spec.prompt_logprobs is None and seq.resume is None:
+                if self._share_prefixes and seq.spec.prompt_logprobs is None and not seq.resume:
                     seq.prefilled = pool.share_prefix(seq.kv_id, list(tokens))
                 need += pool.pages_short(seq.kv_id, len(tokens))
             if self._rows:
@@ -614,7 +621,12 @@ class Scheduler:
         or (paged) the pages of those rows."""
         if self.kv_share is not None:
             rows = self._rows[start:stop]
-            return self._arena.view([self._pages.block_table(s.kv_id) for s in rows])
+            pages = self._arena.view([self._pages.block_table(s.kv_id) for s in rows])
+            if self._state_slab is not None:
+                from dynaexq.model.qwen3_next import PagedHybridView
+
+                return PagedHybridView(self._state_slab.rows(start, stop), pages)
+            return pages
         return self._slab.rows(start, stop)
 
     def _prefill(self) -> int:
@@ -671,7 +683,7 @@ class Scheduler:
             for s in seqs:
                 if s.spec.max_new_tokens == 0:  # the prompt scored, nothing to generate
                     self._finish_without_tokens(s)
-                if self.kv_share is not None and s.resume is None:
+                if self.kv_share is not None and self._share_prefixes and s.resume is None:
                     self._pages.publish(s.kv_id, list(s.spec.prompt_ids))
                 s.resume = None
             if sample:
@@ -858,8 +870,10 @@ class Scheduler:
 
     def _move_row(self, src: int, dst: int) -> None:
         seq = self._rows[src]
-        if seq.cached and self.kv_share is None:  # paged rows own pages: nothing to copy
+        if seq.cached and self.kv_share is None:
             self._slab.copy_row(src, dst, seq.cached)
+        elif self._state_slab is not None:  # paged: KV stays in its pages, state moves
+            self._state_slab.copy_row(src, dst, 0)
         self._rows[dst] = seq
 
     def _fail_all(self, error: BaseException) -> None:
