@@ -11,7 +11,9 @@ Where things happen (one place each):
   `lend_to_kv` demotes the coldest top-tier experts and lowers the planner's top-tier
   capacity; the bytes reach the shared budget only when the table reclaims the old blocks
   (after the demotions are published and no reader holds them). `reclaim_from_kv` raises
-  the capacity again once the budget can hold it, and the planner promotes into it.
+  the capacity again once the budget can hold it and promotes the hottest experts into
+  it. Meanwhile the budget's expert floor (published experts + staging slots, kept in
+  step as tiers land) keeps the pages from taking what a transition needs to begin.
 
 The forward pass only reads published versions; nothing it does waits for a transition.
 """
