@@ -1,7 +1,8 @@
 """Type stub for the compiled extension `dynaexq._core` (checked by mypy stubtest).
 
 The expert pool (fixed-size slot classes in one arena reserved at construction), the
-per-expert precision state machine (`ExpertTable`) with leases, and layout sizing.
+per-expert precision state machine (`ExpertTable`) with leases, layout sizing, and the
+KV cache's page pool on a device budget shared with the expert pool.
 """
 
 import os
@@ -74,8 +75,11 @@ class ExpertPool:
         alignment: int = 256,
         budget: int | None = None,
         device: int | None = None,
+        shared_budget: DeviceBudget | None = None,
     ) -> ExpertPool:
-        """`device=N` reserves the arena on CUDA device N (BackendError without CUDA)."""
+        """`device=N` reserves the arena on CUDA device N (BackendError without CUDA).
+        `shared_budget`: reserve every slot from a `DeviceBudget` shared with a
+        `KvPagePool` (then `budget` must be None)."""
     def alloc(self, cls: str) -> Block:
         """Allocate a committed block (lowest free slot); PoolExhausted when full."""
     def reserve(self, cls: str) -> Block:
@@ -115,6 +119,66 @@ class ExpertPool:
     @property
     def arena_kind(self) -> str: ...
     def stats(self) -> dict[str, Any]: ...
+
+@final
+class DeviceBudget:
+    """One byte budget for expert slots and KV pages: experts + KV pages <= limit.
+    `kv_floor` bytes stay reserved for KV pages, which hold at most `kv_ceiling`;
+    `expert_floor` bytes stay reserved for experts."""
+
+    def __new__(
+        cls, limit: int, kv_floor: int = 0, kv_ceiling: int | None = None, expert_floor: int = 0
+    ) -> DeviceBudget: ...
+    @property
+    def limit(self) -> int: ...
+    def snapshot(self) -> dict[str, int]:
+        """limit, expert_bytes, kv_bytes, kv_floor, kv_ceiling, expert_floor, charged_bytes,
+        expert_headroom, kv_headroom, high_water_bytes, moved_to_kv_bytes,
+        moved_to_experts_bytes, read at one instant."""
+    def fits(self, use: str, nbytes: int) -> bool:
+        """Whether `nbytes` more for `use` ("experts" or "kv") would fit now."""
+    def set_expert_floor(self, floor: int) -> None:
+        """Keep `floor` bytes for experts (KV pages cannot take them)."""
+    def set_kv_bounds(self, kv_floor: int, kv_ceiling: int) -> None:
+        """PoolExhausted when the floor does not fit beside the experts' bytes."""
+
+@final
+class KvPagePool:
+    """Fixed-size KV pages from a `DeviceBudget`: per-sequence block tables (lowest free
+    pages first), growth, truncation, refcounted prefix pages keyed by a hash of their
+    tokens and their prefix. The pages' memory belongs to the caller."""
+
+    def __new__(
+        cls, page_tokens: int, page_bytes: int, pages: int, budget: DeviceBudget
+    ) -> KvPagePool: ...
+    @property
+    def page_tokens(self) -> int: ...
+    @property
+    def page_bytes(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def budget(self) -> DeviceBudget: ...
+    @property
+    def available(self) -> int:
+        """Pages a reservation could take now (arena and budget permitting)."""
+    def pages_for(self, tokens: int) -> int: ...
+    def pages_short(self, seq: int, tokens: int) -> int: ...
+    def open(self, seq: int) -> None: ...
+    def share_prefix(self, seq: int, prompt: Sequence[int]) -> int:
+        """Take the published pages of the prompt's longest shared prefix; returns the
+        tokens they cover (never the prompt's last token)."""
+    def reserve(self, seq: int, tokens: int) -> list[int]:
+        """Grow to `tokens` tokens: every new page or none (PoolExhausted)."""
+    def publish(self, seq: int, tokens: Sequence[int]) -> int: ...
+    def truncate(self, seq: int, tokens: int) -> int: ...
+    def close(self, seq: int) -> int: ...
+    def block_table(self, seq: int) -> list[int]: ...
+    def tokens(self, seq: int) -> int: ...
+    def refcount(self, page: int) -> int: ...
+    def __contains__(self, seq: object, /) -> bool: ...
+    def __len__(self) -> int: ...
+    def stats(self) -> dict[str, int]: ...
 
 @final
 class Version:

@@ -76,6 +76,18 @@ pub enum Error {
     /// The computation would need more memory than can reasonably be allocated.
     #[error("too large: {0}")]
     TooLarge(String),
+    /// A KV-cache sequence id the page pool does not hold.
+    #[error("unknown KV sequence {0} (never opened, or closed already)")]
+    UnknownSequence(u64),
+    /// `open` of a sequence id that is already open.
+    #[error("KV sequence {0} is already open")]
+    SequenceExists(u64),
+    /// The page arena has fewer free pages than a reservation needs.
+    #[error("the KV page pool has {free} of {capacity} pages free; {need} are needed")]
+    PagesExhausted { need: u32, free: u32, capacity: u32 },
+    /// A KV page operation the sequence's state does not allow.
+    #[error("KV sequence {seq}: {reason}")]
+    IllegalPageOp { seq: u64, reason: String },
     /// The byte budget cannot hold the requested layout.
     #[error("{what}: needs {needed} B but the budget is {budget} B ({missing} B missing)")]
     BudgetTooSmall {

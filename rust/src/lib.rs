@@ -1,8 +1,10 @@
 //! dynaexq core: the fragmentation-free hybrid-precision expert pool, the per-expert
-//! precision state machine with stable handles, and the transfer engine.
+//! precision state machine with stable handles, the transfer engine, and the paged KV
+//! cache's page pool, which shares one device budget with the expert pool.
 //!
 //! This file only re-exports; each concept lives in its own module.
 
+pub mod budget;
 pub mod completion;
 pub mod controller;
 #[cfg(not(loom))]
@@ -10,6 +12,10 @@ pub mod cpu_experts;
 pub mod errors;
 pub mod fence;
 pub mod kernels;
+pub mod kv_pages;
+#[cfg(not(loom))]
+#[doc(hidden)]
+pub mod kv_shadow;
 pub mod layout;
 pub mod pool;
 #[cfg(not(loom))]
@@ -22,11 +28,13 @@ pub mod table;
 #[cfg(not(loom))]
 pub mod transfer;
 
+pub use budget::{BudgetSnapshot, BudgetUse, DeviceBudget};
 pub use errors::{Error, Result};
 pub use fence::{
     CompletionMark, ManualFence, ManualMark, ManualStream, OrderedUses, StreamMarks, SyncUses,
     UseFence,
 };
+pub use kv_pages::{page_keys, KvPageConfig, KvPagePool, KvPageStats, SeqId};
 pub use layout::{plan_layout, HotSlots, LayerPlan, LayerShape, Layout, LayoutRequest};
 pub use pool::{
     Arena, ArenaKind, Block, ClassId, ClassSpec, ClassStats, ExpertPool, FreeBitmap, HostArena,

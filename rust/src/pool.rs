@@ -10,9 +10,11 @@
 //! `alloc` and `free` touch one word per level (at most 4 levels for 16M slots), i.e.
 //! O(1) for any pool that fits the 24-bit slot numbering.
 //!
-//! A budget tracker counts committed bytes (copy finished or plain allocation) and pending
-//! bytes (reserved for a copy in flight); a reservation that would push committed+pending
-//! over the budget fails cleanly.
+//! The pool counts committed bytes (copy finished or plain allocation) and pending bytes
+//! (reserved for a copy in flight), and reserves every slot's bytes from a
+//! [`DeviceBudget`] first: its own (the pool's budget) or one shared with the KV page pool
+//! (`kv_pages.rs`), so a reservation that would push the budget's bytes over its limit
+//! fails cleanly.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout as AllocLayout};
 use std::collections::HashMap;
@@ -20,6 +22,7 @@ use std::fmt;
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
+use crate::budget::{BudgetUse, DeviceBudget};
 use crate::errors::{Error, Result};
 use crate::sync::{Arc, AtomicU32};
 
@@ -440,7 +443,8 @@ pub struct ExpertPool {
     board: Arc<SlotBoard>,
     arena: std::sync::Arc<dyn Arena>,
     total_bytes: u64,
-    budget: u64,
+    /// Where every slot's bytes are reserved: private, or shared with the KV page pool.
+    budget: std::sync::Arc<DeviceBudget>,
     pending_bytes: u64,
     committed_bytes: u64,
     high_water_bytes: u64,
@@ -454,6 +458,16 @@ impl fmt::Debug for ExpertPool {
             .field("total_bytes", &self.total_bytes)
             .field("arena", &self.arena)
             .finish()
+    }
+}
+
+impl Drop for ExpertPool {
+    /// A shared tracker outlives the pool: give back whatever the pool still holds.
+    fn drop(&mut self) {
+        self.budget.give(
+            BudgetUse::Experts,
+            self.pending_bytes + self.committed_bytes,
+        );
     }
 }
 
@@ -481,6 +495,48 @@ impl ExpertPool {
         config: &PoolConfig,
         make: impl FnOnce(u64, u64) -> Result<std::sync::Arc<dyn Arena>>,
     ) -> Result<Self> {
+        Self::with_arena_and_budget(config, make, None)
+    }
+
+    /// A pool over host memory whose slots are reserved from `budget`, a tracker shared
+    /// with other users of the device budget (the KV page pool).
+    pub fn new_shared(config: &PoolConfig, budget: std::sync::Arc<DeviceBudget>) -> Result<Self> {
+        Self::with_arena_and_budget(
+            config,
+            |len, align| {
+                Ok(std::sync::Arc::new(HostArena::new(len, align)?) as std::sync::Arc<dyn Arena>)
+            },
+            Some(budget),
+        )
+    }
+
+    /// As [`ExpertPool::new_shared`], with accounting but no memory.
+    pub fn new_virtual_shared(
+        config: &PoolConfig,
+        budget: std::sync::Arc<DeviceBudget>,
+    ) -> Result<Self> {
+        Self::with_arena_and_budget(
+            config,
+            |len, _| Ok(std::sync::Arc::new(VirtualArena::new(len)) as std::sync::Arc<dyn Arena>),
+            Some(budget),
+        )
+    }
+
+    /// The general constructor: `shared` is a tracker shared with other users of the
+    /// budget (then `config.budget` must be unset: the tracker's limit is the budget);
+    /// without it the pool gets its own tracker of `config.budget` (or the whole arena).
+    pub fn with_arena_and_budget(
+        config: &PoolConfig,
+        make: impl FnOnce(u64, u64) -> Result<std::sync::Arc<dyn Arena>>,
+        shared: Option<std::sync::Arc<DeviceBudget>>,
+    ) -> Result<Self> {
+        if shared.is_some() && config.budget.is_some() {
+            return Err(Error::InvalidConfig(
+                "a pool on a shared budget takes its limit from the shared tracker; leave the \
+                 pool's own budget unset"
+                    .into(),
+            ));
+        }
         let align = config.alignment;
         if align == 0 || !align.is_power_of_two() || align > (1 << 30) {
             return Err(Error::InvalidConfig(format!(
@@ -557,10 +613,11 @@ impl ExpertPool {
             first_slot += spec.slots;
         }
         let total_bytes = offset;
-        let budget = match config.budget {
-            Some(0) => return Err(Error::InvalidConfig("budget must be > 0".into())),
-            Some(b) => b.min(total_bytes),
-            None => total_bytes,
+        let budget = match (shared, config.budget) {
+            (Some(tracker), _) => tracker,
+            (None, Some(0)) => return Err(Error::InvalidConfig("budget must be > 0".into())),
+            (None, Some(b)) => std::sync::Arc::new(DeviceBudget::new(b.min(total_bytes))?),
+            (None, None) => std::sync::Arc::new(DeviceBudget::new(total_bytes)?),
         };
         let arena = make(total_bytes, align.max(64))?;
         if arena.len() < total_bytes {
@@ -609,8 +666,13 @@ impl ExpertPool {
     pub fn total_bytes(&self) -> u64 {
         self.total_bytes
     }
+    /// The limit of the budget the pool reserves from (shared or its own).
     pub fn budget(&self) -> u64 {
-        self.budget
+        self.budget.limit()
+    }
+    /// The tracker the pool reserves its bytes from.
+    pub fn budget_tracker(&self) -> &std::sync::Arc<DeviceBudget> {
+        &self.budget
     }
     pub fn arena(&self) -> &std::sync::Arc<dyn Arena> {
         &self.arena
@@ -688,13 +750,12 @@ impl ExpertPool {
             });
         }
         let need = c.slot_bytes;
-        let reserved = self.reserved_bytes();
-        if reserved + need > self.budget {
+        if let Err(snap) = self.budget.try_take(BudgetUse::Experts, need) {
             return Err(Error::BudgetExceeded {
                 class: c.name.clone(),
                 need,
-                reserved,
-                budget: self.budget,
+                reserved: snap.charged(),
+                budget: snap.limit,
             });
         }
         let c = &mut self.classes[class.0 as usize];
@@ -858,6 +919,7 @@ impl ExpertPool {
             SlotState::Committed => self.committed_bytes -= b.nbytes,
             SlotState::Free => unreachable!("check_live rejects free slots"),
         }
+        self.budget.give(BudgetUse::Experts, b.nbytes);
         *m = SlotMeta {
             state: SlotState::Free,
             table: false,
@@ -909,7 +971,7 @@ impl ExpertPool {
     pub fn stats(&self) -> PoolStats {
         PoolStats {
             total_bytes: self.total_bytes,
-            budget: self.budget,
+            budget: self.budget.limit(),
             reserved_bytes: self.reserved_bytes(),
             pending_bytes: self.pending_bytes,
             committed_bytes: self.committed_bytes,

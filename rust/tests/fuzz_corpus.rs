@@ -34,3 +34,10 @@ fn replay_transfer_ops_corpus() {
         dynaexq::shadow::run_transfer(d);
     });
 }
+
+#[test]
+fn replay_kv_pages_ops_corpus() {
+    replay("kv_pages_ops", |d| {
+        dynaexq::kv_shadow::run_kv(d);
+    });
+}

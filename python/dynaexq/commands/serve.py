@@ -69,6 +69,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokens per sequence (prompt + generated); the KV cache for max-batch "
         "sequences of this length is reserved at start; default: min(model limit, 4096)",
     )
+    kv = parser.add_argument_group(
+        "paged KV cache (one device budget for KV pages and expert precision)"
+    )
+    kv.add_argument(
+        "--kv-cache",
+        default="contiguous",
+        choices=["contiguous", "paged"],
+        help="contiguous: --max-batch x --max-context reserved at start; paged: fixed-size "
+        "pages from the budget the experts use, so the split follows the load (dynamic "
+        "policy: hot experts are demoted to free pages under load, promoted back after)",
+    )
+    kv.add_argument(
+        "--min-kv-tokens",
+        type=int,
+        default=None,
+        help="paged: tokens of KV always kept for pages (counted as fixed memory when the "
+        "expert pool is sized); default: --max-context",
+    )
+    kv.add_argument(
+        "--max-kv-tokens",
+        type=int,
+        default=None,
+        help="paged: most tokens of KV the pages may hold; default: --max-batch x --max-context",
+    )
+    kv.add_argument("--kv-page-tokens", type=int, default=16, help="paged: tokens per KV page")
     parser.add_argument(
         "--max-prefill-tokens",
         type=int,
@@ -176,11 +201,22 @@ def run(args: argparse.Namespace) -> int:
     from dynaexq.serve.app import ServerConfig, create_app
     from dynaexq.serve.runtime import build_runtime
 
+    kv_share = None
     try:
         ckpt = embedded_model_path() if args.model is None else Path(args.model)
         model_config = ModelConfig.from_file(ckpt / "config.json")
         limit = model_config.max_position_embeddings
         max_context = min(args.max_context or min(limit, 4096), limit)
+        if getattr(args, "kv_cache", "contiguous") == "paged":
+            from dynaexq.runtime.kv_share import KvShare
+
+            kv_share = KvShare(
+                min_kv_tokens=max_context if args.min_kv_tokens is None else args.min_kv_tokens,
+                max_kv_tokens=args.max_kv_tokens or args.max_batch * max_context,
+                page_tokens=args.kv_page_tokens,
+            )
+        elif args.min_kv_tokens is not None or args.max_kv_tokens is not None:
+            raise ValueError("--min-kv-tokens / --max-kv-tokens need --kv-cache paged")
         engine, stats = build_runtime(
             RuntimeSpec(
                 args.model,
@@ -192,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
                 context=max_context,
                 tiers=args.tiers,
                 calibration=tuple(Path(f).read_text() for f in args.calibration) or None,
+                kv_share=kv_share,
             )
         )
     except BudgetError as e:
@@ -217,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
         max_context=max_context,
         max_prefill_tokens=args.max_prefill_tokens,
         drain_timeout=args.drain_timeout,
+        kv_share=kv_share,
     )
     try:
         app = create_app(engine, stats, config)
@@ -251,7 +289,17 @@ def run(args: argparse.Namespace) -> int:
         f"dynaexq serve: {name} (policy {args.policy}, {engine.device}, {engine.dtype}) on "
         f"http://{shown}:{port}/v1  max batch {args.max_batch}, max queue {args.max_queue}, "
         f"context {app.state.scheduler.max_context} "
-        f"(KV cache {app.state.scheduler.kv_cache_bytes / 2**20:.1f} MiB reserved)",
+        + (
+            f"(KV cache {app.state.scheduler.kv_cache_bytes / 2**20:.1f} MiB reserved)"
+            if kv_share is None
+            else f"(paged KV: {kv_share.min_kv_tokens}-{kv_share.max_kv_tokens} tokens in "
+            f"pages of {kv_share.page_tokens}, "
+            + (
+                "sharing the budget with the experts)"
+                if getattr(engine, "kv_budget", None) is not None
+                else "a budget of its own: the policy manages no expert bytes)"
+            )
+        ),
         file=sys.stderr,
         flush=True,
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,37 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
+    def write_and_read(
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        key_slots: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values [B, kv_heads, T, D] at their positions [B, T],
+        then return slots 0..key_slots-1 of every row ([B, kv_heads, key_slots, D])."""
+        b, t = positions.shape
+        rows = torch.arange(b, device=k.device).unsqueeze(1).expand(b, t)
+        ck, cv = self.keys[layer], self.values[layer]
+        ck[rows, :, positions] = k.transpose(1, 2)
+        cv[rows, :, positions] = v.transpose(1, 2)
+        return ck[:, :, :key_slots], cv[:, :, :key_slots]
+
+
+class LayerKV(Protocol):
+    """What an attention layer needs of a generation cache (`KVCache`, or the paged
+    cache's `PagedKVView`)."""
+
+    def write_and_read(
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        key_slots: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
 
 @dataclass
 class MoeRuntime:
@@ -94,7 +126,7 @@ class Step:
     positions: torch.Tensor  # [B, T] position of each token
     cos: torch.Tensor  # [B, 1, T, head_dim]
     sin: torch.Tensor
-    cache: KVCache | None
+    cache: LayerKV | None
     token_mask: torch.Tensor | None  # [B, T], False = padding (skipped by the MoE layers)
     key_slots: int  # attention reads key slots 0..key_slots-1
     attn_mask: torch.Tensor | None  # [B, 1, T, key_slots]; None = plain causal attention
@@ -244,11 +276,7 @@ class Attention(nn.Module):
         if step.cache is not None:
             # Slot p of row b holds position p: write this step's keys and values, then
             # read slots 0..key_slots-1 (slots past a row's own position are masked).
-            rows = torch.arange(b, device=x.device).unsqueeze(1).expand(b, t)
-            ck, cv = step.cache.keys[self.layer], step.cache.values[self.layer]
-            ck[rows, :, step.positions] = k.transpose(1, 2)
-            cv[rows, :, step.positions] = v.transpose(1, 2)
-            k, v = ck[:, :, : step.key_slots], cv[:, :, : step.key_slots]
+            k, v = step.cache.write_and_read(self.layer, k, v, step.positions, step.key_slots)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -378,14 +406,15 @@ class Qwen3MoeForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: LayerKV | None = None,
         token_mask: torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for input_ids [B, T].
 
         positions [B, T]: each token's position (default 0..T-1). cache: written at those
-        positions and attended over. token_mask [B, T]: False marks padding, which the MoE
+        positions and attended over (a `KVCache`, or a `PagedKVView` of the paged
+        cache). token_mask [B, T]: False marks padding, which the MoE
         layers skip. logits_index [B]: if given, logits only for that token of each row,
         shape [B, 1, V]; else [B, T, V].
         """

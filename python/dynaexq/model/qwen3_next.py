@@ -43,6 +43,7 @@ from torch import nn
 
 from dynaexq.model.config import ModelConfig
 from dynaexq.model.experts import ExpertExecutor
+from dynaexq.model.paged_kv import PagedKVView
 from dynaexq.model.qwen3_moe import (
     MLP,
     Embedding,
@@ -150,6 +151,52 @@ class HybridCache:
         every = (*self.keys, *self.values, *self.recurrent, *self.conv)
         return sum(t.numel() * t.element_size() for t in every if t is not None)
 
+    def write_and_read(
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        key_slots: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store an attention layer's keys/values [B, kv_heads, T, D] at their positions
+        [B, T], then return slots 0..key_slots-1 of every row."""
+        ck, cv = self.keys[layer], self.values[layer]
+        assert ck is not None and cv is not None
+        b, t = positions.shape
+        rows = torch.arange(b, device=k.device).unsqueeze(1).expand(b, t)
+        ck[rows, :, positions] = k.transpose(1, 2)
+        cv[rows, :, positions] = v.transpose(1, 2)
+        return ck[:, :, :key_slots], cv[:, :, :key_slots]
+
+
+@dataclass
+class PagedHybridView:
+    """A batch's generation state with a paged KV cache: the attention layers' keys and
+    values in pages (`PagedKVView`), the linear layers' recurrent and convolution state
+    in rows of a HybridCache slab (fixed size per sequence; its KV capacity unused)."""
+
+    state: HybridCache
+    pages: PagedKVView
+
+    @property
+    def recurrent(self) -> list[torch.Tensor | None]:
+        return self.state.recurrent
+
+    @property
+    def conv(self) -> list[torch.Tensor | None]:
+        return self.state.conv
+
+    def write_and_read(
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        key_slots: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pages.write_and_read(layer, k, v, positions, key_slots)
+
 
 def _conv_channels(config: ModelConfig) -> int:
     """The short convolution runs over q, k and v together."""
@@ -164,7 +211,7 @@ class Step:
     positions: torch.Tensor  # [B, T]
     cos: torch.Tensor  # [B, 1, T, rotary_dim]
     sin: torch.Tensor
-    cache: HybridCache | None
+    cache: HybridCache | PagedHybridView | None
     token_mask: torch.Tensor | None  # [B, T], False = padding (after the row's real tokens)
     lengths: torch.Tensor | None  # [B] real tokens per row; None = all T
     fresh: torch.Tensor  # [B] bool: the row starts here at position 0 (zero state)
@@ -478,12 +525,7 @@ class GatedAttention(nn.Module):
         q, k = _partial_rope(q, step), _partial_rope(k, step)
 
         if step.cache is not None:
-            ck, cv = step.cache.keys[self.layer], step.cache.values[self.layer]
-            assert ck is not None and cv is not None
-            rows = torch.arange(b, device=x.device).unsqueeze(1).expand(b, t)
-            ck[rows, :, step.positions] = k.transpose(1, 2)
-            cv[rows, :, step.positions] = v.transpose(1, 2)
-            k, v = ck[:, :, : step.key_slots], cv[:, :, : step.key_slots]
+            k, v = step.cache.write_and_read(self.layer, k, v, step.positions, step.key_slots)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -577,14 +619,14 @@ class Qwen3NextForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache: HybridCache | None = None,
+        cache: HybridCache | PagedHybridView | None = None,
         token_mask: torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for input_ids [B, T]; arguments as Qwen3MoeForCausalLM.forward. With a
         cache, a row whose first position here is 0 starts a new sequence; padding in
         token_mask must follow the row's real tokens."""
-        if cache is not None and not isinstance(cache, HybridCache):
+        if cache is not None and not isinstance(cache, HybridCache | PagedHybridView):
             raise TypeError(
                 f"Qwen3-Next keeps recurrent state beside its KV cache: pass the HybridCache "
                 f"from model.allocate_cache(...), not a {type(cache).__name__}"

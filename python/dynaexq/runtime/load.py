@@ -29,6 +29,7 @@ from dynaexq.runtime.calibration import (  # calibration_scores: re-exported (ev
     calibration_scores,  # noqa: F401
     default_calibration_text,
 )
+from dynaexq.runtime.kv_share import KvShare
 from dynaexq.runtime.offload import OffloadRuntime
 from dynaexq.runtime.policy import Policy
 from dynaexq.runtime.precision import PrecisionRuntime
@@ -101,6 +102,7 @@ def load_with_policy(
     threads: int | None = None,
     host_store: str | None = None,
     staging_slots: int = 8,
+    kv_share: KvShare | None = None,
 ) -> tuple[Engine, Deployment | None]:
     """Load `path` (default: the embedded model) to run under `policy` within `budget`
     (a size, or "20%": the bytes at which static-map holds 20% of the experts hot).
@@ -113,7 +115,10 @@ def load_with_policy(
     of the tiers is held: "mapped" (memory maps of the tiered checkpoint and a ring of
     `staging_slots` staging slots), "pinned" (every tier resident) or "auto" (pinned when
     it takes under half of the available RAM; the default, unless the environment sets
-    DYNAEXQ_HOST_STORE). Returns the engine (its experts run
+    DYNAEXQ_HOST_STORE). `kv_share`: a paged KV cache shares the budget with the experts
+    (`dynaexq.runtime.kv_share`): the plan keeps only its floor (`min_kv_tokens`) as fixed
+    KV memory, and the engine gets `engine.kv_budget`, the one tracker the expert pool and
+    the KV pages reserve from. Returns the engine (its experts run
     through the runtime, `engine.precision` is the runtime) and what was deployed.
 
     Host memory: the non-expert weights, the pool (on the CPU backend) and the staging
@@ -149,6 +154,10 @@ def load_with_policy(
         context=context or config.max_position_embeddings,
         chunk=chunk,
     )
+    if kv_share is not None:
+        from dataclasses import replace as _replace
+
+        fixed = _replace(fixed, kv_cache=kv_share.fixed_bytes(config, dtype_bytes, batch))
     static_tier = 0
     if pol.static_tier is not None:
         names = [t.name for t in store.tiers]
@@ -197,9 +206,24 @@ def load_with_policy(
             init = np.asarray(plan.assignment, dtype=np.uint8).reshape(shape)
         else:
             init = initial_tiers(plan, scores)
+        kv_budget = None
+        if kv_share is not None and plan.budget is not None:
+            # Room for experts and KV together: the budget less every fixed byte but the KV floor.
+            # (the runtime keeps its published experts and staging slots from the pages)
+            floor = kv_share.floor_bytes(config, dtype_bytes)
+            room = plan.budget - (fixed.total - floor)
+            kv_budget = kv_share.device_budget(config, dtype_bytes, room)
         runtime = PrecisionRuntime(
-            store, plan, pol, init, calibration=scores, lockstep=lockstep, threads=threads
+            store,
+            plan,
+            pol,
+            init,
+            calibration=scores,
+            lockstep=lockstep,
+            threads=threads,
+            kv_budget=kv_budget,
         )
+        engine.kv_budget = kv_budget  # type: ignore[attr-defined]
     engine.experts = runtime
     engine.add_routing_hook(runtime.observe)
     engine.precision = runtime  # type: ignore[attr-defined]

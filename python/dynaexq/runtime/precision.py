@@ -6,7 +6,14 @@ Where things happen (one place each):
 - a byte of expert memory is handed out: the Rust `ExpertPool` (classes built in
   `_build_pool`);
 - a transfer completes and its version becomes visible: the Rust `TransferEngine`'s
-  poll (it calls `ExpertTable.complete`), run by `TransferMover.land` between steps.
+  poll (it calls `ExpertTable.complete`), run by `TransferMover.land` between steps;
+- top-tier bytes are lent to the KV cache (a `DeviceBudget` shared with the KV pages):
+  `lend_to_kv` demotes the coldest top-tier experts and lowers the planner's top-tier
+  capacity; the bytes reach the shared budget only when the table reclaims the old blocks
+  (after the demotions are published and no reader holds them). `reclaim_from_kv` raises
+  the capacity again once the budget can hold it and promotes the hottest experts into
+  it. Meanwhile the budget's expert floor (published experts + staging slots, kept in
+  step as tiers land) keeps the pages from taking what a transition needs to begin.
 
 The forward pass only reads published versions; nothing it does waits for a transition.
 """
@@ -19,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dynaexq._core import ExpertPool, ExpertTable
+from dynaexq._core import DeviceBudget, ExpertPool, ExpertTable
 from dynaexq.runtime.budget import PoolPlan
 from dynaexq.runtime.executors.cpu import CpuExecutor
 from dynaexq.runtime.mover import TransferMover
@@ -42,8 +49,16 @@ class PrecisionRuntime:
         threads: int | None = None,
         calibration: np.ndarray | None = None,
         lockstep: bool = True,
+        kv_budget: DeviceBudget | None = None,
     ) -> None:
         self.store = store
+        # The budget shared with the KV pages (None: the pool has its own).
+        self.kv_budget = kv_budget
+        # Top-tier slots lent to the KV cache: per layer (per-layer split) or in total,
+        # and the demotions that lending began which have not landed yet.
+        self.kv_lent = 0
+        self._lend_keys: set[int] = set()
+        self._carry = [0, 0, 0]  # landed between steps: finished, failed, bytes moved
         self.plan = plan
         self.policy = policy
         self.compute_dtype = compute_dtype
@@ -52,6 +67,8 @@ class PrecisionRuntime:
         self.experts = store.experts
         self.tiers = len(store.tiers)
         self.pool, self.table = self._build_pool(initial)
+        self._staging_bytes = sum(g * b for g, b in zip(plan.staging, plan.slot_bytes, strict=True))
+        self._sync_expert_floor()
         # The expert threads: as many as torch uses unless told otherwise.
         self.executor = CpuExecutor(
             self.table, store, self.real, threads or max(1, torch.get_num_threads())
@@ -126,7 +143,16 @@ class PrecisionRuntime:
             classes.append(names)
             self.real.append(t)
         self.table_tier = {t: k for k, t in enumerate(self.real)}
-        pool = ExpertPool(slot_bytes, slots)
+        if self.kv_budget is not None:
+            # Lending top-tier bytes to the KV cache leaves more experts at the lowest
+            # tier than the plan holds: room for all of them there (the shared budget,
+            # not the slot count, bounds the bytes).
+            lowest = f"t{self.real[0]}"
+            slots[lowest] = self.num_layers * self.experts
+            slot_bytes.setdefault(lowest, p.slot_bytes[self.real[0]])
+            if lowest not in classes[0]:
+                classes[0].insert(0, lowest)
+        pool = ExpertPool(slot_bytes, slots, shared_budget=self.kv_budget)
         table = ExpertTable(
             pool,
             [self.experts] * self.num_layers,
@@ -190,6 +216,17 @@ class PrecisionRuntime:
             return None
         return self.end_step()
 
+    def settle(self) -> None:
+        """Land finished copies now, between steps (a server waiting for lent bytes while
+        no forward pass runs); their counts go into the next step's record."""
+        finished, failed, moved = self._land()
+        self._carry = [a + b for a, b in zip(self._carry, (finished, failed, moved), strict=True)]
+
+    @property
+    def lend_in_flight(self) -> bool:
+        """Whether demotions begun by `lend_to_kv` have not landed yet."""
+        return bool(self._lend_keys)
+
     def end_step(self) -> StepRecord:
         """Land finished copies, then (every T steps) plan and submit new transitions."""
         end = getattr(self.executor, "end_step", None)
@@ -197,6 +234,10 @@ class PrecisionRuntime:
             end()
         t0 = time.perf_counter()
         finished, failed, moved = self._land()
+        finished, failed, moved = (
+            a + b for a, b in zip(self._carry, (finished, failed, moved), strict=True)
+        )
+        self._carry = [0, 0, 0]
         landed_s = (
             time.perf_counter() - t0 if self.mover is not None and self.mover.lockstep else 0.0
         )
@@ -236,18 +277,35 @@ class PrecisionRuntime:
         self.step += 1
         return rec
 
+    def _sync_expert_floor(self) -> None:
+        """Keep the published experts' bytes and the staging slots from the KV pages (a
+        transition, a lending demotion too, reserves its new block before the old one
+        goes): the floor follows the tiers as they land, as far as the pages allow."""
+        if self.kv_budget is None:
+            return
+        counts = np.bincount(self.table_map().ravel(), minlength=len(self.real))
+        resident = sum(
+            int(n) * self.plan.slot_bytes[t] for n, t in zip(counts, self.real, strict=True)
+        )
+        snap = self.kv_budget.snapshot()
+        room = snap["limit"] - max(snap["kv_bytes"], snap["kv_floor"])
+        self.kv_budget.set_expert_floor(max(0, min(resident + self._staging_bytes, room)))
+
     def _land(self) -> tuple[int, int, int]:
         finished = failed = moved = 0
         if self.mover is None:
             return 0, 0, 0
         for key, status, tier in self.mover.land():
             _, _, _, up = self.busy.pop(key)
+            self._lend_keys.discard(key)
             if status == "completed":
                 finished += 1
                 moved += self.plan.slot_bytes[self.real[tier]]
                 self._promotions += int(up)
             else:  # failed, cancelled or rejected (no slot yet): the old version stays
                 failed += int(status == "failed")
+        if finished:
+            self._sync_expert_floor()
         return finished, failed, moved
 
     def table_map(self) -> np.ndarray:
@@ -292,18 +350,114 @@ class PrecisionRuntime:
             "pool_used_bytes": used,
             "pool_capacity_bytes": cap,
             "expert_wait_seconds": 0.0,
+            "kv_lent_slots": self.kv_lent,
         }
 
     def _capacity(self) -> list[int]:
         """Slots per tier of one layer (per-layer split) or of the whole model (global).
         Staging of the lowest tier only (sequential moves): the staging slots count as
         tier-0 capacity, so a demotion sees them free (per layer: every layer may use them;
-        the pool refuses what does not fit and the move is re-planned)."""
+        the pool refuses what does not fit and the move is re-planned). Less the top-tier
+        slots lent to the KV cache (whose experts sit at the lowest)."""
         p = self.plan
-        cap = list(p.per_layer) if p.per_layer is not None else list(p.slots)
+        caps = list(p.per_layer) if p.per_layer is not None else list(p.slots)
         if self.policy.controller.staging == "lowest":
-            cap[0] += p.staging[0]
-        return cap
+            caps[0] += p.staging[0]
+        caps[self.real[-1]] -= self.kv_lent
+        caps[self.real[0]] += self.kv_lent
+        return caps
+
+    # -- lending expert bytes to the KV cache ----------------------------------------------
+    def _lend_unit(self) -> int:
+        """Budget bytes one demotion from the top tier to the lowest gives back."""
+        return self.plan.slot_bytes[self.real[-1]] - self.plan.slot_bytes[self.real[0]]
+
+    def lend_to_kv(self, nbytes: int) -> int:
+        """Demote the coldest top-tier experts so that at least `nbytes` of the shared
+        budget can become KV pages once their old blocks are reclaimed (demotions are
+        published first; readers finish on the old blocks). Returns the bytes whose
+        release has begun: 0 while an earlier lending is still landing, or when nothing
+        more can be lent (no shared budget, no mover, or no top-tier expert left that is
+        not already moving)."""
+        unit = self._lend_unit()
+        if self.kv_budget is None or self.mover is None or nbytes <= 0 or unit <= 0:
+            return 0
+        if self._lend_keys:  # the bytes asked for last time have not arrived yet
+            return 0
+        want = -(-nbytes // unit)
+        top = self.real[-1]
+        if self.plan.per_layer is not None:
+            # The per-layer split keeps every layer's top tier the same size: lend one
+            # slot of every layer at a time.
+            rounds = min(-(-want // self.num_layers), self._capacity()[top])
+            lent = self._request_moves(rounds, 0, 0, hottest=False)
+            rounds = lent // self.num_layers
+            self.kv_lent += rounds
+            return rounds * self.num_layers * unit
+        lent = self._request_moves(0, min(want, self._capacity()[top]), 0, hottest=False)
+        self.kv_lent += lent
+        return lent * unit
+
+    def _scores(self) -> np.ndarray:
+        """[layers, experts] hotness: the tracker's, else the calibration prior."""
+        if self.tracker is not None:
+            scores = np.asarray(self.tracker.scores(), dtype=np.float32)
+            return scores.reshape(self.num_layers, self.experts)
+        return self.prior
+
+    def _request_moves(self, per_layer: int, total: int, to: int, hottest: bool) -> int:
+        """Request `to`-bound transitions of the hottest (or coldest) experts that sit at
+        the other end of the tiers and are not moving: `per_layer` in every layer (per-layer
+        split) or `total` over the model. Returns the transitions requested."""
+        assert self.mover is not None
+        at = 0 if to == len(self.real) - 1 else len(self.real) - 1
+        current = self.table_map()
+        for li, e, _, _ in self.busy.values():
+            current[li, e] = 255  # moving already: not a candidate
+        scores = self._scores()
+        order = -scores if hottest else scores
+        if self.plan.per_layer is not None:
+            ranked = [
+                [int(e) for e in np.argsort(order[li], kind="stable") if current[li, e] == at]
+                for li in range(self.num_layers)
+            ]
+            picks = [
+                (li, r[k]) for k in range(per_layer) for li, r in enumerate(ranked) if k < len(r)
+            ]
+        else:
+            flat = sorted(
+                (float(order[li, e]), li, e)
+                for li in range(self.num_layers)
+                for e in range(self.experts)
+                if current[li, e] == at
+            )
+            picks = [(li, e) for _, li, e in flat[:total]]
+        requested = 0
+        for li, e in picks:
+            key = self.mover.request(li, e, to)
+            if key is not None:
+                self.busy[key] = (li, e, to, to > 0)
+                if to == 0:
+                    self._lend_keys.add(key)
+                requested += 1
+        return requested
+
+    def reclaim_from_kv(self) -> int:
+        """Take back lent top-tier slots that the shared budget can hold again (with room
+        for one promotion's new block beside its old one) and promote the hottest
+        lowest-tier experts into them at once (the transfer engine queues what exceeds its
+        copies in flight). Returns the bytes of capacity taken back."""
+        if self.kv_budget is None or self.kv_lent == 0:
+            return 0
+        unit = self._lend_unit() * (self.num_layers if self.plan.per_layer is not None else 1)
+        margin = self.plan.slot_bytes[self.real[-1]]
+        n = 0
+        while n < self.kv_lent and self.kv_budget.fits("experts", (n + 1) * unit + margin):
+            n += 1
+        self.kv_lent -= n
+        if n and self.mover is not None:
+            self._request_moves(n, n, len(self.real) - 1, hottest=True)
+        return n * unit
 
     def _tier_values(self) -> np.ndarray:
         """[L, E, store tiers] value of each tier per unit of routed mass, as the planner

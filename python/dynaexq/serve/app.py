@@ -80,6 +80,7 @@ from dynaexq.serve.scheduler import (
 
 if TYPE_CHECKING:
     from dynaexq.engine import Engine
+    from dynaexq.runtime.kv_share import KvShare
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 # Below these, sampling is numerically the same as keeping only the most likely token.
@@ -98,6 +99,9 @@ class ServerConfig:
     max_prefill_tokens: int = 1024
     max_body_bytes: int = 8 * 1024 * 1024
     drain_timeout: float = 60.0
+    # A paged KV cache within these bounds (None: the contiguous cache); its pages share
+    # the engine's budget with the experts when the runtime made one (`engine.kv_budget`).
+    kv_share: KvShare | None = None
 
 
 @dataclass(frozen=True)
@@ -290,6 +294,8 @@ def create_app(
     if scheduler_factory is not None:
         scheduler = scheduler_factory(metrics)
     else:
+        kv_budget = getattr(engine, "kv_budget", None) if config.kv_share else None
+        lender = getattr(engine, "precision", None) if kv_budget is not None else None
         scheduler = Scheduler(
             engine,
             max_batch=config.max_batch,
@@ -297,7 +303,12 @@ def create_app(
             max_context=config.max_context,
             max_prefill_tokens=config.max_prefill_tokens,
             metrics=metrics,
+            kv_share=config.kv_share,
+            kv_budget=kv_budget,
+            kv_lender=lender if hasattr(lender, "lend_to_kv") else None,
         )
+        if config.kv_share is not None:
+            metrics.bind_kv(scheduler.kv_stats)
     metrics.bind_scheduler(lambda: scheduler.queue_depth, lambda: scheduler.running)
     created = int(time.time())
     tokenizer = engine.tokenizer
@@ -660,6 +671,7 @@ def create_app(
             "requests_finished": scheduler.requests_finished,
             "generated_tokens": scheduler.generated_tokens,
             "tokens_per_second": metrics.tokens_rate(),
+            "kv": scheduler.kv_stats() if hasattr(scheduler, "kv_stats") else {},
             "runtime": snap,
             "memory": memory_report(engine),
         }

@@ -111,6 +111,47 @@ class RuntimeStatsCollector(Collector):
         yield info
 
 
+class KvStatsCollector(Collector):
+    """The paged KV cache and the budget it shares with the experts, read at scrape time
+    (`Scheduler.kv_stats`)."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats()
+        if not s:
+            return
+        pages = GaugeMetricFamily(
+            "dynaexq_kv_pages",
+            "KV pages by state (free: a reservation could take them now)",
+            labels=["state"],
+        )
+        for state in ("used", "free", "shared", "capacity"):
+            pages.add_metric([state], s[f"pages_{state}"])
+        yield pages
+        split = GaugeMetricFamily(
+            "dynaexq_budget_bytes", "bytes of the shared device budget by use", labels=["use"]
+        )
+        split.add_metric(["kv"], s["kv_bytes"])
+        split.add_metric(["experts"], s["expert_bytes"])
+        split.add_metric(["limit"], s["budget_bytes"])
+        yield split
+        moved = CounterMetricFamily(
+            "dynaexq_budget_moved_bytes",
+            "bytes one use gave back that the other took next",
+            labels=["to"],
+        )
+        moved.add_metric(["kv"], s["moved_to_kv_bytes"])
+        moved.add_metric(["experts"], s["moved_to_experts_bytes"])
+        yield moved
+        yield CounterMetricFamily(
+            "dynaexq_kv_prefix_hit_pages",
+            "KV pages reused from a shared prefix",
+            value=s["prefix_hit_pages"],
+        )
+
+
 class ServerMetrics:
     def __init__(self, runtime: RuntimeStats | None = None) -> None:
         self.registry = r = CollectorRegistry()
@@ -166,6 +207,11 @@ class ServerMetrics:
             "generated tokens per second over the last 10 s",
             registry=r,
         )
+        self.preemptions = Counter(
+            "dynaexq_kv_preemptions",
+            "sequences preempted for KV pages (recomputed later)",
+            registry=r,
+        )
         self._rate = _TokenRate()
         self.tokens_per_second.set_function(self._rate.rate)
         if runtime is not None:
@@ -176,6 +222,10 @@ class ServerMetrics:
     ) -> None:
         self.queue_depth.set_function(queue_depth)
         self.running.set_function(running)
+
+    def bind_kv(self, stats: Callable[[], dict[str, int]]) -> None:
+        """Export the paged KV cache's pages and budget split (`Scheduler.kv_stats`)."""
+        self.registry.register(KvStatsCollector(stats))
 
     def observe_step(self, kind: str, seconds: float, rows: int) -> None:
         self.step_seconds.labels(kind).observe(seconds)

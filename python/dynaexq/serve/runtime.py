@@ -134,6 +134,9 @@ class RuntimeSpec:
     # Publish expert copies at step boundaries (reproducible scores, e.g. lm-eval); a
     # server publishes them whenever they land.
     lockstep: bool = False
+    # A paged KV cache sharing the budget with the experts (None: the contiguous cache of
+    # batch x context, counted as fixed memory).
+    kv_share: Any = None
 
 
 RuntimeBuilder = Callable[[RuntimeSpec], "tuple[Engine, RuntimeStats]"]
@@ -162,6 +165,7 @@ def _build_precision(spec: RuntimeSpec) -> tuple[Engine, RuntimeStats]:
         batch=spec.batch,
         context=spec.context,
         lockstep=spec.lockstep,  # serving: False, copies publish whenever they land
+        kv_share=spec.kv_share,
     )
     runtime = getattr(engine, "precision", None)
     if runtime is not None:

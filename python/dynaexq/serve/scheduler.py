@@ -16,6 +16,15 @@ One iteration of the worker:
  3. decode: one forward for all decoding rows, sample, emit;
  4. drop finished or cancelled rows, compacting the regions (copy of a row's used slots).
 
+With a paged KV cache (`kv_share`), rows own pages instead of slab rows: a request is
+admitted when pages for its prompts (plus one page of reserve per sequence) are
+available, reusing published prefix pages; before each decode step every row grows by a
+page when it needs one. Under pressure the scheduler first asks the precision runtime to
+lend top-tier expert bytes (`lend_to_kv`: demotions, published before their bytes become
+pages), then preempts the newest sequence, which is recomputed later (its prompt and
+generated tokens prefilled again) rather than failed. When pressure has passed, lent
+bytes go back to the experts (`reclaim_from_kv`). Moving a row is then free (no copy).
+
 Prefill chunks and decode steps alternate, so a long prompt never stalls the running
 batch for more than one chunk. Tokens, text pieces and finish reasons go back to the
 asyncio side through `loop.call_soon_threadsafe`.
@@ -42,7 +51,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -50,11 +59,36 @@ from dynaexq.generation import filter_logits
 from dynaexq.serve.detokenize import IncrementalDetokenizer
 
 if TYPE_CHECKING:
+    from dynaexq._core import DeviceBudget
     from dynaexq.engine import Engine
+    from dynaexq.runtime.kv_share import KvShare
     from dynaexq.serve.metrics import ServerMetrics
 
 log = logging.getLogger("dynaexq.serve")
 PROMPT_SCORE_ROWS = 256  # prompt positions scored per log-softmax (echo)
+
+
+class KvLender(Protocol):
+    """The expert side of a budget shared with the KV pages (the precision runtime)."""
+
+    def lend_to_kv(self, nbytes: int) -> int:
+        """Begin releasing at least `nbytes` of expert bytes; returns the bytes begun."""
+        ...
+
+    def reclaim_from_kv(self) -> int:
+        """Take back lent bytes the budget can hold again; returns the bytes."""
+        ...
+
+    def settle(self) -> None:
+        """Land finished copies now (between steps)."""
+        ...
+
+    @property
+    def lend_in_flight(self) -> bool: ...
+
+
+# Iterations without page pressure before lent bytes go back to the experts.
+RECLAIM_AFTER_CALM_STEPS = 8
 
 
 class QueueFullError(Exception):
@@ -159,11 +193,20 @@ class _Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_posted: bool = False
     matcher: Any = None  # xgrammar GrammarMatcher
+    kv_id: int = -1  # the page pool's id of this sequence (paged KV)
+    admitted: int = 0  # admission order (the newest is preempted first)
+    # After a preemption: the tokens to prefill again (the prompt and every generated
+    # token but the last, which the next decode step feeds).
+    resume: tuple[int, ...] | None = None
+
+    @property
+    def prefill_ids(self) -> tuple[int, ...]:
+        return self.resume if self.resume is not None else self.spec.prompt_ids
 
     @property
     def cached(self) -> int:
         """Slots of this row's cache that hold real keys/values."""
-        if self.prefilled < len(self.spec.prompt_ids):
+        if self.prefilled < len(self.prefill_ids):
             return self.prefilled
         return len(self.spec.prompt_ids) + max(len(self.generated) - 1, 0)
 
@@ -180,6 +223,9 @@ class Scheduler:
         max_context: int | None = None,
         max_prefill_tokens: int = 1024,
         metrics: ServerMetrics | None = None,
+        kv_share: KvShare | None = None,
+        kv_budget: DeviceBudget | None = None,
+        kv_lender: KvLender | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1:
             raise ValueError("max_batch and max_prefill_tokens must be >= 1, max_queue >= 0")
@@ -195,11 +241,21 @@ class Scheduler:
         self.metrics = metrics
         self._tokenizer = engine.tokenizer
         self._decode = engine.tokenizer.decode if engine.tokenizer is not None else None
-        # All KV memory (and any recurrent state) is reserved here, once, in the model's
-        # own cache type (a KVCache; Qwen3-Next's HybridCache).
-        self._slab = engine.model.allocate_cache(
-            max_batch, self.max_context, engine.dtype, engine.device
-        )
+        self.kv_share = kv_share
+        self.preemptions = 0
+        self._preempted: list[_Sequence] = []  # waiting to be recomputed, oldest first
+        self._admissions = itertools.count()
+        self._calm_steps = 0
+        self._lender = kv_lender
+        self._state_slab: Any = None  # paged Qwen3-Next: the linear layers' state rows
+        if kv_share is None:
+            # All KV memory (and any recurrent state) is reserved here, once, in the
+            # model's own cache type (a KVCache; Qwen3-Next's HybridCache).
+            self._slab = engine.model.allocate_cache(
+                max_batch, self.max_context, engine.dtype, engine.device
+            )
+        else:
+            self._setup_pages(kv_share, kv_budget)
         self._rows: list[_Sequence] = []
         self._n_decode = 0
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
@@ -211,10 +267,67 @@ class Scheduler:
         self.generated_tokens = 0
         self.requests_finished = 0
 
+    def _setup_pages(self, share: KvShare, budget: DeviceBudget | None) -> None:
+        from dynaexq._core import DeviceBudget, KvPagePool
+        from dynaexq.model.paged_kv import PagedKVCache
+
+        config = self.engine.config
+        # Qwen3-Next: pages for its attention layers, rows of a state slab (capacity 0)
+        # for the recurrent and convolution state of its linear layers. A shared prefix
+        # would need that state at the prefix's end, which is not kept: no sharing there.
+        self._share_prefixes = config.model_type != "qwen3_next"
+        if config.model_type == "qwen3_next":
+            self._state_slab = self.engine.model.allocate_cache(
+                self.max_batch, 0, self.engine.dtype, self.engine.device
+            )
+        dtype_bytes = torch.empty((), dtype=self.engine.dtype).element_size()
+        page_bytes = share.page_bytes(config, dtype_bytes)
+        if budget is None:  # nothing to share with: a tracker of the KV bounds alone
+            budget = DeviceBudget(
+                share.ceiling_bytes(config, dtype_bytes),
+                kv_floor=share.floor_bytes(config, dtype_bytes),
+            )
+        self.kv_budget = budget
+        self._pages = KvPagePool(share.page_tokens, page_bytes, share.pages, budget)
+        self._arena = PagedKVCache.allocate(
+            config, share.pages, share.page_tokens, self.engine.dtype, self.engine.device
+        )
+        self._kv_ids = itertools.count()
+
+    @property
+    def paged(self) -> bool:
+        return self.kv_share is not None
+
     @property
     def kv_cache_bytes(self) -> int:
-        """Bytes reserved for the KV cache of max_batch sequences of max_context tokens."""
-        return int(self._slab.nbytes)
+        """Bytes reserved for the KV cache: max_batch sequences of max_context tokens, or
+        (paged) the page arena, of which the shared budget lets pages use their share."""
+        if self.kv_share is None:
+            return int(self._slab.nbytes)
+        state = 0 if self._state_slab is None else self._state_slab.nbytes
+        return int(self._arena.nbytes + state)
+
+    def kv_stats(self) -> dict[str, int]:
+        """Pages used / free, preemptions and the budget split (paged KV; empty otherwise).
+        Read from the HTTP threads: the pool and the tracker lock themselves."""
+        if self.kv_share is None:
+            return {}
+        pages = self._pages.stats()
+        snap = self.kv_budget.snapshot()
+        return {
+            "page_tokens": pages["page_tokens"],
+            "pages_used": pages["used"],
+            "pages_free": pages["available"],
+            "pages_capacity": pages["capacity"],
+            "pages_shared": pages["shared"],
+            "prefix_hit_pages": pages["prefix_hit_pages"],
+            "preemptions": self.preemptions,
+            "kv_bytes": snap["kv_bytes"],
+            "expert_bytes": snap["expert_bytes"],
+            "budget_bytes": snap["limit"],
+            "moved_to_kv_bytes": snap["moved_to_kv_bytes"],
+            "moved_to_experts_bytes": snap["moved_to_experts_bytes"],
+        }
 
     # -- event-loop side ------------------------------------------------------------------
     @property
@@ -224,6 +337,11 @@ class Scheduler:
     @property
     def running(self) -> int:
         return len(self._rows)
+
+    @property
+    def preempted(self) -> int:
+        """Sequences waiting to be recomputed after a preemption."""
+        return len(self._preempted)
 
     @property
     def alive(self) -> bool:
@@ -244,6 +362,11 @@ class Scheduler:
             least = 0 if s.prompt_logprobs is not None else 1
             if not s.prompt_ids or s.max_new_tokens < least or need > self.max_context:
                 raise ValueError(f"sequence needs {need} slots, context is {self.max_context}")
+            if self.kv_share is not None and need > self.kv_share.max_kv_tokens:
+                raise ValueError(
+                    f"sequence needs {need} tokens of KV, more than --max-kv-tokens "
+                    f"({self.kv_share.max_kv_tokens})"
+                )
         request = GenerationRequest(specs, asyncio.get_running_loop())
         with self._cond:
             if self._stopping or not self.alive:
@@ -293,14 +416,24 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
-                while not self._rows and not self._waiting and not self._stopping:
+                idle = not self._rows and not self._waiting and not self._preempted
+                if idle and self.kv_share is not None and self._lender is not None:
+                    self._lender.reclaim_from_kv()  # no load: lent bytes go back to experts
+                while (
+                    not self._rows and not self._waiting and not self._preempted
+                ) and not self._stopping:
                     self._cond.wait()
                 if self._stopping and not self._drain:
                     self._fail_all(ShuttingDownError("the server shut down"))
                     return
-                if self._stopping and not self._rows and not self._waiting:
+                if self._stopping and not self._rows and not self._waiting and not self._preempted:
                     return
+                if self.kv_share is not None and self._lender is not None:
+                    self._lender.settle()  # lent bytes that landed become admittable
                 self._admit()
+                if not self._rows and (self._waiting or self._preempted):
+                    self._wait_for_pages()
+                    continue
             try:
                 self._iteration()
             except Exception as e:  # never let one bad step kill the server
@@ -308,7 +441,17 @@ class Scheduler:
                 self._fail_all(GenerationError(f"generation failed: {type(e).__name__}: {e}"))
 
     def _admit(self) -> None:
-        """Move queued requests into free rows (called with the lock held)."""
+        """Move preempted sequences, then queued requests, into free rows (called with
+        the lock held); paged: only while their pages can be reserved."""
+        while self._preempted:
+            seq = self._preempted[0]
+            if seq.request.cancelled:
+                self._preempted.pop(0)
+                continue
+            if len(self._rows) + 1 > self.max_batch or not self._take_pages([seq]):
+                return  # the oldest preempted goes first: nothing overtakes it
+            self._preempted.pop(0)
+            self._rows.append(seq)
         while self._waiting:
             req = self._waiting[0]
             if req.cancelled:
@@ -316,9 +459,12 @@ class Scheduler:
                 continue
             if len(self._rows) + len(req.specs) > self.max_batch:
                 break
+            seqs = [_Sequence(req, i, spec) for i, spec in enumerate(req.specs)]
+            if self.kv_share is not None and not self._take_pages(seqs):
+                break
             self._waiting.popleft()
-            for i, spec in enumerate(req.specs):
-                seq = _Sequence(req, i, spec)
+            for seq in seqs:
+                spec = seq.spec
                 if spec.seed is not None and spec.temperature > 0:
                     seq.generator = torch.Generator(device=self.engine.device)
                     seq.generator.manual_seed(spec.seed)
@@ -330,7 +476,126 @@ class Scheduler:
                     seq.matcher = xgrammar.GrammarMatcher(
                         spec.grammar, terminate_without_stop_token=True
                     )
+                seq.admitted = next(self._admissions)
                 self._rows.append(seq)
+
+    # -- paged KV: pages, pressure, preemption ----------------------------------------------
+    def _take_pages(self, seqs: list[_Sequence]) -> bool:
+        """Open the sequences in the page pool, share their published prefix pages and
+        reserve the rest of what they prefill, keeping a page of reserve each when others
+        run (alone, a sequence may use every page); all or none. On shortage, ask the
+        lender for the bytes and report False."""
+        from dynaexq._core import PoolExhausted
+
+        pool = self._pages
+        opened: list[_Sequence] = []
+        try:
+            need = 0
+            for seq in seqs:
+                seq.kv_id = next(self._kv_ids)
+                pool.open(seq.kv_id)
+                opened.append(seq)
+                tokens = seq.prefill_ids
+                if self._share_prefixes and seq.spec.prompt_logprobs is None and not seq.resume:
+                    seq.prefilled = pool.share_prefix(seq.kv_id, list(tokens))
+                need += pool.pages_short(seq.kv_id, len(tokens))
+            if self._rows:
+                need += len(seqs)  # a page of growth each, beside the running rows
+            if need > pool.available:
+                raise PoolExhausted(f"{need} pages needed, {pool.available} available")
+            for seq in seqs:
+                pool.reserve(seq.kv_id, len(seq.prefill_ids))
+            return True
+        except PoolExhausted:
+            for seq in opened:
+                pool.close(seq.kv_id)
+                seq.prefilled = 0
+            self._ask_lender(need if opened else 1)
+            return False
+
+    def _ask_lender(self, pages: int) -> bool:
+        """Ask the precision runtime to lend the bytes of `pages` pages (or more); True if
+        bytes are on their way (now or from an earlier ask)."""
+        self._calm_steps = 0
+        if self._lender is None:
+            return False
+        short = pages * self._pages.page_bytes - int(self.kv_budget.snapshot()["kv_headroom"])
+        if short > 0 and self._lender.lend_to_kv(short) > 0:
+            return True
+        return self._lender.lend_in_flight
+
+    def _wait_for_pages(self) -> None:
+        """Nothing runs and the head of the queue does not fit: wait for lent bytes to
+        land, or fail it if nothing can ever make room (called with the lock held)."""
+        if self._lender is not None and self._lender.lend_in_flight:
+            self._cond.wait(0.002)
+            return
+        head = self._preempted[0].request if self._preempted else self._waiting.popleft()
+        if self._preempted:
+            self._preempted.pop(0)
+        head.cancelled = True  # its other sequences, if any, go too
+        head._post(self._kv_too_small())
+
+    def _kv_too_small(self) -> GenerationError:
+        return GenerationError(
+            "the KV share of the budget cannot hold this request even with nothing else "
+            f"running ({self._pages.available} pages free of {self._pages.capacity}); "
+            "raise --min-kv-tokens or the budget"
+        )
+
+    def _grow_for_decode(self) -> None:
+        """Give every decoding row the page its next token needs; under pressure ask the
+        lender, then preempt the newest sequence until the rest fit."""
+        from dynaexq._core import PoolExhausted
+
+        r = 0
+        while r < self._n_decode:
+            seq = self._rows[r]
+            try:
+                self._pages.reserve(seq.kv_id, seq.cached + 1)
+                r += 1
+                continue
+            except PoolExhausted:
+                pass
+            lending = self._ask_lender(1)
+            if len(self._rows) == 1 and not lending:
+                # Alone, and nothing will ever free a page: recomputing it would only
+                # run into the same wall again.
+                self._rows[0].request.cancelled = True
+                self._rows[0].request._post(self._kv_too_small())
+                self._remove_row(0)
+                continue
+            newest = max(range(len(self._rows)), key=lambda i: self._rows[i].admitted)
+            self._preempt(newest)
+            r = 0  # rows moved; reserving again is a no-op for rows that have their page
+
+    def _preempt(self, row: int) -> None:
+        """Take a row out (its pages freed) to be recomputed when pages are free again."""
+        seq = self._rows[row]
+        self._remove_row(row)
+        seq.prefilled = 0
+        if seq.generated:
+            seq.resume = seq.spec.prompt_ids + tuple(seq.generated[:-1])
+        elif not seq.prompt_posted:
+            seq.prompt_logprobs = None  # scored again from the start
+        self.preemptions += 1
+        if self.metrics is not None:
+            self.metrics.preemptions.inc()
+        at = next(
+            (i for i, s in enumerate(self._preempted) if s.admitted > seq.admitted),
+            len(self._preempted),
+        )
+        self._preempted.insert(at, seq)
+
+    def _maybe_reclaim(self) -> None:
+        """After a calm spell, lent bytes the budget can hold go back to the experts."""
+        if self._lender is None or self._preempted or self._waiting:
+            self._calm_steps = 0
+            return
+        self._calm_steps += 1
+        if self._calm_steps >= RECLAIM_AFTER_CALM_STEPS:
+            self._lender.reclaim_from_kv()
+            self._calm_steps = 0
 
     def _iteration(self) -> None:
         self._drop(lambda s: s.request.cancelled)
@@ -340,6 +605,9 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.observe_step("prefill", time.perf_counter() - t0, n)
             self._drop(lambda s: s.finished)
+        if self.kv_share is not None:
+            self._grow_for_decode()
+            self._maybe_reclaim()
         if self._n_decode:
             t0 = time.perf_counter()
             n = self._decode_step()
@@ -349,7 +617,16 @@ class Scheduler:
         self.steps += 1
 
     def _cache_view(self, start: int, stop: int) -> Any:
-        """Rows start..stop-1 of the slab as views (a KVCache, or the model's own type)."""
+        """Rows start..stop-1 of the slab as views (a KVCache, or the model's own type),
+        or (paged) the pages of those rows."""
+        if self.kv_share is not None:
+            rows = self._rows[start:stop]
+            pages = self._arena.view([self._pages.block_table(s.kv_id) for s in rows])
+            if self._state_slab is not None:
+                from dynaexq.model.qwen3_next import PagedHybridView
+
+                return PagedHybridView(self._state_slab.rows(start, stop), pages)
+            return pages
         return self._slab.rows(start, stop)
 
     def _prefill(self) -> int:
@@ -360,7 +637,7 @@ class Scheduler:
             if budget == 0:
                 break
             start = seq.prefilled
-            length = min(len(seq.spec.prompt_ids) - start, budget)
+            length = min(len(seq.prefill_ids) - start, budget)
             chunks.append((seq, start, length))
             budget -= length
         device = self.engine.device
@@ -369,7 +646,7 @@ class Scheduler:
         lengths = torch.tensor([c[2] for c in chunks])
         starts = torch.tensor([c[1] for c in chunks])
         for r, (seq, start, length) in enumerate(chunks):
-            ids[r, :length] = torch.tensor(seq.spec.prompt_ids[start : start + length])
+            ids[r, :length] = torch.tensor(seq.prefill_ids[start : start + length])
         offsets = torch.arange(longest).unsqueeze(0)
         # Padding writes into the row's own future slots (overwritten before they are read);
         # clamp so it stays inside the slab.
@@ -377,7 +654,7 @@ class Scheduler:
         mask = offsets < lengths.unsqueeze(1)
         first = self._n_decode
         # Rows that score their prompt (echo) need the logits of every position.
-        scoring = any(c[0].spec.prompt_logprobs is not None for c in chunks)
+        scoring = any(_scores_prompt(c[0]) for c in chunks)
         out = self.engine.model(
             ids.to(device),
             positions.to(device),
@@ -388,10 +665,10 @@ class Scheduler:
         logits = out[torch.arange(k), (lengths - 1).to(device)] if scoring else out[:, 0]
         done_rows: list[int] = []
         for r, (seq, start, length) in enumerate(chunks):
-            if seq.spec.prompt_logprobs is not None:
+            if _scores_prompt(seq):
                 self._score_prompt(seq, out[r, :length], start)
             seq.prefilled += length
-            if seq.prefilled == len(seq.spec.prompt_ids):
+            if seq.prefilled == len(seq.prefill_ids):
                 done_rows.append(r)
         # Completed prompts are a prefix of the chunk list (only the last chunk can be
         # partial), so they are already the front of the prefill region.
@@ -399,10 +676,16 @@ class Scheduler:
         if done_rows:
             seqs = [chunks[r][0] for r in done_rows]
             self._n_decode += len(seqs)
-            sample = [r for r, s in enumerate(seqs) if s.spec.max_new_tokens > 0]
+            # A recomputed sequence already drew its next token: it just decodes on.
+            sample = [
+                r for r, s in enumerate(seqs) if s.spec.max_new_tokens > 0 and s.resume is None
+            ]
             for s in seqs:
                 if s.spec.max_new_tokens == 0:  # the prompt scored, nothing to generate
                     self._finish_without_tokens(s)
+                if self.kv_share is not None and self._share_prefixes and s.resume is None:
+                    self._pages.publish(s.kv_id, list(s.spec.prompt_ids))
+                s.resume = None
             if sample:
                 self._sample_and_emit([seqs[r] for r in sample], logits[sample])
         return int(lengths.sum())
@@ -571,6 +854,7 @@ class Scheduler:
             self._remove_row(victims[-1])
 
     def _remove_row(self, row: int) -> None:
+        gone = self._rows[row]
         hole = row
         if row < self._n_decode:
             last = self._n_decode - 1
@@ -581,22 +865,35 @@ class Scheduler:
         for r in range(hole + 1, len(self._rows)):  # shift the prefill region down by one
             self._move_row(r, r - 1)
         self._rows.pop()
+        if self.kv_share is not None:
+            self._pages.close(gone.kv_id)
 
     def _move_row(self, src: int, dst: int) -> None:
         seq = self._rows[src]
-        if seq.cached:
+        if seq.cached and self.kv_share is None:
             self._slab.copy_row(src, dst, seq.cached)
+        elif self._state_slab is not None:  # paged: KV stays in its pages, state moves
+            self._state_slab.copy_row(src, dst, 0)
         self._rows[dst] = seq
 
     def _fail_all(self, error: BaseException) -> None:
         with self._cond:
             waiting = list(self._waiting)
             self._waiting.clear()
-        failed = {s.request for s in self._rows} | set(waiting)
+        failed = {s.request for s in (*self._rows, *self._preempted)} | set(waiting)
         for req in failed:
             req._post(error)
+        if self.kv_share is not None:
+            for seq in self._rows:
+                self._pages.close(seq.kv_id)
         self._rows.clear()
+        self._preempted.clear()
         self._n_decode = 0
+
+
+def _scores_prompt(seq: _Sequence) -> bool:
+    """Whether this prefill scores the prompt (echo): not when it recomputes."""
+    return seq.spec.prompt_logprobs is not None and seq.resume is None
 
 
 def _token_logprob(dist: torch.Tensor, token: int, top_n: int) -> TokenLogprob:

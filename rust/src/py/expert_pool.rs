@@ -164,15 +164,20 @@ pub(super) fn device_pool(
     py: Python<'_>,
     cfg: &PoolConfig,
     ctx: &DeviceCtx,
+    shared: Option<Arc<crate::budget::DeviceBudget>>,
 ) -> PyResult<pool::ExpertPool> {
     let ctx = ctx.0.clone();
     py.detach(|| {
-        pool::ExpertPool::with_arena(cfg, |len, align| {
-            Ok(
-                Arc::new(crate::transfer::cuda::DeviceArena::new(&ctx, len, align)?)
-                    as Arc<dyn Arena>,
-            )
-        })
+        pool::ExpertPool::with_arena_and_budget(
+            cfg,
+            |len, align| {
+                Ok(
+                    Arc::new(crate::transfer::cuda::DeviceArena::new(&ctx, len, align)?)
+                        as Arc<dyn Arena>,
+                )
+            },
+            shared,
+        )
     })
     .map_err(to_py)
 }
@@ -182,6 +187,7 @@ pub(super) fn device_pool(
     _py: Python<'_>,
     _cfg: &PoolConfig,
     _ctx: &DeviceCtx,
+    _shared: Option<Arc<crate::budget::DeviceBudget>>,
 ) -> PyResult<pool::ExpertPool> {
     Err(BackendError::new_err("this build has no CUDA support"))
 }
@@ -226,7 +232,7 @@ impl PyExpertPool {
 #[pymethods]
 impl PyExpertPool {
     #[new]
-    #[pyo3(signature = (slot_bytes, slots, alignment = 256, budget = None, device = None))]
+    #[pyo3(signature = (slot_bytes, slots, alignment = 256, budget = None, device = None, shared_budget = None))]
     fn new(
         py: Python<'_>,
         slot_bytes: &Bound<'_, PyDict>,
@@ -234,6 +240,7 @@ impl PyExpertPool {
         alignment: i64,
         budget: Option<i64>,
         device: Option<i64>,
+        shared_budget: Option<Bound<'_, PyDeviceBudget>>,
     ) -> PyResult<Self> {
         let mut classes = Vec::new();
         for (k, v) in slot_bytes.iter() {
@@ -259,9 +266,20 @@ impl PyExpertPool {
         let budget = budget.map(|b| positive("budget", b)).transpose()?;
         let cfg = PoolConfig::new(classes).alignment(alignment).budget(budget);
         let device = device.map(|d| open_device(py, d)).transpose()?;
+        let shared = shared_budget.map(|b| b.get().inner.clone());
         let p = match &device {
-            None => py.detach(|| pool::ExpertPool::new(&cfg)).map_err(to_py)?,
-            Some(ctx) => device_pool(py, &cfg, ctx)?,
+            None => py
+                .detach(|| {
+                    pool::ExpertPool::with_arena_and_budget(
+                        &cfg,
+                        |len, align| {
+                            Ok(Arc::new(pool::HostArena::new(len, align)?) as Arc<dyn Arena>)
+                        },
+                        shared,
+                    )
+                })
+                .map_err(to_py)?,
+            Some(ctx) => device_pool(py, &cfg, ctx, shared)?,
         };
         let names = p
             .class_names()

@@ -76,7 +76,12 @@ fn to_py(e: Error) -> PyErr {
         Error::InvalidConfig(_) | Error::UnknownClass { .. } | Error::OutOfRange(_) => {
             PyValueError::new_err(msg)
         }
-        Error::Exhausted { .. } | Error::BudgetExceeded { .. } => PoolExhausted::new_err(msg),
+        Error::Exhausted { .. } | Error::BudgetExceeded { .. } | Error::PagesExhausted { .. } => {
+            PoolExhausted::new_err(msg)
+        }
+        Error::UnknownSequence(_) | Error::SequenceExists(_) | Error::IllegalPageOp { .. } => {
+            PyValueError::new_err(msg)
+        }
         Error::DoubleFree { .. } => DoubleFree::new_err(msg),
         Error::ForeignBlock(_) => ForeignBlock::new_err(msg),
         Error::BlockLeased { .. } | Error::OwnedByTable { .. } => BlockInUse::new_err(msg),
@@ -138,19 +143,23 @@ fn positive(what: &str, v: i64) -> PyResult<u64> {
     Ok(v as u64)
 }
 
+mod budget;
 mod controller;
 mod cpu_experts;
 mod expert_pool;
 mod expert_table;
 mod kernels;
+mod kv_pages;
 mod layout;
 mod step_pin;
 mod transfer_engine;
+use budget::*;
 use controller::*;
 use cpu_experts::*;
 use expert_pool::*;
 use expert_table::*;
 use kernels::*;
+use kv_pages::*;
 use layout::*;
 use step_pin::*;
 use transfer_engine::*;
@@ -171,6 +180,9 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBlock>()?;
     m.add_class::<BlockView>()?;
     m.add_class::<PyExpertPool>()?;
+    // One device budget for expert slots and KV pages (crate::budget, crate::kv_pages).
+    m.add_class::<PyDeviceBudget>()?;
+    m.add_class::<PyKvPagePool>()?;
     m.add_class::<PyVersion>()?;
     m.add_class::<PyTransition>()?;
     m.add_class::<PyLease>()?;

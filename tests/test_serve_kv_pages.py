@@ -1,0 +1,326 @@
+"""The scheduler on the paged KV cache: admission by pages, prefix pages shared between
+requests, preemption of the newest sequence when pages run out (recomputed later, never
+failed), and a budget shared with the precision runtime, which lends top-tier expert bytes
+to the KV pages under load and takes them back when the load passes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.timeout(600)
+
+import dynaexq  # noqa: E402
+from dynaexq.model.testing import make_hf_model, save_checkpoint, train_tiny_tokenizer  # noqa: E402
+from dynaexq.runtime.kv_share import KvShare  # noqa: E402
+from dynaexq.serve.metrics import ServerMetrics  # noqa: E402
+from dynaexq.serve.scheduler import GenerationRequest, Scheduler, SequenceSpec  # noqa: E402
+from dynaexq.tokenizer import Tokenizer  # noqa: E402
+
+TEXTS = [
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog. ",
+    "int main(void) { return 0; }\n",
+    "Mixture-of-experts models route each token to a few experts. ",
+] * 20
+PROMPTS = [
+    "The quick",
+    "def add(a, b):\n    return",
+    "M",
+    "int main(void) { return 0; }\nint main(void) {",
+    "experts route",
+    "a + b",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kv_model")
+    train_tiny_tokenizer(path, TEXTS, vocab_size=200)
+    save_checkpoint(make_hf_model(seed=3, vocab_size=Tokenizer(path).vocab_size), path)
+    return dynaexq.load(path, dtype="float32", device="cpu")
+
+
+def spec(engine, prompt: str, max_new: int) -> SequenceSpec:
+    return SequenceSpec(tuple(engine.encode(prompt)), max_new)
+
+
+async def drain(req: GenerationRequest) -> list[int]:
+    ids: list[int] = []
+    while True:
+        ev = await asyncio.wait_for(req.events.get(), 120)
+        assert not isinstance(ev, BaseException), ev
+        ids.extend(ev.token_ids)
+        if ev.finish_reason is not None:
+            return ids
+
+
+def run_with(engine, body, **kw):
+    async def main():
+        sched = Scheduler(engine, metrics=ServerMetrics(), **kw)
+        sched.start()
+        try:
+            return sched, await body(sched)
+        finally:
+            sched.stop(drain=False, timeout=30)
+
+    return asyncio.run(main())
+
+
+def expected(engine, prompt: str, max_new: int) -> list[int]:
+    return engine.generate(prompt, max_new_tokens=max_new, ignore_eos=True).token_ids
+
+
+def test_page_pressure_preempts_and_recomputes_without_changing_outputs(engine) -> None:
+    """64 tokens of KV for six requests of 20-49 tokens each: most of them cannot run
+    together, the newest are preempted and recomputed, and every greedy output is still
+    exactly what engine.generate gives for the prompt alone."""
+    lengths = [30, 24, 36, 18, 28, 33]
+
+    async def body(sched):
+        reqs = [sched.submit([spec(engine, p, n)]) for p, n in zip(PROMPTS, lengths, strict=True)]
+        return [await drain(r) for r in reqs]
+
+    share = KvShare(min_kv_tokens=64, max_kv_tokens=64, page_tokens=4)
+    sched, got = run_with(engine, body, max_batch=6, max_context=96, kv_share=share)
+    for p, n, ids in zip(PROMPTS, lengths, got, strict=True):
+        assert ids == expected(engine, p, n), p
+    stats = sched.kv_stats()
+    assert stats["preemptions"] > 0, stats
+    assert stats["pages_used"] == 0 and stats["kv_bytes"] == 0, stats
+    metrics = sched.metrics.render().decode()
+    assert "dynaexq_kv_preemptions_total" in metrics
+
+
+def test_shared_prompt_prefix_pages_are_reused(engine) -> None:
+    system = "int main(void) { return 0; }\n" * 3
+    prompts = [system + "The quick", system + "a + b", system + "experts route"]
+
+    async def body(sched):
+        first = sched.submit([SequenceSpec(tuple(engine.encode(prompts[0])), 40, stream_text=True)])
+        # Once the first prompt is decoding, its pages are published: the others share them.
+        ev = await asyncio.wait_for(first.events.get(), 120)
+        assert not isinstance(ev, BaseException), ev
+        rest = [sched.submit([spec(engine, p, 8)]) for p in prompts[1:]]
+        out = [ev.token_ids + await drain(first)]
+        return out + [await drain(r) for r in rest]
+
+    share = KvShare(min_kv_tokens=512, max_kv_tokens=512, page_tokens=4)
+    sched, got = run_with(engine, body, max_batch=4, max_context=192, kv_share=share)
+    for p, n, ids in zip(prompts, [40, 8, 8], got, strict=True):
+        want = expected(engine, p, n)
+        # Shared pages were computed in another batch: equal up to float rounding, so
+        # compare the tokens, which a rounding-level difference does not flip here.
+        assert ids == want, p
+    assert sched.kv_stats()["prefix_hit_pages"] > 0
+
+
+def test_requests_larger_than_the_kv_bounds_are_refused(engine) -> None:
+    share = KvShare(min_kv_tokens=16, max_kv_tokens=32, page_tokens=4)
+
+    async def body(sched):
+        with pytest.raises(ValueError, match="max-kv-tokens"):
+            sched.submit([spec(engine, PROMPTS[0], 40)])
+        return None
+
+    run_with(engine, body, max_batch=2, max_context=96, kv_share=share)
+    with pytest.raises(ValueError, match="max_kv_tokens"):
+        KvShare(min_kv_tokens=64, max_kv_tokens=32)
+
+
+def _dynamic_engine(tmp_path_factory, share: KvShare, hot_per_layer: int):
+    """The tiny model under the dynamic policy (int2 / bf16) on a budget shared with the KV
+    pages: every expert at int2, `hot_per_layer` of each layer at bf16, the staging slots,
+    and the KV floor."""
+    import numpy as np
+    from dynaexq.checkpoint import Checkpoint
+    from dynaexq.runtime.budget import fixed_memory
+    from dynaexq.runtime.load import load_with_policy
+    from dynaexq.runtime.policy import Policy
+    from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
+
+    path = tmp_path_factory.mktemp("kv_dynamic_model")
+    train_tiny_tokenizer(path, TEXTS, vocab_size=200)
+    save_checkpoint(make_hf_model(seed=3, vocab_size=Tokenizer(path).vocab_size), path)
+    cache = tmp_path_factory.mktemp("kv_tiered")
+    tiers = ("int2", "bf16")
+    store = TierStore.from_tiered(tiered_checkpoint_for(path, tiers, cache_dir=cache))
+    config = Checkpoint(path).config
+    fixed = fixed_memory(config, dtype_bytes=4, batch=4, context=64, chunk=16)
+    floor = share.floor_bytes(config, 4)
+    lo, hi = store.slot_bytes
+    k = Policy("dynamic").controller.in_flight
+    layers, experts = len(store.layers), store.experts
+    experts_bytes = layers * (experts * lo + hot_per_layer * (hi - lo)) + k * (lo + hi)
+    budget = fixed.total - fixed.kv_cache + floor + experts_bytes
+    calibration = [np.random.default_rng(9).integers(0, 128, size=1024)]
+    engine, dep = load_with_policy(
+        path,
+        policy="dynamic",
+        budget=budget,
+        tiers=tiers,
+        calibration=calibration,
+        batch=4,
+        context=64,
+        chunk=16,
+        progress=False,
+        cache_dir=cache,
+        lockstep=False,
+        kv_share=share,
+    )
+    assert dep.plan.per_layer == (experts - hot_per_layer, hot_per_layer)
+    return engine, hi - lo
+
+
+def test_long_requests_borrow_expert_bytes_and_give_them_back(tmp_path_factory) -> None:
+    """Short requests run with the KV floor; long ones arrive: the scheduler asks the
+    runtime for bytes, hot experts are demoted and their bytes become pages (only once the
+    demotions are published and the old blocks reclaimed), nothing fails; when the load has
+    passed the bytes go back and the controller promotes experts again."""
+    share = KvShare(min_kv_tokens=48, max_kv_tokens=400, page_tokens=4)
+    engine, delta = _dynamic_engine(tmp_path_factory, share, hot_per_layer=6)
+    runtime, budget = engine.precision, engine.kv_budget
+    start = budget.snapshot()
+    # At rest the pages may use their floor only: the rest holds experts and staging.
+    assert start["kv_headroom"] == share.floor_bytes(engine.config, 4), start
+    seen = {"lent": 0, "kv": 0, "experts": start["expert_bytes"]}
+
+    async def watch(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            seen["lent"] = max(seen["lent"], runtime.kv_lent)
+            snap = budget.snapshot()
+            seen["kv"] = max(seen["kv"], snap["kv_bytes"])
+            seen["experts"] = min(seen["experts"], snap["expert_bytes"])
+            await asyncio.sleep(0.001)
+
+    def requests(sched, prompts, n):
+        return [sched.submit([SequenceSpec(tuple(engine.encode(p)), n)]) for p in prompts]
+
+    async def body(sched):
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(watch(stop))
+        short = requests(sched, PROMPTS[:2], 12)
+        long = requests(sched, PROMPTS[2:], 60)
+        done = [await drain(r) for r in short + long]
+        # The load has passed: a few short requests give the controller steps to promote.
+        for _ in range(3):
+            done += [await drain(r) for r in requests(sched, PROMPTS[:2], 24)]
+        stop.set()
+        await watcher
+        return done
+
+    sched, done = run_with(
+        engine,
+        body,
+        max_batch=6,
+        max_context=160,
+        kv_share=share,
+        kv_budget=budget,
+        kv_lender=runtime,
+    )
+    # Every request ran to its length (none failed, the preempted ones were recomputed).
+    assert [len(ids) for ids in done] == [12, 12] + [60] * 4 + [24] * 6
+    assert sched.preemptions > 0
+    end = budget.snapshot()
+    # The split moved to KV: pages held more than the floor and the experts' headroom
+    # allowed, paid for by lent top-tier slots.
+    assert seen["lent"] > 0 and end["moved_to_kv_bytes"] >= delta, (seen, end)
+    assert seen["kv"] > start["kv_headroom"], (seen, start)
+    # ... and back: nothing is lent any more and the experts took bytes the pages freed.
+    assert runtime.kv_lent == 0, runtime.kv_lent
+    assert end["moved_to_experts_bytes"] > 0, end
+    assert end["expert_bytes"] > seen["experts"], (seen, end)
+    assert end["charged_bytes"] <= end["limit"] and end["high_water_bytes"] <= end["limit"]
+    assert sched.kv_stats()["pages_used"] == 0
+
+
+def test_serve_wires_the_paged_cache_to_the_runtime_budget(tmp_path_factory) -> None:
+    """`dynaexq serve --kv-cache paged` as the app builds it: the scheduler's pages come
+    from the runtime's shared budget, the runtime lends to them, /metrics exports them."""
+    from dynaexq.cli import main
+    from dynaexq.serve.app import ServerConfig, create_app
+    from dynaexq.serve.runtime import RuntimeSpec, build_runtime
+
+    path = tmp_path_factory.mktemp("kv_serve_model")
+    train_tiny_tokenizer(path, TEXTS, vocab_size=200)
+    save_checkpoint(make_hf_model(seed=3, vocab_size=Tokenizer(path).vocab_size), path)
+    argv = ["serve", "--model", str(path), "--port", "0", "--max-kv-tokens", "64"]
+    assert main(argv) == 2  # the bounds belong to the paged cache
+    share = KvShare(min_kv_tokens=64, max_kv_tokens=256, page_tokens=8)
+    engine, stats = build_runtime(
+        RuntimeSpec(
+            path,
+            "dynamic",
+            "50%",
+            "float32",
+            "cpu",
+            batch=2,
+            context=64,
+            tiers="int2,bf16",
+            calibration=tuple(TEXTS[:8]),
+            kv_share=share,
+        )
+    )
+    app = create_app(engine, stats, ServerConfig("m", max_batch=2, max_context=64, kv_share=share))
+    sched = app.state.scheduler
+    assert sched.paged and sched.kv_budget is engine.kv_budget
+    assert sched._lender is engine.precision
+    snap = engine.kv_budget.snapshot()
+    assert snap["kv_floor"] == share.floor_bytes(engine.config, 4) and snap["expert_bytes"] > 0
+    body = sched.metrics.render().decode()
+    for name in ("dynaexq_kv_pages{", "dynaexq_budget_bytes{", "dynaexq_budget_moved_bytes"):
+        assert name in body, name
+
+
+def test_a_request_the_kv_share_can_never_hold_fails_clearly(engine) -> None:
+    """Nothing runs, no lender can free bytes and the budget leaves the pages less than the
+    request needs: it gets an error instead of waiting forever; the next one still runs."""
+    from dynaexq import DeviceBudget
+
+    share = KvShare(min_kv_tokens=8, max_kv_tokens=64, page_tokens=4)
+    page = share.page_bytes(engine.config, 4)
+    budget = DeviceBudget(16 * page, kv_floor=2 * page, expert_floor=13 * page)
+
+    async def body(sched):
+        big = sched.submit([spec(engine, PROMPTS[0], 20)])
+        ev = await asyncio.wait_for(big.events.get(), 60)
+        small = sched.submit([spec(engine, PROMPTS[2], 4)])
+        return ev, await drain(small)
+
+    sched, (ev, small) = run_with(
+        engine, body, max_batch=2, max_context=96, kv_share=share, kv_budget=budget
+    )
+    assert isinstance(ev, Exception) and "KV share" in str(ev), ev
+    assert small == expected(engine, PROMPTS[2], 4)
+
+
+def test_qwen3_next_pages_its_attention_layers(tmp_path_factory) -> None:
+    """Qwen3-Next on the paged cache: pages for its full-attention layers, the linear
+    layers' state in rows that move with the sequences; under page pressure sequences are
+    preempted and recomputed (state rebuilt from position 0), and every greedy output is
+    what engine.generate gives for the prompt alone."""
+    path = tmp_path_factory.mktemp("kv_next_model")
+    train_tiny_tokenizer(path, TEXTS, vocab_size=200)
+    vocab = Tokenizer(path).vocab_size
+    save_checkpoint(make_hf_model(seed=21, architecture="qwen3_next", vocab_size=vocab), path)
+    engine = dynaexq.load(path, dtype="float32", device="cpu")
+    # Early sequences finish first, so later rows (and their state) move down.
+    lengths = [6, 20, 10, 2, 30, 40]
+
+    async def body(sched):
+        reqs = [sched.submit([spec(engine, p, n)]) for p, n in zip(PROMPTS, lengths, strict=True)]
+        return [await drain(r) for r in reqs]
+
+    share = KvShare(min_kv_tokens=48, max_kv_tokens=48, page_tokens=4)
+    sched, got = run_with(
+        engine, body, max_batch=6, max_context=96, kv_share=share, max_prefill_tokens=8
+    )
+    for p, n, ids in zip(PROMPTS, lengths, got, strict=True):
+        assert ids == expected(engine, p, n), p
+    assert sched.kv_stats()["preemptions"] > 0
+    assert sched.kv_stats()["pages_used"] == 0
+    # Only the attention layer's KV is paged.
+    per_token = 2 * len(engine.config.attention_layers) * engine.config.num_key_value_heads
+    assert share.page_bytes(engine.config, 4) == 4 * per_token * engine.config.head_dim * 4
