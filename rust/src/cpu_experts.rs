@@ -28,7 +28,7 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 use crate::errors::{Error, Result};
-use crate::table::ExpertTable;
+use crate::table::{ExpertTable, Lease};
 
 mod int8_dot;
 
@@ -576,7 +576,8 @@ fn for_row_blocks<F>(m: &MatrixLayout, n: usize, out: &mut [f32], f: F)
 where
     F: Fn(Range<usize>, &mut [f32], &mut Vec<f32>) + Sync,
 {
-    if m.n * m.k32() <= SMALL_MATRIX {
+    if m.n * m.k32() <= SMALL_MATRIX || rayon::current_thread_index().is_none() {
+        // (Outside a pool the caller asked for one thread: see `runs_inline`.)
         f(0..m.n, out, &mut Vec::new());
         return;
     }
@@ -643,6 +644,16 @@ pub struct Routed<'a> {
     pub k: usize,
 }
 
+/// Whether a layer call of `pairs` routed pairs is small enough to run on the calling
+/// thread: a decode step of a small model takes tens of microseconds, and waking a
+/// pool's sleeping worker for it costs more than the work (measured through the server:
+/// 180 us per call instead of 60). Called outside any rayon pool, `moe_layer` and
+/// everything under it run on the calling thread, touching no pool (also the way to run
+/// on one thread).
+pub fn runs_inline(pairs: usize, shape: ExpertShape) -> bool {
+    pairs * shape.hidden * shape.intermediate < SMALL_MATRIX / 2
+}
+
 /// One MoE layer. Returns `out` [T, H] = sum over picks of weight * expert(x), and what
 /// each tier served. `formats[t]` is the storage of table tier t. The published version of
 /// every hit expert is leased for the duration of the call (a transition published
@@ -705,21 +716,24 @@ pub fn moe_layer(
         .collect::<Result<Vec<_>>>()?;
     // Every pick's output, [T * k, H] in pick order.
     let mut pair_out = vec![0f32; ids.len() * h];
-    let results: Vec<Result<Vec<f32>>> = hit
-        .par_iter()
-        .zip(&leases)
-        .map(|(&(_, pairs), lease)| {
-            let blob = lease
-                .bytes()
-                .ok_or_else(|| Error::InvalidConfig("the CPU executor needs a host pool".into()))?;
-            let mut xs = Vec::with_capacity(pairs.len() * h);
-            for &p in pairs.iter() {
-                let t = p / k;
-                xs.extend_from_slice(&x[t * h..(t + 1) * h]);
-            }
-            expert_forward(blob, &layouts[lease.tier() as usize], &xs, pairs.len(), act)
-        })
-        .collect();
+    let one = |(&(_, pairs), lease): (&(u32, &Vec<usize>), &Lease<'_>)| {
+        let blob = lease
+            .bytes()
+            .ok_or_else(|| Error::InvalidConfig("the CPU executor needs a host pool".into()))?;
+        let mut xs = Vec::with_capacity(pairs.len() * h);
+        for &p in pairs.iter() {
+            let t = p / k;
+            xs.extend_from_slice(&x[t * h..(t + 1) * h]);
+        }
+        expert_forward(blob, &layouts[lease.tier() as usize], &xs, pairs.len(), act)
+    };
+    // Called outside any thread pool (see `runs_inline`): everything on this thread.
+    let inline = rayon::current_thread_index().is_none();
+    let results: Vec<Result<Vec<f32>>> = if inline {
+        hit.iter().zip(&leases).map(one).collect()
+    } else {
+        hit.par_iter().zip(&leases).map(one).collect()
+    };
     let mut served = LayerServed {
         pairs: vec![0; tiers],
         mass: vec![0.0; tiers],
@@ -735,7 +749,7 @@ pub fn moe_layer(
     }
     drop(leases);
     let mut out = vec![0f32; t_count * h];
-    out.par_chunks_mut(h).enumerate().for_each(|(t, o)| {
+    let combine = |(t, o): (usize, &mut [f32])| {
         for j in 0..k {
             let p = t * k + j;
             let w = weights[p];
@@ -743,7 +757,12 @@ pub fn moe_layer(
                 *v += w * y;
             }
         }
-    });
+    };
+    if inline {
+        out.chunks_mut(h).enumerate().for_each(combine);
+    } else {
+        out.par_chunks_mut(h).enumerate().for_each(combine);
+    }
     Ok((out, served))
 }
 

@@ -7,7 +7,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::cpu_experts::{
-    moe_layer, Activations, ExpertLayout, ExpertShape, Half, Routed, TierFormat,
+    moe_layer, runs_inline, Activations, ExpertLayout, ExpertShape, Half, Routed, TierFormat,
 };
 use crate::table::ExpertTable;
 
@@ -169,8 +169,13 @@ impl PyCpuExperts {
                     weights: &ws,
                     k,
                 };
-                self.pool
-                    .install(|| moe_layer(&table, layer, formats, shape, routed, act))
+                // (One thread, or a small call: on this thread, see `runs_inline`.)
+                if self.threads == 1 || runs_inline(ids.len(), shape) {
+                    moe_layer(&table, layer, formats, shape, routed, act)
+                } else {
+                    self.pool
+                        .install(|| moe_layer(&table, layer, formats, shape, routed, act))
+                }
             })
             .map_err(to_py)?;
         ob.copy_from_slice(py, &y)?;
