@@ -46,6 +46,7 @@ from dynaexq.quant.tiered import (  # noqa: E402
 from dynaexq.runtime import calibration as calibration_mod  # noqa: E402
 from dynaexq.runtime import store as store_mod  # noqa: E402
 from dynaexq.runtime.memory import memory_report  # noqa: E402
+from dynaexq.runtime.policy import Policy  # noqa: E402
 from dynaexq.runtime.store import HostMemoryError, TierStore  # noqa: E402
 from fullsize_workload import cache_root, run_sampled, write_synthetic  # noqa: E402
 
@@ -77,8 +78,11 @@ def test_synthetic_checkpoint_has_the_released_layout(small) -> None:
 
 
 def _run(tiered: Path, mode: str, tokens: int = 160):
+    # The two-tier controller that follows every shift (not the default one, which moves
+    # only when a move pays and may never move on random weights): the staging ring must
+    # carry copies here.
     eng = dynaexq.load(
-        tiered, budget="20%", policy="dynamic", calibration=[TEXT], host_store=mode,
+        tiered, budget="20%", policy=Policy("dynamic"), calibration=[TEXT], host_store=mode,
         progress=False,
     )  # fmt: skip
     out = eng.generate([list(range(1, 9))], max_new_tokens=tokens, temperature=0.0)[0]

@@ -23,6 +23,7 @@ from dynaexq.checkpoint import Checkpoint
 from dynaexq.engine import EMBEDDED_MODEL_DIR, Engine, embedded_model_path
 from dynaexq.engine import load as load_engine
 from dynaexq.quant import parse_tier
+from dynaexq.quant.tiered import TieredCheckpoint
 from dynaexq.runtime.budget import FixedMemory, PoolPlan, fixed_memory, parse_budget, plan_pool
 from dynaexq.runtime.calibration import (  # calibration_scores: re-exported (eval)
     calibrate,
@@ -136,6 +137,12 @@ def load_with_policy(
     ckpt_path = embedded_model_path() if path is None else Path(path)
     if pol.name == "full":
         return load_engine(ckpt_path, dtype=dtype, device="cpu"), None
+    if tiers is None and (ckpt_path / "manifest.json").is_file():
+        # A tiered checkpoint holds the tiers it was quantized to: use them unless told
+        # otherwise (the policy's default set may name tiers it does not have).
+        from dataclasses import replace
+
+        pol = replace(pol, tiers=tuple(t.name for t in TieredCheckpoint(ckpt_path).tiers))
     checkpoint = Checkpoint(ckpt_path)
     config = checkpoint.config
     tier_specs = [parse_tier(t) for t in pol.tiers]
