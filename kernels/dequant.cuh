@@ -30,6 +30,13 @@ typedef long long int64_t;
 #define DQ_HD inline
 #endif
 
+// `#pragma unroll` where a CUDA compiler reads it (host compilers warn on it).
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define DQ_UNROLL _Pragma("unroll")
+#else
+#define DQ_UNROLL
+#endif
+
 // ---------------------------------------------------------------- scalar conversions
 
 DQ_HD float dq_bits_to_float(uint32_t u) {
@@ -215,7 +222,7 @@ DQ_HD void dq_oct_weights(const uint8_t* __restrict__ qweight, const uint16_t* _
                           int o, float w[8]) {
     if constexpr (BITS == 16 || BITS == 17) {  // 16: bf16 weights, 17: fp16 weights
         const uint16_t* row = (const uint16_t*)qweight + (int64_t)row_n * K;
-#pragma unroll
+DQ_UNROLL
         for (int j = 0; j < 8; ++j) {
             int c = 8 * o + j;
             w[j] = c < K ? dq_w16<BITS == 16>(row[c]) : 0.f;
@@ -227,7 +234,7 @@ DQ_HD void dq_oct_weights(const uint8_t* __restrict__ qweight, const uint16_t* _
         dq_group_params(scales, zeros, BITS, dq_groups(K, group_size), row_n,
                         8 * o / group_size, &s, &z);
         DqOct v = dq_load_oct<BITS>(row, k32, o);
-#pragma unroll
+DQ_UNROLL
         for (int j = 0; j < 8; ++j) w[j] = dq_value(dq_oct_code<BITS>(v, j), s, z);
     }
 }

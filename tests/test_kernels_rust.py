@@ -226,7 +226,9 @@ def test_check_ptx_on_compiled_modules():
     """The PTX scripts/compile_kernels.py wrote (a CI stage before pytest) passes the
     loader's check; a module missing a kernel does not."""
     d = _ci_ptx_dir()
-    files = sorted(d.glob("*.sm_*.ptx"))
+    # (moe.cu is launched from Python, `CudaKernels.launch_moe`; the Rust loader takes the
+    # per-expert modules.)
+    files = sorted(f for f in d.glob("*.sm_*.ptx") if f.name.split(".")[0] in ("gemv", "gemm"))
     if not files:
         pytest.skip(f"no compiled PTX in {d} (scripts/compile_kernels.py not run)")
     for f in files:

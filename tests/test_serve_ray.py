@@ -347,4 +347,6 @@ def test_affinity_router_specialises_replicas(cluster: Client) -> None:
     assert aff["top"]["python"] != aff["top"]["c"], aff  # each domain has its own replica
     assert aff["specialisation"] >= 0.65, aff
     assert aff["specialisation"] > pow2["specialisation"], (aff, pow2)
-    assert aff["jaccard"] < pow2["jaccard"], (aff, pow2)  # hot sets diverge
+    # Hot sets diverge only as far as the replicas' controllers move: the default dynamic
+    # controller holds the static knapsack unless a move pays, so they may stay equal.
+    assert aff["jaccard"] <= pow2["jaccard"], (aff, pow2)

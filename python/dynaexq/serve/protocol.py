@@ -25,7 +25,9 @@ from pydantic import (
 )
 
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; lm-eval's completions client sends more
-MAX_SEED = 2**62  # seed + choice index must stay inside torch's 64-bit seed range
+# Exact as a JSON double (near 2**62 a client comparing as floats would send more than the
+# bound); seed + choice index stays inside torch's 64-bit seed range.
+MAX_SEED = 2**53 - 1
 MAX_N = 128
 # OpenAI fields this server does not implement; only their neutral value is accepted.
 UNSUPPORTED = frozenset(
