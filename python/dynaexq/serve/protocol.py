@@ -83,11 +83,12 @@ class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> ResponseFormat:
+    def combination_error(self) -> tuple[str, str] | None:
+        """A field the type needs is missing (a 400 invalid_parameter_combination: each
+        field is valid alone, so the schema cannot say it)."""
         if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("response_format: type json_schema needs a json_schema object")
-        return self
+            return "response_format: type json_schema needs a json_schema object", "response_format"
+        return None
 
 
 class _Sampling(BaseModel):
@@ -169,6 +170,8 @@ class CompletionRequest(_Sampling):
         """(message, param) when fields that are valid alone do not go together."""
         if self.max_tokens == 0 and not self.echo:
             return "max_tokens: 0 is only allowed with echo (score the prompt)", "max_tokens"
+        if self.response_format is not None:
+            return self.response_format.combination_error()
         return None
 
     def prompts(self) -> list[str | list[int]]:
@@ -261,6 +264,8 @@ class ChatCompletionRequest(_Sampling):
 
     def combination_error(self) -> tuple[str, str] | None:
         """(message, param) when fields that are valid alone do not go together."""
+        if self.response_format is not None and (bad := self.response_format.combination_error()):
+            return bad
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs: needs logprobs: true", "top_logprobs"
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
