@@ -18,12 +18,7 @@
 // 16-bit tiers take the weight [rows, K] as `qweight` and ignore scales, zeros, group_size.
 // Each lane of a warp handles octs (8 columns) lane, lane+32, ...: consecutive lanes read
 // consecutive words of the row.
-#include "dequant.cuh"
-
-#ifndef DQ_GEMV_MAX_T  // (shared with moe.cu)
-#define DQ_GEMV_MAX_T 8
-#define DQ_GEMV_WARPS 4
-#endif
+#include "gemv_rows.cuh"
 
 template <int BITS, class ACT>
 __device__ __forceinline__ void dq_gemv_body(const uint8_t* __restrict__ qweight,
@@ -32,48 +27,12 @@ __device__ __forceinline__ void dq_gemv_body(const uint8_t* __restrict__ qweight
                                              const typename ACT::T* __restrict__ x,
                                              typename ACT::T* __restrict__ y, int T, int N, int K,
                                              int group_size, int swiglu) {
-    const int lane = threadIdx.x & 31;
     const int n = blockIdx.x * DQ_GEMV_WARPS + (threadIdx.x >> 5);
     if (n >= N || T < 1 || T > DQ_GEMV_MAX_T) return;  // warp-uniform
-    const int nocts = dq_k32(K) / 8;
-    float accg[DQ_GEMV_MAX_T], accu[DQ_GEMV_MAX_T];
+    const typename ACT::T* rows[DQ_GEMV_MAX_T];
 #pragma unroll
-    for (int t = 0; t < DQ_GEMV_MAX_T; ++t) accg[t] = accu[t] = 0.f;
-
-    for (int o = lane; o < nocts; o += 32) {
-        float wg[8], wu[8];
-        dq_oct_weights<BITS>(qweight, scales, zeros, n, K, group_size, o, wg);
-        if (swiglu) {
-            dq_oct_weights<BITS>(qweight, scales, zeros, N + n, K, group_size, o, wu);
-        } else {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) wu[j] = 0.f;
-        }
-        const int base = 8 * o;
-        const bool full = base + 8 <= K;
-#pragma unroll
-        for (int t = 0; t < DQ_GEMV_MAX_T; ++t) {
-            if (t >= T) break;
-            const typename ACT::T* xt = x + (int64_t)t * K;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                float xv = (full || base + j < K) ? ACT::load(xt, base + j) : 0.f;
-                accg[t] += wg[j] * xv;
-                accu[t] += wu[j] * xv;
-            }
-        }
-    }
-#pragma unroll
-    for (int t = 0; t < DQ_GEMV_MAX_T; ++t) {
-        if (t >= T) break;
-        float g = accg[t], u = accu[t];
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-            g += __shfl_xor_sync(0xffffffffu, g, off);
-            u += __shfl_xor_sync(0xffffffffu, u, off);
-        }
-        if (lane == 0) ACT::store(y, (int64_t)t * N + n, swiglu ? dq_silu(g) * u : g);
-    }
+    for (int t = 0; t < DQ_GEMV_MAX_T; ++t) rows[t] = x + (int64_t)(t < T ? t : 0) * K;
+    dq_gemv_rows<BITS, ACT>(qweight, scales, zeros, rows, T, y, 0, n, N, K, group_size, swiglu);
 }
 
 #define DQ_GEMV(NAME, BITS, ACT)                                                              \

@@ -20,12 +20,7 @@
 //   const uint8_t* arena, const DqExpertEntry* table [E], const DqTierDesc* tiers,
 //   const int* expert_start [E + 1], const int* pair_token [P] (down: unused, may be 0),
 //   const ACT* in, ACT* out, int E, int H, int I
-#include "dequant.cuh"
-
-#ifndef DQ_GEMV_MAX_T  // (the same values as gemv.cu's; both are built into the emulation)
-#define DQ_GEMV_MAX_T 8
-#define DQ_GEMV_WARPS 4
-#endif
+#include "gemv_rows.cuh"
 
 // One tier's blob layout (python/dynaexq/quant/expert.py: expert_layout): bits 2/3/4/8,
 // or 16 (bf16) / 17 (fp16) weights; byte offsets of the sections from the blob start
@@ -53,54 +48,18 @@ __device__ __forceinline__ void dq_moe_body(const uint8_t* __restrict__ qweight,
                                             const int* __restrict__ pair_token, int start,
                                             int count, typename ACT::T* __restrict__ out, int N,
                                             int K, int group_size, int swiglu) {
-    const int lane = threadIdx.x & 31;
     const int n = blockIdx.x * DQ_GEMV_WARPS + (threadIdx.x >> 5);
     if (n >= N) return;  // warp-uniform
-    const int nocts = dq_k32(K) / 8;
     for (int t0 = 0; t0 < count; t0 += DQ_GEMV_MAX_T) {
         const int T = count - t0 < DQ_GEMV_MAX_T ? count - t0 : DQ_GEMV_MAX_T;
-        float accg[DQ_GEMV_MAX_T], accu[DQ_GEMV_MAX_T];
         const typename ACT::T* rows[DQ_GEMV_MAX_T];
 #pragma unroll
         for (int t = 0; t < DQ_GEMV_MAX_T; ++t) {
-            accg[t] = accu[t] = 0.f;
             const int p = start + t0 + (t < T ? t : 0);
             rows[t] = in + (int64_t)(pair_token ? pair_token[p] : p) * K;
         }
-        for (int o = lane; o < nocts; o += 32) {
-            float wg[8], wu[8];
-            dq_oct_weights<BITS>(qweight, scales, zeros, n, K, group_size, o, wg);
-            if (swiglu) {
-                dq_oct_weights<BITS>(qweight, scales, zeros, N + n, K, group_size, o, wu);
-            } else {
-#pragma unroll
-                for (int j = 0; j < 8; ++j) wu[j] = 0.f;
-            }
-            const int base = 8 * o;
-            const bool full = base + 8 <= K;
-#pragma unroll
-            for (int t = 0; t < DQ_GEMV_MAX_T; ++t) {
-                if (t >= T) break;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    float xv = (full || base + j < K) ? ACT::load(rows[t], base + j) : 0.f;
-                    accg[t] += wg[j] * xv;
-                    accu[t] += wu[j] * xv;
-                }
-            }
-        }
-#pragma unroll
-        for (int t = 0; t < DQ_GEMV_MAX_T; ++t) {
-            if (t >= T) break;
-            float g = accg[t], u = accu[t];
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) {
-                g += __shfl_xor_sync(0xffffffffu, g, off);
-                u += __shfl_xor_sync(0xffffffffu, u, off);
-            }
-            if (lane == 0)
-                ACT::store(out, (int64_t)(start + t0 + t) * N + n, swiglu ? dq_silu(g) * u : g);
-        }
+        dq_gemv_rows<BITS, ACT>(qweight, scales, zeros, rows, T, out, start + t0, n, N, K,
+                                group_size, swiglu);
     }
 }
 

@@ -34,7 +34,8 @@ class KernelCompileError(RuntimeError):
     pass
 
 
-KERNEL_SOURCES = ("dequant.cuh", "gemv.cu", "gemm.cu", "moe.cu")  # what NVRTC compiles
+# What NVRTC compiles (and the wheel carries).
+KERNEL_SOURCES = ("dequant.cuh", "gemv_rows.cuh", "gemv.cu", "gemm.cu", "moe.cu")
 
 
 def kernel_dir() -> Path:
