@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 import torch
 from dynaexq.quant import PackedExpertView, pack_expert, parse_tier, relative_error
-from dynaexq.quant.expert import expert_layout, expert_nbytes, reference_expert_forward
+from dynaexq.quant.expert import DEFAULT_ALIGNMENT, expert_nbytes, reference_expert_forward
+from dynaexq.runtime.executors.grouped import EXPERT_ENTRY, TIER_DESC, tier_descriptors
 
-TIER_DESC = np.dtype(
-    [("bits", "<i4"), ("group_size", "<i4"), ("gate_up_weight", "<i8"),
-     ("gate_up_scales", "<i8"), ("gate_up_zeros", "<i8"), ("down_weight", "<i8"),
-     ("down_scales", "<i8"), ("down_zeros", "<i8")]
-)  # fmt: skip
-EXPERT_ENTRY = np.dtype([("offset", "<i8"), ("tier", "<i4"), ("reserved", "<i4")])
 ACTS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
@@ -28,19 +23,6 @@ def test_descriptor_layouts_match_the_kernels(emu) -> None:
     assert (sizes[0], sizes[1]) == (TIER_DESC.itemsize, EXPERT_ENTRY.itemsize)
 
 
-def tier_desc(name: str, h: int, i: int) -> np.void:
-    t = parse_tier(name)
-    offs = {s.name: s.offset for s in expert_layout(t, h, i)}
-    d = np.zeros((), TIER_DESC)
-    d["bits"] = t.bits if t.is_quantized else (16 if t.dtype == "bf16" else 17)
-    d["group_size"] = t.group_size
-    for m in ("gate_up", "down"):
-        d[f"{m}_weight"] = offs[f"{m}.qweight" if t.is_quantized else f"{m}.weight"]
-        d[f"{m}_scales"] = offs.get(f"{m}.scales", 0)
-        d[f"{m}_zeros"] = offs.get(f"{m}.zeros", -1)
-    return d
-
-
 class Layer:
     """E experts, each packed at every tier, placed in one arena in a scrambled order with
     junk between blocks; `table` says which copy each expert publishes."""
@@ -48,7 +30,7 @@ class Layer:
     def __init__(self, tiers: list[str], experts: int, h: int, i: int, seed: int) -> None:
         gen = torch.Generator().manual_seed(seed)
         self.h, self.i, self.tiers = h, i, tiers
-        self.descs = np.array([tier_desc(t, h, i) for t in tiers], dtype=TIER_DESC)
+        self.descs = tier_descriptors([parse_tier(t) for t in tiers], h, i, DEFAULT_ALIGNMENT)
         self.views: dict[tuple[int, int], PackedExpertView] = {}
         blocks = []
         for e in range(experts):
