@@ -36,3 +36,78 @@ def emu(tmp_path_factory) -> ctypes.CDLL:
     lib.emu_launch_moe.argtypes = [ctypes.c_void_p, *[ctypes.c_int] * 3,
                                    *[ctypes.c_void_p] * 7, *[ctypes.c_int] * 3]  # fmt: skip
     return lib
+
+
+@pytest.fixture(scope="session")
+def emu_launch(emu):
+    """`launch(kernel, grid, pointers, ints)` of the grouped executor on the emulation."""
+
+    def launch(kernel, grid, pointers, ints) -> None:
+        fn = ctypes.cast(getattr(emu, kernel), ctypes.c_void_p).value
+        assert emu.emu_launch_moe(fn, grid[0], grid[1], 128, *pointers, *ints) == 0
+
+    return launch
+
+
+@pytest.fixture(scope="session")
+def torch_launch():
+    """The grouped kernels' contract (kernels/moe.cu) in torch over the same raw pointers:
+    per expert with pairs, its table entry -> tier descriptor -> blob in the host arena ->
+    dequantized weights -> gate_up+SiLU or down for its pairs. A reference for the
+    runtime's wiring that runs in milliseconds (the emulation checks the kernels)."""
+    import numpy as np
+    from dynaexq.quant import PackedExpertView, parse_tier
+    from dynaexq.quant.expert import dequantize_expert, expert_nbytes
+    from dynaexq.runtime.executors.grouped import EXPERT_ENTRY, TIER_DESC
+
+    def raw(ptr: int, dtype, count: int) -> np.ndarray:
+        n = np.dtype(dtype).itemsize * count
+        return np.frombuffer((ctypes.c_uint8 * n).from_address(ptr), dtype=dtype, count=count)
+
+    def spec_of(desc) -> object:
+        bits = int(desc["bits"])
+        if bits in (16, 17):
+            return parse_tier("bf16" if bits == 16 else "fp16")
+        asym = "a" if int(desc["gate_up_zeros"]) >= 0 else ""
+        return parse_tier(f"int{bits}g{int(desc['group_size'])}{asym}")
+
+    act_dtypes = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+    def launch(kernel, grid, pointers, ints) -> None:
+        arena, table, tiers, start_p, token_p, in_p, out_p = pointers
+        e_count, h, i = ints
+        gate_up = "gate_up" in kernel
+        dtype = act_dtypes[kernel.rsplit("_", 1)[1]]
+        start = raw(start_p, np.int32, e_count + 1)
+        pairs = int(start[-1])
+        entries = raw(table, EXPERT_ENTRY, e_count)
+        k_in, n_out = (h, i) if gate_up else (i, h)
+
+        def tensor(ptr: int, rows: int, cols: int) -> torch.Tensor:
+            buf = (ctypes.c_uint8 * (rows * cols * dtype.itemsize)).from_address(ptr)
+            return torch.frombuffer(buf, dtype=dtype).view(rows, cols)
+
+        tokens = pairs if not gate_up else int(raw(token_p, np.int32, pairs).max()) + 1
+        x = tensor(in_p, tokens, k_in)
+        out = tensor(out_p, pairs, n_out)
+        token = raw(token_p, np.int32, pairs) if gate_up else np.arange(pairs)
+        for e in range(e_count):
+            a, b = int(start[e]), int(start[e + 1])
+            if a == b:
+                continue
+            desc = raw(tiers + int(entries[e]["tier"]) * TIER_DESC.itemsize, TIER_DESC, 1)[0]
+            spec = spec_of(desc)
+            nbytes = expert_nbytes(spec, h, i)
+            blob = torch.frombuffer(
+                (ctypes.c_uint8 * nbytes).from_address(arena + int(entries[e]["offset"])),
+                dtype=torch.uint8,
+            )
+            g, u, d = dequantize_expert(PackedExpertView(spec, h, i, blob))
+            rows = x[torch.from_numpy(token[a:b].astype(np.int64))].float()
+            if gate_up:
+                y = torch.nn.functional.silu(rows @ g.float().T) * (rows @ u.float().T)
+            else:
+                y = rows @ d.float().T
+            out[a:b] = y.to(dtype)
+
+    return launch

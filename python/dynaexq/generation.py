@@ -170,7 +170,10 @@ def iter_generate(
             cache, pos, next_ids = cache.select(sel), pos[sel], next_ids[sel]
             rows = [rows[r] for r in keep]
         with torch.inference_mode():
-            logits = model(next_ids.unsqueeze(1), pos.unsqueeze(1), cache)[:, 0]
+            # Every row's position is at most longest + step: the mask needs no host read.
+            logits = model(
+                next_ids.unsqueeze(1), pos.unsqueeze(1), cache, key_slots=longest + step + 1
+            )[:, 0]
         pos = pos + 1
 
 

@@ -165,6 +165,36 @@ impl HotnessTracker {
         Ok(())
     }
 
+    /// Record a layer's routed mass already summed per expert (`mass[e]`, over `tokens`
+    /// tokens): what a device executor accumulates on the device between controller
+    /// steps and hands over in one copy. Equal to `observe` of the same picks.
+    pub fn observe_mass(
+        &mut self,
+        layer: usize,
+        mass: &[f32],
+        tokens: u64,
+    ) -> Result<(), ControllerError> {
+        if layer >= self.layers {
+            return invalid(format!("layer {layer} out of range (0..{})", self.layers));
+        }
+        if mass.len() != self.experts {
+            return invalid(format!(
+                "{} masses for a layer of {} experts",
+                mass.len(),
+                self.experts
+            ));
+        }
+        if mass.iter().any(|m| !m.is_finite() || *m < 0.0) {
+            return invalid("routed mass must be finite and >= 0".to_string());
+        }
+        let row = &mut self.pending[layer * self.experts..(layer + 1) * self.experts];
+        for (slot, &m) in row.iter_mut().zip(mass) {
+            *slot += m;
+        }
+        self.pending_tokens[layer] += tokens;
+        Ok(())
+    }
+
     /// Close the current step: fold its averaged mass into the score.
     pub fn end_step(&mut self) {
         let e = self.experts;

@@ -227,6 +227,10 @@ fn bad_inputs_are_errors() {
     assert!(t.observe(0, &[9], &[1.0], 1).is_err());
     assert!(t.observe(3, &[1], &[1.0], 1).is_err());
     assert!(t.observe(0, &[1, 2], &[1.0], 1).is_err());
+    assert!(t.observe_mass(0, &[1.0; 3], 1).is_err());
+    assert!(t.observe_mass(1, &[1.0; 4], 1).is_err());
+    assert!(t.observe_mass(0, &[1.0, f32::NAN, 0.0, 0.0], 1).is_err());
+    assert!(t.observe_mass(0, &[1.0, -1.0, 0.0, 0.0], 1).is_err());
 }
 
 fn routing_step() -> impl Strategy<Value = Vec<(u32, f32)>> {
@@ -252,6 +256,27 @@ proptest! {
         }
         for (got, want) in t.scores().iter().zip(reference) {
             prop_assert!((*got as f64 - want).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn summed_mass_is_the_same_observation(steps in prop::collection::vec(routing_step(), 1..12), alpha in 0.0f32..0.99) {
+        // A device executor hands over the per-expert sums of a step's picks in one call:
+        // the tracker must end up exactly where the picks one by one would take it.
+        let mut picks = HotnessTracker::new(1, 5, Signal::Ema { alpha }).unwrap();
+        let mut sums = HotnessTracker::new(1, 5, Signal::Ema { alpha }).unwrap();
+        for step in &steps {
+            let ids: Vec<u32> = step.iter().map(|s| s.0).collect();
+            let ps: Vec<f32> = step.iter().map(|s| s.1).collect();
+            picks.observe(0, &ids, &ps, 1).unwrap();
+            let mut mass = [0f32; 5];
+            for &(e, p) in step { mass[e as usize] += p; }
+            sums.observe_mass(0, &mass, step.len() as u64).unwrap();
+            picks.end_step();
+            sums.end_step();
+        }
+        for (a, b) in picks.scores().iter().zip(sums.scores()) {
+            prop_assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0));
         }
     }
 

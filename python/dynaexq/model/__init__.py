@@ -24,7 +24,7 @@ from dynaexq.model.experts import (
 from dynaexq.model.qwen3_moe import KVCache, Qwen3MoeForCausalLM
 from dynaexq.model.qwen3_next import HybridCache, Qwen3NextForCausalLM
 
-# Every decoder takes (input_ids, positions, cache, token_mask, logits_index), has
+# Every decoder takes (input_ids, positions, cache, token_mask, logits_index, key_slots), has
 # `allocate_cache(batch, capacity, dtype, device)`, `config`, `runtime` and `rotary`.
 CausalLM = Qwen3MoeForCausalLM | Qwen3NextForCausalLM
 GenerationCache = KVCache | HybridCache

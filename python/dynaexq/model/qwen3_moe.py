@@ -97,6 +97,24 @@ class KVCache:
         return ck[:, :, :key_slots], cv[:, :, :key_slots]
 
 
+def step_mask(
+    positions: torch.Tensor, from_zero: torch.Tensor, cached: bool, key_slots: int | None
+) -> tuple[int, torch.Tensor | None]:
+    """(key slots to read, the attention mask of every layer; None = plain causal).
+
+    A step whose rows all hold positions 0..T-1 and read only their own T keys is plain
+    causal attention (padding sits after the real tokens, so real queries never see it);
+    otherwise a query at position p sees slots <= p. Finding that out reads the positions
+    on the host; with `key_slots` given the mask is built on the device without asking."""
+    t = positions.shape[1]
+    if key_slots is None:
+        key_slots = int(positions.max()) + 1 if cached else t
+        if key_slots == t and torch.equal(positions, from_zero):
+            return key_slots, None
+    key_pos = torch.arange(key_slots, device=positions.device) if cached else positions
+    return key_slots, key_pos.view(-1, 1, 1, key_pos.shape[-1]) <= positions[:, None, :, None]
+
+
 class LayerKV(Protocol):
     """What an attention layer needs of a generation cache (`KVCache`, or the paged
     cache's `PagedKVView`)."""
@@ -409,6 +427,7 @@ class Qwen3MoeForCausalLM(nn.Module):
         cache: LayerKV | None = None,
         token_mask: torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
+        key_slots: int | None = None,
     ) -> torch.Tensor:
         """Logits for input_ids [B, T].
 
@@ -416,7 +435,9 @@ class Qwen3MoeForCausalLM(nn.Module):
         positions and attended over (a `KVCache`, or a `PagedKVView` of the paged
         cache). token_mask [B, T]: False marks padding, which the MoE
         layers skip. logits_index [B]: if given, logits only for that token of each row,
-        shape [B, 1, V]; else [B, T, V].
+        shape [B, 1, V]; else [B, T, V]. key_slots: with a cache, how many key slots
+        to read (at least the largest position + 1); a caller that knows it saves the
+        host from waiting for the device to tell (decode on a GPU).
         """
         b, t = input_ids.shape
         device = input_ids.device
@@ -425,14 +446,7 @@ class Qwen3MoeForCausalLM(nn.Module):
             positions = from_zero
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype, token_mask)
-        # One mask for all layers. A step whose rows all hold positions 0..T-1 and read only
-        # their own T keys is plain causal attention (padding sits after the real tokens,
-        # so real queries never see it); otherwise a query at position p sees slots <= p.
-        key_slots = t if cache is None else int(positions.max()) + 1
-        attn_mask = None
-        if key_slots != t or not torch.equal(positions, from_zero):
-            key_pos = positions if cache is None else torch.arange(key_slots, device=device)
-            attn_mask = key_pos.view(-1, 1, 1, key_pos.shape[-1]) <= positions[:, None, :, None]
+        key_slots, attn_mask = step_mask(positions, from_zero, cache is not None, key_slots)
         step = Step(positions, cos, sin, cache, token_mask, key_slots, attn_mask)
         for layer in self.model.layers:
             x = layer(x, step, self.runtime)

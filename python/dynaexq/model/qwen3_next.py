@@ -51,6 +51,7 @@ from dynaexq.model.qwen3_moe import (
     RotaryEmbedding,
     SparseMoeBlock,
     _rotate_half,
+    step_mask,
 )
 
 DELTA_RULE_CHUNK = 64
@@ -622,6 +623,7 @@ class Qwen3NextForCausalLM(nn.Module):
         cache: HybridCache | PagedHybridView | None = None,
         token_mask: torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
+        key_slots: int | None = None,
     ) -> torch.Tensor:
         """Logits for input_ids [B, T]; arguments as Qwen3MoeForCausalLM.forward. With a
         cache, a row whose first position here is 0 starts a new sequence; padding in
@@ -638,13 +640,7 @@ class Qwen3NextForCausalLM(nn.Module):
             positions = from_zero
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype, token_mask)
-        # The attention mask, as in qwen3_moe: plain causal when every row holds positions
-        # 0..T-1 and reads only its own T keys, else a query at position p sees slots <= p.
-        key_slots = t if cache is None else int(positions.max()) + 1
-        attn_mask = None
-        if key_slots != t or not torch.equal(positions, from_zero):
-            key_pos = positions if cache is None else torch.arange(key_slots, device=device)
-            attn_mask = key_pos.view(-1, 1, 1, key_pos.shape[-1]) <= positions[:, None, :, None]
+        key_slots, attn_mask = step_mask(positions, from_zero, cache is not None, key_slots)
         lengths = None if token_mask is None else token_mask.sum(dim=1)
         fresh = positions[:, 0] == 0
         step = Step(positions, cos, sin, cache, token_mask, lengths, fresh, key_slots, attn_mask)

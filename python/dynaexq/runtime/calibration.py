@@ -47,6 +47,9 @@ class MappedExperts:
     def forward(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
+        if hidden.device.type != "cpu":  # the maps are host memory: run there, once per layer
+            out = self.forward(layer, hidden.float().cpu(), expert_ids.cpu(), weights.cpu())
+            return out.to(device=hidden.device, dtype=hidden.dtype)
         li = self.layer_pos[layer]
         t, k = expert_ids.shape
         flat = expert_ids.reshape(-1)

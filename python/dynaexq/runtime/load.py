@@ -30,6 +30,7 @@ from dynaexq.runtime.calibration import (  # calibration_scores: re-exported (ev
     calibration_scores,  # noqa: F401
     default_calibration_text,
 )
+from dynaexq.runtime.executors.grouped import Launch
 from dynaexq.runtime.kv_share import KvShare
 from dynaexq.runtime.offload import OffloadRuntime
 from dynaexq.runtime.policy import Policy
@@ -104,6 +105,8 @@ def load_with_policy(
     host_store: str | None = None,
     staging_slots: int = 8,
     kv_share: KvShare | None = None,
+    device: str | torch.device = "cpu",
+    launch: Launch | None = None,
 ) -> tuple[Engine, Deployment | None]:
     """Load `path` (default: the embedded model) to run under `policy` within `budget`
     (a size, or "20%": the bytes at which static-map holds 20% of the experts hot).
@@ -125,6 +128,13 @@ def load_with_policy(
     Host memory: the non-expert weights, the pool (on the CPU backend) and the staging
     ring; calibration runs the experts from the memory maps (`runtime.calibration`), and
     the tiers are never copied into the process.
+
+    `device`: "cpu", or a CUDA device: then the non-expert weights, the activations, the
+    KV cache and the expert pool (one device arena) live there, the host store is
+    page-locked, transitions copy on the migration stream and the experts run through the
+    grouped kernels. `launch`: run those kernels through this function instead of the
+    CUDA driver (the CPU emulation of kernels/moe.cu, for tests; the pool stays on the
+    host).
     """
     pol = Policy(policy) if isinstance(policy, str) else policy
     if threads is not None:
@@ -136,7 +146,7 @@ def load_with_policy(
         pol = replace(pol, tiers=tuple(n.strip() for n in names))
     ckpt_path = embedded_model_path() if path is None else Path(path)
     if pol.name == "full":
-        return load_engine(ckpt_path, dtype=dtype, device="cpu"), None
+        return load_engine(ckpt_path, dtype=dtype, device=device), None
     if tiers is None and (ckpt_path / "manifest.json").is_file():
         # A tiered checkpoint holds the tiers it was quantized to: use them unless told
         # otherwise (the policy's default set may name tiers it does not have).
@@ -152,8 +162,8 @@ def load_with_policy(
     # The model's non-expert weights, once; its experts switch from the memory-mapped
     # calibration executor to the runtime below.
     switch = _Switch()
-    engine = load_engine(ckpt_path, dtype=dtype, device="cpu", experts=lambda c, d, dev: switch)
-    dtype_bytes = 4 if dtype in ("float32", "fp32") else 2
+    engine = load_engine(ckpt_path, dtype=dtype, device=device, experts=lambda c, d, dev: switch)
+    dtype_bytes = engine.dtype.itemsize
     fixed = fixed_memory(
         config,
         dtype_bytes=dtype_bytes,
@@ -229,6 +239,9 @@ def load_with_policy(
             lockstep=lockstep,
             threads=threads,
             kv_budget=kv_budget,
+            device=engine.device,
+            compute_dtype=engine.dtype,
+            launch=launch,
         )
         engine.kv_budget = kv_budget  # type: ignore[attr-defined]
     engine.experts = runtime
@@ -315,15 +328,26 @@ def load(
             # hot set that the controller replaces as soon as it has seen the workload.
             config = Checkpoint(ckpt).config
             cal = np.zeros((len(config.moe_layers), config.num_experts), dtype=np.float32)
-    if device not in (None, "cpu") and str(device) != "cpu":
-        raise ValueError("the precision runtime runs on the CPU backend in this build")
+    from dynaexq.engine import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda" and name == "offload":
+        raise ValueError(
+            "policy offload runs its experts on the CPU backend in this build: pass "
+            "device='cpu' (or use static/static-map/dynamic on the GPU)"
+        )
+    if dtype == "auto":  # the CPU runs float32; a GPU bf16 (fp16 where bf16 is missing)
+        dtype = "float32"
+        if dev.type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     engine, dep = load_with_policy(
         path,
         policy=pol,
         budget=budget,
         tiers=tiers,
         calibration=cal,
-        dtype="float32" if dtype == "auto" else str(dtype).replace("torch.", ""),
+        dtype=str(dtype).replace("torch.", ""),
+        device=dev,
         **kw,
     )
     engine.deployment = dep  # type: ignore[attr-defined]

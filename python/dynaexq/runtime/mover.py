@@ -8,7 +8,8 @@ from dynaexq.runtime.store import TierStore
 
 class TransferMover:
     """Transitions through the Rust transfer engine (CPU backend: a worker thread copies
-    from the host store into the reserved block; the engine publishes on `poll`).
+    from the host store into the reserved block; CUDA backend: async copies on the
+    migration stream; the engine publishes on `poll`).
 
     The engine runs without its driver thread, so versions are published only when the
     runtime calls `land`, between steps. Serving (`lockstep=False`) submits at once and
@@ -19,15 +20,28 @@ class TransferMover:
     """
 
     def __init__(
-        self, table: ExpertTable, store: TierStore, real: list[int], in_flight: int, lockstep: bool
+        self,
+        table: ExpertTable,
+        store: TierStore,
+        real: list[int],
+        in_flight: int,
+        lockstep: bool,
+        device: int | None = None,
     ) -> None:
         from dynaexq._core import TransferEngine
 
-        # Memory-mapped tiered checkpoint + staging ring, or every tier resident (store.py).
-        host = store.host_store(real, min_slots=in_flight)
+        # Memory-mapped tiered checkpoint + staging ring, or every tier resident (store.py);
+        # page-locked for a CUDA device (`device`), whose migration stream copies from it.
+        host = store.host_store(real, min_slots=in_flight, device=device)
         self.host = host
         self.engine = TransferEngine(
-            table, host, max_in_flight=in_flight, queue_capacity=1024, workers=1, driver=False
+            table,
+            host,
+            max_in_flight=in_flight,
+            queue_capacity=1024,
+            backend="cpu" if device is None else "cuda",
+            workers=1,
+            driver=False,
         )
         self.lockstep = lockstep
         self.requested: list[tuple[int, int, int, int]] = []  # (key, layer, expert, tier)

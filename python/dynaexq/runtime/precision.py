@@ -16,6 +16,12 @@ Where things happen (one place each):
   step as tiers land) keeps the pages from taking what a transition needs to begin.
 
 The forward pass only reads published versions; nothing it does waits for a transition.
+
+On a CUDA device (or with `launch`, the CPU emulation of the kernels in tests) the pool is
+one device arena, the transfer engine copies on its migration stream, the experts run
+through the grouped kernels (`executors/grouped.py`), and what the controller and the
+telemetry read of a step (routed mass, what each tier served) is summed on the device and
+copied back without the decode path waiting (`device_sums.py`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import torch
 
 from dynaexq._core import DeviceBudget, ExpertPool, ExpertTable
 from dynaexq.runtime.budget import PoolPlan
+from dynaexq.runtime.device_sums import DeviceSums
 from dynaexq.runtime.executors.cpu import CpuExecutor
+from dynaexq.runtime.executors.grouped import GroupedExecutor, Launch
 from dynaexq.runtime.mover import TransferMover
 from dynaexq.runtime.policy import Policy
 from dynaexq.runtime.store import TierStore
@@ -50,8 +58,15 @@ class PrecisionRuntime:
         calibration: np.ndarray | None = None,
         lockstep: bool = True,
         kv_budget: DeviceBudget | None = None,
+        device: torch.device | str = "cpu",
+        launch: Launch | None = None,
     ) -> None:
         self.store = store
+        # Where the pool, the kernels and the activations live. A CUDA device gets the
+        # grouped kernels through the CUDA driver; `launch` runs them some other way
+        # (the CPU emulation of the same source, in tests).
+        self.device = torch.device(device)
+        self._cuda = self.device.type == "cuda"
         # The budget shared with the KV pages (None: the pool has its own).
         self.kv_budget = kv_budget
         # Top-tier slots lent to the KV cache: per layer (per-layer split) or in total,
@@ -69,15 +84,35 @@ class PrecisionRuntime:
         self.pool, self.table = self._build_pool(initial)
         self._staging_bytes = sum(g * b for g, b in zip(plan.staging, plan.slot_bytes, strict=True))
         self._sync_expert_floor()
-        # The expert threads: as many as torch uses unless told otherwise.
-        self.executor = CpuExecutor(
-            self.table, store, self.real, threads or max(1, torch.get_num_threads())
-        )
-        self.mover: TransferMover | None = None
-        if len(self.real) > 1 and policy.name == "dynamic":
-            self.mover = TransferMover(
-                self.table, store, self.real, policy.controller.in_flight, lockstep=lockstep
+        self.executor: CpuExecutor | GroupedExecutor
+        if self._cuda or launch is not None:
+            if launch is None:
+                from dynaexq.quant.cuda import CudaKernels
+
+                launch = CudaKernels(self.device.index or 0).launch_moe
+            self.executor = GroupedExecutor(
+                self.table, store, self.real, launch, device=self.device, dtype=compute_dtype
             )
+        else:
+            # The expert threads: as many as torch uses unless told otherwise.
+            self.executor = CpuExecutor(
+                self.table, store, self.real, threads or max(1, torch.get_num_threads())
+            )
+        self.mover: TransferMover | None = None
+        moves = len(self.real) > 1 and policy.name == "dynamic"
+        if moves or self._cuda:
+            # A device pool's blocks are written by the transfer engine's upload (host code
+            # cannot reach device memory); only dynamic keeps the engine for transitions.
+            mover = TransferMover(
+                self.table,
+                store,
+                self.real,
+                policy.controller.in_flight,
+                lockstep=lockstep,
+                device=(self.device.index or 0) if self._cuda else None,
+            )
+            self.mover = mover if moves else None
+            self._uploader = mover
         # request key -> (layer_pos, expert, target table tier, is a promotion)
         self.busy: dict[int, tuple[int, int, int, bool]] = {}
         self._promotions = 0  # finished transitions that raised an expert's tier
@@ -110,6 +145,14 @@ class PrecisionRuntime:
         self.hold_map = np.asarray(initial, dtype=np.uint8).reshape(shape).copy()
         self._mass = np.zeros(shape, dtype=np.float64)
         self._mass_tokens = np.zeros(self.num_layers, dtype=np.int64)
+        # A device executor's sums: routed mass between controller steps, and per step
+        # the pairs and routing weight each table tier served (rows 0 and 1).
+        self._on_device = isinstance(self.executor, GroupedExecutor)
+        self._dev_mass = DeviceSums(shape, torch.float32, self.device)
+        self._dev_mass_tokens = np.zeros(self.num_layers, dtype=np.int64)
+        self._dev_served = DeviceSums((2, len(self.real)), torch.float64, self.device)
+        self._record_waiting: StepRecord | None = None
+        self._dev_snap_tokens = np.zeros(self.num_layers, dtype=np.int64)
         self.gate = None
         if self.tracker is not None and policy.controller.gate == "skill":
             from dynaexq.runtime.gate import NoHarmGate
@@ -152,13 +195,18 @@ class PrecisionRuntime:
             slot_bytes.setdefault(lowest, p.slot_bytes[self.real[0]])
             if lowest not in classes[0]:
                 classes[0].insert(0, lowest)
-        pool = ExpertPool(slot_bytes, slots, shared_budget=self.kv_budget)
+        index = (self.device.index or 0) if self._cuda else None
+        pool = ExpertPool(slot_bytes, slots, shared_budget=self.kv_budget, device=index)
         table = ExpertTable(
             pool,
             [self.experts] * self.num_layers,
             [classes],
             initial_tiers=[[self.table_tier[int(t)] for t in row] for row in initial],
+            # Blocks retire after the compute stream passed the last step that read them.
+            compute_stream=torch.cuda.current_stream(self.device) if self._cuda else None,
         )
+        if self._cuda:  # the transfer engine uploads every published block (__init__)
+            return pool, table
         # Fill every published block with its tier's bytes before any reader exists (the
         # first lease seals the table; a transfer engine uploads the same bytes again).
         for li in range(self.num_layers):
@@ -173,6 +221,16 @@ class PrecisionRuntime:
     ) -> torch.Tensor:
         self._boundary(layer, "forward")
         t, k = expert_ids.shape
+        if isinstance(self.executor, GroupedExecutor):
+            out, served, served_mass = self.executor.forward_device(
+                self.layer_pos[layer], hidden, expert_ids, weights
+            )
+            sums = self._dev_served.sum
+            sums[0].add_(served)
+            sums[1].add_(served_mass)
+            self._step.pairs += t * k
+            self._step.tokens = max(self._step.tokens, t)
+            return out
         out, pairs, mass = self.executor.forward(self.layer_pos[layer], hidden, expert_ids, weights)
         top = self.table_tier.get(self.tiers - 1)
         self._step.pairs += t * k
@@ -190,6 +248,10 @@ class PrecisionRuntime:
         k = expert_ids.shape[1]
         mass = router_probs.gather(1, expert_ids).float()
         li = self.layer_pos[layer]
+        if self._on_device:  # summed where the router ran; read once per controller step
+            self._dev_mass.sum[li].index_add_(0, expert_ids.reshape(-1), mass.reshape(-1))
+            self._dev_mass_tokens[li] += expert_ids.shape[0]
+            return
         np.add.at(self._mass[li], expert_ids.reshape(-1).numpy(), mass.reshape(-1).numpy())
         self._mass_tokens[li] += expert_ids.shape[0]
         self.tracker.observe(
@@ -214,7 +276,9 @@ class PrecisionRuntime:
         """Close the step in progress, if any (the end of a run)."""
         if not self._seen_first:
             return None
-        return self.end_step()
+        rec = self.end_step()
+        self._complete_record()  # a device's last record: wait for its counters
+        return rec
 
     def settle(self) -> None:
         """Land finished copies now, between steps (a server waiting for lent bytes while
@@ -244,15 +308,26 @@ class PrecisionRuntime:
         started = 0
         if self.tracker is not None:
             c = self.policy.controller
+            if self._dev_mass.pending:  # a GPU's sums of the last controller step, now landed
+                started += self._controller_step(self._take_device_mass())
             self._tokens_since += self._step.tokens
             if self._tokens_since >= c.step_tokens:
-                self.tracker.end_step()
                 self._tokens_since = 0
-                routed = self._mass / np.maximum(self._mass_tokens, 1)[:, None]
-                self._mass[:] = 0.0
-                self._mass_tokens[:] = 0
-                if self.tracker.steps % c.replan_every == 0:
-                    started = self._plan(routed)
+                if self._on_device:
+                    # Queue the copy of the device's sums; a GPU plans on them at the next
+                    # boundary (the decode path never waits), the CPU emulation at once.
+                    self._dev_mass.snapshot()
+                    self._dev_snap_tokens = self._dev_mass_tokens.copy()
+                    self._dev_mass_tokens[:] = 0
+                    if not self._cuda:
+                        started += self._controller_step(self._take_device_mass())
+                else:
+                    routed = self._mass / np.maximum(self._mass_tokens, 1)[:, None]
+                    self._mass[:] = 0.0
+                    self._mass_tokens[:] = 0
+                    started = self._controller_step(routed)
+        if self._on_device:
+            self._complete_record()  # the previous step's, whose counters have landed
         rec = StepRecord(
             step=self.step,
             tokens=self._step.tokens,
@@ -266,7 +341,15 @@ class PrecisionRuntime:
             boundary_wait_s=landed_s,
             tiers_per_layer=self.tiers_per_layer(),
         )
-        self.telemetry.add(rec)
+        if self._on_device:
+            # What each tier served is still on the device: the record is added when its
+            # copy has landed (at the next boundary on a GPU; at once on the CPU).
+            self._dev_served.snapshot()
+            self._record_waiting = rec
+            if not self._cuda:
+                self._complete_record()
+        else:
+            self.telemetry.add(rec)
         if self.record_maps:
             self.telemetry.tier_maps.append(self.tier_map())
             if self.tracker is not None:
@@ -276,6 +359,38 @@ class PrecisionRuntime:
         self._seen_first = set()
         self.step += 1
         return rec
+
+    def _controller_step(self, routed: np.ndarray) -> int:
+        """Close the tracker's step and (every `replan_every`) plan; transitions started."""
+        assert self.tracker is not None
+        self.tracker.end_step()
+        if self.tracker.steps % self.policy.controller.replan_every == 0:
+            return self._plan(routed)
+        return 0
+
+    def _take_device_mass(self) -> np.ndarray:
+        """Feed the tracker the device's routed mass of the last controller step; returns
+        it per token ([layers, experts], what the no-harm gate compares plans on)."""
+        assert self.tracker is not None
+        mass = self._dev_mass.take()
+        tokens = self._dev_snap_tokens
+        for li in range(self.num_layers):
+            self.tracker.observe_mass(li, mass[li].tolist(), int(tokens[li]))
+        return mass / np.maximum(tokens, 1)[:, None]
+
+    def _complete_record(self) -> None:
+        """Fill the waiting step record with what each tier served and add it."""
+        rec, self._record_waiting = self._record_waiting, None
+        if rec is None:
+            return
+        pairs, mass = self._dev_served.take()
+        top = self.table_tier.get(self.tiers - 1)
+        if top is not None:
+            rec.hi_share = float(pairs[top]) / max(1.0, float(pairs.sum()))
+            rec.mass_hi_share = float(mass[top]) / max(1e-12, float(mass.sum()))
+        else:
+            rec.hi_share = rec.mass_hi_share = 0.0
+        self.telemetry.add(rec)
 
     def _sync_expert_floor(self) -> None:
         """Keep the published experts' bytes and the staging slots from the KV pages (a

@@ -61,6 +61,14 @@ impl PyHotnessTracker {
             .map_err(controller_err)
     }
 
+    /// Record a layer's routed mass summed per expert over `tokens` tokens (one call per
+    /// layer per controller step, from a device-side accumulator).
+    fn observe_mass(&mut self, layer: usize, mass: Vec<f32>, tokens: u64) -> PyResult<()> {
+        self.inner
+            .observe_mass(layer, &mass, tokens)
+            .map_err(controller_err)
+    }
+
     /// Close the step: fold its averaged routed mass into the scores.
     fn end_step(&mut self) {
         self.inner.end_step();

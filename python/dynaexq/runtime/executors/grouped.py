@@ -101,8 +101,9 @@ class GroupedExecutor:
         pin = self.table.pin_step()
         b = self._steps % 2
         self._steps += 1
-        if self._copied[b] is not None:
-            self._copied[b].synchronize()  # this buffer's copy of two steps ago is done
+        done = self._copied[b]
+        if done is not None and not done.query():  # its copy of two steps ago: landed, as a
+            done.synchronize()  # rule (the step between was sampled); else wait for it
         host = self._host[b].numpy()
         host[:, 0] = np.frombuffer(pin.offsets, dtype="<i8")
         host[:, 1] = np.frombuffer(pin.tiers, dtype=np.uint8)  # tier, reserved = 0
