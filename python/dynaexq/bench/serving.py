@@ -17,9 +17,12 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -114,14 +117,20 @@ def bench_in_process(
     prompts: list[list[int]],
     calibration: list[np.ndarray] | None = None,
     pcie_gbs: float = 25.0,
+    device: torch.device | str = "cpu",
 ) -> list[LevelResult]:
-    """One policy, every concurrency level, through the server's scheduler."""
+    """One policy, every concurrency level, through the server's scheduler (on `device`:
+    float32 on the CPU, the GPU's bf16 on CUDA)."""
     from dynaexq.runtime.load import load
     from dynaexq.serve.scheduler import Scheduler, SequenceSpec
 
     context = prompt_tokens + max_tokens
+    import torch
+
+    dev = torch.device(device)
+    dtype = "float32" if dev.type == "cpu" else "auto"
     if policy == "full":
-        engine = load(model, dtype="float32", device="cpu")
+        engine = load(model, dtype=dtype, device=dev)
     else:
         engine = load(
             model,
@@ -129,7 +138,8 @@ def bench_in_process(
             policy=policy,
             tiers=tiers,
             calibration=calibration,
-            dtype="float32",
+            dtype=dtype,
+            device=dev,
             batch=max(levels),
             context=context,
             lockstep=False,  # as served: copies publish when they land, nothing waits

@@ -40,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="report directory")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where the models run: cuda[:N] (the default when a GPU is present) or cpu",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"dynaexq bench: error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    from dynaexq.engine import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        print(f"dynaexq bench: error: {e}", file=sys.stderr)
+        return 2
     levels = [int(x) for x in args.concurrency.split(",")]
     if any(x < 1 for x in levels):
         print("dynaexq bench: concurrency levels must be >= 1", file=sys.stderr)
@@ -90,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         store = TierStore.from_tiered(tiered_checkpoint_for(path, args.tiers))
         fixed = fixed_memory(
             config,
-            dtype_bytes=4,
+            dtype_bytes=4 if device.type == "cpu" else 2,
             batch=max(levels),
             context=args.prompt_tokens + args.max_tokens,
             chunk=args.prompt_tokens,
@@ -99,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
             args.budget, store, fixed.total, len(config.moe_layers), config.num_experts
         )
         for policy in [p.strip() for p in args.policies.split(",")]:
+            if policy == "offload" and device.type == "cuda":
+                print("dynaexq bench: offload runs on the CPU backend only; skipped on the GPU")
+                continue
             print(f"dynaexq bench: {policy} ...", flush=True)
             rows = bench_in_process(
                 policy,
@@ -112,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
                 prompts=prompts,
                 calibration=[t[:16384] for t in streams],
                 pcie_gbs=args.pcie_gbs,
+                device=device,
             )
             for r in rows:
                 print(
@@ -124,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
             results += rows
         header = (
             f"Command: `{command}`. In process, through the server's continuous-batching "
-            f"scheduler, CPU backend, {args.threads} torch thread(s). Every policy but full "
+            f"scheduler, {device} ({'CPU backend, ' if device.type == 'cpu' else ''}"
+            f"{args.threads} torch thread(s)). Every policy but full "
             f"holds {nbytes} bytes ({args.budget}). Offload copies are throttled to "
             f"{args.pcie_gbs} GB/s to model a PCIe link (the CPU backend's memcpy is "
             "faster than any real link)."

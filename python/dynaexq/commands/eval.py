@@ -136,6 +136,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report and plots dir")
     p.add_argument("--json", type=Path, default=None, help="also write every figure here")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the models run: cpu (the default, reproducible figures) or cuda[:N]",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         offsets=args.offsets,
         calibrations=tuple(c.strip() for c in args.calibration.split(",")),
         mixed=args.mixed,
+        device=args.device,
     )
     if args.data:
         from dynaexq.engine import load

@@ -150,6 +150,9 @@ class EvalConfig:
     # Also score "mixed": batches whose parallel streams come from different domains (one
     # stream per domain, round robin), calibrated on every domain's calibration text.
     mixed: bool = False
+    # Where the models run: "cpu", or a CUDA device (the precision runtime's device path;
+    # float32 activations either way, so the figures compare across devices).
+    device: str = "cpu"
 
 
 @dataclass
@@ -268,7 +271,7 @@ def run_policies(
     calib, evals = split_calibration(domains, cfg.calibration_tokens)
     tc = tiered_checkpoint_for(path, [*cfg.tiers], progress=True)
     store = TierStore.from_tiered(tc)
-    full, _ = load_with_policy(path, policy="full")
+    full, _ = load_with_policy(path, policy="full", device=cfg.device)
     config = full.config
     scores: dict[tuple[str, str], np.ndarray] = {}
     for mode in cfg.calibrations:
@@ -348,6 +351,7 @@ def run_policies(
             context=cfg.window,
             chunk=cfg.chunk,
             progress=False,
+            device=cfg.device,
         )
 
     def run(label: str, pol: Policy, budget: str, mode: str) -> None:

@@ -86,7 +86,7 @@ def run_shift(
 
     tc = tiered_checkpoint_for(path, [*cfg.tiers], progress=True)
     store = TierStore.from_tiered(tc)
-    full, _ = load_with_policy(path, policy="full")
+    full, _ = load_with_policy(path, policy="full", device=cfg.device)
     config = full.config
     first_scores = calibration_scores(full, [calib[order[0]]])
     fixed = fixed_memory(config, dtype_bytes=4, batch=1, context=window, chunk=chunk)
@@ -133,6 +133,7 @@ def run_shift(
                 context=window,
                 chunk=chunk,
                 progress=False,
+                device=cfg.device,
             )
         rt = getattr(engine, "precision", None)
         if rt is not None and name == "dynamic":
