@@ -3,6 +3,9 @@
 # Python and from the Rust core) and the transfer benchmarks, writing all to one folder.
 # Budget: under 8 minutes.
 #   Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
+# A lent GPU session's second call, the whole model at Qwen3-30B-A3B's shapes (about 6
+# minutes at 4 layers; writes gpu_model.md/json, kept as it goes if cut short):
+#   python benchmarks/bench_gpu_model.py --out OUT_DIR --layers 4
 # With DYNAEXQ_PYTHON set (a bare machine whose python already has torch, as a lent GPU
 # has), no environment is built: dynaexq/_core.abi3.so must already be in python/dynaexq
 # (built elsewhere; the extension is abi3 and loads the CUDA driver at run time).
