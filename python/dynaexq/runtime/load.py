@@ -214,6 +214,8 @@ def load_with_policy(
         staging=pol.controller.staging,
     )
     if pol.name == "offload":
+        if engine.device.type != "cpu":
+            raise ValueError("policy offload runs on the CPU backend only: pass device='cpu'")
         runtime: PrecisionRuntime | OffloadRuntime = OffloadRuntime(store, plan, pol)
     else:
         shape = (len(store.layers), store.experts)

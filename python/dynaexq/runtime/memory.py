@@ -69,9 +69,11 @@ def memory_report(engine: Any) -> dict[str, Any]:
     report["host_store"] = {
         "mode": store.host_mode if host is not None else "none (no transfer engine)",
         "mapped_tiered_bytes": store.mapped_bytes,
-        # Page-locked host memory: only with a CUDA device (this build runs the CPU
-        # backend, where the resident store and the ring are ordinary memory).
-        "pinned_bytes": 0,
+        # Page-locked host memory: the resident store or the staging ring of a CUDA
+        # device's transfer engine (on the CPU backend they are ordinary memory).
+        "pinned_bytes": (int(ring["total_bytes"]) if ring else resident)
+        if host is not None and engine.device.type == "cuda"
+        else 0,
         "resident_store_bytes": resident if ring is None else 0,
         "staging_ring_bytes": int(ring["total_bytes"]) if ring else 0,
         "staging_ring_slots": int(ring["slots"]) if ring else 0,

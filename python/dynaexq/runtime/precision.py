@@ -111,8 +111,7 @@ class PrecisionRuntime:
                 lockstep=lockstep,
                 device=(self.device.index or 0) if self._cuda else None,
             )
-            self.mover = mover if moves else None
-            self._uploader = mover
+            self.mover = mover if moves else None  # static: the engine and its host store go
         # request key -> (layer_pos, expert, target table tier, is a promotion)
         self.busy: dict[int, tuple[int, int, int, bool]] = {}
         self._promotions = 0  # finished transitions that raised an expert's tier
