@@ -106,6 +106,56 @@ __device__ __forceinline__ void dq_moe_matrix(const uint8_t* __restrict__ arena,
 #undef DQ_MOE_CASE
 }
 
+// Dequantize whole experts into a dense workspace (prefill: many tokens per expert go to
+// tensor-core matmuls on the dense weights instead of the GEMV above). Block (x, g) writes
+// rows 4x .. 4x+3 (one warp a row, lanes over octs) of expert experts[g] into
+// out[g * 3*I*H ...]: gate_up [2I, H] (gate rows first), then down [H, I], in ACT's type.
+// Launch: blockDim = 128, gridDim = (ceil((2I + H) / 4), G). Same argument list as the
+// GEMV kernels: expert_start and in are unused, pair_token is the list of G experts.
+template <class ACT>
+__device__ __forceinline__ void dq_moe_dequant(const uint8_t* __restrict__ arena,
+                                               const DqExpertEntry* __restrict__ table,
+                                               const DqTierDesc* __restrict__ tiers,
+                                               const int* __restrict__ experts,
+                                               typename ACT::T* __restrict__ out, int G, int H,
+                                               int I) {
+    const int g = blockIdx.y;
+    if (g >= G) return;
+    const int r = blockIdx.x * DQ_GEMV_WARPS + (threadIdx.x >> 5);
+    if (r >= 2 * I + H) return;  // warp-uniform
+    const DqExpertEntry entry = table[experts[g]];
+    const DqTierDesc d = tiers[entry.tier];
+    const uint8_t* blob = arena + entry.offset;
+    const bool gate_up = r < 2 * I;
+    const int row = gate_up ? r : r - 2 * I, K = gate_up ? H : I;
+    const uint8_t* qweight = blob + (gate_up ? d.gate_up_weight : d.down_weight);
+    const uint16_t* scales = (const uint16_t*)(blob + (gate_up ? d.gate_up_scales : d.down_scales));
+    const int64_t z = gate_up ? d.gate_up_zeros : d.down_zeros;
+    const uint16_t* zeros = z < 0 ? (const uint16_t*)0 : (const uint16_t*)(blob + z);
+    typename ACT::T* dst = out + (int64_t)g * 3 * I * H + (gate_up ? (int64_t)row * H
+                                                                   : (int64_t)2 * I * H + (int64_t)row * I);
+    const int lane = threadIdx.x & 31, nocts = dq_k32(K) / 8;
+#define DQ_DEQ_CASE(B)                                                                        \
+    case B:                                                                                   \
+        for (int o = lane; o < nocts; o += 32) {                                              \
+            float w[8];                                                                       \
+            dq_oct_weights<B>(qweight, scales, zeros, row, K, d.group_size, o, w);            \
+            for (int j = 0; j < 8 && 8 * o + j < K; ++j) ACT::store(dst, 8 * o + j, w[j]);    \
+        }                                                                                     \
+        break;
+    switch (d.bits) {
+        DQ_DEQ_CASE(8)
+        DQ_DEQ_CASE(4)
+        DQ_DEQ_CASE(3)
+        DQ_DEQ_CASE(2)
+        DQ_DEQ_CASE(16)
+        DQ_DEQ_CASE(17)
+        default:
+            break;
+    }
+#undef DQ_DEQ_CASE
+}
+
 #define DQ_MOE(ACT, SUFFIX)                                                                   \
     extern "C" __global__ void __launch_bounds__(128) dq_moe_gate_up_##SUFFIX(                \
         const uint8_t* arena, const DqExpertEntry* table, const DqTierDesc* tiers,            \
@@ -120,6 +170,12 @@ __device__ __forceinline__ void dq_moe_matrix(const uint8_t* __restrict__ arena,
         int H, int I) {                                                                       \
         dq_moe_matrix<ACT>(arena, table, tiers, expert_start, pair_token, in, out, E, H, I,   \
                            false);                                                            \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) dq_moe_dequant_##SUFFIX(                \
+        const uint8_t* arena, const DqExpertEntry* table, const DqTierDesc* tiers,            \
+        const int* expert_start, const int* pair_token, const ACT::T* in, ACT::T* out, int E, \
+        int H, int I) {                                                                       \
+        dq_moe_dequant<ACT>(arena, table, tiers, pair_token, out, E, H, I);                   \
     }
 
 DQ_MOE(DqActF32, f32)

@@ -73,14 +73,33 @@ def torch_launch():
 
     act_dtypes = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
+    def expert_weights(arena: int, table: int, tiers: int, e: int, h: int, i: int):
+        entry = raw(table + e * EXPERT_ENTRY.itemsize, EXPERT_ENTRY, 1)[0]
+        desc = raw(tiers + int(entry["tier"]) * TIER_DESC.itemsize, TIER_DESC, 1)[0]
+        spec = spec_of(desc)
+        nbytes = expert_nbytes(spec, h, i)
+        blob = torch.frombuffer(
+            (ctypes.c_uint8 * nbytes).from_address(arena + int(entry["offset"])),
+            dtype=torch.uint8,
+        )
+        return dequantize_expert(PackedExpertView(spec, h, i, blob))
+
     def launch(kernel, grid, pointers, ints) -> None:
         arena, table, tiers, start_p, token_p, in_p, out_p = pointers
         e_count, h, i = ints
-        gate_up = "gate_up" in kernel
         dtype = act_dtypes[kernel.rsplit("_", 1)[1]]
+        if "dequant" in kernel:  # e_count experts listed at token_p -> dense [G, 3*I*H]
+            out = torch.frombuffer(
+                (ctypes.c_uint8 * (e_count * 3 * i * h * dtype.itemsize)).from_address(out_p),
+                dtype=dtype,
+            ).view(e_count, 3 * i * h)
+            for g_, e in enumerate(raw(token_p, np.int32, e_count)):
+                g, u, d = expert_weights(arena, table, tiers, int(e), h, i)
+                out[g_] = torch.cat([g.flatten(), u.flatten(), d.flatten()]).to(dtype)
+            return
+        gate_up = "gate_up" in kernel
         start = raw(start_p, np.int32, e_count + 1)
         pairs = int(start[-1])
-        entries = raw(table, EXPERT_ENTRY, e_count)
         k_in, n_out = (h, i) if gate_up else (i, h)
 
         def tensor(ptr: int, rows: int, cols: int) -> torch.Tensor:
@@ -95,14 +114,7 @@ def torch_launch():
             a, b = int(start[e]), int(start[e + 1])
             if a == b:
                 continue
-            desc = raw(tiers + int(entries[e]["tier"]) * TIER_DESC.itemsize, TIER_DESC, 1)[0]
-            spec = spec_of(desc)
-            nbytes = expert_nbytes(spec, h, i)
-            blob = torch.frombuffer(
-                (ctypes.c_uint8 * nbytes).from_address(arena + int(entries[e]["offset"])),
-                dtype=torch.uint8,
-            )
-            g, u, d = dequantize_expert(PackedExpertView(spec, h, i, blob))
+            g, u, d = expert_weights(arena, table, tiers, e, h, i)
             rows = x[torch.from_numpy(token[a:b].astype(np.int64))].float()
             if gate_up:
                 y = torch.nn.functional.silu(rows @ g.float().T) * (rows @ u.float().T)

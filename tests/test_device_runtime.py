@@ -54,6 +54,17 @@ def test_grouped_runtime_equals_the_cpu_runtime_at_fixed_tiers(torch_launch) -> 
         assert rg.mass_hi_share == pytest.approx(rc.mass_hi_share, rel=1e-5)
 
 
+def test_grouped_runtime_prefills_through_dense_experts(torch_launch) -> None:
+    """A long prompt takes the prefill path (dequantized workspace, dense matmuls)."""
+    from dynaexq.runtime.executors.grouped import DENSE_FROM
+
+    grouped = load(budget="20%", policy="static-map", launch=torch_launch, progress=False)
+    cpu = load(budget="20%", policy="static-map", progress=False)
+    float_cpu_executor(cpu)
+    ids = windows(1, DENSE_FROM + 30, seed=9)[0]
+    torch.testing.assert_close(grouped.forward(ids), cpu.forward(ids), rtol=1e-4, atol=1e-4)
+
+
 def test_grouped_runtime_moves_experts_like_the_cpu_runtime(torch_launch) -> None:
     """Dynamic under lockstep: the routed mass summed on the device feeds the same
     controller, so the same transitions land at the same steps and the logits agree."""

@@ -65,12 +65,18 @@ def build(tier_names: list[str], experts: int, layers: int, h: int, i: int, manu
     return table, Store(specs, h, i, sizes), blobs
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["gemv", "dense"])
 @pytest.mark.parametrize("tiers", [["int2g64", "bf16"], ["int2g64a", "int4", "bf16"]])
-def test_grouped_equals_the_cpu_executor_across_a_transition(emu, tiers) -> None:
+def test_grouped_equals_the_cpu_executor_across_a_transition(emu, tiers, dense) -> None:
+    """Decode (the grouped GEMV) and prefill (dequantized workspace + dense matmuls, two
+    experts at a time so that the workspace is reused)."""
     h, i, experts, layers = 40, 36, 5, 2
     table, store, blobs = build(tiers, experts, layers, h, i, manual=False)
     real = list(range(len(tiers)))
-    grouped = GroupedExecutor(table, store, real, emu_launcher(emu))
+    grouped = GroupedExecutor(
+        table, store, real, emu_launcher(emu), dense_from=1 if dense else 10**9,
+        workspace_experts=2,
+    )  # fmt: skip
     cpu = CpuExecutor(table, store, real, activations="float")
     rng = np.random.default_rng(0)
     tokens = 10

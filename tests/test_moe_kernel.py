@@ -195,3 +195,59 @@ def test_grouped_kernel_on_the_gpu(tiers, act) -> None:
     want = reference(layer, x, ids, w)
     tol = 1e-5 if act == torch.float32 else 2e-2
     assert relative_error(want, got) < tol
+
+
+def dequantize_layer(launch, layer: Layer, experts: list[int], dtype: torch.dtype, dev="cpu"):
+    """dq_moe_dequant_*: the listed experts' dense weights [G, 3*I*H] (gate_up, then down)."""
+    h, i = layer.h, layer.i
+    on = {
+        name: torch.from_numpy(np.ascontiguousarray(a).view(np.uint8)).to(dev)
+        for name, a in (("arena", layer.arena), ("table", layer.table), ("descs", layer.descs),
+                        ("experts", np.asarray(experts, dtype=np.int32)))
+    }  # fmt: skip
+    out = torch.full((len(experts), 3 * i * h), float("nan"), dtype=dtype, device=dev)
+    launch(f"dq_moe_dequant_{ACTS[dtype]}", ((2 * i + h + 3) // 4, len(experts)),
+           [ptr(on["arena"]), ptr(on["table"]), ptr(on["descs"]), 0, ptr(on["experts"]), 0,
+            ptr(out)], [len(experts), h, i])  # fmt: skip
+    return out
+
+
+def check_dense(layer: Layer, experts: list[int], got: torch.Tensor, dtype) -> None:
+    from dynaexq.quant.expert import dequantize_expert
+
+    for g, e in enumerate(experts):
+        gate, up, down = dequantize_expert(layer.views[(e, int(layer.table[e]["tier"]))])
+        want = torch.cat([gate.flatten(), up.flatten(), down.flatten()]).float()
+        tol = 0.0 if dtype == torch.float32 else 1e-2  # bf16/fp16: one rounding of each
+        assert torch.allclose(got[g].float().cpu(), want, rtol=tol, atol=1e-6), (e, dtype)
+
+
+@pytest.mark.parametrize(("tiers", "act"), CASES)
+def test_dequantize_kernel_writes_the_dense_experts(emu, tiers, act) -> None:
+    """Prefill's workspace: every tier of a mixed table dequantized by the table entry,
+    exactly the reference's weights (float32), in any order of experts."""
+    h, i, experts = 40, 36, 5
+    layer = Layer(tiers, experts, h, i, seed=len(tiers) + 1)
+    rng = np.random.default_rng(4)
+    for e in range(experts):
+        layer.publish(e, int(rng.integers(len(tiers))))
+    chosen = [3, 0, 4]
+    check_dense(layer, chosen, dequantize_layer(emu_launch(emu), layer, chosen, act), act)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("tiers", "act"), CASES)
+def test_dequantize_kernel_on_the_gpu(tiers, act) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from dynaexq.quant.cuda import CudaKernels
+
+    h, i, experts = 72, 40, 6
+    layer = Layer(tiers, experts, h, i, seed=len(tiers) + 1)
+    rng = np.random.default_rng(4)
+    for e in range(experts):
+        layer.publish(e, int(rng.integers(len(tiers))))
+    chosen = [5, 1, 2, 0]
+    got = dequantize_layer(CudaKernels().launch_moe, layer, chosen, act, dev="cuda")
+    torch.cuda.synchronize()
+    check_dense(layer, chosen, got, act)

@@ -171,6 +171,14 @@ def load_with_policy(
         context=context or config.max_position_embeddings,
         chunk=chunk,
     )
+    if engine.device.type == "cuda" or launch is not None:
+        # The grouped executor's prefill workspace (dense experts) is device memory too.
+        from dataclasses import replace as _replace
+
+        from dynaexq.runtime.executors.grouped import dense_workspace_bytes
+
+        extra = dense_workspace_bytes(config.hidden_size, config.moe_intermediate_size, dtype_bytes)
+        fixed = _replace(fixed, workspace=fixed.workspace + extra)
     if kv_share is not None:
         from dataclasses import replace as _replace
 

@@ -12,8 +12,12 @@ gives the leases back, so a block retired meanwhile is reclaimed only after the 
 still pointed at it (the rule of `StepPin` in the Rust core).
 
 Routing, sorting and combining are torch ops with shapes fixed by the batch (no host
-synchronisation on the way to the kernels). `launch(kernel, grid, pointers, ints)` runs one
-kernel: `CudaKernels.launch_moe` on a GPU, the CPU emulation of the same source in tests.
+synchronisation on the way to the kernels). From `dense_from` tokens (prefill) a layer
+runs eagerly instead: its hit experts are dequantized into a dense workspace
+(`dq_moe_dequant_*`, `workspace_experts` at a time) and multiplied as dense matrices
+(tensor cores on a GPU) instead of re-reading packed weights every eight tokens.
+`launch(kernel, grid, pointers, ints)` runs one kernel: `CudaKernels.launch_moe` on a
+GPU, the CPU emulation of the same source in tests.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dynaexq._core import ExpertTable
 from dynaexq.quant.cuda import ACT_KINDS
@@ -37,6 +42,18 @@ TIER_DESC = np.dtype(
 EXPERT_ENTRY = np.dtype([("offset", "<i8"), ("tier", "<i4"), ("reserved", "<i4")])
 
 Launch = Callable[[str, tuple[int, int], Sequence[int], Sequence[int]], None]
+
+# Prefill: tokens from which a layer's experts run as dense matmuls, and how many experts'
+# dense weights the workspace holds at once.
+DENSE_FROM = 64
+WORKSPACE_EXPERTS = 16
+
+
+def dense_workspace_bytes(
+    hidden: int, intermediate: int, dtype_bytes: int, experts: int = WORKSPACE_EXPERTS
+) -> int:
+    """Device bytes of the prefill workspace: `experts` dense experts (gate_up + down)."""
+    return experts * 3 * hidden * intermediate * dtype_bytes
 
 
 def tier_descriptors(
@@ -69,6 +86,8 @@ class GroupedExecutor:
         launch: Launch,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        dense_from: int = DENSE_FROM,
+        workspace_experts: int = WORKSPACE_EXPERTS,
     ) -> None:
         if dtype not in ACT_KINDS:
             raise ValueError(f"activations must be one of {list(ACT_KINDS)}, not {dtype}")
@@ -95,6 +114,8 @@ class GroupedExecutor:
         self._steps = 0
         self._pin = None
         self._arena = 0
+        self.dense_from, self.workspace_experts = dense_from, workspace_experts
+        self._workspace: torch.Tensor | None = None
 
     # -- one step ------------------------------------------------------------------------
     def _begin_step(self) -> None:
@@ -138,7 +159,7 @@ class GroupedExecutor:
             self._begin_step()
         dev, e_count = self.device, self.experts
         t_count, k = expert_ids.shape
-        h, i = self.hidden_size, self.intermediate_size
+        h = self.hidden_size
         flat = expert_ids.reshape(-1).to(device=dev, dtype=torch.int64)
         pairs = flat.numel()
         # Pairs sorted by expert (token order within an expert), each expert's first pair.
@@ -149,23 +170,13 @@ class GroupedExecutor:
         start[1:] = counts.cumsum(0)
         pair_token = torch.div(order, k, rounding_mode="floor").to(torch.int32)
         x = hidden.detach().to(device=dev, dtype=self.dtype).contiguous()
-        act = torch.empty(pairs, i, dtype=self.dtype, device=dev)
-        y = torch.empty(pairs, h, dtype=self.dtype, device=dev)
         entries = self.image.data_ptr() + layer_pos * e_count * EXPERT_ENTRY.itemsize
         common = [self._arena, entries, self.descs.data_ptr(), start.data_ptr()]
         suffix = ACT_KINDS[self.dtype]
-        self.launch(
-            f"dq_moe_gate_up_{suffix}",
-            ((i + 3) // 4, e_count),
-            [*common, pair_token.data_ptr(), x.data_ptr(), act.data_ptr()],
-            [e_count, h, i],
-        )
-        self.launch(
-            f"dq_moe_down_{suffix}",
-            ((h + 3) // 4, e_count),
-            [*common, 0, act.data_ptr(), y.data_ptr()],
-            [e_count, h, i],
-        )
+        if t_count >= self.dense_from:
+            y = self._dense(common, start, pair_token, x, suffix)
+        else:
+            y = self._grouped_gemv(common, pair_token, x, suffix, pairs)
         # Pick (t, j) -> its pair; sum the picks of a token in pick order.
         slot = torch.empty_like(order)
         slot[order] = torch.arange(pairs, device=dev)
@@ -179,3 +190,53 @@ class GroupedExecutor:
         mass = torch.zeros(self.tiers, dtype=torch.float64, device=dev)
         mass.scatter_add_(0, pick_tier, w.reshape(-1).double())
         return out.to(hidden.dtype), served, mass
+
+    def _grouped_gemv(self, common, pair_token, x, suffix: str, pairs: int) -> torch.Tensor:
+        """Decode: gate_up+SiLU and down for every pair of every expert, two launches."""
+        e_count, h, i, dev = self.experts, self.hidden_size, self.intermediate_size, self.device
+        act = torch.empty(pairs, i, dtype=self.dtype, device=dev)
+        y = torch.empty(pairs, h, dtype=self.dtype, device=dev)
+        self.launch(
+            f"dq_moe_gate_up_{suffix}",
+            ((i + 3) // 4, e_count),
+            [*common, pair_token.data_ptr(), x.data_ptr(), act.data_ptr()],
+            [e_count, h, i],
+        )
+        self.launch(
+            f"dq_moe_down_{suffix}",
+            ((h + 3) // 4, e_count),
+            [*common, 0, act.data_ptr(), y.data_ptr()],
+            [e_count, h, i],
+        )
+        return y
+
+    def _dense(self, common, start, pair_token, x, suffix: str) -> torch.Tensor:
+        """Prefill (eager: it reads the per-expert counts on the host): the hit experts
+        dequantized into the workspace a chunk at a time, then dense matmuls per expert."""
+        h, i, dev = self.hidden_size, self.intermediate_size, self.device
+        starts = start.tolist()
+        hit = [e for e in range(self.experts) if starts[e + 1] > starts[e]]
+        rows = x[pair_token.long()]  # the pairs' inputs, sorted by expert
+        y = torch.empty(rows.shape[0], h, dtype=self.dtype, device=dev)
+        if self._workspace is None:
+            self._workspace = torch.empty(
+                self.workspace_experts, 3 * i * h, dtype=self.dtype, device=dev
+            )
+        ws = self._workspace
+        for c in range(0, len(hit), self.workspace_experts):
+            chunk = hit[c : c + self.workspace_experts]
+            ids = torch.tensor(chunk, dtype=torch.int32, device=dev)
+            self.launch(
+                f"dq_moe_dequant_{suffix}",
+                ((2 * i + h + 3) // 4, len(chunk)),
+                [*common[:3], 0, ids.data_ptr(), 0, ws.data_ptr()],
+                [len(chunk), h, i],
+            )
+            for j, e in enumerate(chunk):
+                a, b = starts[e], starts[e + 1]
+                gate_up = ws[j, : 2 * i * h].view(2 * i, h)
+                down = ws[j, 2 * i * h :].view(h, i)
+                g = (rows[a:b] @ gate_up.T).float()
+                act = (F.silu(g[:, :i]) * g[:, i:]).to(self.dtype)
+                y[a:b] = act @ down.T
+        return y
