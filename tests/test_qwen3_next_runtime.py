@@ -186,3 +186,24 @@ def test_quantize_command_and_a_budget_load(model_dir: Path, tmp_path: Path) -> 
     engine = dynaexq.load(out, budget="30%", policy="dynamic", tiers="int2,bf16")
     got = engine.generate([tokens(6, seed=7).tolist()], max_new_tokens=6, ignore_eos=True)
     assert len(got[0].token_ids) == 6
+
+
+def test_qwen3_next_runs_on_the_device_executor(model_dir: Path, cache: Path, torch_launch) -> None:
+    """The same model through the grouped executor (the device path's runtime, its
+    kernels' contract in torch here): the CPU runtime's logits and greedy tokens."""
+    from dynaexq.runtime.executors.cpu import CpuExecutor
+    from dynaexq.runtime.executors.grouped import GroupedExecutor
+
+    kw = dict(policy="static-map", budget="30%", tiers=TIERS, calibration=[tokens(512, seed=9)],
+              batch=2, context=64, chunk=16, progress=False, cache_dir=cache)  # fmt: skip
+    grouped, _ = load_with_policy(model_dir, launch=torch_launch, **kw)
+    cpu, _ = load_with_policy(model_dir, **kw)
+    rt = cpu.precision
+    rt.executor = CpuExecutor(rt.table, rt.store, rt.real, activations="float")
+    assert isinstance(grouped.precision.executor, GroupedExecutor)
+    ids = torch.from_numpy(tokens(24, seed=4)).view(2, 12)
+    torch.testing.assert_close(grouped.forward(ids), cpu.forward(ids), rtol=1e-4, atol=1e-4)
+    prompts = [tokens(5, seed=2).tolist(), tokens(9, seed=3).tolist()]
+    a = grouped.generate(prompts, max_new_tokens=6, ignore_eos=True)
+    b = cpu.generate(prompts, max_new_tokens=6, ignore_eos=True)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
