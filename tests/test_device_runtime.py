@@ -196,3 +196,103 @@ def test_generate_cli_on_the_gpu(tmp_path) -> None:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(out.stdout.strip()) > 0
+
+
+def test_graph_step_bookkeeping_equals_eager_steps(torch_launch) -> None:
+    """What a CUDA graph replay leaves to the host (runtime.graphs): the steps around a
+    replay close and pin as the first layer of an eager step would, and the logged host
+    counts replace the layers' own. Here the "replay" runs the model's device work with
+    the bookkeeping off, as the graph does: the controller, the transitions and the
+    telemetry must be those of eager decode."""
+    from dataclasses import replace
+
+    pol = default_policy("dynamic")
+    pol = replace(pol, controller=replace(pol.controller, step_tokens=4, move_gain=0.0))
+    cold = np.zeros((6, 64), dtype=np.float32)
+    kw = dict(budget="20%", policy=pol, calibration=cold, progress=False, launch=torch_launch)
+    eager, graphed = load(**kw), load(**kw)
+    batch, prompt, steps = 2, 8, 12
+    cap = prompt + steps + 1
+    ids = windows(1, prompt, seed=11)[0].expand(batch, -1).contiguous()
+    out = {}
+    for name, engine in (("eager", eager), ("graphed", graphed)):
+        model, rt = engine.model, engine.precision
+        cache = model.allocate_cache(batch, cap, engine.dtype, "cpu")
+        logits = model(ids, torch.arange(prompt).expand(batch, -1), cache)[:, -1]
+        log = None
+        if name == "graphed":  # the capture: a step that runs nothing on a GPU
+            rt.begin_capture()
+            sums = [rt._dev_mass.sum.clone(), rt._dev_served.sum.clone()]
+            scratch = torch.full((batch, 1), cap - 1)
+            model(torch.zeros(batch, 1, dtype=torch.long), scratch, cache, key_slots=cap)
+            rt._dev_mass.sum.copy_(sums[0])  # on a GPU the capture adds nothing
+            rt._dev_served.sum.copy_(sums[1])
+            log = rt.end_capture()
+        seen = []
+        for s in range(steps):
+            nxt = logits.argmax(-1)[:, None]
+            pos = torch.full((batch, 1), prompt + s)
+            if log is None:
+                logits = model(nxt, pos, cache, key_slots=cap)[:, 0]
+            else:  # a replay: bookkeeping around it, none inside
+                rt.graph_step_begin()
+                rt._capture = []
+                try:
+                    logits = model(nxt, pos, cache, key_slots=cap)[:, 0]
+                finally:
+                    rt._capture = None
+                rt.graph_step_end(log)
+            seen.append((logits.clone(), rt.tier_map()))
+        rt.flush()
+        out[name] = (seen, rt.telemetry.records)
+    (es, er), (gs, gr) = out["eager"], out["graphed"]
+    for (le, me), (lg, mg) in zip(es, gs, strict=True):
+        torch.testing.assert_close(lg, le)
+        assert (me == mg).all()
+    assert sum(r.finished for r in er) > 0, "the controller must move experts"
+    # The graphed run has the same steps (the capture is not one of them).
+    assert [(r.tokens, r.started, r.finished) for r in gr] == [
+        (r.tokens, r.started, r.finished) for r in er
+    ]
+    assert [r.mass_hi_share for r in gr] == pytest.approx([r.mass_hi_share for r in er])
+
+
+@pytest.mark.gpu
+def test_decode_under_a_cuda_graph_equals_eager_decode() -> None:
+    """runtime.graphs.DecodeGraph: the same logits as eager decode step after step while
+    the controller moves experts (lockstep: the same transitions land at the same steps),
+    the graph captured once."""
+    from dataclasses import replace
+
+    from dynaexq.runtime.graphs import DecodeGraph
+
+    needs_cuda()
+    pol = default_policy("dynamic")
+    pol = replace(pol, controller=replace(pol.controller, step_tokens=4, move_gain=0.0))
+    cold = np.zeros((6, 64), dtype=np.float32)
+    kw = dict(budget="20%", policy=pol, calibration=cold, device="cuda", progress=False)
+    runs = {}
+    for name in ("eager", "graph"):
+        engine = load(**kw)
+        model, batch, prompt, steps = engine.model, 4, 8, 24
+        cap = prompt + steps + 2
+        cache = model.allocate_cache(batch, cap, engine.dtype, "cuda")
+        ids = windows(1, prompt, seed=12)[0].cuda().expand(batch, -1).contiguous()
+        with torch.inference_mode():
+            logits = model(ids, torch.arange(prompt, device="cuda").expand(batch, -1), cache)
+            logits = logits[:, -1]
+            graph = DecodeGraph(engine, cache, batch) if name == "graph" else None
+            seen = []
+            for s in range(steps):
+                nxt = logits.argmax(-1)
+                pos = torch.full((batch,), prompt + s, device="cuda")
+                if graph is None:
+                    logits = model(nxt[:, None], pos[:, None], cache, key_slots=cap)[:, 0]
+                else:
+                    logits = graph.step(nxt, pos)
+                seen.append(logits.float().cpu())
+        engine.precision.flush()
+        runs[name] = (seen, engine.precision.telemetry.records)
+    for a, b in zip(runs["eager"][0], runs["graph"][0], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+    assert sum(r.finished for r in runs["graph"][1]) > 0

@@ -151,6 +151,8 @@ class PrecisionRuntime:
         self._dev_mass_tokens = np.zeros(self.num_layers, dtype=np.int64)
         self._dev_served = DeviceSums((2, len(self.real)), torch.float64, self.device)
         self._record_waiting: StepRecord | None = None
+        # A CUDA graph capture in progress: the host bookkeeping it logs (graphs.py).
+        self._capture: list[tuple[int | None, int, int]] | None = None
         self._dev_snap_tokens = np.zeros(self.num_layers, dtype=np.int64)
         self.gate = None
         if self.tracker is not None and policy.controller.gate == "skill":
@@ -218,18 +220,19 @@ class PrecisionRuntime:
     def forward(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        self._boundary(layer, "forward")
         t, k = expert_ids.shape
         if isinstance(self.executor, GroupedExecutor):
+            if self._capture is None:
+                self._boundary(layer, "forward")
             out, served, served_mass = self.executor.forward_device(
                 self.layer_pos[layer], hidden, expert_ids, weights
             )
             sums = self._dev_served.sum
             sums[0].add_(served)
             sums[1].add_(served_mass)
-            self._step.pairs += t * k
-            self._step.tokens = max(self._step.tokens, t)
+            self._count_pairs(None, t, k)
             return out
+        self._boundary(layer, "forward")
         out, pairs, mass = self.executor.forward(self.layer_pos[layer], hidden, expert_ids, weights)
         top = self.table_tier.get(self.tiers - 1)
         self._step.pairs += t * k
@@ -241,7 +244,8 @@ class PrecisionRuntime:
 
     def observe(self, layer: int, expert_ids: torch.Tensor, router_probs: torch.Tensor) -> None:
         """Routing hook: the routed probability mass of every pick feeds the tracker."""
-        self._boundary(layer, "observe")
+        if self._capture is None:
+            self._boundary(layer, "observe")
         if self.tracker is None:
             return
         k = expert_ids.shape[1]
@@ -249,7 +253,7 @@ class PrecisionRuntime:
         li = self.layer_pos[layer]
         if self._on_device:  # summed where the router ran; read once per controller step
             self._dev_mass.sum[li].index_add_(0, expert_ids.reshape(-1), mass.reshape(-1))
-            self._dev_mass_tokens[li] += expert_ids.shape[0]
+            self._count_pairs(li, expert_ids.shape[0], 0)
             return
         np.add.at(self._mass[li], expert_ids.reshape(-1).numpy(), mass.reshape(-1).numpy())
         self._mass_tokens[li] += expert_ids.shape[0]
@@ -259,6 +263,52 @@ class PrecisionRuntime:
             mass.reshape(-1).tolist(),
             k,
         )
+
+    # -- CUDA graphs ------------------------------------------------------------------------
+    def _count_pairs(self, layer_pos: int | None, tokens: int, k: int) -> None:
+        """The host's share of a device executor's layer: pairs and tokens of the step
+        (`layer_pos` None) or tokens routed in a layer; during a capture it is logged and
+        applied at every replay instead (`graph_step_end`)."""
+        if self._capture is not None:
+            self._capture.append((layer_pos, tokens, k))
+            return
+        if layer_pos is None:
+            self._step.pairs += tokens * k
+            self._step.tokens = max(self._step.tokens, tokens)
+        else:
+            self._dev_mass_tokens[layer_pos] += tokens
+
+    def begin_capture(self) -> None:
+        """Start recording a step into a CUDA graph: the step's device work is captured,
+        its host bookkeeping logged (`end_capture` returns the log). The previous step
+        ends and this step's table pin is taken first, outside the graph."""
+        if not isinstance(self.executor, GroupedExecutor):
+            raise RuntimeError("CUDA graphs need the device executor")
+        self.graph_step_begin()
+        self._capture = []
+
+    def end_capture(self) -> list[tuple[int | None, int, int]]:
+        """Stop recording; the capture ran nothing, so it is no step: its pin goes."""
+        log, self._capture = self._capture or [], None
+        assert isinstance(self.executor, GroupedExecutor)
+        self.executor.end_step()
+        self._seen_first = set()
+        return log
+
+    def graph_step_begin(self) -> None:
+        """Before a graph replay: close the step before it (landing, planning, use marks)
+        and pin the table for this one (its image copy is queued on the current stream,
+        ahead of the replay)."""
+        if self._seen_first:
+            self.end_step()
+        assert isinstance(self.executor, GroupedExecutor)
+        self.executor.begin_step()
+
+    def graph_step_end(self, log: list[tuple[int | None, int, int]]) -> None:
+        """After a replay is queued: the host bookkeeping its capture logged."""
+        for layer_pos, tokens, k in log:
+            self._count_pairs(layer_pos, tokens, k)
+        self._seen_first = {"forward", "observe"}
 
     # -- between steps -------------------------------------------------------------------
     def _boundary(self, layer: int, kind: str) -> None:

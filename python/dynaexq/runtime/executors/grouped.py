@@ -118,6 +118,12 @@ class GroupedExecutor:
         self._workspace: torch.Tensor | None = None
 
     # -- one step ------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Pin the table for a step now (a CUDA graph's replay: before it is queued);
+        the first layer does it otherwise."""
+        if self._pin is None:
+            self._begin_step()
+
     def _begin_step(self) -> None:
         pin = self.table.pin_step()
         b = self._steps % 2
