@@ -153,6 +153,24 @@ def decode(step_fn, batch: int, prompt: int, steps: int, warm: int = 4) -> tuple
     return float(np.median(times)), times
 
 
+def graph_decode(engine, batch: int, steps: int, prompt: int, vocab: int) -> dict:
+    """Decode tokens/s of the same engine with the step replayed from a CUDA graph."""
+    from dynaexq.runtime.graphs import DecodeGraph
+
+    model = engine.model
+    cap = prompt + steps + 8
+    cache = model.allocate_cache(batch, cap, engine.dtype, DEV)
+    g = torch.Generator(device=DEV).manual_seed(3)
+    ids = torch.randint(0, vocab, (batch, prompt), device=DEV, generator=g)
+    with torch.inference_mode():
+        model(ids, torch.arange(prompt, device=DEV).expand(batch, -1), cache)
+        t0 = time.perf_counter()
+        graph = DecodeGraph(engine, cache, batch)
+        capture_s = time.perf_counter() - t0
+        t_step, _ = decode(lambda nxt, pos, _k: graph.step(nxt, pos), batch, prompt, steps)
+    return {"tokens_per_s": batch / t_step, "step_ms": 1e3 * t_step, "capture_s": capture_s}
+
+
 def bench_dynaexq(engine, batches, steps, prompt, prefill, vocab, bw) -> dict:
     model = engine.model
     cfg = engine.config
@@ -229,6 +247,14 @@ def bench_dynaexq(engine, batches, steps, prompt, prefill, vocab, bw) -> dict:
         log(f"    batch {b}: {b / t_step:8.1f} tok/s, {1e3 * t_step:6.2f} ms/step, "
             f"{100 * bound / t_step:5.1f}% of the bound")  # fmt: skip
         del cache
+        if rt is not None and DEV.type == "cuda" and b in (1, 8):
+            try:
+                row["graph"] = graph_decode(engine, b, steps, prompt, vocab)
+                log(f"    batch {b} under a CUDA graph: {row['graph']['tokens_per_s']:8.1f} "
+                    f"tok/s ({row['graph']['tokens_per_s'] * t_step / b:.2f}x eager)")  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - report, keep measuring the rest
+                row["graph"] = {"error": f"{type(e).__name__}: {e}"}
+                log(f"    CUDA graph failed: {row['graph']['error']}")
     # Prefill of one long prompt (eager).
     ids = torch.randint(0, vocab, (1, prefill), device=DEV, generator=g)
     with torch.inference_mode():
