@@ -20,11 +20,13 @@ Measured at each budget, every engine loaded in turn:
   tier) over a device-to-device copy bandwidth measured in the same run;
   achieved / bound;
 - transitions and bytes moved while decoding, and the step time against the frozen
-  plan at the same bytes (the migration overhead).
+  plan at the same bytes (the migration overhead);
+- decode at batch 1 and 8 with the step replayed from a CUDA graph
+  (`runtime.graphs.DecodeGraph`) against eager.
 
 Results go to DIR/gpu_model.json (written after every engine, so a run cut short keeps
 what it measured) and DIR/gpu_model.md. Reports, asserts nothing. Not measured here:
-offload (it runs on the CPU backend only) and CUDA graphs (not built).
+offload (it runs on the CPU backend only).
 """
 
 from __future__ import annotations
@@ -364,9 +366,9 @@ def write_report(results: dict, out: Path) -> None:
             "",
             "| engine | "
             + " | ".join(f"b={b} tok/s" for b in batches)
-            + f" | b={batches[0] if batches else 1} of bound | prefill tok/s | transitions "
-            "| bytes moved |",
-            "|---" * (len(batches) + 5) + "|",
+            + f" | b={batches[0] if batches else 1} of bound | graph b=1 / b=8 tok/s | "
+            "prefill tok/s | transitions | bytes moved |",
+            "|---" * (len(batches) + 6) + "|",
         ]
         for name, r in rows.items():
             if not isinstance(r, dict) or "batches" not in r:
@@ -379,9 +381,14 @@ def write_report(results: dict, out: Path) -> None:
             moved = sum(x.get("bytes_moved", 0) for x in bs.values())
             trans = sum(x.get("transitions_finished", 0) for x in bs.values())
             cells = [f"{bs[b]['tokens_per_s']:.1f}" if b in bs else "-" for b in batches]
+            graphs = " / ".join(
+                f"{bs[b]['graph'].get('tokens_per_s', 0):.1f}"
+                if "graph" in bs.get(b, {}) else "-"
+                for b in (1, 8)
+            )  # fmt: skip
             lines.append(
                 f"| {name} | " + " | ".join(cells) + " | "
-                f"{'-' if frac is None else f'{100 * frac:.0f}%'} | "
+                f"{'-' if frac is None else f'{100 * frac:.0f}%'} | {graphs} | "
                 f"{r.get('prefill_tokens_per_s', 0):.0f} | {trans:.0f} | {moved / 1e6:.1f} MB |"
             )
         lines.append("")
