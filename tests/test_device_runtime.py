@@ -296,3 +296,27 @@ def test_decode_under_a_cuda_graph_equals_eager_decode() -> None:
     for a, b in zip(runs["eager"][0], runs["graph"][0], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
     assert sum(r.finished for r in runs["graph"][1]) > 0
+
+
+@pytest.mark.gpu
+def test_serve_on_the_gpu(tmp_path) -> None:
+    """`dynaexq serve --device cuda` with a budget: completions and streaming come back, and
+    the runtime reports the dynamic policy."""
+    needs_cuda()
+    pytest.importorskip("openai")
+    from dynaexq.engine import EMBEDDED_MODEL_DIR
+    from test_serve import MODEL, start_server, stop_server
+
+    srv = start_server(EMBEDDED_MODEL_DIR, tmp_path / "server.log", "--device", "cuda",
+                       "--dtype", "bfloat16", "--budget", "30%", "--policy", "dynamic")  # fmt: skip
+    try:
+        client = srv.client()
+        r = client.completions.create(model=MODEL, prompt="def main(", max_tokens=12)
+        assert r.usage.completion_tokens >= 1
+        chunks = client.completions.create(model=MODEL, prompt="import os", max_tokens=8,
+                                           stream=True)  # fmt: skip
+        assert sum(1 for _ in chunks) >= 1
+        assert srv.stats()["runtime"]["policy"] == "dynamic"
+    finally:
+        stop_server(srv)
+    assert srv.proc.returncode == 0, srv.log.read_text()

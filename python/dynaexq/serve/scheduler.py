@@ -731,7 +731,9 @@ class Scheduler:
         device = self.engine.device
         last = torch.tensor([s.generated[-1] for s in seqs], device=device).unsqueeze(1)
         pos = torch.tensor([s.cached for s in seqs], device=device).unsqueeze(1)
-        logits = self.engine.model(last, pos, self._cache_view(0, n))[:, 0]
+        # Key slots from the host's own counts: the mask needs no read of the device.
+        key_slots = max(s.cached for s in seqs) + 1
+        logits = self.engine.model(last, pos, self._cache_view(0, n), key_slots=key_slots)[:, 0]
         self._sample_and_emit(seqs, logits)
         return n
 
@@ -745,7 +747,7 @@ class Scheduler:
             for r in masked:
                 seqs[r].matcher.fill_next_token_bitmask(bitmask)
                 row = logits[r : r + 1]
-                xgrammar.apply_token_bitmask_inplace(row, bitmask)
+                xgrammar.apply_token_bitmask_inplace(row, bitmask.to(row.device))
         tokens = logits.argmax(dim=-1)
         dists: list[torch.Tensor | None] = [None] * len(seqs)
         for r, seq in enumerate(seqs):
