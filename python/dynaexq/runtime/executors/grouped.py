@@ -187,7 +187,10 @@ class GroupedExecutor:
         slot = torch.empty_like(order)
         slot[order] = torch.arange(pairs, device=dev)
         w = weights.detach().to(device=dev, dtype=torch.float32)
-        out = (y.float()[slot].view(t_count, k, h) * w.unsqueeze(-1)).sum(1)
+        # One gather of the picks' rows and a batched [1, k] x [k, H] product per token
+        # (float accumulation inside), no float copies of every pair's output.
+        picks = y[slot].view(t_count, k, h)
+        out = torch.bmm(w.to(y.dtype).unsqueeze(1), picks).squeeze(1)
         # What each tier served (the host reads these once per call for telemetry).
         tier_of = self.image[layer_pos * e_count : (layer_pos + 1) * e_count, 1]
         pick_tier = tier_of[flat]
