@@ -33,13 +33,11 @@ class DecodeGraph:
         # written for real.
         self.pos = torch.full((batch, 1), self.capacity - 1, dtype=torch.long, device=dev)
         model = engine.model
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
         with torch.inference_mode():
-            with torch.cuda.stream(side):  # lazy initialisation outside the capture
-                for _ in range(warmup):
-                    model(self.ids, self.pos, cache, key_slots=self.capacity)
-            torch.cuda.current_stream(dev).wait_stream(side)
+            # Lazy initialisation (kernels, library handles) before the capture, on the
+            # compute stream: the table's use marks are ordered on that stream.
+            for _ in range(warmup):
+                model(self.ids, self.pos, cache, key_slots=self.capacity)
             self.graph = torch.cuda.CUDAGraph()
             rt.begin_capture()
             try:
