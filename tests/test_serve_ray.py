@@ -283,9 +283,12 @@ def windows(domain: str, n: int, length: int, seed: int) -> list[list[int]]:
 
 
 def mixed_traffic(client: Client, per_domain: int) -> dict[str, Any]:
-    """Interleaved python / C windows scored by echo (prefill only), 4 at a time."""
+    """Python / C windows in a shuffled order, scored by echo (prefill only), 4 at a time."""
     ws = {d: windows(d, per_domain, 128, seed=k) for k, d in enumerate(DOMAINS)}
     traffic = [(d, ws[d][i]) for i in range(per_domain) for d in DOMAINS]
+    # Shuffled: strictly alternating domains would let any load-balancing router (which
+    # alternates replicas) look specialised by the parity of the order alone.
+    np.random.default_rng(7).shuffle(traffic)
 
     def one(item: tuple[str, list[int]]) -> tuple[str, str]:
         body = {"model": MODEL, "prompt": item[1], "max_tokens": 0, "echo": True, "logprobs": 0}
