@@ -3,6 +3,7 @@
 // Used by kernels/emu_kernels.cpp, which tests/test_kernels.py builds with g++ and compares
 // against the torch reference, so the kernel sources are exercised without a GPU.
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <memory>
 #include <thread>
@@ -13,6 +14,7 @@ struct EmuDim3 {
 };
 inline thread_local EmuDim3 threadIdx;
 inline thread_local EmuDim3 blockIdx;
+inline thread_local EmuDim3 blockDim;
 
 #define __global__
 #define __device__
@@ -29,6 +31,11 @@ struct EmuBlock {
 inline EmuBlock* g_emu_block = nullptr;
 
 inline void __syncthreads() { g_emu_block->block->arrive_and_wait(); }
+
+template <class T>
+inline T atomicAdd(T* p, T v) {
+    return std::atomic_ref<T>(*p).fetch_add(v);
+}
 
 inline float __shfl_xor_sync(unsigned, float v, int off) {
     int w = threadIdx.x / 32, l = threadIdx.x % 32;

@@ -26,6 +26,7 @@ static int emu_grid(int gx, int gy, int bx, F body) {
     for (int t = 0; t < bx; ++t)
         threads.emplace_back([=, &between_blocks] {
             threadIdx.x = t;
+            blockDim.x = bx;
             for (int by = 0; by < gy; ++by)
                 for (int b = 0; b < gx; ++b) {
                     blockIdx.x = b;
@@ -49,6 +50,24 @@ extern "C" int emu_launch_moe(void* fn, int gx, int gy, int bx, const uint8_t* a
     EmuMoeKernel k = (EmuMoeKernel)fn;
     return emu_grid(gx, gy, bx,
                     [=] { k(arena, table, tiers, expert_start, pair_token, in, out, E, H, I); });
+}
+
+// dq_moe_route and dq_moe_combine_* (their own argument lists).
+extern "C" int emu_launch_route(int gx, int bx, const int64_t* ids, int* expert_start,
+                                int* pair_token, int* slot, int P, int E, int K) {
+    return emu_grid(gx, 1, bx, [=] { dq_moe_route(ids, expert_start, pair_token, slot, P, E, K); });
+}
+
+typedef void (*EmuCombineKernel)(const void*, const int*, const void*, void*,
+                                 const DqExpertEntry*, const int64_t*, double*, int, int, int,
+                                 int);
+
+extern "C" int emu_launch_combine(void* fn, int gx, int gy, int bx, const void* y,
+                                  const int* slot, const void* w, void* out,
+                                  const DqExpertEntry* table, const int64_t* ids, double* stats,
+                                  int T, int K, int H, int tiers) {
+    EmuCombineKernel k = (EmuCombineKernel)fn;
+    return emu_grid(gx, gy, bx, [=] { k(y, slot, w, out, table, ids, stats, T, K, H, tiers); });
 }
 
 // sizeof / offsetof of the descriptor structs, so that tests lay them out as the kernels read them.

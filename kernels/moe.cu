@@ -181,3 +181,77 @@ __device__ __forceinline__ void dq_moe_dequant(const uint8_t* __restrict__ arena
 DQ_MOE(DqActF32, f32)
 DQ_MOE(DqActBF16, bf16)
 DQ_MOE(DqActF16, f16)
+
+// ---------------------------------------------------------------- routing and combining
+// Routing: the P = T*K picks (expert ids, token-major) -> pairs grouped by expert:
+// expert_start [E + 1] (pairs of expert e: expert_start[e] .. expert_start[e + 1] - 1),
+// pair_token [P] (the token of each pair) and slot [P] (pick -> its pair). Within an
+// expert the pairs' order is whatever the atomics give: each pair's output depends on its
+// own row only, and combining reads them back in pick order, so results do not.
+// Launch: one block of 128 threads; E <= DQ_MOE_MAX_EXPERTS.
+#define DQ_MOE_MAX_EXPERTS 1024
+extern "C" __global__ void __launch_bounds__(128)
+    dq_moe_route(const int64_t* __restrict__ ids, int* __restrict__ expert_start,
+                 int* __restrict__ pair_token, int* __restrict__ slot, int P, int E, int K) {
+    __shared__ int count[DQ_MOE_MAX_EXPERTS];
+    __shared__ int cursor[DQ_MOE_MAX_EXPERTS];
+    for (int e = threadIdx.x; e < E; e += blockDim.x) count[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < P; p += blockDim.x) atomicAdd(&count[(int)ids[p]], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {  // E is small: a serial exclusive scan
+        int run = 0;
+        for (int e = 0; e < E; ++e) {
+            expert_start[e] = run;
+            cursor[e] = run;
+            run += count[e];
+        }
+        expert_start[E] = run;
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < P; p += blockDim.x) {
+        const int at = atomicAdd(&cursor[(int)ids[p]], 1);
+        pair_token[at] = p / K;
+        slot[p] = at;
+    }
+}
+
+// Combining: out[t, n] = sum_j w[t, j] * y[slot[t*K + j], n] in pick order (float
+// accumulation), and what each tier served: stats[tier] += 1 and stats[tiers + tier] +=
+// w per pick (float64 atomics: telemetry, not results).
+// Launch: blockDim = 128, gridDim = (ceil(H / 128), T).
+template <class ACT>
+__device__ __forceinline__ void dq_moe_combine(const typename ACT::T* __restrict__ y,
+                                               const int* __restrict__ slot,
+                                               const typename ACT::T* __restrict__ w,
+                                               typename ACT::T* __restrict__ out,
+                                               const DqExpertEntry* __restrict__ table,
+                                               const int64_t* __restrict__ ids,
+                                               double* __restrict__ stats, int T, int K, int H,
+                                               int tiers) {
+    const int t = blockIdx.y, n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    if (stats && blockIdx.x == 0 && (int)threadIdx.x < K) {
+        const int pick = t * K + threadIdx.x;
+        const int tier = table[(int)ids[pick]].tier;
+        atomicAdd(&stats[tier], 1.0);
+        atomicAdd(&stats[tiers + tier], (double)ACT::load(w, pick));
+    }
+    if (n >= H) return;
+    float acc = 0.f;
+    for (int j = 0; j < K; ++j)
+        acc += ACT::load(w, (int64_t)t * K + j) * ACT::load(y, (int64_t)slot[t * K + j] * H + n);
+    ACT::store(out, (int64_t)t * H + n, acc);
+}
+
+#define DQ_MOE_COMBINE(ACT, SUFFIX)                                                           \
+    extern "C" __global__ void __launch_bounds__(128) dq_moe_combine_##SUFFIX(                \
+        const ACT::T* y, const int* slot, const ACT::T* w, ACT::T* out,                       \
+        const DqExpertEntry* table, const int64_t* ids, double* stats, int T, int K, int H,   \
+        int tiers) {                                                                          \
+        dq_moe_combine<ACT>(y, slot, w, out, table, ids, stats, T, K, H, tiers);              \
+    }
+
+DQ_MOE_COMBINE(DqActF32, f32)
+DQ_MOE_COMBINE(DqActBF16, bf16)
+DQ_MOE_COMBINE(DqActF16, f16)

@@ -35,6 +35,10 @@ def emu(tmp_path_factory) -> ctypes.CDLL:
                                *[ctypes.c_int] * 5]  # fmt: skip
     lib.emu_launch_moe.argtypes = [ctypes.c_void_p, *[ctypes.c_int] * 3,
                                    *[ctypes.c_void_p] * 7, *[ctypes.c_int] * 3]  # fmt: skip
+    lib.emu_launch_route.argtypes = [*[ctypes.c_int] * 2, *[ctypes.c_void_p] * 4,
+                                     *[ctypes.c_int] * 3]  # fmt: skip
+    lib.emu_launch_combine.argtypes = [ctypes.c_void_p, *[ctypes.c_int] * 3,
+                                       *[ctypes.c_void_p] * 7, *[ctypes.c_int] * 4]  # fmt: skip
     return lib
 
 
@@ -43,8 +47,12 @@ def emu_launch(emu):
     """`launch(kernel, grid, pointers, ints)` of the grouped executor on the emulation."""
 
     def launch(kernel, grid, pointers, ints) -> None:
+        if kernel == "dq_moe_route":
+            assert emu.emu_launch_route(grid[0], 128, *pointers, *ints) == 0
+            return
         fn = ctypes.cast(getattr(emu, kernel), ctypes.c_void_p).value
-        assert emu.emu_launch_moe(fn, grid[0], grid[1], 128, *pointers, *ints) == 0
+        run = emu.emu_launch_combine if "combine" in kernel else emu.emu_launch_moe
+        assert run(fn, grid[0], grid[1], 128, *pointers, *ints) == 0
 
     return launch
 
@@ -84,7 +92,48 @@ def torch_launch():
         )
         return dequantize_expert(PackedExpertView(spec, h, i, blob))
 
+    def route(pointers, ints) -> None:
+        ids_p, start_p, token_p, slot_p = pointers
+        pairs, e_count, k = ints
+        ids = raw(ids_p, np.int64, pairs)
+        order = np.argsort(ids, kind="stable")
+        start = np.zeros(e_count + 1, dtype=np.int32)
+        np.cumsum(np.bincount(ids, minlength=e_count), out=start[1:])
+        raw(start_p, np.int32, e_count + 1)[:] = start
+        raw(token_p, np.int32, pairs)[:] = order // k
+        slot = np.empty(pairs, dtype=np.int32)
+        slot[order] = np.arange(pairs)
+        raw(slot_p, np.int32, pairs)[:] = slot
+
+    def combine(kernel, pointers, ints) -> None:
+        y_p, slot_p, w_p, out_p, table, ids_p, stats_p = pointers
+        t_count, k, h, tiers = ints
+        dtype = act_dtypes[kernel.rsplit("_", 1)[1]]
+
+        def tensor(ptr: int, n: int) -> torch.Tensor:
+            buf = (ctypes.c_uint8 * (n * dtype.itemsize)).from_address(ptr)
+            return torch.frombuffer(buf, dtype=dtype)
+
+        slot = torch.from_numpy(raw(slot_p, np.int32, t_count * k).astype(np.int64))
+        pairs = int(slot.max()) + 1
+        y = tensor(y_p, pairs * h).view(pairs, h).float()
+        w = tensor(w_p, t_count * k).view(t_count, k).float()
+        out = tensor(out_p, t_count * h).view(t_count, h)
+        acc = torch.zeros(t_count, h)
+        for j in range(k):  # pick order
+            acc += w[:, j : j + 1] * y[slot.view(t_count, k)[:, j]]
+        out.copy_(acc.to(dtype))
+        ids = raw(ids_p, np.int64, t_count * k)
+        tier = raw(table, EXPERT_ENTRY, int(ids.max()) + 1)["tier"][ids]
+        stats = raw(stats_p, np.float64, 2 * tiers).reshape(2, tiers)
+        np.add.at(stats[0], tier, 1.0)
+        np.add.at(stats[1], tier, w.double().numpy().ravel())
+
     def launch(kernel, grid, pointers, ints) -> None:
+        if kernel == "dq_moe_route":
+            return route(pointers, ints)
+        if "combine" in kernel:
+            return combine(kernel, pointers, ints)
         arena, table, tiers, start_p, token_p, in_p, out_p = pointers
         e_count, h, i = ints
         dtype = act_dtypes[kernel.rsplit("_", 1)[1]]

@@ -5,7 +5,6 @@ use marks before the leases go, a retired block kept until the step's uses compl
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,14 +27,6 @@ class Store:
     intermediate_size: int
     slot_bytes: list[int]
     alignment: int = DEFAULT_ALIGNMENT
-
-
-def emu_launcher(emu):
-    def launch(kernel, grid, pointers, ints) -> None:
-        fn = ctypes.cast(getattr(emu, kernel), ctypes.c_void_p).value
-        assert emu.emu_launch_moe(fn, grid[0], grid[1], 128, *pointers, *ints) == 0
-
-    return launch
 
 
 def build(tier_names: list[str], experts: int, layers: int, h: int, i: int, manual: bool):
@@ -67,14 +58,14 @@ def build(tier_names: list[str], experts: int, layers: int, h: int, i: int, manu
 
 @pytest.mark.parametrize("dense", [False, True], ids=["gemv", "dense"])
 @pytest.mark.parametrize("tiers", [["int2g64", "bf16"], ["int2g64a", "int4", "bf16"]])
-def test_grouped_equals_the_cpu_executor_across_a_transition(emu, tiers, dense) -> None:
+def test_grouped_equals_the_cpu_executor_across_a_transition(emu_launch, tiers, dense) -> None:
     """Decode (the grouped GEMV) and prefill (dequantized workspace + dense matmuls, two
     experts at a time so that the workspace is reused)."""
     h, i, experts, layers = 40, 36, 5, 2
     table, store, blobs = build(tiers, experts, layers, h, i, manual=False)
     real = list(range(len(tiers)))
     grouped = GroupedExecutor(
-        table, store, real, emu_launcher(emu), dense_from=1 if dense else 10**9,
+        table, store, real, emu_launch, dense_from=1 if dense else 10**9,
         workspace_experts=2,
     )  # fmt: skip
     cpu = CpuExecutor(table, store, real, activations="float")
@@ -111,12 +102,12 @@ def test_grouped_equals_the_cpu_executor_across_a_transition(emu, tiers, dense) 
     assert after[0][1][top] == before[0][1][top] + tokens  # expert 0's pairs moved up
 
 
-def test_a_retired_block_waits_for_the_step_that_used_it(emu) -> None:
+def test_a_retired_block_waits_for_the_step_that_used_it(emu_launch) -> None:
     """One pin per step; the step's use marks keep a block retired during the step from
     being reclaimed until the (manual) stream passed them."""
     h, i, experts = 32, 32, 3
     table, store, blobs = build(["int2g64", "bf16"], experts, 1, h, i, manual=True)
-    grouped = GroupedExecutor(table, store, [0, 1], emu_launcher(emu))
+    grouped = GroupedExecutor(table, store, [0, 1], emu_launch)
     ids = torch.tensor([[0, 1], [2, 0]])
     w = torch.full((2, 2), 0.5)
     x = torch.randn(2, h)
@@ -207,8 +198,8 @@ def run_engine_case(device: str, launch) -> None:
     assert served.tolist() == [5, 3]  # expert 0's three pairs now at bf16
 
 
-def test_grouped_executor_over_an_engine_uploaded_table(emu) -> None:
-    run_engine_case("cpu", emu_launcher(emu))
+def test_grouped_executor_over_an_engine_uploaded_table(emu_launch) -> None:
+    run_engine_case("cpu", emu_launch)
 
 
 @pytest.mark.gpu

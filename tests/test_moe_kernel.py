@@ -251,3 +251,75 @@ def test_dequantize_kernel_on_the_gpu(tiers, act) -> None:
     got = dequantize_layer(CudaKernels().launch_moe, layer, chosen, act, dev="cuda")
     torch.cuda.synchronize()
     check_dense(layer, chosen, got, act)
+
+
+def route_on(launch, ids: np.ndarray, experts: int, dev="cpu"):
+    """dq_moe_route over picks ids [T, K]: (expert_start, pair_token, slot) as numpy."""
+    t_count, k = ids.shape
+    flat = torch.from_numpy(ids.reshape(-1).astype(np.int64)).to(dev)
+    start = torch.full((experts + 1,), -1, dtype=torch.int32, device=dev)
+    token = torch.full((flat.numel(),), -1, dtype=torch.int32, device=dev)
+    slot = torch.full((flat.numel(),), -1, dtype=torch.int32, device=dev)
+    launch("dq_moe_route", (1, 1), [ptr(flat), ptr(start), ptr(token), ptr(slot)],
+           [flat.numel(), experts, k])  # fmt: skip
+    return start.cpu().numpy(), token.cpu().numpy(), slot.cpu().numpy()
+
+
+def check_route(ids: np.ndarray, experts: int, start, token, slot) -> None:
+    """Every pick lands in its expert's range, once, and remembers its token."""
+    t_count, k = ids.shape
+    flat = ids.reshape(-1)
+    want = np.zeros(experts + 1, dtype=np.int64)
+    np.cumsum(np.bincount(flat, minlength=experts), out=want[1:])
+    assert (start == want).all()
+    assert sorted(slot.tolist()) == list(range(flat.size))  # a permutation of the pairs
+    for p, e in enumerate(flat):
+        assert start[e] <= slot[p] < start[e + 1]
+        assert token[slot[p]] == p // k
+
+
+@pytest.mark.parametrize(("tokens", "k", "experts"), [(1, 8, 128), (13, 2, 5), (40, 8, 512)])
+def test_route_kernel_groups_the_picks_by_expert(emu_launch, tokens, k, experts) -> None:
+    rng = np.random.default_rng(tokens)
+    ids = np.stack([rng.choice(experts, size=k, replace=False) for _ in range(tokens)])
+    ids[:, 0] = 0  # one expert takes every token, most take none
+    check_route(ids, experts, *route_on(emu_launch, ids, experts))
+
+
+def test_combine_kernel_sums_picks_in_order_and_counts_tiers(emu_launch) -> None:
+    t_count, k, h, tiers, experts = 5, 3, 70, 2, 4
+    rng = np.random.default_rng(2)
+    ids = np.stack([rng.choice(experts, size=k, replace=False) for _ in range(t_count)])
+    pairs = t_count * k
+    slot = torch.from_numpy(rng.permutation(pairs).astype(np.int32))
+    y = torch.from_numpy(rng.standard_normal((pairs, h)).astype(np.float32))
+    w = torch.from_numpy(rng.random((t_count, k)).astype(np.float32))
+    table = np.zeros(experts, dtype=EXPERT_ENTRY)
+    table["tier"] = [1, 0, 1, 0]
+    flat = torch.from_numpy(ids.reshape(-1).astype(np.int64))
+    out = torch.empty(t_count, h)
+    stats = torch.zeros(2, tiers, dtype=torch.float64)
+    emu_launch("dq_moe_combine_f32", ((h + 127) // 128, t_count),
+               [ptr(y), ptr(slot), ptr(w), ptr(out), ptr(table), ptr(flat), ptr(stats)],
+               [t_count, k, h, tiers])  # fmt: skip
+    want = torch.zeros(t_count, h)
+    for j in range(k):
+        want += w[:, j : j + 1] * y[slot.view(t_count, k)[:, j].long()]
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    tier = table["tier"][ids.reshape(-1)]
+    assert stats[0].tolist() == np.bincount(tier, minlength=tiers).tolist()
+    wt = np.bincount(tier, weights=w.numpy().ravel().astype(np.float64), minlength=tiers)
+    assert stats[1].numpy() == pytest.approx(wt)
+
+
+@pytest.mark.gpu
+def test_route_kernel_on_the_gpu() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from dynaexq.quant.cuda import CudaKernels
+
+    launch = CudaKernels().launch_moe
+    rng = np.random.default_rng(7)
+    for tokens, k, experts in ((1, 8, 128), (64, 8, 128), (300, 10, 512)):
+        ids = np.stack([rng.choice(experts, size=k, replace=False) for _ in range(tokens)])
+        check_route(ids, experts, *route_on(launch, ids, experts, dev="cuda"))

@@ -89,8 +89,8 @@ def kernel_names(module: str) -> list[str]:
     """Every extern "C" kernel a module must export (moe: one kernel per matrix and
     activation type, every tier inside)."""
     if module == "moe":
-        kinds = ("gate_up", "down", "dequant")
-        return [f"dq_moe_{m}_{a}" for a in ACT_KINDS.values() for m in kinds]
+        kinds = ("gate_up", "down", "dequant", "combine")
+        return ["dq_moe_route"] + [f"dq_moe_{m}_{a}" for a in ACT_KINDS.values() for m in kinds]
     return [f"dq_{module}_{w}_{a}" for w in WEIGHT_KINDS for a in ACT_KINDS.values()]
 
 

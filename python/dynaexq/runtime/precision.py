@@ -224,12 +224,10 @@ class PrecisionRuntime:
         if isinstance(self.executor, GroupedExecutor):
             if self._capture is None:
                 self._boundary(layer, "forward")
-            out, served, served_mass = self.executor.forward_device(
-                self.layer_pos[layer], hidden, expert_ids, weights
+            # What each tier served goes straight into the step's device sums.
+            out, _, _ = self.executor.forward_device(
+                self.layer_pos[layer], hidden, expert_ids, weights, stats=self._dev_served.sum
             )
-            sums = self._dev_served.sum
-            sums[0].add_(served)
-            sums[1].add_(served_mass)
             self._count_pairs(None, t, k)
             return out
         self._boundary(layer, "forward")

@@ -47,6 +47,7 @@ Launch = Callable[[str, tuple[int, int], Sequence[int], Sequence[int]], None]
 # dense weights the workspace holds at once.
 DENSE_FROM = 64
 WORKSPACE_EXPERTS = 16
+MAX_EXPERTS = 1024  # DQ_MOE_MAX_EXPERTS of kernels/moe.cu
 
 
 def dense_workspace_bytes(
@@ -98,6 +99,8 @@ class GroupedExecutor:
         self.hidden_size, self.intermediate_size = h, i
         self.layers = table.num_layers
         self.experts = table.experts(0)
+        if self.experts > MAX_EXPERTS:
+            raise ValueError(f"the routing kernel takes up to {MAX_EXPERTS} experts a layer")
         if any(table.experts(li) != self.experts for li in range(self.layers)):
             raise ValueError("the grouped executor needs the same experts in every layer")
         self.tiers = len(real)
@@ -157,24 +160,35 @@ class GroupedExecutor:
         return out, served.tolist(), mass.tolist()
 
     def forward_device(
-        self, layer_pos: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+        self,
+        layer_pos: int,
+        hidden: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        stats: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`forward` with the per-tier counts left on the device (int64 pairs, float64
-        routing weight): nothing on the way waits for the device."""
+        """`forward` with what each tier served left on the device: float64 [2, tiers]
+        (pairs, routing weight), added into `stats` when given (a runtime's running sums)
+        or returned fresh. Nothing on the way waits for the device: routing, the two
+        matrices and combining are four launches (decode)."""
         if self._pin is None:
             self._begin_step()
         dev, e_count = self.device, self.experts
         t_count, k = expert_ids.shape
         h = self.hidden_size
-        flat = expert_ids.reshape(-1).to(device=dev, dtype=torch.int64)
+        flat = expert_ids.reshape(-1).to(device=dev, dtype=torch.int64).contiguous()
         pairs = flat.numel()
-        # Pairs sorted by expert (token order within an expert), each expert's first pair.
-        order = torch.argsort(flat, stable=True)
-        counts = torch.zeros(e_count, dtype=torch.int32, device=dev)
-        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        start = torch.zeros(e_count + 1, dtype=torch.int32, device=dev)
-        start[1:] = counts.cumsum(0)
-        pair_token = torch.div(order, k, rounding_mode="floor").to(torch.int32)
+        # Pairs grouped by expert: each expert's first pair, each pair's token, and each
+        # pick's pair (kernels/moe.cu: dq_moe_route).
+        start = torch.empty(e_count + 1, dtype=torch.int32, device=dev)
+        pair_token = torch.empty(pairs, dtype=torch.int32, device=dev)
+        slot = torch.empty(pairs, dtype=torch.int32, device=dev)
+        self.launch(
+            "dq_moe_route",
+            (1, 1),
+            [flat.data_ptr(), start.data_ptr(), pair_token.data_ptr(), slot.data_ptr()],
+            [pairs, e_count, k],
+        )
         x = hidden.detach().to(device=dev, dtype=self.dtype).contiguous()
         entries = self.image.data_ptr() + layer_pos * e_count * EXPERT_ENTRY.itemsize
         common = [self._arena, entries, self.descs.data_ptr(), start.data_ptr()]
@@ -183,22 +197,19 @@ class GroupedExecutor:
             y = self._dense(common, start, pair_token, x, suffix)
         else:
             y = self._grouped_gemv(common, pair_token, x, suffix, pairs)
-        # Pick (t, j) -> its pair; sum the picks of a token in pick order.
-        slot = torch.empty_like(order)
-        slot[order] = torch.arange(pairs, device=dev)
-        w = weights.detach().to(device=dev, dtype=torch.float32)
-        # One gather of the picks' rows and a batched [1, k] x [k, H] product per token
-        # (float accumulation inside), no float copies of every pair's output.
-        picks = y[slot].view(t_count, k, h)
-        out = torch.bmm(w.to(y.dtype).unsqueeze(1), picks).squeeze(1)
-        # What each tier served (the host reads these once per call for telemetry).
-        tier_of = self.image[layer_pos * e_count : (layer_pos + 1) * e_count, 1]
-        pick_tier = tier_of[flat]
-        served = torch.zeros(self.tiers, dtype=torch.int64, device=dev)
-        served.scatter_add_(0, pick_tier, torch.ones_like(pick_tier))
-        mass = torch.zeros(self.tiers, dtype=torch.float64, device=dev)
-        mass.scatter_add_(0, pick_tier, w.reshape(-1).double())
-        return out.to(hidden.dtype), served, mass
+        # Each token's picks in pick order, weighted; what each tier served.
+        w = weights.detach().to(device=dev, dtype=self.dtype).contiguous()
+        out = torch.empty(t_count, h, dtype=self.dtype, device=dev)
+        if stats is None:
+            stats = torch.zeros(2, self.tiers, dtype=torch.float64, device=dev)
+        self.launch(
+            f"dq_moe_combine_{suffix}",
+            ((h + 127) // 128, t_count),
+            [y.data_ptr(), slot.data_ptr(), w.data_ptr(), out.data_ptr(), entries,
+             flat.data_ptr(), stats.data_ptr()],
+            [t_count, k, h, self.tiers],
+        )  # fmt: skip
+        return out.to(hidden.dtype), stats[0], stats[1]
 
     def _grouped_gemv(self, common, pair_token, x, suffix: str, pairs: int) -> torch.Tensor:
         """Decode: gate_up+SiLU and down for every pair of every expert, two launches."""
