@@ -39,8 +39,9 @@ fn pseudo_random(seed: &mut u64, n: usize) -> Vec<u8> {
 
 /// The random scenarios are not vacuous: over fixed pseudo-random inputs, pages are
 /// reserved, shared and refused for budget and for arena space, expert slots are taken
-/// and refused because KV pages hold the bytes, and truncating into a shared page is
-/// refused.
+/// and refused because KV pages hold the bytes, truncating into a shared page is refused,
+/// cached prefix pages are reused and evicted, and expert slots are lent to the pages and
+/// taken back (and refused back while their pages or guest slot are held).
 #[test]
 fn kv_scenarios_exercise_every_outcome() {
     let mut seed = 777u64;
@@ -54,6 +55,11 @@ fn kv_scenarios_exercise_every_outcome() {
         total.expert_budget_refusals += r.expert_budget_refusals;
         total.expert_slots_taken += r.expert_slots_taken;
         total.shared_truncate_refusals += r.shared_truncate_refusals;
+        total.cached_hit_pages += r.cached_hit_pages;
+        total.evictions += r.evictions;
+        total.slots_lent += r.slots_lent;
+        total.slots_taken_back += r.slots_taken_back;
+        total.take_back_refusals += r.take_back_refusals;
     }
     println!("{total:?}");
     assert!(total.pages_reserved > 1000, "{total:?}");
@@ -63,6 +69,11 @@ fn kv_scenarios_exercise_every_outcome() {
     assert!(total.expert_budget_refusals > 50, "{total:?}");
     assert!(total.expert_slots_taken > 200, "{total:?}");
     assert!(total.shared_truncate_refusals > 0, "{total:?}");
+    assert!(total.cached_hit_pages > 5, "{total:?}");
+    assert!(total.evictions > 5, "{total:?}");
+    assert!(total.slots_lent > 100, "{total:?}");
+    assert!(total.slots_taken_back > 50, "{total:?}");
+    assert!(total.take_back_refusals > 10, "{total:?}");
 }
 
 /// Threads reserve and free pages while others acquire and release expert slots on the
