@@ -2,18 +2,19 @@
 table per sequence that says which page holds which tokens.
 
 The arena is token-major: token slot n holds, for every softmax-attention layer a, its
-key and its value, [attention layers, 2, kv_heads, head_dim]; page r is token slots
-r * page_tokens .. (r + 1) * page_tokens - 1, so one page spans all layers and is
+key and its value, [attention layers, 2, kv_heads, head_dim]; page p is the
+`page_tokens` token slots from `page_start[p]` on, so one page spans all layers and is
 `page_bytes` contiguous bytes. The layer views keys[l], values[l] are
-[pages, page_tokens, kv_heads, head_dim] (strided, no copy), and token p of a sequence
-lives in page `table[p // page_tokens]` at row `p % page_tokens`. Which pages a sequence
-owns is decided elsewhere (the Rust `KvPagePool`: lowest free pages, prefix pages shared
-by refcount); this module only moves keys and values.
+[token slots, kv_heads, head_dim] (strided, no copy), and token t of a sequence lives in
+page `table[t // page_tokens]` at row `t % page_tokens`. Which pages a sequence owns is
+decided elsewhere (the Rust `KvPagePool`: lowest free pages, prefix pages shared by
+refcount); this module only moves keys and values.
 
-The arena is either its own (`allocate`), or the expert pool's one arena
-(`over_arena`): page r is then bytes r * page_bytes .. of the pool's memory, the first
-rows being the pool's KV head and the others rows inside expert slots lent to the KV
-cache, so experts and pages are one allocation within one budget.
+The arena is either its own (`allocate`: page p starts at token slot p * page_tokens),
+or the expert pool's one arena (`over_arena` with the pool's `page_start`): the first
+pages are the pool's KV head and the others lie inside expert slots lent to the KV cache
+(`runtime.kv_share.SharedKvArena`), so experts and pages are one allocation within one
+budget.
 
 One page is scratch: block tables are padded with it, so a write for a position no page
 was reserved for (prefill padding) lands there and never in another sequence's page, and
@@ -63,11 +64,13 @@ class PagedKVCache:
     values: list[torch.Tensor | None]
     page_tokens: int
     scratch_page: int
-    # The arena's bytes ([rows * page_bytes] uint8) and what keeps them alive (the pool).
+    page_start: torch.Tensor  # [pages] first token slot of every page
+    # The arena's bytes (uint8) and what keeps them alive (the pool whose memory it is).
     buffer: torch.Tensor
     owner: Any = None
     backend: str = ""
     _flex: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
+    _page_of: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.backend:
@@ -99,25 +102,35 @@ class PagedKVCache:
         page_tokens: int,
         dtype: torch.dtype,
         scratch_page: int,
+        page_start: Sequence[int] | None = None,
         owner: Any = None,
     ) -> PagedKVCache:
-        """Views over `buffer` (uint8, e.g. an expert pool's whole arena): page r is its
-        bytes r * page_bytes .. (r + 1) * page_bytes - 1. `owner` is kept alive with
-        the views (the pool whose memory they are)."""
-        page_bytes = cls.page_bytes(config, page_tokens, _dtype_bytes(dtype))
-        rows = buffer.numel() // page_bytes
-        if not 0 <= scratch_page < rows:
-            raise ValueError(f"scratch page {scratch_page} is not among the {rows} pages")
+        """Views over `buffer` (uint8, e.g. an expert pool's whole arena) seen as token
+        slots: page p is the `page_tokens` slots from `page_start[p]` on (default: p *
+        page_tokens, as many pages as fit). `owner` is kept alive with the views (the
+        pool whose memory they are)."""
+        token_bytes = kv_bytes_per_token(config, _dtype_bytes(dtype))
+        tokens = buffer.numel() // token_bytes
+        if page_start is None:
+            page_start = range(0, tokens - page_tokens + 1, page_tokens)
+        starts = torch.tensor(list(page_start), dtype=torch.long)
+        if starts.numel() == 0 or int(starts.min()) < 0:
+            raise ValueError("a paged cache needs at least one page inside its buffer")
+        if int(starts.max()) + page_tokens > tokens:
+            raise ValueError(f"a page runs past the buffer's {tokens} token slots")
+        if not 0 <= scratch_page < starts.numel():
+            raise ValueError(f"scratch page {scratch_page} is not among the {starts.numel()} pages")
         heads, d = config.num_key_value_heads, config.head_dim
         attention = list(config.attention_layers)
-        slots = buffer[: rows * page_bytes].view(dtype)
-        slots = slots.view(rows * page_tokens, len(attention), 2, heads, d)
+        slots = buffer[: tokens * token_bytes].view(dtype)
+        slots = slots.view(tokens, len(attention), 2, heads, d)
         keys: list[torch.Tensor | None] = [None] * config.num_hidden_layers
         values: list[torch.Tensor | None] = [None] * config.num_hidden_layers
         for a, layer in enumerate(attention):
-            keys[layer] = slots[:, a, 0].unflatten(0, (rows, page_tokens))
-            values[layer] = slots[:, a, 1].unflatten(0, (rows, page_tokens))
-        return cls(keys, values, page_tokens, scratch_page, buffer, owner)
+            keys[layer] = slots[:, a, 0]
+            values[layer] = slots[:, a, 1]
+        starts = starts.to(buffer.device)
+        return cls(keys, values, page_tokens, scratch_page, starts, buffer, owner)
 
     def _first(self) -> torch.Tensor:
         return next(t for t in self.keys if t is not None)
@@ -129,8 +142,8 @@ class PagedKVCache:
 
     @property
     def rows(self) -> int:
-        """Pages in the arena, the scratch page included."""
-        return self._first().shape[0]
+        """Page ids, the scratch page included."""
+        return self.page_start.numel()
 
     @property
     def pages(self) -> int:
@@ -138,12 +151,30 @@ class PagedKVCache:
         return self.rows - 1
 
     @property
+    def token_slots(self) -> int:
+        return self._first().shape[0]
+
+    @property
     def nbytes(self) -> int:
         return self.buffer.numel()
 
     def page_address(self, page: int) -> int:
         """Address of the page's first byte (host or device pointer value)."""
-        return self.buffer.data_ptr() + page * (self.buffer.numel() // self.rows)
+        token_bytes = self._first().stride(0) * self._first().element_size()
+        return self.buffer.data_ptr() + int(self.page_start[page]) * token_bytes
+
+    def page_of_slot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[token slots] page id of every slot (-1: in no page) and its row in the page."""
+        if self._page_of is None:
+            n, pt = self.token_slots, self.page_tokens
+            dev = self.page_start.device
+            page = torch.full((n,), -1, dtype=torch.long, device=dev)
+            row = torch.zeros(n, dtype=torch.long, device=dev)
+            slots = (self.page_start[:, None] + torch.arange(pt, device=dev)).reshape(-1)
+            page[slots] = torch.arange(self.rows, device=dev).repeat_interleave(pt)
+            row[slots] = torch.arange(pt, device=dev).repeat(self.rows)
+            self._page_of = (page, row)
+        return self._page_of
 
     def view(self, tables: Sequence[Sequence[int]], backend: str | None = None) -> PagedKVView:
         """The cache of a batch whose row r holds the pages `tables[r]` (in token order)."""
@@ -161,8 +192,12 @@ class PagedKVCache:
 
     def copy_page(self, src: int, dst: int) -> None:
         """Copy one page's keys and values (all layers) onto another page."""
-        pb = self.buffer.numel() // self.rows
-        self.buffer[dst * pb : (dst + 1) * pb].copy_(self.buffer[src * pb : (src + 1) * pb])
+        pt = self.page_tokens
+        a, b = int(self.page_start[src]), int(self.page_start[dst])
+        for k, v in zip(self.keys, self.values, strict=True):
+            if k is not None and v is not None:
+                k[b : b + pt].copy_(k[a : a + pt])
+                v[b : b + pt].copy_(v[a : a + pt])
 
     def flex(self) -> Callable[..., torch.Tensor]:
         """FlexAttention, compiled on CUDA (its fused kernel), eager elsewhere."""
@@ -220,10 +255,9 @@ class PagedKVView:
         ck, cv = self.arena.keys[layer], self.arena.values[layer]
         if ck is None or cv is None:
             raise ValueError(f"layer {layer} has no softmax attention, so no KV pages")
-        page = table.gather(1, positions // pt)  # [B, T]
-        row = positions % pt
-        ck[page, row] = k.transpose(1, 2)
-        cv[page, row] = v.transpose(1, 2)
+        slot = self.arena.page_start[table.gather(1, positions // pt)] + positions % pt  # [B, T]
+        ck[slot] = k.transpose(1, 2)
+        cv[slot] = v.transpose(1, 2)
         return table, ck, cv
 
     def write_and_read(
@@ -238,13 +272,11 @@ class PagedKVView:
         ([B, kv_heads, key_slots, D]), as `KVCache.write_and_read` does."""
         table, ck, cv = self._write(layer, k, v, positions, key_slots)
         pt = self.arena.page_tokens
-        b, heads, d = k.shape[0], k.shape[1], k.shape[3]
         table = table[:, : -(-key_slots // pt)]
-        n = table.shape[1]
-        # [B, n, pt, heads, D] -> [B, heads, n * pt, D]
-        keys = ck[table].reshape(b, n * pt, heads, d).transpose(1, 2)[:, :, :key_slots]
-        values = cv[table].reshape(b, n * pt, heads, d).transpose(1, 2)[:, :, :key_slots]
-        return keys, values
+        rows = torch.arange(pt, device=table.device)
+        slots = (self.arena.page_start[table][:, :, None] + rows).flatten(1)[:, :key_slots]
+        # [B, key_slots, heads, D] -> [B, heads, key_slots, D]
+        return ck[slots].transpose(1, 2), cv[slots].transpose(1, 2)
 
     def _block_mask(self, positions: torch.Tensor, key_slots: int) -> Any:
         """The FlexAttention block mask of this batch: physical token slot n of the arena
@@ -257,27 +289,28 @@ class PagedKVView:
         from torch.nn.attention.flex_attention import create_block_mask
 
         pt = self.arena.page_tokens
-        rows = self.arena.rows
         table = self._table(key_slots)
         b = table.shape[0]
         # The inverse block table: logical page of every arena page in row b, else -1.
-        logical = torch.full((b, rows), -1, dtype=torch.long, device=table.device)
+        logical = torch.full((b, self.arena.rows), -1, dtype=torch.long, device=table.device)
         for r in range(b):
             own = table[r][table[r] != self.arena.scratch_page]  # a prefix of the row
             logical[r, own] = torch.arange(own.numel(), device=table.device)
+        page_of, row_of = self.arena.page_of_slot()
         qpos = positions
 
         def visible(bi: Any, _h: Any, qi: Any, kv: Any) -> Any:
-            page = logical[bi, kv // pt]
-            pos = page * pt + kv % pt
-            return (page >= 0) & (pos <= qpos[bi, qi]) & (pos < key_slots)
+            page = page_of[kv]
+            lp = logical[bi, page.clamp(min=0)]
+            pos = lp * pt + row_of[kv]
+            return (page >= 0) & (lp >= 0) & (pos <= qpos[bi, qi]) & (pos < key_slots)
 
         self._mask = create_block_mask(
             visible,
             B=b,
             H=None,
             Q_LEN=positions.shape[1],
-            KV_LEN=rows * pt,
+            KV_LEN=self.arena.token_slots,
             device=table.device,
         )
         self._mask_key = key
@@ -296,11 +329,10 @@ class PagedKVView:
         """Store this step's keys/values, then attend q [B, heads, T, D] over the rows'
         pages in place with FlexAttention; returns [B, heads, T, D]."""
         _, ck, cv = self._write(layer, k, v, positions, key_slots)
-        heads, d = ck.shape[2], ck.shape[3]
-        # [rows, pt, heads, D] -> [1, heads, rows * pt, D], a strided view of the arena
-        keys = ck.flatten(0, 1).permute(1, 0, 2).unsqueeze(0)
-        values = cv.flatten(0, 1).permute(1, 0, 2).unsqueeze(0)
-        assert keys.shape[1] == heads and keys.shape[3] == d
+        heads = ck.shape[1]
+        # [token slots, heads, D] -> [1, heads, token slots, D], a strided view of the arena
+        keys = ck.permute(1, 0, 2).unsqueeze(0)
+        values = cv.permute(1, 0, 2).unsqueeze(0)
         mask = self._block_mask(positions, key_slots)
         return self.arena.flex()(
             q, keys, values, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != heads
