@@ -117,6 +117,42 @@ def test_shared_prompt_prefix_pages_are_reused(engine) -> None:
     assert sched.kv_stats()["prefix_hit_pages"] > 0
 
 
+def test_finished_prompts_pages_are_reused_later_and_evicted_under_pressure(engine) -> None:
+    """A finished request's full prompt pages stay cached (no budget held, counted free):
+    the same prompt later takes them instead of computing them, with engine.generate's
+    greedy output; requests that need the pages evict them, oldest chain tails first."""
+    prompt = PROMPTS[3]  # 45 tokens: 11 full pages of 4
+    share = KvShare(min_kv_tokens=64, max_kv_tokens=64, page_tokens=4)
+
+    async def idle(sched):
+        """The stats once the finished request's sequence has left (just after its
+        last event)."""
+        for _ in range(500):
+            if sched.running == 0:
+                break
+            await asyncio.sleep(0.01)
+        return sched.kv_stats()
+
+    async def body(sched):
+        first = await drain(sched.submit([spec(engine, prompt, 8)]))
+        after_first = await idle(sched)
+        second = await drain(sched.submit([spec(engine, prompt, 8)]))
+        after_second = await idle(sched)
+        # 14 pages for a different prompt: the 5 free ones, then 9 evicted.
+        other = await drain(sched.submit([spec(engine, PROMPTS[1], 30)]))
+        return first, second, other, after_first, after_second, await idle(sched)
+
+    sched, got = run_with(engine, body, max_batch=2, max_context=96, kv_share=share)
+    first, second, other, after_first, after_second, end = got
+    assert first == second == expected(engine, prompt, 8)
+    assert other == expected(engine, PROMPTS[1], 30)
+    assert after_first["pages_used"] == 0 and after_first["pages_cached"] == 11
+    assert after_first["pages_free"] == 16 and after_first["kv_bytes"] == 0
+    assert after_second["prefix_hit_pages"] - after_first["prefix_hit_pages"] == 11
+    assert end["pages_evicted"] >= 9 and end["pages_used"] == 0
+    assert sched.preemptions == 0
+
+
 def test_requests_larger_than_the_kv_bounds_are_refused(engine) -> None:
     share = KvShare(min_kv_tokens=16, max_kv_tokens=32, page_tokens=4)
 

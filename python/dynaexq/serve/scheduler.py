@@ -346,6 +346,7 @@ class Scheduler:
             "pages_capacity": pages["capacity"],
             "pages_online": pages["online"],
             "pages_cached": pages["cached"],
+            "pages_evicted": pages["evicted"],
             "pages_shared": pages["shared"],
             "prefix_hit_pages": pages["prefix_hit_pages"],
             "preemptions": self.preemptions,
