@@ -289,7 +289,10 @@ class Scheduler:
             )
         self.kv_budget = budget
         self._kv_ids = itertools.count()
-        shared = getattr(self._lender, "kv_arena", None)
+        # The runtime whose pool arena holds the pages (when the budget is its tracker).
+        runtime = getattr(self.engine, "precision", None)
+        mine = budget is getattr(self.engine, "kv_budget", None)
+        shared = getattr(runtime, "kv_arena", None) if mine else None
         if shared is not None and shared.geometry.page_bytes == page_bytes:
             # The pages live in the expert pool's arena: the floor pages online from the
             # start, the lent slots' pages as the runtime lends them.
@@ -310,7 +313,7 @@ class Scheduler:
                 owner=shared.pool,
             )
             self._kv_own_bytes = shared.geometry.head_bytes
-            self._lender.attach_kv_pages(self._pages)  # type: ignore[union-attr]
+            runtime.attach_kv_pages(self._pages)  # type: ignore[union-attr]
             return
         self._pages = KvPagePool(share.page_tokens, page_bytes, share.pages, budget)
         self._arena = PagedKVCache.allocate(
