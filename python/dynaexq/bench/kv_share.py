@@ -244,12 +244,14 @@ def measure(
     new_tokens: int = 64,
     high_load: int = 24,
     after_requests: int = 12,
-    page_tokens: int = 16,
+    page_tokens: int = 8,
     floor_tokens: int = 256,
     budget: str = "20%",
 ) -> list[ModeResult]:
     """The three ways on the embedded model at the budget of a `budget` hot map beside a
-    contiguous cache of `batch` x `context` tokens (float32 on the CPU)."""
+    contiguous cache of `batch` x `context` tokens (float32 on the CPU). Pages of 8
+    tokens: the pages live in lent expert slots, and a 16-token page of this model
+    (48 KiB) is larger than a bf16 expert (36 KiB)."""
     import torch
 
     from dynaexq.runtime.kv_share import KvShare
@@ -321,12 +323,12 @@ def measure(
     return results
 
 
-def measured_markdown(results: list[ModeResult]) -> str:
+def measured_markdown(results: list[ModeResult], page_tokens: int = 8) -> str:
     lines = [
         f"Embedded model (float32, CPU), budget {results[0].budget_bytes / 2**20:.2f} MiB for "
         "everything; low load = 4 requests one at a time, high load = "
         f"{results[0].high.requests} at once, then {results[0].after.requests} one at a "
-        "time again; 64 prompt + 64 generated tokens each.",
+        f"time again; 64 prompt + 64 generated tokens each; pages of {page_tokens} tokens.",
         "",
         "| mode | hot experts at start | concurrent at high load: mean (peak) "
         "| tokens/s (high) | preemptions (high) | failed | routed mass at bf16: low load "
@@ -380,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("measure", help="the scheduler on the embedded model (markdown)")
     m.add_argument("--json", type=Path, default=None, help="also write the raw results")
     m.add_argument("--high-load", type=int, default=24)
+    m.add_argument("--page-tokens", type=int, default=8)
     args = parser.parse_args(argv)
     if args.what == "project":
         from dynaexq.runtime.memory import QWEN3_30B_A3B_CONFIG
@@ -388,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = project(config, {"24 GB": 24e9 / GIB, "32 GB": 32e9 / GIB})
         print(projection_markdown("Qwen3-30B-A3B", config, rows))
         return 0
-    results = measure(high_load=args.high_load)
-    print(measured_markdown(results))
+    results = measure(high_load=args.high_load, page_tokens=args.page_tokens)
+    print(measured_markdown(results, args.page_tokens))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")

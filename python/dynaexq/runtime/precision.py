@@ -428,13 +428,19 @@ class PrecisionRuntime:
         arena, pages = self.kv_arena, self._kv_page_pool
         if arena is None or pages is None or arena.host is None:
             return
-        self.table.reclaim()
         top = arena.host
+        if len(self.pool.lent(top)) >= self._lend_target:
+            return
+        self.table.reclaim()
         while len(self.pool.lent(top)) < self._lend_target and self.pool.free_count(top) > 0:
             index, _, _ = self.pool.lend(top)
             pages.add_pages(*arena.slot_pages(index))
         if len(self.pool.lent(top)) < self._lend_target and not self._lend_keys:
             self._demote_over_capacity()
+            if not self._lend_keys:
+                # Nothing left to demote (the demotions freed staging slots, which are not
+                # lendable): the rest of the intent cannot be met; reclaim returns it.
+                self._lend_target = len(self.pool.lent(top))
 
     def _demote_over_capacity(self) -> None:
         """A lending demotion that failed (no lowest-tier slot free yet, a copy error)
@@ -492,13 +498,15 @@ class PrecisionRuntime:
             # The per-layer split keeps every layer's top tier the same size: lend one
             # slot of every layer at a time.
             rounds = min(-(-want // self.num_layers), self._capacity()[top])
-            lent = self._request_moves(rounds, 0, 0, hottest=False)
+            lent = self._request_moves(rounds, 0, 0, hottest=False, first=self._lendable())
             rounds = lent // self.num_layers
             self.kv_lent += rounds
             self._lend_target += lent
             self._lend_freed_slots()
             return rounds * self.num_layers * unit
-        lent = self._request_moves(0, min(want, self._capacity()[top]), 0, hottest=False)
+        lent = self._request_moves(
+            0, min(want, self._capacity()[top]), 0, hottest=False, first=self._lendable()
+        )
         self.kv_lent += lent
         self._lend_target += lent
         self._lend_freed_slots()
@@ -646,6 +654,21 @@ class PrecisionRuntime:
                         self.busy[key] = (li, e, top, True)
                         room -= 1
 
+    def _lendable(self) -> set[tuple[int, int]]:
+        """Top-tier experts whose block is a lendable slot (not a staging one): demoting
+        them frees a slot that can become pages."""
+        return self._in_class(f"t{self.real[-1]}", 0) if self.kv_arena is not None else set()
+
+    def _in_class(self, cls: str, first_index: int) -> set[tuple[int, int]]:
+        """Experts whose published block is a slot of `cls` with index >= first_index."""
+        out = set()
+        for li in range(self.num_layers):
+            for e in range(self.experts):
+                block = self.table.published(li, e).block
+                if block.cls == cls and block.index >= first_index:
+                    out.add((li, e))
+        return out
+
     def _hosted(self) -> set[tuple[int, int]]:
         """Experts whose published block is a lent slot's hosted lowest-tier slot (promoted
         first on reclaim, so that their slots can come back too)."""
@@ -653,14 +676,7 @@ class PrecisionRuntime:
         if arena is None or arena.host is None:
             return set()
         lowest = f"t{self.real[0]}"
-        regular = self.pool.region(lowest)[1] // self.pool.slot_bytes(lowest)
-        out = set()
-        for li in range(self.num_layers):
-            for e in range(self.experts):
-                block = self.table.published(li, e).block
-                if block.cls == lowest and block.index >= regular:
-                    out.add((li, e))
-        return out
+        return self._in_class(lowest, self.pool.region(lowest)[1] // self.pool.slot_bytes(lowest))
 
     def _tier_values(self) -> np.ndarray:
         """[L, E, store tiers] value of each tier per unit of routed mass, as the planner

@@ -314,6 +314,14 @@ class Scheduler:
             )
             self._kv_own_bytes = shared.geometry.head_bytes
             runtime.attach_kv_pages(self._pages)  # type: ignore[union-attr]
+            if share.min_kv_tokens < share.max_kv_tokens and shared.pages_per_slot() == 0:
+                log.warning(
+                    "a KV page of %d tokens (%d B) does not fit in a lent top-tier expert "
+                    "slot beside the lowest-tier slot it hosts: no expert bytes can become "
+                    "pages; lower --kv-page-tokens",
+                    share.page_tokens,
+                    page_bytes,
+                )
             return
         self._pages = KvPagePool(share.page_tokens, page_bytes, share.pages, budget)
         self._arena = PagedKVCache.allocate(
