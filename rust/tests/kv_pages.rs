@@ -252,3 +252,104 @@ fn demoted_expert_bytes_become_pages_only_after_reclaim() {
     assert_eq!(s.moved_to_kv, hi_bytes);
     assert!(!budget.fits(BudgetUse::KvPages, page_bytes));
 }
+
+/// The physical path: a high-tier slot becomes page rows only once its demoted expert's
+/// old block is reclaimed, the rows lie past the low-tier slot it hosts, the next demotion
+/// lands in that hosted slot, and a lent slot comes back only when its pages and its
+/// hosted slot are free.
+#[test]
+fn a_demoted_experts_slot_is_lent_to_pages_only_after_reclaim() {
+    let budget = Arc::new(DeviceBudget::new(1 << 20).unwrap());
+    let config = PoolConfig::new(vec![
+        ClassSpec::new("lo", 256, 1),
+        ClassSpec::new("hi", 1024, 2),
+    ])
+    .kv_head_bytes(512)
+    .lending("hi", "lo");
+    let pool = Arc::new(Mutex::new(
+        ExpertPool::new_virtual_shared(&config, budget.clone()).unwrap(),
+    ));
+    let (lo, hi) = {
+        let p = pool.lock().unwrap();
+        (p.class_id("lo").unwrap(), p.class_id("hi").unwrap())
+    };
+    let table = ExpertTable::new(
+        pool.clone(),
+        vec![LayerTiers {
+            experts: 2,
+            tiers: vec![vec![lo], vec![hi]],
+        }],
+        Some(vec![vec![1, 1]]),
+        Arc::new(SyncUses) as Arc<dyn UseFence>,
+    )
+    .unwrap();
+    let rows = (pool.lock().unwrap().total_bytes() / 256) as u32;
+    let mut kv = KvPagePool::with_online(
+        KvPageConfig {
+            page_tokens: 4,
+            page_bytes: 256,
+            pages: rows,
+        },
+        budget.clone(),
+        0..2,
+    )
+    .unwrap();
+    let lend = || pool.lock().unwrap().lend(hi);
+    assert!(matches!(lend(), Err(Error::Exhausted { .. })));
+    // Demote expert 0 while a reader holds its high-tier block.
+    let lease = table.lease(0, 0).unwrap();
+    let pending = table.begin(0, 0, 0).unwrap();
+    table.complete(pending).unwrap();
+    assert_eq!(table.reclaim(), vec![]);
+    assert!(
+        matches!(lend(), Err(Error::Exhausted { .. })),
+        "lent before reclaim"
+    );
+    drop(lease);
+    assert_eq!(table.reclaim().len(), 1);
+    let slot = lend().unwrap();
+    let (offset, len) = slot.kv_range();
+    assert_eq!((slot.index, offset, len), (0, 768 + 256, 768));
+    let first = (offset / 256) as u32..((offset + len) / 256) as u32;
+    kv.add_pages(first.clone()).unwrap();
+    kv.open(1).unwrap();
+    let pages = kv.reserve(1, 20).unwrap();
+    assert_eq!(
+        pages,
+        vec![0, 1, first.start, first.start + 1, first.start + 2]
+    );
+    // Expert 1's demotion lands in the hosted slot at the head of the lent slot.
+    let pending = table.begin(0, 1, 0).unwrap();
+    let v = table.complete(pending).unwrap();
+    assert_eq!((v.block.class, v.block.offset), (lo, slot.offset));
+    assert!(pages.iter().all(|&p| {
+        let (a, b) = (p as u64 * 256, p as u64 * 256 + 256);
+        b <= v.block.offset || v.block.offset + v.block.nbytes <= a
+    }));
+    table.reclaim();
+    let second = lend().unwrap();
+    assert_eq!(second.index, 1);
+    // Slot 0 hosts expert 1 and holds pages: it cannot come back.
+    assert!(kv.remove_pages(first.clone()).is_err());
+    kv.close(1).unwrap();
+    kv.remove_pages(first.clone()).unwrap();
+    assert!(matches!(
+        pool.lock().unwrap().unlend(hi, 0),
+        Err(Error::IllegalLend(_))
+    ));
+    kv.add_pages(first.clone()).unwrap();
+    // Slot 1 comes back (its hosted slot is free); expert 1 is promoted into it, which
+    // frees slot 0's hosted slot, and slot 0 comes back too.
+    let (o1, l1) = second.kv_range();
+    let rows1 = (o1 / 256) as u32..((o1 + l1) / 256) as u32;
+    kv.add_pages(rows1.clone()).unwrap();
+    kv.remove_pages(rows1).unwrap();
+    pool.lock().unwrap().unlend(hi, 1).unwrap();
+    let pending = table.begin(0, 1, 1).unwrap();
+    table.complete(pending).unwrap();
+    table.reclaim();
+    kv.remove_pages(first).unwrap();
+    pool.lock().unwrap().unlend(hi, 0).unwrap();
+    assert!(pool.lock().unwrap().lent(hi).is_empty());
+    assert_eq!(kv.stats().online, 2);
+}

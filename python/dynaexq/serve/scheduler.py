@@ -18,12 +18,15 @@ One iteration of the worker:
 
 With a paged KV cache (`kv_share`), rows own pages instead of slab rows: a request is
 admitted when pages for its prompts (plus one page of reserve per sequence) are
-available, reusing published prefix pages; before each decode step every row grows by a
-page when it needs one. Under pressure the scheduler first asks the precision runtime to
-lend top-tier expert bytes (`lend_to_kv`: demotions, published before their bytes become
+available, reusing published prefix pages (a finished prompt's pages stay cached until
+a reservation evicts them); before each decode step every row grows by a page when it
+needs one. Under pressure the scheduler first asks the precision runtime to lend
+top-tier expert slots (`lend_to_kv`: demotions, published before their slots become
 pages), then preempts the newest sequence, which is recomputed later (its prompt and
 generated tokens prefilled again) rather than failed. When pressure has passed, lent
-bytes go back to the experts (`reclaim_from_kv`). Moving a row is then free (no copy).
+slots go back to the experts (`reclaim_from_kv`). With the runtime's budget the pages are
+views of its expert pool's arena (`runtime.kv_share.SharedKvArena`): the floor pages at
+its head, the others inside lent slots. Moving a row is then free (no copy).
 
 Prefill chunks and decode steps alternate, so a long prompt never stalls the running
 batch for more than one chunk. Tokens, text pieces and finish reasons go back to the
