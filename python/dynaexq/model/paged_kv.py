@@ -230,7 +230,7 @@ class PagedKVView:
     block_table: torch.Tensor
     backend: str = "gather"
     _mask: Any = field(default=None, repr=False)
-    _mask_key: tuple[int, ...] = ()
+    _mask_key: tuple[Any, int] | None = field(default=None, repr=False)
 
     @property
     def fused_attention(self) -> bool:
@@ -283,8 +283,9 @@ class PagedKVView:
         is visible to query (b, i) iff its page is row b's page j and its logical position
         j * page_tokens + n % page_tokens is at most the query's position (and below
         key_slots). Built once per step (every layer shares it)."""
-        key = (positions.data_ptr(), *positions.shape, key_slots)
-        if self._mask is not None and self._mask_key == key:
+        # Every layer of a step passes the step's one positions tensor.
+        cached = self._mask_key
+        if cached is not None and cached[0] is positions and cached[1] == key_slots:
             return self._mask
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -313,7 +314,7 @@ class PagedKVView:
             KV_LEN=self.arena.token_slots,
             device=table.device,
         )
-        self._mask_key = key
+        self._mask_key = (positions, key_slots)
         return self._mask
 
     def attend(
