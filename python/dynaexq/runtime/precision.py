@@ -501,7 +501,9 @@ class PrecisionRuntime:
             lent = self._request_moves(rounds, 0, 0, hottest=False, first=self._lendable())
             rounds = lent // self.num_layers
             self.kv_lent += rounds
-            self._lend_target += lent
+            # Only whole rounds lower the capacity, so only they become pages (a partial
+            # round's freed slots stay the experts').
+            self._lend_target += rounds * self.num_layers
             self._lend_freed_slots()
             return rounds * self.num_layers * unit
         lent = self._request_moves(
