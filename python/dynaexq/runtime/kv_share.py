@@ -66,9 +66,9 @@ class SharedKvArena:
         if host is None or guest is None:  # one tier: nothing to lend
             self.page_start, self.scratch_page = starts, g.floor_pages
             return
-        region, _ = pool.region(host)
+        region, region_bytes = pool.region(host)
         host_bytes, guest_bytes = pool.slot_bytes(host), pool.slot_bytes(guest)
-        for j in range(pool.capacity(host)):
+        for j in range(region_bytes // host_bytes):
             lo = region + j * host_bytes + guest_bytes
             first = -(-lo // tb)
             n = ((region + (j + 1) * host_bytes) // tb - first) // g.page_tokens
