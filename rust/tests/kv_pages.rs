@@ -77,27 +77,33 @@ fn kv_scenarios_exercise_every_outcome() {
 }
 
 /// Threads reserve and free pages while others acquire and release expert slots on the
-/// same tracker; an observer checks experts + KV never exceed the limit, and every byte
-/// comes back at the end.
+/// same tracker and one more lends high-tier slots to the pages and takes them back; an
+/// observer checks experts + KV never exceed the limit, the lender that online pages lie
+/// only in the head or in lent slots, and every byte comes back at the end.
 #[test]
 fn shared_tracker_never_exceeds_the_budget_under_racing_threads() {
     let limit = 10_000;
     let budget = Arc::new(DeviceBudget::with_kv_bounds(limit, 1_000, 8_000).unwrap());
+    // One arena: 32 head pages, then the slots; lent high-tier slots add pages.
     let config = PoolConfig::new(vec![
         ClassSpec::new("lo", 300, 16),
         ClassSpec::new("hi", 1_200, 8),
-    ]);
+    ])
+    .kv_head_bytes(32 * 500)
+    .lending("hi", "lo");
     let experts = Arc::new(Mutex::new(
         ExpertPool::new_virtual_shared(&config, budget.clone()).unwrap(),
     ));
+    let rows = (experts.lock().unwrap().total_bytes() / 500) as u32;
     let kv = Arc::new(Mutex::new(
-        KvPagePool::new(
+        KvPagePool::with_online(
             KvPageConfig {
                 page_tokens: 16,
                 page_bytes: 500,
-                pages: 32,
+                pages: rows,
             },
             budget.clone(),
+            0..32,
         )
         .unwrap(),
     ));
@@ -176,7 +182,56 @@ fn shared_tracker_never_exceeds_the_budget_under_racing_threads() {
             refused
         }));
     }
+    // A lender: lends free high-tier slots (their rows go online) and takes them back
+    // (rows offline first, refused while held or while the hosted slot is live), always
+    // locking the expert pool before the page pool; every online page past the head must
+    // lie in a lent slot's bytes.
+    let lender = {
+        let (experts, kv) = (experts.clone(), kv.clone());
+        std::thread::spawn(move || {
+            let mut seed = 5u64;
+            let (mut lent_n, mut back_n) = (0u64, 0u64);
+            let rows_of = |l: &dynaexq::LentSlot| {
+                let (o, n) = l.kv_range();
+                (o.div_ceil(500) as u32)..(((o + n) / 500) as u32)
+            };
+            for _ in 0..5_000 {
+                let r = pseudo_random(&mut seed, 1)[0];
+                let mut p = experts.lock().unwrap();
+                let mut k = kv.lock().unwrap();
+                let hi = p.class_id("hi").unwrap();
+                if r % 2 == 0 {
+                    if let Ok(l) = p.lend(hi) {
+                        k.add_pages(rows_of(&l)).unwrap();
+                        lent_n += 1;
+                    }
+                } else if let Some(&j) = p.lent(hi).first() {
+                    let rows = rows_of(&p.lent_slot(hi, j).unwrap());
+                    if k.remove_pages(rows.clone()).is_ok() {
+                        if p.unlend(hi, j).is_ok() {
+                            back_n += 1;
+                        } else {
+                            k.add_pages(rows).unwrap();
+                        }
+                    }
+                }
+                let ranges: Vec<_> = p
+                    .lent(hi)
+                    .iter()
+                    .map(|&j| rows_of(&p.lent_slot(hi, j).unwrap()))
+                    .collect();
+                for page in 32..rows {
+                    if k.is_online(page) {
+                        assert!(ranges.iter().any(|r| r.contains(&page)), "page {page}");
+                    }
+                }
+            }
+            (lent_n, back_n)
+        })
+    };
     let refusals: Vec<u64> = workers.into_iter().map(|h| h.join().unwrap()).collect();
+    let (lent_n, back_n) = lender.join().unwrap();
+    assert!(lent_n > 10 && back_n > 10, "{lent_n} lent, {back_n} back");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let seen = observer.join().unwrap();
     println!("refusals {refusals:?}, observer snapshots {seen}");
