@@ -84,3 +84,40 @@ def test_bad_input_is_refused_clearly() -> None:
         budget.fits("weights", 1)
     with pytest.raises(PoolExhausted, match="pages free"):
         pages.reserve(3, 100)
+
+
+def test_the_arena_page_map_puts_every_page_in_the_head_or_past_a_slots_guest() -> None:
+    """`SharedKvArena`: page ids 0..floor are the head (the scratch page last), then each
+    lendable slot's whole pages, token-aligned, past the guest slot it hosts; no two pages
+    overlap and none reaches another slot."""
+    from dynaexq.runtime.kv_share import KvPageGeometry, SharedKvArena
+
+    g = KvPageGeometry(page_tokens=4, token_bytes=96, floor_pages=3)
+    pool = ExpertPool(
+        {"t0": 500, "t1": 2000},
+        {"t0": 2, "t1": 5},
+        kv_head_bytes=g.head_bytes,
+        lending=("t1", "t0"),
+    )
+    arena = SharedKvArena(pool, g, "t1", "t0")
+    assert arena.scratch_page == 3 and arena.pages_per_slot() >= 3
+    region, _ = pool.region("t1")
+    host, guest = pool.slot_bytes("t1"), pool.slot_bytes("t0")
+    spans = []
+    for p, start in enumerate(arena.page_start):
+        lo, hi = start * g.token_bytes, (start + g.page_tokens) * g.token_bytes
+        spans.append((lo, hi))
+        if p <= arena.scratch_page:
+            assert hi <= g.head_bytes
+    for j in range(5):
+        a, b = arena.slot_pages(j)
+        slot = region + j * host
+        for lo, hi in spans[a:b]:
+            assert slot + guest <= lo and hi <= slot + host, (j, lo, hi)
+    ordered = sorted(spans)
+    assert all(h <= lo for (_, h), (lo, _) in zip(ordered, ordered[1:], strict=False))
+    # Lending hands out exactly those bytes.
+    index, offset, nbytes = pool.lend("t1")
+    a, b = arena.slot_pages(index)
+    assert all(offset <= lo and hi <= offset + nbytes for lo, hi in spans[a:b])
+    assert pool.lent_range("t1", index) == (offset, nbytes) and pool.lent("t1") == [index]

@@ -187,19 +187,52 @@ def test_bad_tables_and_sizes_are_refused(engine) -> None:
     with pytest.raises(ValueError, match="pages >= 1"):
         PagedKVCache.allocate(cfg, 0, 16, torch.float32, "cpu")
     cache = PagedKVCache.allocate(cfg, 4, 16, torch.float32, "cpu")
-    with pytest.raises(ValueError, match=r"page ids must be in \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"not the scratch page 4"):
         cache.view([[4]])
+    with pytest.raises(ValueError, match=r"page ids must be in \[0, 5\)"):
+        cache.view([[5]])
     assert cache.scratch_page == 4 and cache.pages == 4
     assert PagedKVCache.page_bytes(cfg, 16, 4) == 16 * kv_bytes_per_token(cfg, 4)
     assert cache.nbytes == 5 * PagedKVCache.page_bytes(cfg, 16, 4)
 
 
+def test_flex_attention_over_pages_equals_gather_on_the_cpu(engine) -> None:
+    """FlexAttention reads the arena in place under the inverse-block-table mask (eager on
+    the CPU): the same logits as gather + SDPA and as the contiguous cache, for prefill
+    of rows of different lengths and decode steps, pages in scattered order."""
+    model, vocab = engine.model, engine.config.vocab_size
+    prompts = [_prompt(40 + i, n, vocab) for i, n in enumerate([7, 30, 18])]
+    cache = PagedKVCache.allocate(engine.config, 24, 8, torch.float32, "cpu")
+    assert cache.backend == "gather"
+    # Rows own interleaved, reversed pages: nothing contiguous.
+    tables = [[20 - 3 * i - r for i in range(6)] for r in range(3)]
+    slab = KVCache.allocate(engine.config, 3, 48, torch.float32, "cpu")
+    ids, positions, mask, last = _prefill_args(prompts, [0, 0, 0])
+    a = model(ids, positions, slab, mask, logits_index=last)[:, 0]
+    b = model(ids, positions, cache.view(tables, backend="flex"), mask, logits_index=last)[:, 0]
+    g = model(ids, positions, cache.view(tables), mask, logits_index=last)[:, 0]
+    torch.testing.assert_close(b, g, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    pos = torch.tensor([[len(p)] for p in prompts])
+    view = cache.view(tables, backend="flex")  # one view for every step: one mask each
+    for _ in range(4):
+        nxt = a.argmax(-1, keepdim=True)
+        a = model(nxt, pos, slab)[:, 0]
+        b = model(nxt, pos, view)[:, 0]
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        pos = pos + 1
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_paged_equals_contiguous_on_the_gpu() -> None:
+    """On CUDA the paged cache attends through compiled FlexAttention by default."""
     engine = dynaexq.load(dtype="float32", device="cuda")
     model, vocab = engine.model, engine.config.vocab_size
     prompts = [_prompt(i, n, vocab) for i, n in enumerate([7, 30, 18])]
     cache = PagedKVCache.allocate(engine.config, 32, 16, torch.float32, "cuda")
+    assert cache.backend == "flex" and cache.view([[0]]).fused_attention
     tables = [[3 * r + i for i in range(3)] for r in range(3)]
     slab = KVCache.allocate(engine.config, 3, 48, torch.float32, "cuda")
     ids, positions, mask, last = (t.cuda() for t in _prefill_args(prompts, [0, 0, 0]))

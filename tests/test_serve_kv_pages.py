@@ -117,6 +117,42 @@ def test_shared_prompt_prefix_pages_are_reused(engine) -> None:
     assert sched.kv_stats()["prefix_hit_pages"] > 0
 
 
+def test_finished_prompts_pages_are_reused_later_and_evicted_under_pressure(engine) -> None:
+    """A finished request's full prompt pages stay cached (no budget held, counted free):
+    the same prompt later takes them instead of computing them, with engine.generate's
+    greedy output; requests that need the pages evict them, oldest chain tails first."""
+    prompt = PROMPTS[3]  # 45 tokens: 11 full pages of 4
+    share = KvShare(min_kv_tokens=64, max_kv_tokens=64, page_tokens=4)
+
+    async def idle(sched):
+        """The stats once the finished request's sequence has left (just after its
+        last event)."""
+        for _ in range(500):
+            if sched.running == 0:
+                break
+            await asyncio.sleep(0.01)
+        return sched.kv_stats()
+
+    async def body(sched):
+        first = await drain(sched.submit([spec(engine, prompt, 8)]))
+        after_first = await idle(sched)
+        second = await drain(sched.submit([spec(engine, prompt, 8)]))
+        after_second = await idle(sched)
+        # 14 pages for a different prompt: the 5 free ones, then 9 evicted.
+        other = await drain(sched.submit([spec(engine, PROMPTS[1], 30)]))
+        return first, second, other, after_first, after_second, await idle(sched)
+
+    sched, got = run_with(engine, body, max_batch=2, max_context=96, kv_share=share)
+    first, second, other, after_first, after_second, end = got
+    assert first == second == expected(engine, prompt, 8)
+    assert other == expected(engine, PROMPTS[1], 30)
+    assert after_first["pages_used"] == 0 and after_first["pages_cached"] == 11
+    assert after_first["pages_free"] == 16 and after_first["kv_bytes"] == 0
+    assert after_second["prefix_hit_pages"] - after_first["prefix_hit_pages"] == 11
+    assert end["pages_evicted"] >= 9 and end["pages_used"] == 0
+    assert sched.preemptions == 0
+
+
 def test_requests_larger_than_the_kv_bounds_are_refused(engine) -> None:
     share = KvShare(min_kv_tokens=16, max_kv_tokens=32, page_tokens=4)
 
@@ -154,7 +190,8 @@ def _dynamic_engine(tmp_path_factory, share: KvShare, hot_per_layer: int):
     k = Policy("dynamic").controller.in_flight
     layers, experts = len(store.layers), store.experts
     experts_bytes = layers * (experts * lo + hot_per_layer * (hi - lo)) + k * (lo + hi)
-    budget = fixed.total - fixed.kv_cache + floor + experts_bytes
+    scratch = share.page_bytes(config, 4)  # the paged cache's scratch page
+    budget = fixed.total - fixed.kv_cache + floor + scratch + experts_bytes
     calibration = [np.random.default_rng(9).integers(0, 128, size=1024)]
     engine, dep = load_with_policy(
         path,
@@ -171,6 +208,7 @@ def _dynamic_engine(tmp_path_factory, share: KvShare, hot_per_layer: int):
         kv_share=share,
     )
     assert dep.plan.per_layer == (experts - hot_per_layer, hot_per_layer)
+    engine.deployment = dep  # type: ignore[attr-defined]
     return engine, hi - lo
 
 
@@ -179,7 +217,9 @@ def test_long_requests_borrow_expert_bytes_and_give_them_back(tmp_path_factory) 
     runtime for bytes, hot experts are demoted and their bytes become pages (only once the
     demotions are published and the old blocks reclaimed), nothing fails; when the load has
     passed the bytes go back and the controller promotes experts again."""
-    share = KvShare(min_kv_tokens=48, max_kv_tokens=400, page_tokens=4)
+    # A lent bf16 slot (4608 B) holds one 4-token page beside its int2 guest (1536 B): the
+    # 12 top-tier slots add 48 tokens to the floor's 64, room for the longest request.
+    share = KvShare(min_kv_tokens=64, max_kv_tokens=400, page_tokens=4)
     engine, delta = _dynamic_engine(tmp_path_factory, share, hot_per_layer=6)
     runtime, budget = engine.precision, engine.kv_budget
     start = budget.snapshot()
@@ -204,9 +244,10 @@ def test_long_requests_borrow_expert_bytes_and_give_them_back(tmp_path_factory) 
         short = requests(sched, PROMPTS[:2], 12)
         long = requests(sched, PROMPTS[2:], 60)
         done = [await drain(r) for r in short + long]
-        # The load has passed: a few short requests give the controller steps to promote.
-        for _ in range(3):
-            done += [await drain(r) for r in requests(sched, PROMPTS[:2], 24)]
+        # The load has passed: short requests one at a time (within the floor) give the
+        # controller steps to take the slots back and promote.
+        for _ in range(6):
+            done += [await drain(r) for r in requests(sched, PROMPTS[:1], 24)]
         stop.set()
         await watcher
         return done
@@ -234,6 +275,107 @@ def test_long_requests_borrow_expert_bytes_and_give_them_back(tmp_path_factory) 
     assert end["expert_bytes"] > seen["experts"], (seen, end)
     assert end["charged_bytes"] <= end["limit"] and end["high_water_bytes"] <= end["limit"]
     assert sched.kv_stats()["pages_used"] == 0
+
+
+def test_lent_expert_slots_physically_become_the_pages(tmp_path_factory) -> None:
+    """One arena: the expert pool's allocation is the only memory for experts and KV, it
+    fits the budget, and the pages handed out after lending lie inside the lent top-tier
+    slots' bytes, never in a live expert block. Writing keys and values there leaves
+    every expert's bytes as they were and gives the contiguous cache's logits; when the
+    pages are free again the slots go back to the experts."""
+    import time
+
+    import torch
+    from dynaexq import KvPagePool
+    from dynaexq.model.paged_kv import PagedKVCache
+    from dynaexq.model.qwen3_moe import KVCache
+
+    share = KvShare(min_kv_tokens=16, max_kv_tokens=400, page_tokens=4)
+    engine, _ = _dynamic_engine(tmp_path_factory, share, hot_per_layer=6)
+    runtime, budget, dep = engine.precision, engine.kv_budget, engine.deployment
+    pool, arena = runtime.pool, runtime.kv_arena
+    g = arena.geometry
+    # Experts + KV are reserved once, within what the budget leaves after the fixed state.
+    room = dep.plan.budget - (dep.fixed.total - dep.fixed.kv_cache)
+    assert pool.total_bytes <= room, (pool.total_bytes, room)
+    pages = KvPagePool(g.page_tokens, g.page_bytes, arena.pages, budget, online=(0, g.floor_pages))
+    cache = PagedKVCache.over_arena(
+        engine.config,
+        arena.buffer(),
+        g.page_tokens,
+        torch.float32,
+        scratch_page=arena.scratch_page,
+        page_start=arena.page_start,
+        owner=pool,
+    )
+    assert cache.buffer.data_ptr() == pool.arena_address and cache.nbytes == pool.total_bytes
+    runtime.attach_kv_pages(pages)
+
+    def expert_blocks():
+        out = {}
+        for li in range(runtime.num_layers):
+            for e in range(runtime.experts):
+                b = runtime.table.published(li, e).block
+                out[(li, e)] = (pool.address(b), b.nbytes, pool.read(b))
+        return out
+
+    # Lend two slots per layer and wait for their demotions to land and free the slots.
+    assert runtime.lend_to_kv(4 * g.page_bytes) > 0
+    deadline = time.monotonic() + 60
+    while runtime.lend_in_flight and time.monotonic() < deadline:
+        runtime.settle()
+        time.sleep(0.005)
+    top = arena.host
+    lent = pool.lent(top)
+    assert len(lent) == 4 and pages.stats()["online"] == g.floor_pages + 4 * arena.pages_per_slot()
+    # A sequence longer than the floor: its pages past the floor come from lent slots.
+    prompt = [
+        int(t) for t in torch.randint(1, 100, (20,), generator=torch.Generator().manual_seed(5))
+    ]
+    pages.open(0)
+    pages.reserve(0, len(prompt) + 8)
+    table = pages.block_table(0)
+    beyond = [p for p in table if p > arena.scratch_page]
+    assert len(beyond) == len(table) - g.floor_pages > 0
+    ranges = [pool.lent_range(top, j) for j in lent]
+    base = pool.arena_address
+    before = expert_blocks()
+    for p in beyond:
+        lo, hi = cache.page_address(p), cache.page_address(p) + g.page_bytes
+        assert any(base + o <= lo and hi <= base + o + n for o, n in ranges), p
+        for addr, nbytes, _ in before.values():
+            assert hi <= addr or addr + nbytes <= lo, (p, addr)
+    # Keys and values written into those pages: the experts' bytes are untouched and the
+    # logits are the contiguous cache's.
+    ids = torch.tensor([prompt])
+    pos = torch.arange(len(prompt)).unsqueeze(0)
+    slab = KVCache.allocate(engine.config, 1, 64, torch.float32, "cpu")
+    model = engine.model
+    want = model(ids, pos, slab)[:, -1]
+    got = model(ids, pos, cache.view([table]))[:, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for step in range(8):
+        nxt = want.argmax(-1, keepdim=True)
+        p = torch.tensor([[len(prompt) + step]])
+        want, got = model(nxt, p, slab)[:, -1], model(nxt, p, cache.view([table]))[:, -1]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    after = expert_blocks()
+    assert all(after[k][2] == before[k][2] for k in before), "a KV write reached an expert"
+    # Held pages keep their slots lent (a slot whose page is free may come back at once);
+    # once all are free, every slot comes back to the experts.
+    held = {j for j in lent if set(range(*arena.slot_pages(j))) & set(table)}
+    runtime.reclaim_from_kv()
+    assert held and held <= set(pool.lent(top))
+    pages.close(0)
+    deadline = time.monotonic() + 60
+    while pool.lent(top) and time.monotonic() < deadline:
+        runtime.reclaim_from_kv()
+        runtime.settle()
+        time.sleep(0.005)
+    assert pool.lent(top) == [] and runtime.kv_lent == 0
+    assert pages.stats()["online"] == g.floor_pages
+    snap = budget.snapshot()
+    assert snap["charged_bytes"] <= snap["limit"] and snap["kv_bytes"] == 0
 
 
 def test_serve_wires_the_paged_cache_to_the_runtime_budget(tmp_path_factory) -> None:
@@ -267,6 +409,10 @@ def test_serve_wires_the_paged_cache_to_the_runtime_budget(tmp_path_factory) -> 
     sched = app.state.scheduler
     assert sched.paged and sched.kv_budget is engine.kv_budget
     assert sched._lender is engine.precision
+    # The pages are views of the expert pool's arena: no KV memory of their own.
+    pool = engine.precision.pool
+    assert sched._arena.buffer.data_ptr() == pool.arena_address
+    assert sched._arena.nbytes == pool.total_bytes and sched._arena.owner is pool
     snap = engine.kv_budget.snapshot()
     assert snap["kv_floor"] == share.floor_bytes(engine.config, 4) and snap["expert_bytes"] > 0
     body = sched.metrics.render().decode()

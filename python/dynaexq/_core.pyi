@@ -76,10 +76,14 @@ class ExpertPool:
         budget: int | None = None,
         device: int | None = None,
         shared_budget: DeviceBudget | None = None,
+        kv_head_bytes: int = 0,
+        lending: tuple[str, str] | None = None,
     ) -> ExpertPool:
         """`device=N` reserves the arena on CUDA device N (BackendError without CUDA).
         `shared_budget`: reserve every slot from a `DeviceBudget` shared with a
-        `KvPagePool` (then `budget` must be None)."""
+        `KvPagePool` (then `budget` must be None). `kv_head_bytes`: bytes at the arena's
+        head for the KV floor pages. `lending=(host, guest)`: slots of class `host` may
+        be lent to the KV pages, each hosting one slot of class `guest` at its head."""
     def alloc(self, cls: str) -> Block:
         """Allocate a committed block (lowest free slot); PoolExhausted when full."""
     def reserve(self, cls: str) -> Block:
@@ -99,6 +103,21 @@ class ExpertPool:
         `torch.frombuffer`); `free` raises BlockInUse while the view lives. The table's
         blocks are read through `Lease.view()` and written through `Transition.write()`."""
     def address(self, block: Block) -> int: ...
+    def arena_view(self) -> memoryview:
+        """A writable view of the whole host arena for the KV cache's page rows."""
+    @property
+    def arena_address(self) -> int: ...
+    @property
+    def kv_head_bytes(self) -> int: ...
+    def lend(self, cls: str) -> tuple[int, int, int]:
+        """Lend the lowest free slot of the lending class: (index, offset, nbytes) of the
+        arena bytes the KV pages may use. PoolExhausted when none is free."""
+    def unlend(self, cls: str, index: int) -> None:
+        """Take a lent slot back (its pages offline already); ValueError while its
+        hosted guest slot is live."""
+    def can_unlend(self, cls: str, index: int) -> bool: ...
+    def lent(self, cls: str) -> list[int]: ...
+    def lent_range(self, cls: str, index: int) -> tuple[int, int] | None: ...
     def read(self, block: Block) -> bytes:
         """A copy of the block's bytes (host or device arena; for checks). BlockInUse for
         a block a transition is still filling."""
@@ -149,8 +168,22 @@ class KvPagePool:
     tokens and their prefix. The pages' memory belongs to the caller."""
 
     def __new__(
-        cls, page_tokens: int, page_bytes: int, pages: int, budget: DeviceBudget
-    ) -> KvPagePool: ...
+        cls,
+        page_tokens: int,
+        page_bytes: int,
+        pages: int,
+        budget: DeviceBudget,
+        online: tuple[int, int] | None = None,
+    ) -> KvPagePool:
+        """`online=(start, stop)`: only those pages may be handed out at first (default:
+        all); `add_pages` / `remove_pages` move ranges online and offline."""
+    def add_pages(self, start: int, stop: int) -> None: ...
+    def remove_pages(self, start: int, stop: int) -> None:
+        """Take pages offline (cached ones evicted); ValueError while one is held."""
+    def range_unheld(self, start: int, stop: int) -> bool: ...
+    def is_online(self, page: int) -> bool: ...
+    def is_cached(self, page: int) -> bool:
+        """A published page no sequence holds, kept for reuse until evicted."""
     @property
     def page_tokens(self) -> int: ...
     @property

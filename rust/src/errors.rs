@@ -88,6 +88,9 @@ pub enum Error {
     /// A KV page operation the sequence's state does not allow.
     #[error("KV sequence {seq}: {reason}")]
     IllegalPageOp { seq: u64, reason: String },
+    /// A lending operation the slot's state does not allow (see `pool::Lending`).
+    #[error("lending: {0}")]
+    IllegalLend(String),
     /// The byte budget cannot hold the requested layout.
     #[error("{what}: needs {needed} B but the budget is {budget} B ({missing} B missing)")]
     BudgetTooSmall {

@@ -20,9 +20,24 @@
 //! hand out another prompt's keys and values. The page holding a prompt's last token is
 //! never shared (the model must compute that token's logits, and so write its page).
 //! Pages are published only while the chain from page 0 is published, so one prefix maps
-//! to one page. A page leaves the prefix map when its last holder frees it.
+//! to one page.
+//!
+//! Cached prefix pages: when the last holder of a published page lets it go, the page
+//! stays in the prefix map, cached: it holds no budget (its bytes are free for experts
+//! and pages alike) and counts as available, and a later prompt with the same prefix
+//! takes it back (reserving its bytes again) instead of computing it. A reservation that
+//! finds no free page evicts the least recently released cached page (the deepest page
+//! of a sequence is released first, so chains are evicted from their tails).
+//!
+//! Online pages: page numbers may name memory that is not always the pool's (a page
+//! number is a row of the one arena the expert pool and the pages share; rows inside an
+//! expert slot lent to the KV cache exist only while it is lent). Offline pages are never
+//! handed out; `add_pages` brings a range online and `remove_pages` takes a range back,
+//! all-or-nothing, only while no sequence holds any of its pages (cached ones are
+//! evicted).
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::budget::{BudgetUse, DeviceBudget};
@@ -53,6 +68,12 @@ pub struct KvPageStats {
     pub used: u32,
     /// Pages a reservation could take now (arena and budget permitting).
     pub available: u32,
+    /// Pages that may be handed out (the rest are offline).
+    pub online: u32,
+    /// Published pages no sequence holds (kept for reuse until evicted).
+    pub cached: u32,
+    /// Cached pages evicted for a reservation, since construction.
+    pub evicted: u64,
     /// Pages held by more than one sequence.
     pub shared: u32,
     /// Pages in the prefix map.
@@ -94,7 +115,10 @@ pub fn page_keys(tokens: &[u32], page_tokens: u32) -> Vec<u64> {
 #[derive(Clone, Debug)]
 struct Published {
     key: u64,
-    parent: Option<u32>,
+    /// The page before it and that page's publication (a page number is reused once its
+    /// page is freed or evicted; the publication number is not).
+    parent: Option<(u32, u64)>,
+    publication: u64,
     tokens: Box<[u32]>,
 }
 
@@ -116,6 +140,16 @@ pub struct KvPagePool {
     used: u32,
     high_water: u32,
     prefix_hit_pages: u64,
+    online: Vec<bool>,
+    online_count: u32,
+    /// Cached pages by release order (oldest first), and each cached page's tick.
+    cached: BTreeMap<u64, u32>,
+    cached_at: Vec<Option<u64>>,
+    tick: u64,
+    evicted: u64,
+    publications: u64,
+    /// Published pages whose parent is the page (to unpublish a chain's tail with it).
+    children: Vec<Vec<u32>>,
 }
 
 impl std::fmt::Debug for KvPagePool {
@@ -129,8 +163,17 @@ impl std::fmt::Debug for KvPagePool {
 }
 
 impl KvPagePool {
-    /// A pool of `config.pages` pages whose bytes come from `budget`.
+    /// A pool of `config.pages` pages, all online, whose bytes come from `budget`.
     pub fn new(config: KvPageConfig, budget: Arc<DeviceBudget>) -> Result<Self> {
+        Self::with_online(config, budget, 0..config.pages)
+    }
+
+    /// A pool whose pages `online` are online (the rest wait for `add_pages`).
+    pub fn with_online(
+        config: KvPageConfig,
+        budget: Arc<DeviceBudget>,
+        online: Range<u32>,
+    ) -> Result<Self> {
         if config.page_tokens == 0 {
             return Err(Error::InvalidConfig("page_tokens must be > 0".into()));
         }
@@ -142,10 +185,21 @@ impl KvPagePool {
                 "a page pool needs at least one page".into(),
             ));
         }
+        if online.end > config.pages {
+            return Err(Error::InvalidConfig(format!(
+                "online pages {online:?} exceed the {} pages",
+                config.pages
+            )));
+        }
         let n = config.pages as usize;
+        let mut free = FreeBitmap::new(config.pages);
+        let is_online: Vec<bool> = (0..config.pages).map(|p| online.contains(&p)).collect();
+        for p in (0..config.pages).filter(|&p| !online.contains(&p)) {
+            free.take(p);
+        }
         Ok(Self {
             config,
-            free: FreeBitmap::new(config.pages),
+            free,
             refs: vec![0; n],
             published: vec![None; n],
             prefix: HashMap::new(),
@@ -154,7 +208,87 @@ impl KvPagePool {
             used: 0,
             high_water: 0,
             prefix_hit_pages: 0,
+            online_count: online.len() as u32,
+            online: is_online,
+            cached: BTreeMap::new(),
+            cached_at: vec![None; n],
+            tick: 0,
+            evicted: 0,
+            publications: 0,
+            children: vec![Vec::new(); n],
         })
+    }
+
+    fn check_range(&self, pages: &Range<u32>) -> Result<()> {
+        if pages.end > self.config.pages || pages.start > pages.end {
+            return Err(Error::OutOfRange(format!(
+                "pages {pages:?} of {}",
+                self.config.pages
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bring offline pages online (memory that became the KV cache's). All or nothing.
+    pub fn add_pages(&mut self, pages: Range<u32>) -> Result<()> {
+        self.check_range(&pages)?;
+        if let Some(p) = pages.clone().find(|&p| self.online[p as usize]) {
+            return Err(Error::IllegalLend(format!("page {p} is online already")));
+        }
+        for p in pages {
+            self.online[p as usize] = true;
+            let ok = self.free.free(p);
+            debug_assert!(ok, "an offline page is not in the free list");
+            self.online_count += 1;
+        }
+        Ok(())
+    }
+
+    /// Take online pages offline (memory going back to the experts), evicting the cached
+    /// ones. All or nothing: refused while a sequence holds one of them.
+    pub fn remove_pages(&mut self, pages: Range<u32>) -> Result<()> {
+        self.check_range(&pages)?;
+        for p in pages.clone() {
+            if !self.online[p as usize] {
+                return Err(Error::IllegalLend(format!("page {p} is offline")));
+            }
+            if self.refs[p as usize] > 0 {
+                return Err(Error::IllegalLend(format!(
+                    "page {p} is held by {} sequences",
+                    self.refs[p as usize]
+                )));
+            }
+        }
+        // Evict the cached pages first (their chains' cached tails become free), then
+        // every page of the range is free.
+        for p in pages.clone() {
+            if self.cached_at[p as usize].is_some() {
+                self.unpublish(p);
+            }
+        }
+        for p in pages {
+            let ok = self.free.take(p);
+            debug_assert!(ok, "an unheld, uncached online page is free");
+            self.online[p as usize] = false;
+            self.online_count -= 1;
+        }
+        Ok(())
+    }
+
+    /// Whether no sequence holds any page of `pages` (they could go offline now).
+    pub fn range_unheld(&self, pages: Range<u32>) -> bool {
+        pages.end <= self.config.pages && pages.into_iter().all(|p| self.refs[p as usize] == 0)
+    }
+    pub fn is_online(&self, page: u32) -> bool {
+        self.online.get(page as usize).copied().unwrap_or(false)
+    }
+    pub fn is_cached(&self, page: u32) -> bool {
+        self.cached_at
+            .get(page as usize)
+            .is_some_and(|t| t.is_some())
+    }
+    fn unheld(&self) -> u32 {
+        self.free.free_count() + self.cached.len() as u32
     }
 
     pub fn config(&self) -> KvPageConfig {
@@ -177,10 +311,10 @@ impl KvPagePool {
         tokens.div_ceil(self.config.page_tokens as u64)
     }
 
-    /// Pages a reservation could take now: free in the arena and covered by the budget.
+    /// Pages a reservation could take now: free or cached, and covered by the budget.
     pub fn available(&self) -> u32 {
         let by_budget = self.budget.snapshot().kv_headroom() / self.config.page_bytes;
-        (self.free.free_count() as u64).min(by_budget) as u32
+        (self.unheld() as u64).min(by_budget) as u32
     }
 
     /// Pages `seq` still needs to hold `tokens` tokens (0 when it already does).
@@ -261,12 +395,24 @@ impl KvPagePool {
             if p.parent != parent || *p.tokens != prompt[i * pt..(i + 1) * pt] {
                 break; // a hash collision: not this prefix
             }
-            taken.push(page);
-            parent = Some(page);
-        }
-        for &page in &taken {
+            let publication = p.publication;
+            if self.cached_at[page as usize].is_some()
+                && self
+                    .budget
+                    .try_take(BudgetUse::KvPages, self.config.page_bytes)
+                    .is_err()
+            {
+                break; // a cached page needs its bytes back, and the budget has none
+            }
+            if let Some(t) = self.cached_at[page as usize].take() {
+                self.cached.remove(&t);
+                self.used += 1;
+            }
             self.refs[page as usize] += 1;
+            taken.push(page);
+            parent = Some((page, publication));
         }
+        self.high_water = self.high_water.max(self.used);
         self.prefix_hit_pages += taken.len() as u64;
         let tokens = (taken.len() * pt) as u64;
         let s = self.seqs.get_mut(&seq).expect("checked above");
@@ -289,11 +435,11 @@ impl KvPagePool {
             free: self.free.free_count(),
             capacity: self.config.pages,
         })?;
-        if need > self.free.free_count() {
+        if need > self.unheld() {
             return Err(Error::PagesExhausted {
                 need,
-                free: self.free.free_count(),
-                capacity: self.config.pages,
+                free: self.unheld(),
+                capacity: self.online_count,
             });
         }
         let nbytes = need as u64 * self.config.page_bytes;
@@ -305,8 +451,12 @@ impl KvPagePool {
                 budget: snap.limit,
             });
         }
+        // Free pages first (lowest indices), then the oldest cached ones.
         let new: Vec<u32> = (0..need)
-            .map(|_| self.free.alloc().expect("free_count was checked"))
+            .map(|_| match self.free.alloc() {
+                Some(page) => page,
+                None => self.evict_oldest(),
+            })
             .collect();
         for &page in &new {
             self.refs[page as usize] = 1;
@@ -347,15 +497,24 @@ impl KvPagePool {
                     // this sequence stops being shareable here.
                     break;
                 }
+                self.publications += 1;
                 self.published[page as usize] = Some(Published {
                     key,
                     parent,
+                    publication: self.publications,
                     tokens: tokens[i * pt..(i + 1) * pt].into(),
                 });
                 self.prefix.insert(key, page);
+                if let Some((parent, _)) = parent {
+                    self.children[parent as usize].push(page);
+                }
                 count += 1;
             }
-            parent = Some(page);
+            let publication = self.published[page as usize]
+                .as_ref()
+                .expect("published above or before")
+                .publication;
+            parent = Some((page, publication));
         }
         Ok(count)
     }
@@ -387,11 +546,13 @@ impl KvPagePool {
         let dropped: Vec<u32> = s.pages.split_off(keep);
         s.tokens = tokens;
         let last_partial = (tokens % pt != 0).then(|| s.pages[keep - 1]);
+        let freed = self.release(&dropped);
         if let Some(page) = last_partial {
-            // Its tail will be rewritten with other tokens: it is no prefix page any more.
+            // Its tail will be rewritten with other tokens: it is no prefix page any more
+            // (nor are the dropped pages after it, cached just now).
             self.unpublish(page);
         }
-        Ok(self.release(&dropped))
+        Ok(freed)
     }
 
     /// End the sequence (finished, cancelled or preempted): every page it held loses a
@@ -401,24 +562,61 @@ impl KvPagePool {
         Ok(self.release(&s.pages))
     }
 
+    /// Evict the oldest cached page (and its chain's cached tail) and take it.
+    fn evict_oldest(&mut self) -> u32 {
+        let (_, page) = self
+            .cached
+            .first_key_value()
+            .expect("unheld pages were counted");
+        let page = *page;
+        self.unpublish(page);
+        self.evicted += 1;
+        let ok = self.free.take(page);
+        debug_assert!(ok, "an evicted page is free");
+        page
+    }
+
+    /// Take `page` out of the prefix map, and every page published after it in its
+    /// chain (their prefix is gone): cached ones become free, held ones stay private. So
+    /// a published page's parent is always published, as the chain check assumes.
     fn unpublish(&mut self, page: u32) {
-        if let Some(p) = self.published[page as usize].take() {
+        let mut stack = vec![page];
+        while let Some(page) = stack.pop() {
+            let Some(p) = self.published[page as usize].take() else {
+                continue;
+            };
             if self.prefix.get(&p.key) == Some(&page) {
                 self.prefix.remove(&p.key);
             }
+            if let Some((parent, _)) = p.parent {
+                self.children[parent as usize].retain(|&c| c != page);
+            }
+            if let Some(t) = self.cached_at[page as usize].take() {
+                self.cached.remove(&t);
+                let ok = self.free.free(page);
+                debug_assert!(ok, "a cached page is not in the free list");
+            }
+            stack.append(&mut self.children[page as usize]);
         }
     }
 
+    /// Drop one holder of each page, deepest first; a page left without holders is
+    /// cached if published, free otherwise. Returns the pages no sequence holds now.
     fn release(&mut self, pages: &[u32]) -> u32 {
         let mut freed = 0u32;
-        for &page in pages {
+        for &page in pages.iter().rev() {
             let r = &mut self.refs[page as usize];
             debug_assert!(*r > 0, "a held page has a holder");
             *r -= 1;
             if *r == 0 {
-                self.unpublish(page);
-                let ok = self.free.free(page);
-                debug_assert!(ok, "refcounts and bitmap disagree");
+                if self.published[page as usize].is_some() {
+                    self.tick += 1;
+                    self.cached.insert(self.tick, page);
+                    self.cached_at[page as usize] = Some(self.tick);
+                } else {
+                    let ok = self.free.free(page);
+                    debug_assert!(ok, "refcounts and bitmap disagree");
+                }
                 freed += 1;
             }
         }
@@ -435,6 +633,9 @@ impl KvPagePool {
             capacity: self.config.pages,
             used: self.used,
             available: self.available(),
+            online: self.online_count,
+            cached: self.cached.len() as u32,
+            evicted: self.evicted,
             shared: self.refs.iter().filter(|&&r| r > 1).count() as u32,
             published: self.prefix.len() as u32,
             sequences: self.seqs.len() as u32,
@@ -542,10 +743,13 @@ mod tests {
         assert!(p.truncate(2, 6).is_err(), "page 1 is shared");
         p.close(1).unwrap();
         p.close(2).unwrap();
-        // Page 0 is still held by 3 and 4, page 1 is gone and left the prefix map.
-        assert!(p.is_published(0) && !p.is_published(1));
+        // Page 0 is still held by 3 and 4; page 1 is held by none, cached for reuse.
+        assert!(p.is_published(0) && p.is_cached(1) && !p.is_cached(0));
+        assert_eq!(p.stats().used, 1);
         p.open(5).unwrap();
-        assert_eq!(p.share_prefix(5, &prompt).unwrap(), 4);
+        assert_eq!(p.share_prefix(5, &prompt).unwrap(), 8);
+        assert!(!p.is_cached(1));
+        assert_eq!(p.budget_tracker().snapshot().kv_bytes, 200);
         assert!(matches!(
             p.share_prefix(5, &prompt),
             Err(Error::IllegalPageOp { .. })
@@ -560,7 +764,11 @@ mod tests {
         p.reserve(1, 12).unwrap();
         p.publish(1, &prompt).unwrap();
         assert_eq!(p.truncate(1, 6).unwrap(), 1);
-        assert!(p.is_published(0) && !p.is_published(1) && !p.is_published(2));
+        // Page 1 will be rewritten: unpublished, and page 2 after it in its chain with
+        // it (its prefix is gone), so it is free rather than cached.
+        assert!(p.is_published(0) && !p.is_published(1));
+        assert!(!p.is_published(2) && !p.is_cached(2));
+        assert_eq!(p.stats().available, 6);
         assert_eq!(p.tokens(1).unwrap(), 6);
         assert!(p.publish(1, &prompt).is_err(), "more tokens than held");
     }
@@ -589,5 +797,77 @@ mod tests {
         assert!(a.iter().zip(&b).all(|(x, y)| x != y));
         assert_eq!(page_keys(&[1, 2, 3], 2).len(), 1);
         assert_eq!(a, page_keys(&[1, 2, 3, 4, 5, 6], 2));
+    }
+
+    #[test]
+    fn cached_pages_are_reused_then_evicted_oldest_first() {
+        let mut p = pool(4, 10_000);
+        let prompt: Vec<u32> = (0..13).collect();
+        p.open(1).unwrap();
+        p.reserve(1, 13).unwrap();
+        assert_eq!(p.publish(1, &prompt).unwrap(), 3);
+        assert_eq!(p.close(1).unwrap(), 4);
+        // Three published pages stay cached (no budget held), the fourth is free.
+        let st = p.stats();
+        assert_eq!((st.used, st.cached, st.available), (0, 3, 4));
+        assert_eq!(p.budget_tracker().snapshot().kv_bytes, 0);
+        // The same prompt takes them back: its bytes are reserved again.
+        p.open(2).unwrap();
+        assert_eq!(p.share_prefix(2, &prompt).unwrap(), 12);
+        assert_eq!(p.block_table(2).unwrap(), &[0, 1, 2]);
+        assert_eq!(p.budget_tracker().snapshot().kv_bytes, 300);
+        p.close(2).unwrap();
+        // Pressure: the free page first, then cached pages, deepest (released first) first.
+        p.open(3).unwrap();
+        assert_eq!(p.reserve(3, 8).unwrap(), vec![3, 2]);
+        assert!(!p.is_published(2) && p.is_cached(1));
+        assert_eq!(p.stats().evicted, 1);
+        // A prompt whose chain lost its tail shares what is left.
+        p.open(4).unwrap();
+        assert_eq!(p.share_prefix(4, &prompt).unwrap(), 8);
+        assert!(matches!(
+            p.reserve(4, 13),
+            Err(Error::PagesExhausted {
+                need: 2,
+                free: 0,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn offline_pages_are_never_handed_out() {
+        let cfg = KvPageConfig {
+            page_tokens: 4,
+            page_bytes: 100,
+            pages: 10,
+        };
+        let budget = Arc::new(DeviceBudget::new(10_000).unwrap());
+        let mut p = KvPagePool::with_online(cfg, budget, 0..2).unwrap();
+        assert_eq!(p.stats().online, 2);
+        p.open(1).unwrap();
+        assert!(matches!(
+            p.reserve(1, 12),
+            Err(Error::PagesExhausted { .. })
+        ));
+        p.add_pages(6..9).unwrap();
+        assert!(matches!(p.add_pages(8..10), Err(Error::IllegalLend(_))));
+        assert_eq!(p.reserve(1, 12).unwrap(), vec![0, 1, 6]);
+        assert!(matches!(p.remove_pages(6..9), Err(Error::IllegalLend(_))));
+        assert!(!p.range_unheld(6..9) && p.range_unheld(7..9));
+        p.publish(1, &(0..12).collect::<Vec<_>>()).unwrap();
+        p.close(1).unwrap();
+        // A cached page in the range is evicted when the range goes offline.
+        assert!(p.is_cached(6));
+        p.remove_pages(6..9).unwrap();
+        assert!(!p.is_published(6) && !p.is_online(6));
+        assert!(matches!(p.remove_pages(6..7), Err(Error::IllegalLend(_))));
+        assert!(matches!(p.add_pages(9..11), Err(Error::OutOfRange(_))));
+        p.open(2).unwrap();
+        assert!(p
+            .reserve(2, 12)
+            .unwrap_err()
+            .to_string()
+            .contains("2 of 2 pages free; 3 are needed"));
     }
 }

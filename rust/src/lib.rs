@@ -38,7 +38,7 @@ pub use kv_pages::{page_keys, KvPageConfig, KvPagePool, KvPageStats, SeqId};
 pub use layout::{plan_layout, HotSlots, LayerPlan, LayerShape, Layout, LayoutRequest};
 pub use pool::{
     Arena, ArenaKind, Block, ClassId, ClassSpec, ClassStats, ExpertPool, FreeBitmap, HostArena,
-    PoolConfig, PoolStats, VirtualArena,
+    Lending, LentSlot, PoolConfig, PoolStats, VirtualArena,
 };
 #[cfg(not(loom))]
 pub use table::OwnedLease;

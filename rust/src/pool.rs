@@ -241,9 +241,23 @@ impl FreeBitmap {
             let word = self.levels[level][idx];
             idx = idx * 64 + word.trailing_zeros() as usize;
         }
-        // Clear the leaf bit, then clear parents whose child word became empty.
+        self.clear(idx);
+        Some(idx as u32)
+    }
+
+    /// Take the free index `i` out (a slot going offline); false if it is not free.
+    pub fn take(&mut self, i: u32) -> bool {
+        if !self.is_free(i) {
+            return false;
+        }
+        self.clear(i as usize);
+        true
+    }
+
+    /// Clear the leaf bit of free index `idx`, then parents whose child word became empty.
+    fn clear(&mut self, idx: usize) {
         let mut i = idx;
-        for level in 0..=top {
+        for level in 0..self.levels.len() {
             let w = &mut self.levels[level][i / 64];
             *w &= !(1u64 << (i % 64));
             if *w != 0 {
@@ -252,7 +266,6 @@ impl FreeBitmap {
             i /= 64;
         }
         self.free -= 1;
-        Some(idx as u32)
     }
 
     /// Return `i`; false if it was already free (double free) or out of range.
@@ -310,6 +323,22 @@ pub struct PoolConfig {
     pub alignment: u64,
     /// Upper bound on committed + pending bytes; `None` means the whole arena.
     pub budget: Option<u64>,
+    /// Bytes at the head of the arena that are no slot's: the KV cache's floor pages
+    /// (handed out by the KV page pool). Slot regions start after them.
+    pub kv_head_bytes: u64,
+    /// Which class's slots may be lent to the KV pages, and which class a lent slot hosts.
+    pub lending: Option<Lending>,
+}
+
+/// Slots of class `host` may be lent to the KV cache: a lent slot is no expert's, its
+/// bytes past the head become KV pages, and its head hosts one slot of class `guest`
+/// (the lowest tier, where the expert demoted to free it went). The guest class has one
+/// such hosted slot per host slot beside its own region; a hosted slot can be handed out
+/// only while its host is lent, and the host comes back only while its guest is free.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lending {
+    pub host: String,
+    pub guest: String,
 }
 
 impl PoolConfig {
@@ -318,7 +347,20 @@ impl PoolConfig {
             classes,
             alignment: 256,
             budget: None,
+            kv_head_bytes: 0,
+            lending: None,
         }
+    }
+    pub fn kv_head_bytes(mut self, bytes: u64) -> Self {
+        self.kv_head_bytes = bytes;
+        self
+    }
+    pub fn lending(mut self, host: impl Into<String>, guest: impl Into<String>) -> Self {
+        self.lending = Some(Lending {
+            host: host.into(),
+            guest: guest.into(),
+        });
+        self
     }
     pub fn alignment(mut self, alignment: u64) -> Self {
         self.alignment = alignment;
@@ -381,6 +423,10 @@ enum SlotState {
     Free,
     Pending,
     Committed,
+    /// A host slot lent to the KV pages (no expert's).
+    Lent,
+    /// A hosted guest slot whose host is not lent (its bytes are the host's).
+    Offline,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -397,10 +443,35 @@ struct SlotClass {
     name: String,
     slot_bytes: u64,
     region_offset: u64,
+    /// Slots in the class's own region; a guest class's hosted slots follow them.
+    regular: u32,
     first_slot: u32,
     free: FreeBitmap,
     pending: u32,
     high_water: u32,
+    /// Host slots lent to the KV pages / hosted guest slots offline.
+    lent: u32,
+    offline: u32,
+}
+
+/// A host slot lent to the KV pages: `[offset, offset + nbytes)` of the arena, of which
+/// the first `guest_bytes` host a guest slot and the rest are the pages'.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LentSlot {
+    pub index: u32,
+    pub offset: u64,
+    pub nbytes: u64,
+    pub guest_bytes: u64,
+}
+
+impl LentSlot {
+    /// The bytes the KV pages may use: `(offset, len)`.
+    pub fn kv_range(&self) -> (u64, u64) {
+        (
+            self.offset + self.guest_bytes,
+            self.nbytes - self.guest_bytes,
+        )
+    }
 }
 
 /// Statistics of one slot class.
@@ -408,7 +479,10 @@ struct SlotClass {
 pub struct ClassStats {
     pub name: String,
     pub slot_bytes: u64,
+    /// Slots that can be live now (lent host slots and offline guest slots excluded).
     pub capacity: u32,
+    /// Host slots lent to the KV pages.
+    pub lent: u32,
     pub free: u32,
     pub live: u32,
     pub pending: u32,
@@ -445,6 +519,9 @@ pub struct ExpertPool {
     total_bytes: u64,
     /// Where every slot's bytes are reserved: private, or shared with the KV page pool.
     budget: std::sync::Arc<DeviceBudget>,
+    kv_head_bytes: u64,
+    /// (host, guest) classes of the lending configuration.
+    lending: Option<(ClassId, ClassId)>,
     pending_bytes: u64,
     committed_bytes: u64,
     high_water_bytes: u64,
@@ -551,11 +628,11 @@ impl ExpertPool {
         if config.classes.len() > u16::MAX as usize {
             return Err(Error::InvalidConfig("too many slot classes".into()));
         }
-        let mut classes = Vec::with_capacity(config.classes.len());
         let mut by_name = HashMap::new();
-        let mut offset = 0u64;
-        let mut first_slot = 0u32;
-        let mut info = Vec::new();
+        // First the regions: the KV head, then every class's slots in order.
+        let mut offset = round_up(config.kv_head_bytes, align)
+            .ok_or_else(|| Error::InvalidConfig("the KV head is too large".into()))?;
+        let mut sized = Vec::with_capacity(config.classes.len());
         for (i, spec) in config.classes.iter().enumerate() {
             if spec.name.is_empty() {
                 return Err(Error::InvalidConfig(
@@ -574,8 +651,10 @@ impl ExpertPool {
                     spec.name
                 )));
             }
-            let id = ClassId(i as u16);
-            if by_name.insert(spec.name.clone(), id).is_some() {
+            if by_name
+                .insert(spec.name.clone(), ClassId(i as u16))
+                .is_some()
+            {
                 return Err(Error::InvalidConfig(format!(
                     "slot class {:?} is given twice",
                     spec.name
@@ -587,7 +666,43 @@ impl ExpertPool {
             let region = slot_bytes
                 .checked_mul(spec.slots as u64)
                 .ok_or_else(too_big)?;
-            if first_slot as u64 + spec.slots as u64 > MAX_SLOTS as u64 {
+            sized.push((slot_bytes, offset));
+            offset = offset.checked_add(region).ok_or_else(too_big)?;
+        }
+        let total_bytes = offset;
+        let lending = match &config.lending {
+            None => None,
+            Some(l) => {
+                let find = |name: &str| {
+                    by_name.get(name).copied().ok_or_else(|| {
+                        Error::InvalidConfig(format!("the lending class {name:?} does not exist"))
+                    })
+                };
+                let (host, guest) = (find(&l.host)?, find(&l.guest)?);
+                if host == guest || sized[guest.0 as usize].0 > sized[host.0 as usize].0 {
+                    return Err(Error::InvalidConfig(format!(
+                        "a lent {:?} slot cannot host a {:?} slot",
+                        l.host, l.guest
+                    )));
+                }
+                Some((host, guest))
+            }
+        };
+        // Then the slots: a guest class's hosted slots follow its own, each at the head
+        // of the host slot of the same index (offline until that host is lent).
+        let mut classes = Vec::with_capacity(config.classes.len());
+        let mut first_slot = 0u32;
+        let mut info = Vec::new();
+        for (i, spec) in config.classes.iter().enumerate() {
+            let id = ClassId(i as u16);
+            let (slot_bytes, region_offset) = sized[i];
+            let hosted = match lending {
+                Some((host, guest)) if guest == id => Some(host),
+                _ => None,
+            };
+            let extra = hosted.map_or(0, |h| config.classes[h.0 as usize].slots);
+            let count = spec.slots as u64 + extra as u64;
+            if first_slot as u64 + count > MAX_SLOTS as u64 {
                 return Err(Error::InvalidConfig(format!(
                     "a pool holds at most {MAX_SLOTS} slots in total"
                 )));
@@ -596,23 +711,37 @@ impl ExpertPool {
                 info.push(SlotInfo {
                     class: id,
                     index,
-                    offset: offset + index as u64 * slot_bytes,
+                    offset: region_offset + index as u64 * slot_bytes,
                     nbytes: slot_bytes,
                 });
+            }
+            let mut free = FreeBitmap::new(count as u32);
+            if let Some(h) = hosted {
+                let (host_bytes, host_offset) = sized[h.0 as usize];
+                for j in 0..extra {
+                    info.push(SlotInfo {
+                        class: id,
+                        index: spec.slots + j,
+                        offset: host_offset + j as u64 * host_bytes,
+                        nbytes: slot_bytes,
+                    });
+                    free.take(spec.slots + j);
+                }
             }
             classes.push(SlotClass {
                 name: spec.name.clone(),
                 slot_bytes,
-                region_offset: offset,
+                region_offset,
+                regular: spec.slots,
                 first_slot,
-                free: FreeBitmap::new(spec.slots),
+                free,
                 pending: 0,
                 high_water: 0,
+                lent: 0,
+                offline: extra,
             });
-            offset = offset.checked_add(region).ok_or_else(too_big)?;
-            first_slot += spec.slots;
+            first_slot += count as u32;
         }
-        let total_bytes = offset;
         let budget = match (shared, config.budget) {
             (Some(tracker), _) => tracker,
             (None, Some(0)) => return Err(Error::InvalidConfig("budget must be > 0".into())),
@@ -634,23 +763,31 @@ impl ExpertPool {
             generation: (0..n).map(|_| AtomicU32::new(0)).collect(),
             info: info.into_boxed_slice(),
         };
+        let mut meta = vec![
+            SlotMeta {
+                state: SlotState::Free,
+                table: false,
+                views: 0,
+            };
+            n
+        ];
+        for c in &classes {
+            for j in c.regular..c.free.len() {
+                meta[(c.first_slot + j) as usize].state = SlotState::Offline;
+            }
+        }
         Ok(Self {
             id,
             alignment: align,
             classes,
             by_name,
-            meta: vec![
-                SlotMeta {
-                    state: SlotState::Free,
-                    table: false,
-                    views: 0,
-                };
-                n
-            ],
+            meta,
             board: Arc::new(board),
             arena,
             total_bytes,
             budget,
+            kv_head_bytes: config.kv_head_bytes,
+            lending,
             pending_bytes: 0,
             committed_bytes: 0,
             high_water_bytes: 0,
@@ -716,8 +853,10 @@ impl ExpertPool {
     pub fn slot_bytes(&self, id: ClassId) -> Result<u64> {
         Ok(self.class(id)?.slot_bytes)
     }
+    /// Slots that can be live now: lent host slots and offline guest slots excluded.
     pub fn capacity(&self, id: ClassId) -> Result<u32> {
-        Ok(self.class(id)?.free.len())
+        let c = self.class(id)?;
+        Ok(c.free.len() - c.lent - c.offline)
     }
     pub fn free_count(&self, id: ClassId) -> Result<u32> {
         Ok(self.class(id)?.free.free_count())
@@ -725,7 +864,108 @@ impl ExpertPool {
     /// `(offset, bytes)` of the class region inside the arena.
     pub fn region(&self, id: ClassId) -> Result<(u64, u64)> {
         let c = self.class(id)?;
-        Ok((c.region_offset, c.slot_bytes * c.free.len() as u64))
+        Ok((c.region_offset, c.slot_bytes * c.regular as u64))
+    }
+    /// Bytes at the arena's head kept for the KV pages (no slot's).
+    pub fn kv_head_bytes(&self) -> u64 {
+        self.kv_head_bytes
+    }
+    /// The (host, guest) classes of the lending configuration, if any.
+    pub fn lending(&self) -> Option<(ClassId, ClassId)> {
+        self.lending
+    }
+
+    fn lending_of(&self, host: ClassId) -> Result<ClassId> {
+        match self.lending {
+            Some((h, guest)) if h == host => Ok(guest),
+            _ => Err(Error::IllegalLend(format!(
+                "class {:?} is not the pool's lending class",
+                self.class(host).map_or("?", |c| c.name.as_str())
+            ))),
+        }
+    }
+
+    /// Lend the lowest free slot of the host class to the KV pages: it stops being an
+    /// expert slot and its hosted guest slot can be handed out. Costs no budget (the
+    /// pages and the guest reserve their bytes as they are used).
+    pub fn lend(&mut self, host: ClassId) -> Result<LentSlot> {
+        let guest = self.lending_of(host)?;
+        let c = &mut self.classes[host.0 as usize];
+        let Some(index) = c.free.alloc() else {
+            return Err(Error::Exhausted {
+                class: c.name.clone(),
+                capacity: c.free.len() - c.lent,
+            });
+        };
+        c.lent += 1;
+        let host_slot = (c.first_slot + index) as usize;
+        self.meta[host_slot].state = SlotState::Lent;
+        let g = &mut self.classes[guest.0 as usize];
+        let hosted = g.regular + index;
+        self.meta[(g.first_slot + hosted) as usize].state = SlotState::Free;
+        let ok = g.free.free(hosted);
+        debug_assert!(ok, "a hosted slot of an unlent host is offline");
+        g.offline -= 1;
+        Ok(self.lent_slot(host, index).expect("just lent"))
+    }
+
+    /// The lent slot `index` of the host class, if it is lent.
+    pub fn lent_slot(&self, host: ClassId, index: u32) -> Option<LentSlot> {
+        let guest = self.lending_of(host).ok()?;
+        let c = &self.classes[host.0 as usize];
+        let slot = c.first_slot.checked_add(index)?;
+        if index >= c.free.len() || self.meta[slot as usize].state != SlotState::Lent {
+            return None;
+        }
+        Some(LentSlot {
+            index,
+            offset: self.board.info[slot as usize].offset,
+            nbytes: c.slot_bytes,
+            guest_bytes: self.classes[guest.0 as usize].slot_bytes,
+        })
+    }
+
+    /// Indices of the host class's lent slots, ascending.
+    pub fn lent(&self, host: ClassId) -> Vec<u32> {
+        let Ok(c) = self.class(host) else {
+            return Vec::new();
+        };
+        (0..c.free.len())
+            .filter(|&i| self.meta[(c.first_slot + i) as usize].state == SlotState::Lent)
+            .collect()
+    }
+
+    /// Whether the lent slot `index` could come back now (its guest slot is free).
+    pub fn can_unlend(&self, host: ClassId, index: u32) -> bool {
+        self.lent_slot(host, index).is_some_and(|_| {
+            let g = &self.classes[self.lending.expect("lent").1 .0 as usize];
+            g.free.is_free(g.regular + index)
+        })
+    }
+
+    /// Take a lent slot back as a free expert slot of the host class. The caller has
+    /// taken its pages back from the KV pool; refused while its guest slot is held.
+    pub fn unlend(&mut self, host: ClassId, index: u32) -> Result<()> {
+        let guest = self.lending_of(host)?;
+        if self.lent_slot(host, index).is_none() {
+            return Err(Error::IllegalLend(format!("slot {index} is not lent")));
+        }
+        let g = &mut self.classes[guest.0 as usize];
+        let hosted = g.regular + index;
+        if !g.free.take(hosted) {
+            return Err(Error::IllegalLend(format!(
+                "slot {index} hosts a live {:?} slot",
+                g.name
+            )));
+        }
+        g.offline += 1;
+        self.meta[(g.first_slot + hosted) as usize].state = SlotState::Offline;
+        let c = &mut self.classes[host.0 as usize];
+        c.lent -= 1;
+        self.meta[(c.first_slot + index) as usize].state = SlotState::Free;
+        let ok = c.free.free(index);
+        debug_assert!(ok, "a lent slot is not in the free list");
+        Ok(())
     }
     pub fn reserved_bytes(&self) -> u64 {
         self.pending_bytes + self.committed_bytes
@@ -746,7 +986,7 @@ impl ExpertPool {
         if c.free.free_count() == 0 {
             return Err(Error::Exhausted {
                 class: c.name.clone(),
-                capacity: c.free.len(),
+                capacity: c.free.len() - c.lent - c.offline,
             });
         }
         let need = c.slot_bytes;
@@ -761,9 +1001,9 @@ impl ExpertPool {
         let c = &mut self.classes[class.0 as usize];
         let index = c.free.alloc().expect("free_count > 0 implies a free index");
         let slot = (c.first_slot + index) as usize;
-        let live = c.free.len() - c.free.free_count();
+        let live = c.free.len() - c.lent - c.offline - c.free.free_count();
         c.high_water = c.high_water.max(live);
-        let (offset, nbytes) = (c.region_offset + index as u64 * c.slot_bytes, c.slot_bytes);
+        let (offset, nbytes) = (self.board.info[slot].offset, c.slot_bytes);
         if state == SlotState::Pending {
             c.pending += 1;
             self.pending_bytes += nbytes;
@@ -803,8 +1043,9 @@ impl ExpertPool {
             .classes
             .get(b.class.0 as usize)
             .ok_or_else(|| Error::ForeignBlock(format!("no slot class #{}", b.class.0)))?;
+        let slot = c.first_slot + b.index;
         if b.index >= c.free.len()
-            || b.offset != c.region_offset + b.index as u64 * c.slot_bytes
+            || b.offset != self.board.info[slot as usize].offset
             || b.nbytes != c.slot_bytes
         {
             return Err(Error::ForeignBlock(format!(
@@ -812,9 +1053,12 @@ impl ExpertPool {
                 b.index, b.offset, b.nbytes, c.name
             )));
         }
-        let slot = c.first_slot + b.index;
         let current = self.board.generation[slot as usize].load(Ordering::Relaxed);
-        if self.meta[slot as usize].state == SlotState::Free || current != b.generation {
+        let held = matches!(
+            self.meta[slot as usize].state,
+            SlotState::Pending | SlotState::Committed
+        );
+        if !held || current != b.generation {
             return Err(Error::DoubleFree {
                 class: c.name.clone(),
                 index: b.index,
@@ -917,7 +1161,9 @@ impl ExpertPool {
                 self.pending_bytes -= b.nbytes;
             }
             SlotState::Committed => self.committed_bytes -= b.nbytes,
-            SlotState::Free => unreachable!("check_live rejects free slots"),
+            SlotState::Free | SlotState::Lent | SlotState::Offline => {
+                unreachable!("check_live rejects slots that are not held")
+            }
         }
         self.budget.give(BudgetUse::Experts, b.nbytes);
         *m = SlotMeta {
@@ -952,19 +1198,20 @@ impl ExpertPool {
 
     pub fn class_stats(&self, id: ClassId) -> Result<ClassStats> {
         let c = self.class(id)?;
-        let capacity = c.free.len();
+        let capacity = c.free.len() - c.lent - c.offline;
         let free = c.free.free_count();
         Ok(ClassStats {
             name: c.name.clone(),
             slot_bytes: c.slot_bytes,
             capacity,
+            lent: c.lent,
             free,
             live: capacity - free,
             pending: c.pending,
             committed: capacity - free - c.pending,
             high_water: c.high_water,
             region_offset: c.region_offset,
-            region_bytes: c.slot_bytes * capacity as u64,
+            region_bytes: c.slot_bytes * c.regular as u64,
         })
     }
 
@@ -1075,5 +1322,68 @@ mod tests {
         p.free(r).unwrap();
         assert_eq!(p.reserved_bytes(), 0);
         assert_eq!(p.stats().high_water_bytes, 512);
+    }
+    #[test]
+    fn lent_slots_host_a_guest_and_come_back_only_when_it_is_free() {
+        let cfg = PoolConfig::new(vec![
+            ClassSpec::new("lo", 256, 2),
+            ClassSpec::new("hi", 1024, 3),
+        ])
+        .kv_head_bytes(600)
+        .lending("hi", "lo");
+        let mut p = ExpertPool::new(&cfg).unwrap();
+        let (lo, hi) = (p.class_id("lo").unwrap(), p.class_id("hi").unwrap());
+        // The KV head comes first (rounded to the alignment), then the regions.
+        assert_eq!(p.region(lo).unwrap(), (768, 512));
+        assert_eq!(p.region(hi).unwrap(), (1280, 3072));
+        assert_eq!(p.total_bytes(), 768 + 512 + 3072);
+        assert_eq!(p.capacity(lo).unwrap(), 2);
+        let a = p.alloc(lo).unwrap();
+        let b = p.alloc(lo).unwrap();
+        assert!(matches!(p.alloc(lo), Err(Error::Exhausted { .. })));
+        let h0 = p.alloc(hi).unwrap();
+        // Lending takes the lowest free host slot; its head becomes a guest slot.
+        let lent = p.lend(hi).unwrap();
+        assert_eq!((lent.index, lent.offset), (1, 1280 + 1024));
+        assert_eq!(lent.kv_range(), (1280 + 1024 + 256, 768));
+        assert_eq!(p.capacity(hi).unwrap(), 2);
+        assert_eq!(p.lent(hi), vec![1]);
+        let g = p.alloc(lo).unwrap();
+        assert_eq!((g.index, g.offset), (3, lent.offset));
+        assert!(p.host_ptr(&g).unwrap().is_some());
+        assert!(!p.can_unlend(hi, 1));
+        assert!(matches!(p.unlend(hi, 1), Err(Error::IllegalLend(_))));
+        assert!(matches!(p.unlend(hi, 0), Err(Error::IllegalLend(_))));
+        assert!(matches!(p.lend(lo), Err(Error::IllegalLend(_))));
+        // The next host slot is taken by an expert: slot 1 stays lent, 2 is free.
+        let h2 = p.alloc(hi).unwrap();
+        assert_eq!(h2.index, 2);
+        assert!(matches!(p.lend(hi), Err(Error::Exhausted { .. })));
+        p.free(g).unwrap();
+        assert!(p.can_unlend(hi, 1));
+        p.unlend(hi, 1).unwrap();
+        assert!(p.lent(hi).is_empty());
+        // The guest went offline with its host: the guest class is full again.
+        assert!(matches!(p.alloc(lo), Err(Error::Exhausted { .. })));
+        assert_eq!(p.alloc(hi).unwrap().index, 1);
+        let st = p.class_stats(lo).unwrap();
+        assert_eq!((st.capacity, st.live, st.free), (2, 2, 0));
+        for x in [a, b, h0, h2] {
+            p.free(x).unwrap();
+        }
+        for bad in [
+            PoolConfig::new(vec![ClassSpec::new("a", 1, 1)]).lending("a", "b"),
+            PoolConfig::new(vec![ClassSpec::new("a", 1, 1)]).lending("a", "a"),
+            PoolConfig::new(vec![
+                ClassSpec::new("a", 512, 1),
+                ClassSpec::new("b", 256, 1),
+            ])
+            .lending("b", "a"),
+        ] {
+            assert!(matches!(
+                ExpertPool::new(&bad),
+                Err(Error::InvalidConfig(_))
+            ));
+        }
     }
 }

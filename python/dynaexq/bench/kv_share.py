@@ -46,6 +46,7 @@ class ProjectedRow:
     paged: int  # sequences: pages of `request_tokens` each, same KV bytes
     paged_shared: int  # sequences: pages that may also take the hot experts' bytes
     hot_share_idle: float  # hot share of the shared budget with one request running
+    pages_per_lent_slot: int  # whole pages a lent high-tier slot holds beside its guest
 
 
 def project(
@@ -64,7 +65,10 @@ def project(
     """Concurrent sequences on each card (GiB less `reserve_gib`): the budget holds the
     non-expert weights, the workspace, every expert at the low tier and the staging
     slots; a fixed split keeps `hot_share` of each layer's experts at the high tier and
-    gives the rest to KV; the shared budget can lend every hot expert's bytes to pages."""
+    gives the rest to KV; the shared budget keeps one full context of pages as its floor
+    and can lend every high-tier slot, whose bytes past the low-tier slot it hosts hold
+    whole pages (from a token boundary: the remainder stays unused, as in
+    `SharedKvArena`)."""
     h, i = config.hidden_size, config.moe_intermediate_size
     lo, hi = (expert_nbytes(parse_tier(t), h, i, 256) for t in tiers)
     layers, experts = len(config.moe_layers), config.num_experts
@@ -82,6 +86,10 @@ def project(
                 page = -(-tokens // page_tokens) * page_tokens * per_token
                 idle_kv = -(-context // page_tokens) * page_tokens * per_token
                 idle_hot = max(0, min(layers * experts, (kv_shared - idle_kv) // (hi - lo)))
+                # Physically: the floor's pages, then whole pages in every lent slot.
+                per_slot = ((hi - lo) // per_token - 1) // page_tokens
+                pages = idle_kv // (page_tokens * per_token) + idle_hot * per_slot
+                request_pages = -(-tokens // page_tokens)
                 rows.append(
                     ProjectedRow(
                         card=card,
@@ -90,8 +98,9 @@ def project(
                         kv_bytes_fixed_split=max(0, kv_fixed),
                         contiguous=max(0, kv_fixed // (context * per_token)),
                         paged=max(0, kv_fixed // page),
-                        paged_shared=max(0, kv_shared // page),
+                        paged_shared=max(0, pages // request_pages),
                         hot_share_idle=idle_hot / (layers * experts),
+                        pages_per_lent_slot=per_slot,
                     )
                 )
     return rows
@@ -104,14 +113,14 @@ def projection_markdown(name: str, config: ModelConfig, rows: list[ProjectedRow]
         "= 20% of each layer's experts at bf16; pages of 16 tokens.",
         "",
         "| card | max context | request tokens | KV bytes (fixed split) | contiguous | paged "
-        "| paged, shared budget | hot share at low load (shared) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| paged, shared budget | pages per lent slot | hot share at low load (shared) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r.card} | {r.context} | {r.request_tokens} | "
             f"{r.kv_bytes_fixed_split / GIB:.2f} GiB | {r.contiguous} | {r.paged} | "
-            f"{r.paged_shared} | {100 * r.hot_share_idle:.0f}% |"
+            f"{r.paged_shared} | {r.pages_per_lent_slot} | {100 * r.hot_share_idle:.0f}% |"
         )
     return "\n".join(lines)
 
@@ -235,12 +244,14 @@ def measure(
     new_tokens: int = 64,
     high_load: int = 24,
     after_requests: int = 12,
-    page_tokens: int = 16,
+    page_tokens: int = 8,
     floor_tokens: int = 256,
     budget: str = "20%",
 ) -> list[ModeResult]:
     """The three ways on the embedded model at the budget of a `budget` hot map beside a
-    contiguous cache of `batch` x `context` tokens (float32 on the CPU)."""
+    contiguous cache of `batch` x `context` tokens (float32 on the CPU). Pages of 8
+    tokens: the pages live in lent expert slots, and a 16-token page of this model
+    (48 KiB) is larger than a bf16 expert (36 KiB)."""
     import torch
 
     from dynaexq.runtime.kv_share import KvShare
@@ -312,12 +323,12 @@ def measure(
     return results
 
 
-def measured_markdown(results: list[ModeResult]) -> str:
+def measured_markdown(results: list[ModeResult], page_tokens: int = 8) -> str:
     lines = [
         f"Embedded model (float32, CPU), budget {results[0].budget_bytes / 2**20:.2f} MiB for "
         "everything; low load = 4 requests one at a time, high load = "
         f"{results[0].high.requests} at once, then {results[0].after.requests} one at a "
-        "time again; 64 prompt + 64 generated tokens each.",
+        f"time again; 64 prompt + 64 generated tokens each; pages of {page_tokens} tokens.",
         "",
         "| mode | hot experts at start | concurrent at high load: mean (peak) "
         "| tokens/s (high) | preemptions (high) | failed | routed mass at bf16: low load "
@@ -371,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("measure", help="the scheduler on the embedded model (markdown)")
     m.add_argument("--json", type=Path, default=None, help="also write the raw results")
     m.add_argument("--high-load", type=int, default=24)
+    m.add_argument("--page-tokens", type=int, default=8)
     args = parser.parse_args(argv)
     if args.what == "project":
         from dynaexq.runtime.memory import QWEN3_30B_A3B_CONFIG
@@ -379,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = project(config, {"24 GB": 24e9 / GIB, "32 GB": 32e9 / GIB})
         print(projection_markdown("Qwen3-30B-A3B", config, rows))
         return 0
-    results = measure(high_load=args.high_load)
-    print(measured_markdown(results))
+    results = measure(high_load=args.high_load, page_tokens=args.page_tokens)
+    print(measured_markdown(results, args.page_tokens))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")

@@ -291,6 +291,13 @@ class Attention(nn.Module):
         q = q * step.cos + _rotate_half(q) * step.sin
         k = k * step.cos + _rotate_half(k) * step.sin
 
+        scale = self.head_dim**-0.5
+        if getattr(step.cache, "fused_attention", False):
+            # A paged cache whose kernel reads the pages in place (FlexAttention).
+            out = step.cache.attend(  # type: ignore[union-attr]
+                self.layer, q, k, v, step.positions, step.key_slots, scale
+            )
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         if step.cache is not None:
             # Slot p of row b holds position p: write this step's keys and values, then
             # read slots 0..key_slots-1 (slots past a row's own position are masked).
@@ -301,7 +308,7 @@ class Attention(nn.Module):
             v,
             attn_mask=step.attn_mask,
             is_causal=step.attn_mask is None,
-            scale=self.head_dim**-0.5,
+            scale=scale,
             enable_gqa=True,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))

@@ -233,13 +233,14 @@ def load_with_policy(
             init = np.asarray(plan.assignment, dtype=np.uint8).reshape(shape)
         else:
             init = initial_tiers(plan, scores)
-        kv_budget = None
+        kv_budget = kv_pages = None
         if kv_share is not None and plan.budget is not None:
             # Room for experts and KV together: the budget less every fixed byte but the KV floor.
             # (the runtime keeps its published experts and staging slots from the pages)
             floor = kv_share.floor_bytes(config, dtype_bytes)
             room = plan.budget - (fixed.total - floor)
             kv_budget = kv_share.device_budget(config, dtype_bytes, room)
+            kv_pages = kv_share.geometry(config, dtype_bytes)  # the pages live in the pool
         runtime = PrecisionRuntime(
             store,
             plan,
@@ -252,6 +253,7 @@ def load_with_policy(
             device=engine.device,
             compute_dtype=engine.dtype,
             launch=launch,
+            kv_pages=kv_pages,
         )
         engine.kv_budget = kv_budget  # type: ignore[attr-defined]
     engine.experts = runtime

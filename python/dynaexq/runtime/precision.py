@@ -14,6 +14,10 @@ Where things happen (one place each):
   the capacity again once the budget can hold it and promotes the hottest experts into
   it. Meanwhile the budget's expert floor (published experts + staging slots, kept in
   step as tiers land) keeps the pages from taking what a transition needs to begin.
+  With the page geometry (`kv_pages`) the pages live in the pool's arena
+  (`kv_share.SharedKvArena`): a reclaimed top-tier slot is lent to the pool's pages
+  (`_lend_freed_slots`), and taken back only once its pages and its hosted lowest-tier
+  slot are free (`reclaim_from_kv` promotes the experts held there first).
 
 The forward pass only reads published versions; nothing it does waits for a transition.
 
@@ -32,11 +36,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dynaexq._core import DeviceBudget, ExpertPool, ExpertTable
+from dynaexq._core import DeviceBudget, ExpertPool, ExpertTable, KvPagePool
 from dynaexq.runtime.budget import PoolPlan
 from dynaexq.runtime.device_sums import DeviceSums
 from dynaexq.runtime.executors.cpu import CpuExecutor
 from dynaexq.runtime.executors.grouped import GroupedExecutor, Launch
+from dynaexq.runtime.kv_share import KvPageGeometry, SharedKvArena
 from dynaexq.runtime.mover import TransferMover
 from dynaexq.runtime.policy import Policy
 from dynaexq.runtime.store import TierStore
@@ -58,6 +63,7 @@ class PrecisionRuntime:
         calibration: np.ndarray | None = None,
         lockstep: bool = True,
         kv_budget: DeviceBudget | None = None,
+        kv_pages: KvPageGeometry | None = None,
         device: torch.device | str = "cpu",
         launch: Launch | None = None,
     ) -> None:
@@ -67,8 +73,14 @@ class PrecisionRuntime:
         # (the CPU emulation of the same source, in tests).
         self.device = torch.device(device)
         self._cuda = self.device.type == "cuda"
-        # The budget shared with the KV pages (None: the pool has its own).
+        # The budget shared with the KV pages (None: the pool has its own), and the pages'
+        # geometry when they live in the pool's arena (see `_kv_pool_layout`).
         self.kv_budget = kv_budget
+        self.kv_pages = kv_pages
+        self.kv_arena: SharedKvArena | None = None
+        self._kv_page_pool: KvPagePool | None = None
+        self._lend_target = 0  # top-tier slots that should be the pages' (physically)
+        self._unlent = 0  # slots taken back whose capacity is not returned yet (per layer)
         # Top-tier slots lent to the KV cache: per layer (per-layer split) or in total,
         # and the demotions that lending began which have not landed yet.
         self.kv_lent = 0
@@ -187,17 +199,10 @@ class PrecisionRuntime:
             classes.append(names)
             self.real.append(t)
         self.table_tier = {t: k for k, t in enumerate(self.real)}
-        if self.kv_budget is not None:
-            # Lending top-tier bytes to the KV cache leaves more experts at the lowest
-            # tier than the plan holds: room for all of them there (the shared budget,
-            # not the slot count, bounds the bytes).
-            lowest = f"t{self.real[0]}"
-            slots[lowest] = self.num_layers * self.experts
-            slot_bytes.setdefault(lowest, p.slot_bytes[self.real[0]])
-            if lowest not in classes[0]:
-                classes[0].insert(0, lowest)
+        shape = self._kv_pool_layout(slot_bytes, slots, classes)
         index = (self.device.index or 0) if self._cuda else None
-        pool = ExpertPool(slot_bytes, slots, shared_budget=self.kv_budget, device=index)
+        pool = ExpertPool(slot_bytes, slots, shared_budget=self.kv_budget, device=index, **shape)
+        self.kv_arena = self._kv_arena_over(pool, shape)
         table = ExpertTable(
             pool,
             [self.experts] * self.num_layers,
@@ -332,11 +337,18 @@ class PrecisionRuntime:
         no forward pass runs); their counts go into the next step's record."""
         finished, failed, moved = self._land()
         self._carry = [a + b for a, b in zip(self._carry, (finished, failed, moved), strict=True)]
+        self._lend_freed_slots()
 
     @property
     def lend_in_flight(self) -> bool:
-        """Whether demotions begun by `lend_to_kv` have not landed yet."""
-        return bool(self._lend_keys)
+        """Whether demotions begun by `lend_to_kv` have not landed yet (or, with pages in
+        the arena, their slots are not the pages' yet)."""
+        if self._lend_keys:
+            return True
+        arena = self.kv_arena
+        if arena is None or arena.host is None or self._kv_page_pool is None:
+            return False
+        return len(self.pool.lent(arena.host)) < self._lend_target
 
     def end_step(self) -> StepRecord:
         """Land finished copies, then (every T steps) plan and submit new transitions."""
@@ -468,6 +480,7 @@ class PrecisionRuntime:
                 failed += int(status == "failed")
         if finished:
             self._sync_expert_floor()
+            self._lend_freed_slots()
         return finished, failed, moved
 
     def table_map(self) -> np.ndarray:
@@ -513,6 +526,11 @@ class PrecisionRuntime:
             "pool_capacity_bytes": cap,
             "expert_wait_seconds": 0.0,
             "kv_lent_slots": self.kv_lent,
+            "kv_arena_lent_slots": (
+                len(self.pool.lent(self.kv_arena.host))
+                if self.kv_arena is not None and self.kv_arena.host is not None
+                else 0
+            ),
         }
 
     def _capacity(self) -> list[int]:
@@ -530,9 +548,99 @@ class PrecisionRuntime:
         return caps
 
     # -- lending expert bytes to the KV cache ----------------------------------------------
+    def _kv_pool_layout(
+        self, slot_bytes: dict[str, int], slots: dict[str, int], classes: list[list[str]]
+    ) -> dict[str, object]:
+        """The pool's shape on a budget shared with the KV pages (edits the class dicts;
+        returns the pool's extra arguments). With the pages' geometry the arena holds them
+        too: a head for the floor and scratch pages, and top-tier slots that can be lent,
+        each hosting a lowest-tier slot (where a lending demotion's expert lives). Without
+        it the sharing is counted only: room for every expert at the lowest tier."""
+        if self.kv_budget is None:
+            return {}
+        lowest, top = f"t{self.real[0]}", f"t{self.real[-1]}"
+        if lowest not in slot_bytes:
+            slot_bytes[lowest] = self.plan.slot_bytes[self.real[0]]
+        if self.kv_pages is None:
+            slots[lowest] = self.num_layers * self.experts
+        else:
+            slots[lowest] = max(slots.get(lowest, 0), 1)
+        if lowest not in classes[0]:
+            classes[0].insert(0, lowest)
+        if self.kv_pages is None:
+            return {}
+        lending = (top, lowest) if top != lowest else None
+        return {"kv_head_bytes": self.kv_pages.head_bytes, "lending": lending}
+
+    def _kv_arena_over(self, pool: ExpertPool, shape: dict[str, object]) -> SharedKvArena | None:
+        if self.kv_pages is None or "kv_head_bytes" not in shape:
+            return None
+        lending = shape["lending"]
+        host, guest = lending if isinstance(lending, tuple) else (None, None)
+        return SharedKvArena(pool, self.kv_pages, host, guest)
+
+    def attach_kv_pages(self, pages: KvPagePool) -> None:
+        """The page pool over `kv_arena` that lent slots' pages go to (the scheduler's)."""
+        self._kv_page_pool = pages
+        self._lend_freed_slots()
+
+    def _lend_freed_slots(self) -> None:
+        """Lend free top-tier slots to the page pool until `_lend_target` are lent: a slot
+        is free only once its demoted expert's old block was reclaimed (no reader)."""
+        arena, pages = self.kv_arena, self._kv_page_pool
+        if arena is None or pages is None or arena.host is None:
+            return
+        top = arena.host
+        if len(self.pool.lent(top)) >= self._lend_target:
+            return
+        self.table.reclaim()
+        while len(self.pool.lent(top)) < self._lend_target and self.pool.free_count(top) > 0:
+            index, _, _ = self.pool.lend(top)
+            pages.add_pages(*arena.slot_pages(index))
+        if len(self.pool.lent(top)) < self._lend_target and not self._lend_keys:
+            self._demote_over_capacity()
+            if not self._lend_keys:
+                # Nothing left to demote (the demotions freed staging slots, which are not
+                # lendable): the rest of the intent cannot be met; reclaim returns it.
+                self._lend_target = len(self.pool.lent(top))
+
+    def _demote_over_capacity(self) -> None:
+        """A lending demotion that failed (no lowest-tier slot free yet, a copy error)
+        left its expert at the top tier beyond the lowered capacity: demote the coldest
+        such experts again, layer by layer with the per-layer split."""
+        if self.mover is None:
+            return
+        top = len(self.real) - 1
+        current = self.table_map()
+        for li, e, _, _ in self.busy.values():
+            current[li, e] = 255
+        cap = self._capacity()[self.real[-1]]
+        scores = self._scores()
+        if self.plan.per_layer is not None:
+            rows = [[li] for li in range(self.num_layers)]
+        else:
+            rows = [list(range(self.num_layers))]
+        for layers in rows:
+            held = sorted(
+                (float(scores[li, e]), li, e)
+                for li in layers
+                for e in range(self.experts)
+                if current[li, e] == top
+            )
+            moving = sum(1 for li, _, to, _ in self.busy.values() if li in layers and to == top)
+            for _, li, e in held[: max(0, len(held) + moving - cap)]:
+                key = self.mover.request(li, e, 0)
+                if key is not None:
+                    self.busy[key] = (li, e, 0, False)
+                    self._lend_keys.add(key)
+
     def _lend_unit(self) -> int:
-        """Budget bytes one demotion from the top tier to the lowest gives back."""
-        return self.plan.slot_bytes[self.real[-1]] - self.plan.slot_bytes[self.real[0]]
+        """Budget bytes one demotion from the top tier to the lowest gives back (no more
+        than the pages a lent slot holds, when the pages live in the arena)."""
+        unit = self.plan.slot_bytes[self.real[-1]] - self.plan.slot_bytes[self.real[0]]
+        if self.kv_arena is not None:
+            unit = min(unit, self.kv_arena.pages_per_slot() * self.kv_arena.geometry.page_bytes)
+        return unit
 
     def lend_to_kv(self, nbytes: int) -> int:
         """Demote the coldest top-tier experts so that at least `nbytes` of the shared
@@ -544,7 +652,7 @@ class PrecisionRuntime:
         unit = self._lend_unit()
         if self.kv_budget is None or self.mover is None or nbytes <= 0 or unit <= 0:
             return 0
-        if self._lend_keys:  # the bytes asked for last time have not arrived yet
+        if self.lend_in_flight:  # the bytes asked for last time have not arrived yet
             return 0
         want = -(-nbytes // unit)
         top = self.real[-1]
@@ -552,12 +660,20 @@ class PrecisionRuntime:
             # The per-layer split keeps every layer's top tier the same size: lend one
             # slot of every layer at a time.
             rounds = min(-(-want // self.num_layers), self._capacity()[top])
-            lent = self._request_moves(rounds, 0, 0, hottest=False)
+            lent = self._request_moves(rounds, 0, 0, hottest=False, first=self._lendable())
             rounds = lent // self.num_layers
             self.kv_lent += rounds
+            # Only whole rounds lower the capacity, so only they become pages (a partial
+            # round's freed slots stay the experts').
+            self._lend_target += rounds * self.num_layers
+            self._lend_freed_slots()
             return rounds * self.num_layers * unit
-        lent = self._request_moves(0, min(want, self._capacity()[top]), 0, hottest=False)
+        lent = self._request_moves(
+            0, min(want, self._capacity()[top]), 0, hottest=False, first=self._lendable()
+        )
         self.kv_lent += lent
+        self._lend_target += lent
+        self._lend_freed_slots()
         return lent * unit
 
     def _scores(self) -> np.ndarray:
@@ -567,17 +683,27 @@ class PrecisionRuntime:
             return scores.reshape(self.num_layers, self.experts)
         return self.prior
 
-    def _request_moves(self, per_layer: int, total: int, to: int, hottest: bool) -> int:
+    def _request_moves(
+        self,
+        per_layer: int,
+        total: int,
+        to: int,
+        hottest: bool,
+        first: set[tuple[int, int]] | None = None,
+    ) -> int:
         """Request `to`-bound transitions of the hottest (or coldest) experts that sit at
         the other end of the tiers and are not moving: `per_layer` in every layer (per-layer
-        split) or `total` over the model. Returns the transitions requested."""
+        split) or `total` over the model, the experts in `first` before the others.
+        Returns the transitions requested."""
         assert self.mover is not None
         at = 0 if to == len(self.real) - 1 else len(self.real) - 1
         current = self.table_map()
         for li, e, _, _ in self.busy.values():
             current[li, e] = 255  # moving already: not a candidate
         scores = self._scores()
-        order = -scores if hottest else scores
+        order = (-scores if hottest else scores).astype(np.float64)
+        for li, e in first or ():
+            order[li, e] -= 1e30  # ahead of every other candidate
         if self.plan.per_layer is not None:
             ranked = [
                 [int(e) for e in np.argsort(order[li], kind="stable") if current[li, e] == at]
@@ -611,15 +737,110 @@ class PrecisionRuntime:
         copies in flight). Returns the bytes of capacity taken back."""
         if self.kv_budget is None or self.kv_lent == 0:
             return 0
-        unit = self._lend_unit() * (self.num_layers if self.plan.per_layer is not None else 1)
+        group = self.num_layers if self.plan.per_layer is not None else 1
+        unit = self._lend_unit() * group
         margin = self.plan.slot_bytes[self.real[-1]]
-        n = 0
-        while n < self.kv_lent and self.kv_budget.fits("experts", (n + 1) * unit + margin):
-            n += 1
+        if self.kv_arena is not None and self._kv_page_pool is not None:
+            n = self._take_back_slots(group, margin)
+        else:
+            n = 0
+            while n < self.kv_lent and self.kv_budget.fits("experts", (n + 1) * unit + margin):
+                n += 1
         self.kv_lent -= n
         if n and self.mover is not None:
-            self._request_moves(n, n, len(self.real) - 1, hottest=True)
+            self._request_moves(n, n, len(self.real) - 1, hottest=True, first=self._hosted())
         return n * unit
+
+    def _take_back_slots(self, group: int, margin: int) -> int:
+        """Take lent slots back from the page pool (pages and hosted slot free, the budget
+        holding the expert it will get); returns the capacity units (`group` slots each:
+        one per layer with the per-layer split) that can be planned again."""
+        arena, pages = self.kv_arena, self._kv_page_pool
+        assert arena is not None and pages is not None and arena.host is not None
+        if self._lend_keys:  # lending still landing: let it finish first
+            return 0
+        top = arena.host
+        # Lent in intent but not yet the pages' (their demotions did not free a slot).
+        lent = self.pool.lent(top)
+        spare = min(self._lend_target - len(lent), self.kv_lent * group - self._unlent)
+        self._lend_target -= max(spare, 0)
+        self._unlent += max(spare, 0)
+        unit = self.plan.slot_bytes[self.real[-1]] - self.plan.slot_bytes[self.real[0]]
+        taken = 0
+        for index in reversed(lent):
+            if self._unlent >= self.kv_lent * group:
+                break
+            a, b = arena.slot_pages(index)
+            if not (pages.range_unheld(a, b) and self.pool.can_unlend(top, index)):
+                continue
+            if not self.kv_budget.fits("experts", (taken + 1) * unit + margin):
+                break
+            pages.remove_pages(a, b)
+            self.pool.unlend(top, index)
+            self._lend_target -= 1
+            self._unlent += 1
+            taken += 1
+        self._free_guests(lent, taken)
+        n = self._unlent // group
+        self._unlent -= n * group
+        return n
+
+    def _free_guests(self, lent: list[int], taken: int) -> None:
+        """Lent slots whose pages are free but whose hosted slot holds an expert cannot
+        come back until it moves: promote such experts into the top-tier slots that are
+        free now (taken back, their capacity not returned yet), so that the next call can
+        take their hosts back. Without this every lent slot could wait on another."""
+        arena, pages = self.kv_arena, self._kv_page_pool
+        assert arena is not None and pages is not None and arena.host is not None
+        if self.mover is None:
+            return
+        lowest, top = f"t{self.real[0]}", len(self.real) - 1
+        regular = self.pool.region(lowest)[1] // self.pool.slot_bytes(lowest)
+        room = self.pool.free_count(arena.host) - sum(1 for *_, up in self.busy.values() if up)
+        if room <= 0:
+            return
+        waiting = {
+            regular + j
+            for j in lent
+            if self.pool.lent_range(arena.host, j) is not None
+            and pages.range_unheld(*arena.slot_pages(j))
+            and not self.pool.can_unlend(arena.host, j)
+        }
+        moving = {(li, e) for li, e, _, _ in self.busy.values()}
+        for li in range(self.num_layers):
+            for e in range(self.experts):
+                if room <= 0 or (li, e) in moving:
+                    continue
+                block = self.table.published(li, e).block
+                if block.cls == lowest and block.index in waiting:
+                    key = self.mover.request(li, e, top)
+                    if key is not None:
+                        self.busy[key] = (li, e, top, True)
+                        room -= 1
+
+    def _lendable(self) -> set[tuple[int, int]]:
+        """Top-tier experts whose block is a lendable slot (not a staging one): demoting
+        them frees a slot that can become pages."""
+        return self._in_class(f"t{self.real[-1]}", 0) if self.kv_arena is not None else set()
+
+    def _in_class(self, cls: str, first_index: int) -> set[tuple[int, int]]:
+        """Experts whose published block is a slot of `cls` with index >= first_index."""
+        out = set()
+        for li in range(self.num_layers):
+            for e in range(self.experts):
+                block = self.table.published(li, e).block
+                if block.cls == cls and block.index >= first_index:
+                    out.add((li, e))
+        return out
+
+    def _hosted(self) -> set[tuple[int, int]]:
+        """Experts whose published block is a lent slot's hosted lowest-tier slot (promoted
+        first on reclaim, so that their slots can come back too)."""
+        arena = self.kv_arena
+        if arena is None or arena.host is None:
+            return set()
+        lowest = f"t{self.real[0]}"
+        return self._in_class(lowest, self.pool.region(lowest)[1] // self.pool.slot_bytes(lowest))
 
     def _tier_values(self) -> np.ndarray:
         """[L, E, store tiers] value of each tier per unit of routed mass, as the planner

@@ -124,10 +124,12 @@ class KvStatsCollector(Collector):
             return
         pages = GaugeMetricFamily(
             "dynaexq_kv_pages",
-            "KV pages by state (free: a reservation could take them now)",
+            "KV pages by state (free: a reservation could take them now, cached ones "
+            "included; cached: finished prompts' pages kept for reuse; online: in the KV "
+            "head or in expert slots lent to the cache)",
             labels=["state"],
         )
-        for state in ("used", "free", "shared", "capacity"):
+        for state in ("used", "free", "shared", "cached", "online", "capacity"):
             pages.add_metric([state], s[f"pages_{state}"])
         yield pages
         split = GaugeMetricFamily(
@@ -149,6 +151,11 @@ class KvStatsCollector(Collector):
             "dynaexq_kv_prefix_hit_pages",
             "KV pages reused from a shared prefix",
             value=s["prefix_hit_pages"],
+        )
+        yield CounterMetricFamily(
+            "dynaexq_kv_evicted_pages",
+            "cached prefix pages evicted for a reservation",
+            value=s["pages_evicted"],
         )
 
 

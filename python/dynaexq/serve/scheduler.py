@@ -18,12 +18,15 @@ One iteration of the worker:
 
 With a paged KV cache (`kv_share`), rows own pages instead of slab rows: a request is
 admitted when pages for its prompts (plus one page of reserve per sequence) are
-available, reusing published prefix pages; before each decode step every row grows by a
-page when it needs one. Under pressure the scheduler first asks the precision runtime to
-lend top-tier expert bytes (`lend_to_kv`: demotions, published before their bytes become
+available, reusing published prefix pages (a finished prompt's pages stay cached until
+a reservation evicts them); before each decode step every row grows by a page when it
+needs one. Under pressure the scheduler first asks the precision runtime to lend
+top-tier expert slots (`lend_to_kv`: demotions, published before their slots become
 pages), then preempts the newest sequence, which is recomputed later (its prompt and
 generated tokens prefilled again) rather than failed. When pressure has passed, lent
-bytes go back to the experts (`reclaim_from_kv`). Moving a row is then free (no copy).
+slots go back to the experts (`reclaim_from_kv`). With the runtime's budget the pages are
+views of its expert pool's arena (`runtime.kv_share.SharedKvArena`): the floor pages at
+its head, the others inside lent slots. Moving a row is then free (no copy).
 
 Prefill chunks and decode steps alternate, so a long prompt never stalls the running
 batch for more than one chunk. Tokens, text pieces and finish reasons go back to the
@@ -288,11 +291,46 @@ class Scheduler:
                 kv_floor=share.floor_bytes(config, dtype_bytes),
             )
         self.kv_budget = budget
+        self._kv_ids = itertools.count()
+        # The runtime whose pool arena holds the pages (when the budget is its tracker).
+        runtime = getattr(self.engine, "precision", None)
+        mine = budget is getattr(self.engine, "kv_budget", None)
+        shared = getattr(runtime, "kv_arena", None) if mine else None
+        if shared is not None and shared.geometry.page_bytes == page_bytes:
+            # The pages live in the expert pool's arena: the floor pages online from the
+            # start, the lent slots' pages as the runtime lends them.
+            self._pages = KvPagePool(
+                share.page_tokens,
+                page_bytes,
+                shared.pages,
+                budget,
+                online=(0, shared.geometry.floor_pages),
+            )
+            self._arena = PagedKVCache.over_arena(
+                config,
+                shared.buffer(),
+                share.page_tokens,
+                self.engine.dtype,
+                page_start=shared.page_start,
+                scratch_page=shared.scratch_page,
+                owner=shared.pool,
+            )
+            self._kv_own_bytes = shared.geometry.head_bytes
+            runtime.attach_kv_pages(self._pages)  # type: ignore[union-attr]
+            if share.min_kv_tokens < share.max_kv_tokens and shared.pages_per_slot() == 0:
+                log.warning(
+                    "a KV page of %d tokens (%d B) does not fit in a lent top-tier expert "
+                    "slot beside the lowest-tier slot it hosts: no expert bytes can become "
+                    "pages; lower --kv-page-tokens",
+                    share.page_tokens,
+                    page_bytes,
+                )
+            return
         self._pages = KvPagePool(share.page_tokens, page_bytes, share.pages, budget)
         self._arena = PagedKVCache.allocate(
             config, share.pages, share.page_tokens, self.engine.dtype, self.engine.device
         )
-        self._kv_ids = itertools.count()
+        self._kv_own_bytes = self._arena.nbytes
 
     @property
     def paged(self) -> bool:
@@ -301,11 +339,12 @@ class Scheduler:
     @property
     def kv_cache_bytes(self) -> int:
         """Bytes reserved for the KV cache: max_batch sequences of max_context tokens, or
-        (paged) the page arena, of which the shared budget lets pages use their share."""
+        (paged) the page arena, of which the shared budget lets pages use their share; with
+        the pages in the expert pool's arena, only its head (lent pages are pool bytes)."""
         if self.kv_share is None:
             return int(self._slab.nbytes)
         state = 0 if self._state_slab is None else self._state_slab.nbytes
-        return int(self._arena.nbytes + state)
+        return int(self._kv_own_bytes + state)
 
     def kv_stats(self) -> dict[str, int]:
         """Pages used / free, preemptions and the budget split (paged KV; empty otherwise).
@@ -319,6 +358,9 @@ class Scheduler:
             "pages_used": pages["used"],
             "pages_free": pages["available"],
             "pages_capacity": pages["capacity"],
+            "pages_online": pages["online"],
+            "pages_cached": pages["cached"],
+            "pages_evicted": pages["evicted"],
             "pages_shared": pages["shared"],
             "prefix_hit_pages": pages["prefix_hit_pages"],
             "preemptions": self.preemptions,
@@ -519,7 +561,8 @@ class Scheduler:
         self._calm_steps = 0
         if self._lender is None:
             return False
-        short = pages * self._pages.page_bytes - int(self.kv_budget.snapshot()["kv_headroom"])
+        # Short of pages the pool can hand out now: free or cached, online and in budget.
+        short = (pages - self._pages.available) * self._pages.page_bytes
         if short > 0 and self._lender.lend_to_kv(short) > 0:
             return True
         return self._lender.lend_in_flight

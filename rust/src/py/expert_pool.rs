@@ -91,6 +91,9 @@ pub struct BlockView {
 pub(super) enum Keep {
     /// Frozen host-store memory: never rewritten.
     Frozen,
+    /// The KV cache's view of a whole pool arena (`ExpertPool.arena_view`): written only
+    /// at the page rows its page pool hands out (the KV head and lent slots' pages).
+    Arena,
     Lease(OwnedLease),
     Pin(ViewPin),
 }
@@ -232,7 +235,8 @@ impl PyExpertPool {
 #[pymethods]
 impl PyExpertPool {
     #[new]
-    #[pyo3(signature = (slot_bytes, slots, alignment = 256, budget = None, device = None, shared_budget = None))]
+    #[pyo3(signature = (slot_bytes, slots, alignment = 256, budget = None, device = None, shared_budget = None, kv_head_bytes = 0, lending = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         slot_bytes: &Bound<'_, PyDict>,
@@ -241,6 +245,8 @@ impl PyExpertPool {
         budget: Option<i64>,
         device: Option<i64>,
         shared_budget: Option<Bound<'_, PyDeviceBudget>>,
+        kv_head_bytes: i64,
+        lending: Option<(String, String)>,
     ) -> PyResult<Self> {
         let mut classes = Vec::new();
         for (k, v) in slot_bytes.iter() {
@@ -264,7 +270,16 @@ impl PyExpertPool {
         }
         let alignment = positive("alignment", alignment)?;
         let budget = budget.map(|b| positive("budget", b)).transpose()?;
-        let cfg = PoolConfig::new(classes).alignment(alignment).budget(budget);
+        let head = u64::try_from(kv_head_bytes).map_err(|_| {
+            PyValueError::new_err(format!("kv_head_bytes must be >= 0, got {kv_head_bytes}"))
+        })?;
+        let mut cfg = PoolConfig::new(classes)
+            .alignment(alignment)
+            .budget(budget)
+            .kv_head_bytes(head);
+        if let Some((host, guest)) = lending {
+            cfg = cfg.lending(host, guest);
+        }
         let device = device.map(|d| open_device(py, d)).transpose()?;
         let shared = shared_budget.map(|b| b.get().inner.clone());
         let p = match &device {
@@ -421,6 +436,64 @@ impl PyExpertPool {
         )
     }
 
+    /// A writable view of the whole arena for the KV cache's pages (host arenas only):
+    /// the cache writes only the page rows its page pool hands out, which lie in the
+    /// KV head and in lent slots, never in an expert's block.
+    fn arena_view<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyMemoryView>> {
+        let len = self.with(py, |p| p.total_bytes());
+        memoryview(
+            py,
+            BlockView {
+                arena: self.arena.clone(),
+                offset: 0,
+                len,
+                readonly: false,
+                _keep: Keep::Arena,
+            },
+        )
+    }
+
+    /// Address of the arena's first byte (host or device pointer value).
+    #[getter]
+    fn arena_address(&self) -> u64 {
+        self.arena.base_address()
+    }
+    /// Bytes at the arena's head kept for the KV pages (no slot's).
+    #[getter]
+    fn kv_head_bytes(&self, py: Python<'_>) -> u64 {
+        self.with(py, |p| p.kv_head_bytes())
+    }
+    /// Lend the lowest free slot of the lending class to the KV pages; returns (index,
+    /// offset, nbytes) of the bytes the pages may use (past the hosted guest slot).
+    /// PoolExhausted when no slot of the class is free.
+    fn lend(&self, py: Python<'_>, cls: &str) -> PyResult<(u32, u64, u64)> {
+        let c = self.class(cls)?;
+        let l = self.with(py, |p| p.lend(c)).map_err(to_py)?;
+        let (offset, nbytes) = l.kv_range();
+        Ok((l.index, offset, nbytes))
+    }
+    /// Take the lent slot back (its pages must be offline already); ValueError while
+    /// its hosted guest slot is live.
+    fn unlend(&self, py: Python<'_>, cls: &str, index: u32) -> PyResult<()> {
+        let c = self.class(cls)?;
+        self.with(py, |p| p.unlend(c, index)).map_err(to_py)
+    }
+    /// Whether the lent slot could come back now (its guest slot is free).
+    fn can_unlend(&self, py: Python<'_>, cls: &str, index: u32) -> PyResult<bool> {
+        let c = self.class(cls)?;
+        Ok(self.with(py, |p| p.can_unlend(c, index)))
+    }
+    /// Indices of the class's lent slots.
+    fn lent(&self, py: Python<'_>, cls: &str) -> PyResult<Vec<u32>> {
+        let c = self.class(cls)?;
+        Ok(self.with(py, |p| p.lent(c)))
+    }
+    /// (offset, nbytes) of the KV bytes of lent slot `index`; None if it is not lent.
+    fn lent_range(&self, py: Python<'_>, cls: &str, index: u32) -> PyResult<Option<(u64, u64)>> {
+        let c = self.class(cls)?;
+        Ok(self.with(py, |p| p.lent_slot(c, index).map(|l| l.kv_range())))
+    }
+
     /// Address of the block's first byte (host or device pointer value).
     fn address(&self, py: Python<'_>, block: &PyBlock) -> PyResult<u64> {
         let b = block.inner;
@@ -482,6 +555,7 @@ impl PyExpertPool {
             let cd = PyDict::new(py);
             cd.set_item("slot_bytes", c.slot_bytes)?;
             cd.set_item("capacity", c.capacity)?;
+            cd.set_item("lent", c.lent)?;
             cd.set_item("free", c.free)?;
             cd.set_item("live", c.live)?;
             cd.set_item("pending", c.pending)?;

@@ -51,11 +51,13 @@ impl PyKvPagePool {
 #[pymethods]
 impl PyKvPagePool {
     #[new]
+    #[pyo3(signature = (page_tokens, page_bytes, pages, budget, online = None))]
     fn new(
         page_tokens: i64,
         page_bytes: i64,
         pages: i64,
         budget: Bound<'_, PyDeviceBudget>,
+        online: Option<(u32, u32)>,
     ) -> PyResult<Self> {
         let page_tokens = u32::try_from(positive("page_tokens", page_tokens)?)
             .map_err(|_| PyValueError::new_err("page_tokens is too large"))?;
@@ -66,7 +68,9 @@ impl PyKvPagePool {
             page_bytes: positive("page_bytes", page_bytes)?,
             pages,
         };
-        let pool = KvPagePool::new(config, budget.get().inner.clone()).map_err(to_py)?;
+        let online = online.map_or(0..pages, |(a, b)| a..b);
+        let pool =
+            KvPagePool::with_online(config, budget.get().inner.clone(), online).map_err(to_py)?;
         Ok(Self {
             inner: Mutex::new(pool),
             budget: budget.unbind(),
@@ -104,6 +108,28 @@ impl PyKvPagePool {
     fn pages_short(&self, py: Python<'_>, seq: i64, tokens: i64) -> PyResult<u32> {
         let (s, t) = (seq_id(seq)?, token_count(tokens)?);
         self.with(py, |p| p.pages_short(s, t)).map_err(to_py)
+    }
+
+    /// Bring pages start..stop online (memory lent to the KV cache); all or nothing.
+    fn add_pages(&self, py: Python<'_>, start: u32, stop: u32) -> PyResult<()> {
+        self.with(py, |p| p.add_pages(start..stop)).map_err(to_py)
+    }
+    /// Take pages start..stop offline (cached ones are evicted); ValueError while a
+    /// sequence holds one of them.
+    fn remove_pages(&self, py: Python<'_>, start: u32, stop: u32) -> PyResult<()> {
+        self.with(py, |p| p.remove_pages(start..stop))
+            .map_err(to_py)
+    }
+    /// Whether no sequence holds any of pages start..stop.
+    fn range_unheld(&self, py: Python<'_>, start: u32, stop: u32) -> bool {
+        self.with(py, |p| p.range_unheld(start..stop))
+    }
+    fn is_online(&self, py: Python<'_>, page: u32) -> bool {
+        self.with(py, |p| p.is_online(page))
+    }
+    /// Whether the page is a published page no sequence holds (kept for reuse).
+    fn is_cached(&self, py: Python<'_>, page: u32) -> bool {
+        self.with(py, |p| p.is_cached(page))
     }
 
     /// Start a sequence with no pages; ValueError if the id is open already.
@@ -163,8 +189,8 @@ impl PyKvPagePool {
         self.with(py, |p| p.num_sequences())
     }
 
-    /// page_tokens, page_bytes, capacity, used, available, shared, published, sequences,
-    /// prefix_hit_pages, high_water.
+    /// page_tokens, page_bytes, capacity, used, available, online, cached, evicted,
+    /// shared, published, sequences, prefix_hit_pages, high_water.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.with(py, |p| p.stats());
         let d = PyDict::new(py);
@@ -173,6 +199,9 @@ impl PyKvPagePool {
         d.set_item("capacity", s.capacity)?;
         d.set_item("used", s.used)?;
         d.set_item("available", s.available)?;
+        d.set_item("online", s.online)?;
+        d.set_item("cached", s.cached)?;
+        d.set_item("evicted", s.evicted)?;
         d.set_item("shared", s.shared)?;
         d.set_item("published", s.published)?;
         d.set_item("sequences", s.sequences)?;

@@ -79,9 +79,10 @@ fn to_py(e: Error) -> PyErr {
         Error::Exhausted { .. } | Error::BudgetExceeded { .. } | Error::PagesExhausted { .. } => {
             PoolExhausted::new_err(msg)
         }
-        Error::UnknownSequence(_) | Error::SequenceExists(_) | Error::IllegalPageOp { .. } => {
-            PyValueError::new_err(msg)
-        }
+        Error::UnknownSequence(_)
+        | Error::SequenceExists(_)
+        | Error::IllegalPageOp { .. }
+        | Error::IllegalLend(_) => PyValueError::new_err(msg),
         Error::DoubleFree { .. } => DoubleFree::new_err(msg),
         Error::ForeignBlock(_) => ForeignBlock::new_err(msg),
         Error::BlockLeased { .. } | Error::OwnedByTable { .. } => BlockInUse::new_err(msg),
