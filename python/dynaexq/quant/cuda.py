@@ -9,6 +9,7 @@ stream). The Rust core loads the same PTX with cudarc (see docs/packed-layout.md
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -235,6 +236,12 @@ def prepare_launch(
     )
 
 
+@functools.cache
+def cuda_kernels(device: int = 0) -> CudaKernels:
+    """The process's kernels on `device` (loaded once; every runtime on it shares them)."""
+    return CudaKernels(device)
+
+
 class CudaKernels:
     """PTX modules loaded into torch's CUDA context; launches on torch's current stream."""
 
@@ -249,8 +256,9 @@ class CudaKernels:
         self.arch = arch
         self.functions: dict[str, Any] = {}
         self.modules: list[Any] = []  # kept so the functions stay loaded
+        cached = None if ptx else ptx_dir([arch])  # compiled once per source and NVRTC
         for mod in MODULES:
-            src = ptx[mod] if ptx else nvrtc_compile(kernel_dir() / f"{mod}.cu", arch)
+            src = ptx[mod] if ptx else (cached / f"{mod}.sm_{arch}.ptx").read_text()
             err, module = driver.cuModuleLoadData(src.encode() + b"\x00")
             self._check(err, f"cuModuleLoadData({mod})")
             self.modules.append(module)

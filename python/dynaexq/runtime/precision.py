@@ -99,9 +99,9 @@ class PrecisionRuntime:
         self.executor: CpuExecutor | GroupedExecutor
         if self._cuda or launch is not None:
             if launch is None:
-                from dynaexq.quant.cuda import CudaKernels
+                from dynaexq.quant.cuda import cuda_kernels
 
-                launch = CudaKernels(self.device.index or 0).launch_moe
+                launch = cuda_kernels(self.device.index or 0).launch_moe
             self.executor = GroupedExecutor(
                 self.table, store, self.real, launch, device=self.device, dtype=compute_dtype
             )
