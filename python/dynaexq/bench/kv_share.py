@@ -11,7 +11,10 @@
   low-load phase (one request at a time), a high-load phase (many at once) and low load
   again, and reports
   the peak of concurrent sequences, throughput, preemptions, the bytes that changed use,
-  and the routed mass served at the high tier (the runtime's telemetry) per phase.
+  the routed mass served at the high tier (the runtime's telemetry) per phase, and the
+  gap recovered on text of the tier map published at the end of each phase (each map
+  held by a static runtime and scored like `dynaexq eval` on held-out text that neither
+  calibration nor the prompts used: `score_maps`).
 
     python -m dynaexq.bench.kv_share project
     python -m dynaexq.bench.kv_share measure --json docs/results/kv/embedded.json
@@ -138,6 +141,15 @@ class PhaseResult:
     mass_hi_share: float  # routed mass served at the high tier, tokens-weighted over steps
     preemptions: int
     failed: int
+    # The published tier map ([layers][experts] store tiers) when the phase ended, the
+    # time-averaged count of high-tier experts over the phase (sampled), and the gap
+    # recovered (log-perplexity, %) of that map on held-out text (`score_maps`).
+    tier_map: list[list[int]] | None = None
+    hot_mean: float | None = None
+    hot_min: int | None = None
+    hot_end: int | None = None
+    gap_recovered: float | None = None
+    log_ppl: float | None = None
 
 
 @dataclass
@@ -189,6 +201,8 @@ async def _phase(
     pre = sched.preemptions
     peak = 0
     samples: list[int] = []
+    hot: list[int] = []
+    top = runtime.tiers - 1
     t0 = time.perf_counter()
 
     async def one(p: tuple[int, ...]) -> int:
@@ -209,6 +223,8 @@ async def _phase(
             running = sched.running
             peak = max(peak, running)
             samples.append(running)
+            if len(samples) % 10 == 0:
+                hot.append(int((runtime.tier_map() == top).sum()))
             if budget is not None and len(samples) % 10 == 0:
                 snap = budget.snapshot()
                 now = time.perf_counter() - t_start
@@ -224,6 +240,8 @@ async def _phase(
     done.set()
     await watcher
     failed = sum(1 for c in counts if c < 0)
+    tier_map = runtime.tier_map()
+    hot.append(int((tier_map == top).sum()))
     return PhaseResult(
         requests=len(prompts),
         peak_running=peak,
@@ -233,6 +251,10 @@ async def _phase(
         mass_hi_share=_mass_share(runtime.telemetry.records[first_step:]),
         preemptions=sched.preemptions - pre,
         failed=failed,
+        tier_map=tier_map.tolist(),
+        hot_mean=sum(hot) / len(hot),
+        hot_min=min(hot),
+        hot_end=hot[-1],
     )
 
 
@@ -323,7 +345,107 @@ def measure(
     return results
 
 
-def measured_markdown(results: list[ModeResult], page_tokens: int = 8) -> str:
+# ---------------------------------------------------------------------------------------
+# Quality of a tier map on text
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TextSpec:
+    """The text maps are scored on: the embedded model's held-out domains, each past its
+    first `calibration_tokens` (the runtime's default calibration; the measured prompts
+    start at token 20000), `tokens` per domain in `streams` parallel streams, read in
+    windows of `window` tokens fed `chunk` at a time (`dynaexq eval`'s defaults)."""
+
+    tokens: int = 2048
+    calibration_tokens: int = 16384
+    streams: int = 4
+    window: int = 256
+    chunk: int = 32
+    domains: tuple[str, ...] | None = None  # None: every held-out domain
+
+    def describe(self) -> str:
+        return (
+            f"{self.tokens} tokens of each held-out domain from token "
+            f"{self.calibration_tokens} on ({self.streams} streams, window {self.window}, "
+            f"chunk {self.chunk})"
+        )
+
+
+def _text_streams(spec: TextSpec) -> dict[str, Any]:
+    from dynaexq.eval.run import embedded_domains
+    from dynaexq.eval.stream import as_streams
+
+    out = {}
+    for name, toks in embedded_domains().items():
+        if spec.domains is None or name in spec.domains:
+            part = toks[spec.calibration_tokens :]
+            out[name] = as_streams(part, spec.streams, spec.window, spec.tokens)
+    return out
+
+
+def _log_ppl(engine: Any, streams: dict[str, Any], spec: TextSpec) -> float:
+    """Mean next-token loss (nats) over every scored token of every domain."""
+    import numpy as np
+
+    from dynaexq.eval.stream import evaluate_streams
+
+    nll = [
+        evaluate_streams(engine.model, s, window=spec.window, chunk=spec.chunk).nll
+        for s in streams.values()
+    ]
+    return float(np.concatenate([n.reshape(-1) for n in nll]).mean())
+
+
+def gap_recovered_pct(low: float, full: float, policy: float) -> float:
+    """Gap recovered in % on log-perplexity: (low - policy) / (low - full), with `low`
+    the static all-lowest-tier model's and `full` the full-precision model's."""
+    from dynaexq.eval.stream import gap_recovered
+
+    return 100.0 * gap_recovered(low, full, policy)
+
+
+def score_maps(
+    maps: list[Any], spec: TextSpec | None = None, dtype: str = "float32"
+) -> tuple[list[float], float, float]:
+    """Log-perplexity on `spec`'s text of each tier map ([layers, experts] store tiers,
+    held exactly by a static-map runtime: `load_with_policy(tier_map=...)`), and of the
+    baselines `dynaexq eval` uses: static (every expert at the lowest tier) and full.
+    Returns (map log-ppls, static's, full's)."""
+    import numpy as np
+
+    from dynaexq.runtime.load import load_with_policy
+
+    spec = spec or TextSpec()
+    streams = _text_streams(spec)
+    kw = dict(dtype=dtype, progress=False, batch=spec.streams, context=spec.window)
+    full, _ = load_with_policy(policy="full", dtype=dtype)
+    full_ppl = _log_ppl(full, streams, spec)
+    del full
+    # static: every expert at the lowest tier (any budget that holds them; the 100% map's)
+    low, _ = load_with_policy(policy="static", budget="100%", chunk=spec.chunk, **kw)
+    low_ppl = _log_ppl(low, streams, spec)
+    del low
+    out = []
+    for m in maps:
+        e, _ = load_with_policy(policy="static-map", tier_map=np.asarray(m), chunk=spec.chunk, **kw)
+        out.append(_log_ppl(e, streams, spec))
+    return out, low_ppl, full_ppl
+
+
+def add_quality(results: list[ModeResult], spec: TextSpec | None = None) -> dict[str, Any]:
+    """Score every phase's published map (`score_maps`) into its `gap_recovered` and
+    `log_ppl`; returns the baselines and the text used."""
+    spec = spec or TextSpec()
+    phases = [p for r in results for p in (r.low, r.high, r.after) if p.tier_map is not None]
+    ppl, low, full = score_maps([p.tier_map for p in phases], spec)
+    for p, v in zip(phases, ppl, strict=True):
+        p.log_ppl = v
+        p.gap_recovered = gap_recovered_pct(low, full, v)
+    return {"text": spec.describe(), "log_ppl_static_int2": low, "log_ppl_full": full}
+
+
+def measured_markdown(
+    results: list[ModeResult], page_tokens: int = 8, quality: dict[str, Any] | None = None
+) -> str:
     lines = [
         f"Embedded model (float32, CPU), budget {results[0].budget_bytes / 2**20:.2f} MiB for "
         "everything; low load = 4 requests one at a time, high load = "
@@ -332,9 +454,14 @@ def measured_markdown(results: list[ModeResult], page_tokens: int = 8) -> str:
         "",
         "| mode | hot experts at start | concurrent at high load: mean (peak) "
         "| tokens/s (high) | preemptions (high) | failed | routed mass at bf16: low load "
-        "| high load | low load after | bytes moved to KV / back |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| high load | low load after | bytes moved to KV / back "
+        "| gap recovered: low load | high load | low load after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def gap(p: PhaseResult) -> str:
+        return "-" if p.gap_recovered is None else f"{p.gap_recovered:.1f}%"
+
     for r in results:
         tps = r.high.generated_tokens / max(r.high.seconds, 1e-9)
         failed = r.low.failed + r.high.failed + r.after.failed
@@ -343,8 +470,29 @@ def measured_markdown(results: list[ModeResult], page_tokens: int = 8) -> str:
             f"({r.high.peak_running}) | {tps:.0f} | {r.high.preemptions} | {failed} | "
             f"{100 * r.low.mass_hi_share:.1f}% | {100 * r.high.mass_hi_share:.1f}% | "
             f"{100 * r.after.mass_hi_share:.1f}% | {r.moved_to_kv_bytes / 1024:.0f} KiB / "
-            f"{r.moved_to_experts_bytes / 1024:.0f} KiB |"
+            f"{r.moved_to_experts_bytes / 1024:.0f} KiB | {gap(r.low)} | {gap(r.high)} | "
+            f"{gap(r.after)} |"
         )
+    if quality is not None:
+        lines += [
+            "",
+            f"Gap recovered: the tier map published at the end of each phase, held by a "
+            f"static runtime, scored on {quality['text']}; (log-ppl of static all-int2 "
+            f"{quality['log_ppl_static_int2']:.4f} - the map's) / (that - full bf16's "
+            f"{quality['log_ppl_full']:.4f}). Hot experts over each phase (time-averaged / "
+            "fewest / at its end):",
+            "",
+            "| mode | low load | high load | low load after |",
+            "|---|---:|---:|---:|",
+        ]
+
+        def hot(p: PhaseResult) -> str:
+            if p.hot_mean is None:
+                return "-"
+            return f"{p.hot_mean:.0f} / {p.hot_min} / {p.hot_end}"
+
+        for r in results:
+            lines.append(f"| {r.mode} | {hot(r.low)} | {hot(r.high)} | {hot(r.after)} |")
     for r in results:
         if r.split and r.mode.endswith("shared budget"):
             lines += [
@@ -383,6 +531,12 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--json", type=Path, default=None, help="also write the raw results")
     m.add_argument("--high-load", type=int, default=24)
     m.add_argument("--page-tokens", type=int, default=8)
+    m.add_argument(
+        "--text-tokens",
+        type=int,
+        default=2048,
+        help="tokens of each held-out domain the phases' tier maps are scored on (0: skip)",
+    )
     args = parser.parse_args(argv)
     if args.what == "project":
         from dynaexq.runtime.memory import QWEN3_30B_A3B_CONFIG
@@ -392,10 +546,16 @@ def main(argv: list[str] | None = None) -> int:
         print(projection_markdown("Qwen3-30B-A3B", config, rows))
         return 0
     results = measure(high_load=args.high_load, page_tokens=args.page_tokens)
-    print(measured_markdown(results, args.page_tokens))
+    quality = None
+    if args.text_tokens > 0:
+        quality = add_quality(results, TextSpec(tokens=args.text_tokens))
+    print(measured_markdown(results, args.page_tokens, quality))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
+        raw: Any = [asdict(r) for r in results]
+        if quality is not None:
+            raw = {"quality": quality, "modes": raw}
+        args.json.write_text(json.dumps(raw, indent=1) + "\n")
     return 0
 
 

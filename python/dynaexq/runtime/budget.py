@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from dynaexq.model.config import ModelConfig
@@ -362,6 +363,34 @@ def plan_pool(
         if each == 0:
             notes.append("the budget leaves no high-precision slot per layer")
     return pool_plan([n - int(hot), int(hot)], stage, per_layer, notes)
+
+
+def plan_for_map(
+    tier_map, slot_bytes: Sequence[int], fixed: FixedMemory, budget: int | None = None
+) -> PoolPlan:
+    """The static-map pool that holds exactly `tier_map` ([layers, experts] store tiers,
+    e.g. a map another runtime published): one resident slot per expert at its tier, no
+    staging, global split. `budget`, when given, must hold it."""
+    counts = [int((tier_map == t).sum()) for t in range(len(slot_bytes))]
+    if sum(counts) != tier_map.size:
+        raise BudgetError(f"tier map holds tiers outside 0..{len(slot_bytes) - 1}")
+    pool = sum(c * b for c, b in zip(counts, slot_bytes, strict=True))
+    if budget is not None and fixed.total + pool > budget:
+        raise BudgetError(
+            f"the tier map needs {format_bytes(fixed.total + pool)}, "
+            f"the budget is {format_bytes(budget)}"
+        )
+    return PoolPlan(
+        "static-map",
+        tuple(slot_bytes),
+        tuple(counts),
+        (0,) * len(slot_bytes),
+        None,
+        pool,
+        fixed,
+        budget,
+        [f"holds a given tier map: {counts}"],
+    )
 
 
 def knapsack_choice(values: list[float], slot_bytes: list[int], space: int) -> list[int] | None:

@@ -24,7 +24,14 @@ from dynaexq.engine import EMBEDDED_MODEL_DIR, Engine, embedded_model_path
 from dynaexq.engine import load as load_engine
 from dynaexq.quant import parse_tier
 from dynaexq.quant.tiered import TieredCheckpoint
-from dynaexq.runtime.budget import FixedMemory, PoolPlan, fixed_memory, parse_budget, plan_pool
+from dynaexq.runtime.budget import (
+    FixedMemory,
+    PoolPlan,
+    fixed_memory,
+    parse_budget,
+    plan_for_map,
+    plan_pool,
+)
 from dynaexq.runtime.calibration import (  # calibration_scores: re-exported (eval)
     calibrate,
     calibration_scores,  # noqa: F401
@@ -107,6 +114,7 @@ def load_with_policy(
     kv_share: KvShare | None = None,
     device: str | torch.device = "cpu",
     launch: Launch | None = None,
+    tier_map: np.ndarray | None = None,
 ) -> tuple[Engine, Deployment | None]:
     """Load `path` (default: the embedded model) to run under `policy` within `budget`
     (a size, or "20%": the bytes at which static-map holds 20% of the experts hot).
@@ -135,6 +143,11 @@ def load_with_policy(
     grouped kernels. `launch`: run those kernels through this function instead of the
     CUDA driver (the CPU emulation of kernels/moe.cu, for tests; the pool stays on the
     host).
+
+    `tier_map`: a [layers, experts] array of store tiers (0 = lowest) that policy
+    static-map holds exactly, as published by another runtime (`PrecisionRuntime.
+    tier_map()`): the pool is sized to the map (`budget.plan_for_map`; no staging, no
+    calibration needed), and the budget, when given, must hold it.
     """
     pol = Policy(policy) if isinstance(policy, str) else policy
     if threads is not None:
@@ -191,7 +204,9 @@ def load_with_policy(
             raise ValueError(f"static tier {want} is not among the loaded tiers {names}")
         static_tier = names.index(want)
     scores = None
-    if pol.name in ("static-map", "dynamic"):
+    if tier_map is not None and pol.name != "static-map":
+        raise ValueError(f"a tier map is held by policy static-map, not {pol.name}")
+    if pol.name in ("static-map", "dynamic") and (tier_map is None or calibration is not None):
         if calibration is None:
             raise ValueError(f"policy {pol.name} needs calibration text (token streams)")
         if isinstance(calibration, np.ndarray) and calibration.ndim == 2:
@@ -208,26 +223,39 @@ def load_with_policy(
         f = pol.controller.hotness_floor
         share = (1.0 - f) * share + f / store.experts
         values = (share[..., None] * store.gains()).reshape(-1).tolist()
-    plan = plan_pool(
-        pol.name,
-        layers=len(store.layers),
-        experts=store.experts,
-        slot_bytes=store.slot_bytes,
-        fixed=fixed,
-        budget=resolve_budget(budget, store, fixed.total),
-        in_flight=pol.controller.in_flight,
-        static_tier=static_tier,
-        split=pol.controller.split,
-        values=values,
-        staging=pol.controller.staging,
-    )
+    if tier_map is not None:
+        tier_map = np.asarray(tier_map, dtype=np.uint8)
+        if tier_map.shape != (len(store.layers), store.experts):
+            raise ValueError(
+                f"tier map of shape {tier_map.shape}, the model has "
+                f"{(len(store.layers), store.experts)} (layers, experts)"
+            )
+        plan = plan_for_map(
+            tier_map, store.slot_bytes, fixed, resolve_budget(budget, store, fixed.total)
+        )
+    else:
+        plan = plan_pool(
+            pol.name,
+            layers=len(store.layers),
+            experts=store.experts,
+            slot_bytes=store.slot_bytes,
+            fixed=fixed,
+            budget=resolve_budget(budget, store, fixed.total),
+            in_flight=pol.controller.in_flight,
+            static_tier=static_tier,
+            split=pol.controller.split,
+            values=values,
+            staging=pol.controller.staging,
+        )
     if pol.name == "offload":
         if engine.device.type != "cpu":
             raise ValueError("policy offload runs on the CPU backend only: pass device='cpu'")
         runtime: PrecisionRuntime | OffloadRuntime = OffloadRuntime(store, plan, pol)
     else:
         shape = (len(store.layers), store.experts)
-        if scores is None:  # static: everything at the one tier that has slots
+        if tier_map is not None:  # exactly the map given
+            init = tier_map
+        elif scores is None:  # static: everything at the one tier that has slots
             init = np.full(shape, plan.slots.index(max(plan.slots)), dtype=np.uint8)
         elif plan.assignment is not None:  # the knapsack already chose every tier
             init = np.asarray(plan.assignment, dtype=np.uint8).reshape(shape)
