@@ -97,6 +97,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="move only when the gain exceeds this share of the planned value per top-tier "
         "slot copied (0: any gain)",
     )
+    c.add_argument(
+        "--move-z",
+        type=float,
+        default=0.0,
+        help="a move's gain less this many standard errors (from the signal's prediction "
+        "error) must still pay (0: no discount)",
+    )
     c.add_argument("--split", choices=("per-layer", "global"), default="per-layer")
     c.add_argument(
         "--planner",
@@ -118,6 +125,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.5,
         help="knapsack hotness: (1 - f) x calibration share + f x an even share",
+    )
+    c.add_argument(
+        "--value",
+        choices=("weight", "output", "fisher"),
+        default="weight",
+        help="what a tier is worth per unit of routed share: its weight error's reduction, "
+        "its output error's measured on the calibration text, or the loss increase that "
+        "error predicts there (fisher)",
+    )
+    c.add_argument(
+        "--value-prior",
+        type=float,
+        default=16.0,
+        help="routed calibration tokens the (per-layer scaled) weight error counts for "
+        "against an expert's measured error (value output/fisher)",
     )
     p.add_argument(
         "--shift",
@@ -178,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         in_flight=args.in_flight,
         staging=args.staging,
         move_gain=args.move_gain,
+        move_z=args.move_z,
         split=args.split,
         planner=args.planner,
         gate=args.gate,
@@ -185,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
         gate_alpha=args.gate_alpha,
         prior_weight=args.prior_weight,
         hotness_floor=args.hotness_floor,
+        value=args.value,
+        value_prior=args.value_prior,
     )
     cfg = EvalConfig(
         tiers=tuple(t.strip() for t in args.tiers.split(",")),

@@ -34,6 +34,7 @@ from dynaexq.runtime.kv_share import KvShare
 from dynaexq.runtime.offload import OffloadRuntime
 from dynaexq.runtime.policy import Policy
 from dynaexq.runtime.precision import PrecisionRuntime
+from dynaexq.runtime.sensitivity import OutputErrors
 from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
 
 
@@ -104,6 +105,7 @@ def load_with_policy(
     host_store: str | None = None,
     staging_slots: int = 8,
     kv_share: KvShare | None = None,
+    output_errors: OutputErrors | None = None,
 ) -> tuple[Engine, Deployment | None]:
     """Load `path` (default: the embedded model) to run under `policy` within `budget`
     (a size, or "20%": the bytes at which static-map holds 20% of the experts hot).
@@ -119,7 +121,9 @@ def load_with_policy(
     DYNAEXQ_HOST_STORE). `kv_share`: a paged KV cache shares the budget with the experts
     (`dynaexq.runtime.kv_share`): the plan keeps only its floor (`min_kv_tokens`) as fixed
     KV memory, and the engine gets `engine.kv_budget`, the one tracker the expert pool and
-    the KV pages reserve from. Returns the engine (its experts run
+    the KV pages reserve from. `output_errors` (`runtime.sensitivity`): the measured
+    output error of every tier, the value of controller setting value="output"
+    (computed from `calibration` when it is token streams). Returns the engine (its experts run
     through the runtime, `engine.precision` is the runtime) and what was deployed.
 
     Host memory: the non-expert weights, the pool (on the CPU backend) and the staging
@@ -181,15 +185,35 @@ def load_with_policy(
         else:
             scores = calibrate(engine, store, list(calibration), progress=progress)
     values = None
+    tier_gains = None
     if scores is not None and pol.controller.planner == "value":
         # Value of each tier per expert: calibration hotness x error reduction vs tier 0,
         # hotness as the expert's share of its layer's routed mass (the router's top-k
         # weights are renormalised per token, so a layer's raw mass says nothing of how
         # much its output depends on its experts).
         share = scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-12)
+        tier_gains = store.gains()
+        if pol.controller.value in ("output", "fisher"):
+            # The error reduction measured on the calibration's own activations, per
+            # unit of routed share (runtime/sensitivity.py).
+            if output_errors is None:
+                if calibration is None or (
+                    isinstance(calibration, np.ndarray) and calibration.ndim == 2
+                ):
+                    raise ValueError(
+                        f"value={pol.controller.value!r} needs calibration token streams "
+                        "or output_errors"
+                    )
+                from dynaexq.runtime.sensitivity import output_errors as measure
+
+                output_errors = measure(engine, store, list(calibration))
+            names = [t.name for t in store.tiers]
+            tier_gains = output_errors.select(names).per_share(
+                store.gains(), share, pol.controller.value_prior, kind=pol.controller.value
+            )
         f = pol.controller.hotness_floor
         share = (1.0 - f) * share + f / store.experts
-        values = (share[..., None] * store.gains()).reshape(-1).tolist()
+        values = (share[..., None] * tier_gains).reshape(-1).tolist()
     plan = plan_pool(
         pol.name,
         layers=len(store.layers),
@@ -230,6 +254,8 @@ def load_with_policy(
             threads=threads,
             kv_budget=kv_budget,
         )
+        if tier_gains is not None and pol.controller.value != "weight":
+            runtime.use_tier_gains(tier_gains)
         engine.kv_budget = kv_budget  # type: ignore[attr-defined]
     engine.experts = runtime
     engine.add_routing_hook(runtime.observe)
