@@ -57,8 +57,10 @@ def main() -> None:
         nw = next_window_error(tr, prior)
         print(name, "next-window TV", " ".join(f"{k}={v['tv']:.3f}" for k, v in nw.items()))
         for a in (0.5, 0.8, 0.9):
-            cov = std_coverage(tr, prior, a)
-            print(name, f"std coverage ema {a}", " ".join(f"{k}={v:.3f}" for k, v in cov.items()))
+            for avg in (False, True):
+                cov = std_coverage(tr, prior, a, averaged=avg)
+                what = f"std coverage ema {a}" + (" averaged" if avg else "")
+                print(name, what, " ".join(f"{k}={v:.3f}" for k, v in cov.items()))
         if args.value:
             nbytes, _ = budget_bytes(
                 args.value, store, fixed.total, len(store.layers), store.experts

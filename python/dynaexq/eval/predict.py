@@ -204,11 +204,18 @@ def next_window_error(
 
 
 def std_coverage(
-    trace: np.ndarray, prior: np.ndarray, alpha: float, *, lag: int = 2, horizon: int = 8
+    trace: np.ndarray,
+    prior: np.ndarray,
+    alpha: float,
+    *,
+    lag: int = 2,
+    horizon: int = 8,
+    averaged: bool = False,
 ) -> dict[str, float]:
     """Is the controller's standard error of the EMA share (`PrecisionRuntime._share_std`:
-    the EMA of squared one-step prediction errors, floored by a step's sampling noise at
-    128 tokens, x (1 - alpha) / (1 + alpha)) the size
+    the root of the EMA of squared one-step prediction errors, floored by a step's
+    sampling noise at 128 tokens; `averaged`: also x sqrt((1 - alpha) / (1 + alpha)), the
+    error of an average of independent steps) the size
     of its real error on the next window? Returns the share of (step, expert) pairs whose
     next-window error is within 1 and 2 standard errors (a Gaussian: 0.68, 0.95) and
     the ratio of the realised RMS error to the mean standard error."""
@@ -225,7 +232,7 @@ def std_coverage(
         var = alpha * var + (1 - alpha) * (s[i] - last) ** 2
         last = sig[i]
         noise = sig[i] * (1 - sig[i]) / 128.0
-        std = np.sqrt(np.maximum(var, noise) * (1 - alpha) / (1 + alpha))
+        std = np.sqrt(np.maximum(var, noise) * ((1 - alpha) / (1 + alpha) if averaged else 1.0))
         d = np.abs(sig[i] - s[i + lag : i + lag + horizon].mean(axis=0))
         within1 += int((d <= std).sum())
         within2 += int((d <= 2 * std).sum())
