@@ -104,6 +104,15 @@ def test_output_errors_of_a_small_model(small_model) -> None:
         assert got.shape == store.gains().shape
         assert not np.allclose(got, store.gains())
         assert (np.diff(got, axis=-1) >= 0).all()
+        # Given only a ranking (no text to measure on), the weight error stands in.
+        ranked, _ = _engine(
+            model,
+            tmp,
+            Policy("dynamic", tiers=tuple(tiers), controller=ctl),
+            "30%",
+            dep.calibration,
+        )
+        np.testing.assert_array_equal(ranked.precision._tier_values(), store.gains())
 
 
 def test_move_z_holds_on_stationary_text_and_still_follows_a_shift(small_model) -> None:

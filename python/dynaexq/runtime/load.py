@@ -123,7 +123,8 @@ def load_with_policy(
     KV memory, and the engine gets `engine.kv_budget`, the one tracker the expert pool and
     the KV pages reserve from. `output_errors` (`runtime.sensitivity`): the measured
     output error of every tier, the value of controller setting value="output"
-    (computed from `calibration` when it is token streams). Returns the engine (its experts run
+    (computed from `calibration` when it is token streams; with neither, the weight error
+    stands in). Returns the engine (its experts run
     through the runtime, `engine.precision` is the runtime) and what was deployed.
 
     Host memory: the non-expert weights, the pool (on the CPU backend) and the staging
@@ -193,17 +194,14 @@ def load_with_policy(
         # much its output depends on its experts).
         share = scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-12)
         tier_gains = store.gains()
-        if pol.controller.value in ("output", "fisher"):
+        streams = calibration is not None and not (
+            isinstance(calibration, np.ndarray) and calibration.ndim == 2
+        )
+        if pol.controller.value in ("output", "fisher") and (output_errors or streams):
             # The error reduction measured on the calibration's own activations, per
-            # unit of routed share (runtime/sensitivity.py).
+            # unit of routed share (runtime/sensitivity.py). Given only a ranking (no
+            # text and no measured errors), the weight error stands in.
             if output_errors is None:
-                if calibration is None or (
-                    isinstance(calibration, np.ndarray) and calibration.ndim == 2
-                ):
-                    raise ValueError(
-                        f"value={pol.controller.value!r} needs calibration token streams "
-                        "or output_errors"
-                    )
                 from dynaexq.runtime.sensitivity import output_errors as measure
 
                 output_errors = measure(engine, store, list(calibration))

@@ -171,6 +171,7 @@ def output_errors(
     prompts: int = 128,
     batch: int = 16,
     cache: bool = True,
+    keep_bytes: int = 256 << 20,
 ) -> OutputErrors:
     """Every expert's output error at every tier of `store` on `streams` (windows cut as
     for the calibration ranking), with `engine`'s non-expert weights; cached beside the
@@ -189,6 +190,11 @@ def output_errors(
     wins = windows_of(streams, window, prompts)
     if not wins:
         raise ValueError("calibration text is empty (fewer than 8 tokens)")
+    # The gradient pass keeps every layer's output errors until its backward: windows per
+    # pass so that they stay under `keep_bytes`.
+    k = int(engine.config.num_experts_per_tok)
+    per_window = window * k * max(1, len(store.tiers) - 1) * store.hidden_size * 4
+    batch = max(1, min(batch, keep_bytes // max(1, per_window * len(store.layers))))
     before = engine.experts
     engine.experts = probe
     try:
