@@ -451,8 +451,9 @@ pub fn plan_with_uncertainty(
                 u.score_std.len()
             ));
         }
-        if !(u.z >= 0.0) || u.score_std.iter().any(|s| !(*s >= 0.0)) {
-            return invalid("z and the score standard errors must be >= 0");
+        let ok = |x: f32| x.is_finite() && x >= 0.0;
+        if !ok(u.z) || !u.score_std.iter().all(|&s| ok(s)) {
+            return invalid("z and the score standard errors must be finite and >= 0");
         }
     }
     let (l_count, e_count) = (input.layers, input.experts);
