@@ -92,34 +92,33 @@ class _ErrorProbe(MappedExperts):
         self.energy = np.zeros(L, dtype=np.float64)
 
         self.fisher = np.zeros((L, E, T), dtype=np.float64)
-        # Per forward pass: (layer, output leaf, token of each sorted pair, expert of each
-        # pair, [tiers-1, pairs, H] weighted output errors) for the gradient pass.
-        self.records: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # Two passes over the same tokens: "grad" runs the top tier and keeps a leaf per
+        # layer whose gradient is the loss's sensitivity to the layer's MoE output;
+        # "measure" (the gradients known) runs every tier and projects each pair's output
+        # error on its token's gradient at once, so no error is kept.
+        self.mode = "measure"
+        self.leaves: list[tuple[int, torch.Tensor]] = []
+        self.grads: dict[int, torch.Tensor] = {}
 
-    def accumulate_fisher(self) -> None:
-        """After the loss's backward pass: fold (g . w dy)^2 of every pair into `fisher`."""
-        for li, leaf, tok, exp, deltas in self.records:
-            if leaf.grad is None:
-                continue
-            g = leaf.grad.detach().double()[tok]  # [pairs, H]
-            proj = (deltas.double() * g.unsqueeze(0)).sum(-1) ** 2  # [tiers-1, pairs]
-            e = exp.numpy()
-            for tier in range(proj.shape[0]):
-                np.add.at(self.fisher[li, :, tier], e, proj[tier].numpy())
-        self.records = []
+    def take_grads(self) -> None:
+        """After the gradient pass's backward: keep each layer's output gradient."""
+        self.grads = {
+            li: leaf.grad.detach().float() for li, leaf in self.leaves if leaf.grad is not None
+        }
+        self.leaves = []
 
     def forward(self, layer, hidden, expert_ids, weights):
+        if self.mode == "grad":
+            with torch.no_grad():
+                y = super().forward(layer, hidden.detach(), expert_ids, weights.detach())
+            # The experts' own inputs are not differentiated through: the residual stream
+            # and attention carry the gradient back.
+            leaf = y.detach().requires_grad_(True)
+            leaf.retain_grad()
+            self.leaves.append((self.layer_pos[layer], leaf))
+            return leaf
         with torch.no_grad():
-            y, rec = self._forward(layer, hidden.detach(), expert_ids, weights.detach())
-        if not torch.is_grad_enabled():
-            return y
-        # A leaf whose gradient is the loss's sensitivity to this layer's MoE output (the
-        # experts' own inputs are not differentiated through: the residual stream and
-        # attention carry the gradient back).
-        leaf = y.detach().requires_grad_(True)
-        leaf.retain_grad()
-        self.records.append((self.layer_pos[layer], leaf, *rec))
-        return leaf
+            return self._forward(layer, hidden, expert_ids, weights)
 
     def _forward(self, layer, hidden, expert_ids, weights):
         li = self.layer_pos[layer]
@@ -132,7 +131,8 @@ class _ErrorProbe(MappedExperts):
         out = torch.empty_like(x)
         h, inter = self.store.hidden_size, self.store.intermediate_size
         top = len(self.store.tiers) - 1
-        deltas = torch.zeros((max(top, 1), t * k, h), dtype=torch.float32)
+        g = self.grads.get(li)
+        g = g[order // k] if g is not None else None  # [pairs, H], the sorted pairs' tokens
         start = 0
         for e, n in enumerate(counts):
             if not n:
@@ -148,7 +148,9 @@ class _ErrorProbe(MappedExperts):
             out[start : start + n] = ref
             for tier in range(top):
                 d = ws * (run(tier) - ref)
-                deltas[tier, start : start + n] = d
+                if g is not None:
+                    proj = (d * g[start : start + n]).sum(-1).double()
+                    self.fisher[li, e, tier] += float((proj * proj).sum())
                 d = d.double()
                 self.err[li, e, tier] += float((d * d).sum())
             self.tokens[li, e] += n
@@ -159,7 +161,7 @@ class _ErrorProbe(MappedExperts):
         unsorted[order] = out
         y = unsorted.view(t, k, -1).sum(dim=1)
         self.energy[li] += float((y.double() ** 2).sum())
-        return y.to(hidden.dtype), (order // k, flat[order], deltas)
+        return y.to(hidden.dtype)
 
 
 def output_errors(
@@ -190,11 +192,10 @@ def output_errors(
     wins = windows_of(streams, window, prompts)
     if not wins:
         raise ValueError("calibration text is empty (fewer than 8 tokens)")
-    # The gradient pass keeps every layer's output errors until its backward: windows per
-    # pass so that they stay under `keep_bytes`.
-    k = int(engine.config.num_experts_per_tok)
-    per_window = window * k * max(1, len(store.tiers) - 1) * store.hidden_size * 4
-    batch = max(1, min(batch, keep_bytes // max(1, per_window * len(store.layers))))
+    # The gradient pass keeps every layer's activations until its backward (a rough 16
+    # hidden-sized rows per token and layer): windows per pass under `keep_bytes`.
+    per_window = window * store.hidden_size * 4 * 16 * len(store.layers)
+    batch = max(1, min(batch, keep_bytes // max(1, per_window)))
     before = engine.experts
     engine.experts = probe
     try:
@@ -211,6 +212,7 @@ def output_errors(
         try:
             for g in groups:
                 ids = torch.from_numpy(np.stack(g))
+                probe.mode = "grad"
                 with torch.enable_grad():
                     logits = engine.model(ids).float()
                     loss = torch.nn.functional.cross_entropy(
@@ -219,7 +221,12 @@ def output_errors(
                         reduction="sum",
                     )
                     loss.backward()
-                probe.accumulate_fisher()
+                del logits, loss
+                probe.take_grads()
+                probe.mode = "measure"
+                with torch.no_grad():
+                    engine.model(ids)
+                probe.grads = {}
         finally:
             for p, f in zip(params, flags, strict=True):
                 p.requires_grad_(f)
