@@ -13,6 +13,8 @@ HELP = "compare policies (full, static, static-map, dynamic, offload) at equal m
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dynaexq.runtime.policy import DEFAULT_CONTROLLER  # dataclasses only: cheap
+
     p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: embedded)")
     p.add_argument(
         "--data",
@@ -93,14 +95,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--move-gain",
         type=float,
-        default=0.01,
+        default=DEFAULT_CONTROLLER.move_gain,
         help="move only when the gain exceeds this share of the planned value per top-tier "
         "slot copied (0: any gain)",
     )
     c.add_argument(
         "--move-z",
         type=float,
-        default=0.0,
+        default=DEFAULT_CONTROLLER.move_z,
         help="a move's gain less this many standard errors (from the signal's prediction "
         "error) must still pay (0: no discount)",
     )
@@ -123,13 +125,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--hotness-floor",
         type=float,
-        default=0.5,
+        default=DEFAULT_CONTROLLER.hotness_floor,
         help="knapsack hotness: (1 - f) x calibration share + f x an even share",
     )
     c.add_argument(
         "--value",
         choices=("weight", "output", "fisher"),
-        default="weight",
+        default=DEFAULT_CONTROLLER.value,
         help="what a tier is worth per unit of routed share: its weight error's reduction, "
         "its output error's measured on the calibration text, or the loss increase that "
         "error predicts there (fisher)",
@@ -137,7 +139,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--value-prior",
         type=float,
-        default=16.0,
+        default=DEFAULT_CONTROLLER.value_prior,
         help="routed calibration tokens the (per-layer scaled) weight error counts for "
         "against an expert's measured error (value output/fisher)",
     )

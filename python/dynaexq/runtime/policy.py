@@ -130,9 +130,10 @@ class Policy:
 # What `dynaexq.load`, `generate`, `serve` and `eval` run when given only a policy name
 # (issue 13; chosen on the unseen tuning domains rust/yaml, then run once on the held-back
 # ones: docs/results/eval/unseen.md): four tiers; dynamic starts from, and holds, the static
-# knapsack at the same bytes (hotness floored halfway to even), with one staging slot of
-# the lowest tier, and moves only when a move gains 1% of the planned value per top-tier
-# slot it copies, on a slow EMA.
+# knapsack at the same bytes (hotness floored halfway to even; each tier valued by the loss
+# increase its output error predicts on the calibration text, "fisher"), with one staging
+# slot of the lowest tier, and moves only when a move's gain less one standard error of it
+# (from the live signal's prediction error) is positive, on a slow EMA.
 DEFAULT_TIERS = ("int2", "int3", "int4", "bf16")
 DEFAULT_CONTROLLER = ControllerSettings(
     alpha=0.9,
@@ -140,8 +141,10 @@ DEFAULT_CONTROLLER = ControllerSettings(
     staging="lowest",
     planner="value",
     split="global",
-    move_gain=0.01,
+    move_gain=0.0,
+    move_z=1.0,
     hotness_floor=0.5,
+    value="fisher",
 )
 
 
