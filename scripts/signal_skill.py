@@ -3,6 +3,10 @@
 (dynaexq.eval.predict):
 
 - mass: share of the oracle's captured mass, top-12 per layer, lag 2;
+- next-window TV: total-variation distance between each signal's routed shares and the
+  next window's (8 steps after a lag of 2), per layer, mean over steps;
+- std coverage: how often the controller's standard error of the EMA share (move_z)
+  covers its next-window error (1 and 2 standard errors) and RMS error / std;
 - value (`--value BUDGET`, e.g. 4bits): how much more planned value (routed share x error
   reduction of the tier) the knapsack assignment of each signal serves over the next
   8 steps than the static knapsack of the calibration does (relative; 0 = as static).
@@ -16,7 +20,13 @@ from __future__ import annotations
 
 import argparse
 
-from dynaexq.eval.predict import routing_trace, signal_skill, value_skill
+from dynaexq.eval.predict import (
+    next_window_error,
+    routing_trace,
+    signal_skill,
+    std_coverage,
+    value_skill,
+)
 from dynaexq.eval.run import budget_bytes, embedded_domains, generic_calibration, unseen_domains
 from dynaexq.eval.stream import as_streams
 from dynaexq.runtime.load import calibration_scores, load_with_policy
@@ -44,6 +54,13 @@ def main() -> None:
         tr = routing_trace(full, as_streams(ev, 4, 256, 8192), window=256, chunk=32)
         sk = signal_skill(tr, prior, 12)
         print(name, "mass", " ".join(f"{k}={v:.3f}" for k, v in sk.items()))
+        nw = next_window_error(tr, prior)
+        print(name, "next-window TV", " ".join(f"{k}={v['tv']:.3f}" for k, v in nw.items()))
+        for a in (0.5, 0.8, 0.9):
+            for avg in (False, True):
+                cov = std_coverage(tr, prior, a, averaged=avg)
+                what = f"std coverage ema {a}" + (" averaged" if avg else "")
+                print(name, what, " ".join(f"{k}={v:.3f}" for k, v in cov.items()))
         if args.value:
             nbytes, _ = budget_bytes(
                 args.value, store, fixed.total, len(store.layers), store.experts

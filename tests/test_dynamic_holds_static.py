@@ -206,17 +206,15 @@ def test_moves_that_do_not_pay_are_not_made_on_stationary_text(small_model) -> N
     from one distribution, calibrated on another draw) dynamic with the move threshold
     of the defaults makes no transition; without it, the noise moves experts."""
     from dynaexq.eval.stream import as_streams, evaluate_streams
-    from dynaexq.runtime.policy import ControllerSettings, Policy
+    from dynaexq.runtime.policy import DEFAULT_CONTROLLER, ControllerSettings, Policy
 
     model, tmp = small_model
     rng = np.random.default_rng(9)
     text = rng.integers(0, 128, size=2048 + 1025)
     started = {}
-    from dynaexq.runtime.policy import DEFAULT_CONTROLLER
-
-    default = DEFAULT_CONTROLLER.move_gain
-    assert default > 0
-    for gain in (default, 0.0):
+    default = (DEFAULT_CONTROLLER.move_gain, DEFAULT_CONTROLLER.move_z)
+    assert default != (0.0, 0.0)
+    for gain, z in (default, (0.0, 0.0)):
         ctl = ControllerSettings(
             planner="value",
             staging="lowest",
@@ -224,14 +222,15 @@ def test_moves_that_do_not_pay_are_not_made_on_stationary_text(small_model) -> N
             step_tokens=32,
             alpha=0.9,
             move_gain=gain,
+            move_z=z,
         )
         pol = Policy("dynamic", tiers=("int2", "int4", "bf16"), controller=ctl)
         engine, _ = _engine(model, tmp, pol, "40%", [text[2048:]])
         evaluate_streams(engine.model, as_streams(text[:2048], 2, 64, 2048), window=64, chunk=16)
         engine.precision.flush()
-        started[gain] = engine.precision.telemetry.totals()["transitions_started"]
+        started[(gain, z)] = engine.precision.telemetry.totals()["transitions_started"]
     assert started[default] == 0
-    assert started[0.0] > 0
+    assert started[(0.0, 0.0)] > 0
 
 
 def test_a_hotness_floor_of_one_ignores_the_calibration(small_model) -> None:

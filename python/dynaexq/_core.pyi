@@ -395,12 +395,16 @@ def plan_transitions(
     in_flight: int = 0,
     min_gain_per_byte: float = 0.0,
     sequential: bool = False,
+    score_std: Sequence[float] | None = None,
+    z: float = 0.0,
 ) -> tuple[list[int], list[tuple[int, int, int, int, int]], int]:
     """One planning round: (target tier per expert, transitions as (layer, expert, from,
     to, bytes), number of wanted moves deferred by the limits); move groups whose gain
     is at most `min_gain_per_byte` x the bytes they copy are dropped. `sequential`:
     demote first through free slots only (a displaced expert goes to tier 0 when its
-    wanted tier is full), promote into the freed slot at a later plan."""
+    wanted tier is full), promote into the freed slot at a later plan. `score_std`: the
+    standard error of every score; a group's gain less `z` standard errors of it must
+    then pay (and be positive)."""
 
 def knapsack(
     values: Sequence[float], tier_bytes: Sequence[int], budget: int, exact: bool = False

@@ -449,7 +449,43 @@ impl PlanInput<'_> {
 /// Plan one round: the target assignment under the slot capacities (with hysteresis in
 /// favour of incumbents), then the transitions that move toward it within the limits.
 pub fn plan(input: &PlanInput<'_>, cfg: &PlannerConfig) -> Result<Plan, ControllerError> {
+    plan_with_uncertainty(input, cfg, None)
+}
+
+/// How sure the planner is of its scores: a move is made only when its gain, less `z`
+/// standard errors of that gain, still pays (exceeds `min_gain_per_byte` x its bytes).
+#[derive(Clone, Copy, Debug)]
+pub struct Uncertainty<'a> {
+    /// Standard error of every score, `layers * experts`, in the scores' units.
+    pub score_std: &'a [f32],
+    /// Standard errors a gain must clear.
+    pub z: f32,
+}
+
+/// [`plan`] with the gain of every move group discounted by its uncertainty: a group's
+/// gain `sum_i s_i * (g_i[to] - g_i[from])` is linear in the scores, so with independent
+/// score errors its standard error is `sqrt(sum_i (std_i * (g_i[to] - g_i[from]))^2)`;
+/// the group is made only if `gain - z * std > min_gain_per_byte * bytes` (and, without
+/// a byte price, only if `gain - z * std > 0`).
+pub fn plan_with_uncertainty(
+    input: &PlanInput<'_>,
+    cfg: &PlannerConfig,
+    uncertainty: Option<Uncertainty<'_>>,
+) -> Result<Plan, ControllerError> {
     input.validate()?;
+    if let Some(u) = uncertainty {
+        if u.score_std.len() != input.scores.len() {
+            return invalid(format!(
+                "expected {} score standard errors, got {}",
+                input.scores.len(),
+                u.score_std.len()
+            ));
+        }
+        let ok = |x: f32| x.is_finite() && x >= 0.0;
+        if !ok(u.z) || !u.score_std.iter().all(|&s| ok(s)) {
+            return invalid("z and the score standard errors must be finite and >= 0");
+        }
+    }
     let (l_count, e_count) = (input.layers, input.experts);
     let mut target = input.current.to_vec();
     let mut transitions = Vec::new();
@@ -476,7 +512,14 @@ pub fn plan(input: &PlanInput<'_>, cfg: &PlannerConfig) -> Result<Plan, Controll
         for &(i, t) in &wanted {
             target[i] = t;
         }
-        all_pairs.extend(pair_moves(input, members, slots, &wanted, cfg.sequential));
+        all_pairs.extend(pair_moves(
+            input,
+            members,
+            slots,
+            &wanted,
+            cfg.sequential,
+            uncertainty,
+        ));
     }
     all_pairs.sort_by(|a, b| {
         b.gain
@@ -491,7 +534,14 @@ pub fn plan(input: &PlanInput<'_>, cfg: &PlannerConfig) -> Result<Plan, Controll
             .iter()
             .map(|&(_, to)| input.tier_bytes[to as usize])
             .sum();
-        if cfg.min_gain_per_byte > 0.0 && group.gain <= cfg.min_gain_per_byte * group.bytes as f32 {
+        let sure = match uncertainty {
+            Some(u) => group.gain - u.z * group.std,
+            None => group.gain,
+        };
+        if cfg.min_gain_per_byte > 0.0 && sure <= cfg.min_gain_per_byte * group.bytes as f32 {
+            continue;
+        }
+        if uncertainty.is_some() && sure <= 0.0 {
             continue;
         }
         if cost > budget.transitions || cost > budget.in_flight || bytes > budget.bytes {
@@ -595,6 +645,8 @@ struct MoveGroup {
     /// Bytes the whole group copies (a sequential pair's later promotion included): what
     /// its gain must pay for.
     bytes: u64,
+    /// Standard error of `gain` (0 without an uncertainty).
+    std: f32,
 }
 
 fn pair_moves(
@@ -603,8 +655,24 @@ fn pair_moves(
     slots: &[usize],
     wanted: &[(usize, u8)],
     sequential: bool,
+    uncertainty: Option<Uncertainty<'_>>,
 ) -> Vec<MoveGroup> {
     let tiers = input.tiers();
+    // The standard error of one expert's change of value from tier a to tier b.
+    let var = |i: usize, a: usize, b: usize| -> f32 {
+        match uncertainty {
+            Some(u) => {
+                let (lo, hi) = (a.min(b), a.max(b));
+                let mut dg = 0.0;
+                for t in lo + 1..=hi {
+                    dg += input.step_gain(i, t);
+                }
+                let s = u.score_std[i] * dg;
+                s * s
+            }
+            None => 0.0,
+        }
+    };
     let mut used = vec![0usize; tiers];
     for &i in members {
         used[input.current[i] as usize] += 1;
@@ -655,6 +723,7 @@ fn pair_moves(
                 order,
                 moves: vec![(i, t)],
                 bytes: input.tier_bytes[tu],
+                std: var(i, from, tu).sqrt(),
             });
             continue;
         }
@@ -693,6 +762,7 @@ fn pair_moves(
             order,
             moves,
             bytes: input.tier_bytes[tu] + input.tier_bytes[dtu],
+            std: (var(i, from, tu) + var(d, dtu, tu)).sqrt(),
         });
     }
     groups

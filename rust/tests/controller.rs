@@ -3,8 +3,8 @@
 //! against brute force.
 
 use dynaexq::controller::{
-    assignment_value, knapsack_exact, knapsack_greedy, plan, Capacity, HotnessTracker, Plan,
-    PlanInput, PlannerConfig, Signal,
+    assignment_value, knapsack_exact, knapsack_greedy, plan, plan_with_uncertainty, Capacity,
+    HotnessTracker, Plan, PlanInput, PlannerConfig, Signal, Uncertainty,
 };
 use proptest::prelude::*;
 
@@ -104,6 +104,66 @@ fn moves_only_when_they_pay() {
         assert_eq!(p.target, vec![0, 1, 0, 0]);
         assert_eq!(p.deferred, 0);
     }
+}
+
+#[test]
+fn moves_only_when_they_pay_beyond_the_signal_noise() {
+    // The pair of moves_only_when_they_pay gains 0.06. With standard errors of 0.02 on
+    // both experts' scores the gain's is sqrt(2) x 0.02 = 0.028: z = 1 keeps the pair
+    // (0.06 - 0.028 > 0), z = 3 drops it (0.06 - 0.085 < 0); the same errors on experts
+    // that do not move change nothing; and a byte price stacks on top of the discount.
+    let current = [1u8, 0, 0, 0];
+    let busy = [false; 4];
+    let cap = Capacity::PerLayer(vec![4, 1]);
+    let scores = [0.30, 0.36, 0.1, 0.1];
+    let input = two_tier_input(&scores, &current, &busy, &cap, 1);
+    let bytes: u64 = input.tier_bytes.iter().sum();
+    let noisy = [0.02f32, 0.02, 0.0, 0.0];
+    let bystanders = [0.0f32, 0.0, 1.0, 1.0];
+    for (std, z, per_byte, moves) in [
+        (&noisy, 1.0, 0.0, 2),
+        (&noisy, 3.0, 0.0, 0),
+        (&bystanders, 3.0, 0.0, 2),
+        (&noisy, 1.0, 0.02 / bytes as f32, 2),
+        (&noisy, 1.0, 0.04 / bytes as f32, 0),
+        (&noisy, 0.0, 0.0, 2),
+    ] {
+        let cfg = PlannerConfig {
+            delta: 0.0,
+            min_gain_per_byte: per_byte,
+            ..Default::default()
+        };
+        let u = Uncertainty { score_std: std, z };
+        let p = plan_with_uncertainty(&input, &cfg, Some(u)).unwrap();
+        assert_eq!(
+            p.transitions.len(),
+            moves,
+            "std {std:?} z {z} per byte {per_byte}"
+        );
+        assert_eq!(p.target, vec![0, 1, 0, 0]);
+    }
+    // Without an uncertainty it is `plan`.
+    let cfg = PlannerConfig {
+        delta: 0.0,
+        ..Default::default()
+    };
+    assert_eq!(
+        plan_with_uncertainty(&input, &cfg, None).unwrap(),
+        plan(&input, &cfg).unwrap()
+    );
+    // Wrong lengths and negative errors are refused.
+    let short = [0.0f32; 3];
+    let bad = Uncertainty {
+        score_std: &short,
+        z: 1.0,
+    };
+    assert!(plan_with_uncertainty(&input, &cfg, Some(bad)).is_err());
+    let neg = [-1.0f32, 0.0, 0.0, 0.0];
+    let bad = Uncertainty {
+        score_std: &neg,
+        z: 1.0,
+    };
+    assert!(plan_with_uncertainty(&input, &cfg, Some(bad)).is_err());
 }
 
 #[test]

@@ -13,6 +13,8 @@ HELP = "compare policies (full, static, static-map, dynamic, offload) at equal m
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dynaexq.runtime.policy import DEFAULT_CONTROLLER  # dataclasses only: cheap
+
     p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: embedded)")
     p.add_argument(
         "--data",
@@ -93,9 +95,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--move-gain",
         type=float,
-        default=0.01,
+        default=DEFAULT_CONTROLLER.move_gain,
         help="move only when the gain exceeds this share of the planned value per top-tier "
         "slot copied (0: any gain)",
+    )
+    c.add_argument(
+        "--move-z",
+        type=float,
+        default=DEFAULT_CONTROLLER.move_z,
+        help="a move's gain less this many standard errors (from the signal's prediction "
+        "error) must still pay (0: no discount)",
     )
     c.add_argument("--split", choices=("per-layer", "global"), default="per-layer")
     c.add_argument(
@@ -116,8 +125,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--hotness-floor",
         type=float,
-        default=0.5,
+        default=DEFAULT_CONTROLLER.hotness_floor,
         help="knapsack hotness: (1 - f) x calibration share + f x an even share",
+    )
+    c.add_argument(
+        "--value",
+        choices=("weight", "output", "fisher"),
+        default=DEFAULT_CONTROLLER.value,
+        help="what a tier is worth per unit of routed share: its weight error's reduction, "
+        "its output error's measured on the calibration text, or the loss increase that "
+        "error predicts there (fisher)",
+    )
+    c.add_argument(
+        "--value-prior",
+        type=float,
+        default=DEFAULT_CONTROLLER.value_prior,
+        help="routed calibration tokens the (per-layer scaled) weight error counts for "
+        "against an expert's measured error (value output/fisher)",
     )
     p.add_argument(
         "--shift",
@@ -183,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         in_flight=args.in_flight,
         staging=args.staging,
         move_gain=args.move_gain,
+        move_z=args.move_z,
         split=args.split,
         planner=args.planner,
         gate=args.gate,
@@ -190,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
         gate_alpha=args.gate_alpha,
         prior_weight=args.prior_weight,
         hotness_floor=args.hotness_floor,
+        value=args.value,
+        value_prior=args.value_prior,
     )
     cfg = EvalConfig(
         tiers=tuple(t.strip() for t in args.tiers.split(",")),

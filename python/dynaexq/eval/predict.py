@@ -90,9 +90,20 @@ def default_signals() -> dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray
     sig: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {}
     for a in (0.5, 0.8, 0.9, 0.97):
         sig[f"ema {a}"] = lambda t, p, a=a: ema(t, a, p)
+    for w in (4, 8):
+        sig[f"window {w}"] = lambda t, p, w=w: _window(t, w, p)
     for w in (0.25, 0.5, 0.75):
         sig[f"blend prior {w} + ema 0.8"] = lambda t, p, w=w: w * p + (1 - w) * ema(t, 0.8, p)
     return sig
+
+
+def _window(trace: np.ndarray, steps: int, seed: np.ndarray) -> np.ndarray:
+    """Mean of the last `steps` steps (the seed fills a window not yet full)."""
+    out = np.empty_like(trace)
+    for i in range(len(trace)):
+        got = trace[max(0, i - steps + 1) : i + 1]
+        out[i] = (got.sum(axis=0) + (steps - len(got)) * seed) / steps
+    return out
 
 
 def knapsack_assignment(
@@ -151,3 +162,85 @@ def value_skill(
             knapsack_assignment(sig[s], gains, slot_bytes, space) for s in range(steps)
         )
     return out
+
+
+def next_window_error(
+    trace: np.ndarray,
+    prior: np.ndarray,
+    *,
+    lag: int = 2,
+    horizon: int = 8,
+    signals: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] | None = None,
+) -> dict[str, dict[str, float]]:
+    """How well each signal at step s predicts the routed share of every expert in its
+    layer over the next window, steps s + lag .. s + lag + horizon - 1 (what a plan made
+    at s serves): per signal the mean over steps and layers of the total-variation
+    distance between predicted and realised shares (0 = exact, 1 = disjoint) and the
+    root-mean-square error per expert; "prior (static)" is the calibration share."""
+    if signals is None:
+        signals = default_signals()
+    steps = len(trace) - lag - horizon + 1
+    if steps <= 0:
+        raise ValueError(f"a trace of {len(trace)} steps is shorter than lag + horizon")
+
+    def share(x: np.ndarray) -> np.ndarray:
+        return x / np.maximum(x.sum(axis=-1, keepdims=True), 1e-12)
+
+    s = share(trace)
+    future = np.stack([s[i + lag : i + lag + horizon].mean(axis=0) for i in range(steps)])
+
+    def score(pred: np.ndarray) -> dict[str, float]:
+        d = pred - future
+        return {
+            "tv": float(0.5 * np.abs(d).sum(axis=-1).mean()),
+            "rmse": float(np.sqrt((d * d).mean())),
+        }
+
+    out = {"prior (static)": score(np.broadcast_to(share(prior), future.shape))}
+    for name, fn in signals.items():
+        out[name] = score(share(fn(trace, prior)[:steps]))
+    out["last step"] = score(s[:steps])
+    return out
+
+
+def std_coverage(
+    trace: np.ndarray,
+    prior: np.ndarray,
+    alpha: float,
+    *,
+    lag: int = 2,
+    horizon: int = 8,
+    averaged: bool = False,
+) -> dict[str, float]:
+    """Is the controller's standard error of the EMA share (`PrecisionRuntime._share_std`:
+    the root of the EMA of squared one-step prediction errors, floored by a step's
+    sampling noise at 128 tokens; `averaged`: also x sqrt((1 - alpha) / (1 + alpha)), the
+    error of an average of independent steps) the size
+    of its real error on the next window? Returns the share of (step, expert) pairs whose
+    next-window error is within 1 and 2 standard errors (a Gaussian: 0.68, 0.95) and
+    the ratio of the realised RMS error to the mean standard error."""
+    steps = len(trace) - lag - horizon + 1
+    s = trace / np.maximum(trace.sum(axis=-1, keepdims=True), 1e-12)
+    p0 = prior / np.maximum(prior.sum(axis=-1, keepdims=True), 1e-12)
+    sig = ema(trace, alpha, prior)
+    sig = sig / np.maximum(sig.sum(axis=-1, keepdims=True), 1e-12)
+    var = p0 * (1 - p0) / 128.0
+    last = p0
+    within1 = within2 = n = 0
+    err2 = std2 = 0.0
+    for i in range(steps):
+        var = alpha * var + (1 - alpha) * (s[i] - last) ** 2
+        last = sig[i]
+        noise = sig[i] * (1 - sig[i]) / 128.0
+        std = np.sqrt(np.maximum(var, noise) * ((1 - alpha) / (1 + alpha) if averaged else 1.0))
+        d = np.abs(sig[i] - s[i + lag : i + lag + horizon].mean(axis=0))
+        within1 += int((d <= std).sum())
+        within2 += int((d <= 2 * std).sum())
+        n += d.size
+        err2 += float((d * d).sum())
+        std2 += float((std * std).sum())
+    return {
+        "within_1_std": within1 / max(1, n),
+        "within_2_std": within2 / max(1, n),
+        "rms_error_over_std": float(np.sqrt(err2 / max(std2, 1e-30))),
+    }

@@ -292,6 +292,21 @@ def run_policies(
                 scores[(mode, "mixed")] = calibration_scores(full, list(calib.values()))
             else:
                 scores[(mode, "mixed")] = next(v for (m, _), v in scores.items() if m == mode)
+    # The measured output error of every tier (controller value "output"), on the same
+    # calibration text as each ranking.
+    errors: dict[tuple[str, str], Any] = {}
+    if cfg.controller.value != "weight":
+        from dynaexq.runtime.sensitivity import output_errors
+
+        texts = {"generic": generic_calibration(path)} if "generic" in cfg.calibrations else {}
+        for mode, name in scores:
+            if mode == "domain":
+                streams_of = list(calib.values()) if name == "mixed" else [calib[name]]
+            elif mode == "mix":
+                streams_of = list(calib.values())
+            else:
+                streams_of = texts["generic"]
+            errors[(mode, name)] = output_errors(full, store, streams_of)
     layers, experts = len(config.moe_layers), config.num_experts
     fixed = fixed_memory(
         config, dtype_bytes=4, batch=cfg.streams, context=cfg.window, chunk=cfg.chunk
@@ -341,12 +356,13 @@ def run_policies(
             score(full, "full", "-", None, None, d, o, "-")
     del full
 
-    def load(pol: Policy, nbytes: int, cal_scores):
+    def load(pol: Policy, nbytes: int, cal_scores, errs=None):
         return load_with_policy(
             path,
             policy=pol,
             budget=nbytes,
             calibration=cal_scores,
+            output_errors=errs,
             batch=cfg.streams,
             context=cfg.window,
             chunk=cfg.chunk,
@@ -360,7 +376,7 @@ def run_policies(
         nbytes, _ = budget_bytes(budget, store, fixed.total, layers, experts)
         for d, o in keys:
             try:
-                engine, dep = load(pol, nbytes, scores[(mode, d)])
+                engine, dep = load(pol, nbytes, scores[(mode, d)], errors.get((mode, d)))
             except ValueError as e:
                 progress(f"  {label:15s} {budget:>6s} skipped: {e}")
                 return

@@ -89,6 +89,11 @@ def run_shift(
     full, _ = load_with_policy(path, policy="full", device=cfg.device)
     config = full.config
     first_scores = calibration_scores(full, [calib[order[0]]])
+    first_errors = None
+    if cfg.controller.value != "weight":
+        from dynaexq.runtime.sensitivity import output_errors
+
+        first_errors = output_errors(full, store, [calib[order[0]]])
     fixed = fixed_memory(config, dtype_bytes=4, batch=1, context=window, chunk=chunk)
     nbytes, _ = budget_bytes(budget, store, fixed.total, len(config.moe_layers), config.num_experts)
     steps_per_seg = seg // chunk
@@ -129,6 +134,7 @@ def run_shift(
                 policy=policies[name],
                 budget=nbytes,
                 calibration=first_scores,
+                output_errors=first_errors,
                 batch=1,
                 context=window,
                 chunk=chunk,

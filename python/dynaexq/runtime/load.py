@@ -42,6 +42,7 @@ from dynaexq.runtime.kv_share import KvShare
 from dynaexq.runtime.offload import OffloadRuntime
 from dynaexq.runtime.policy import Policy
 from dynaexq.runtime.precision import PrecisionRuntime
+from dynaexq.runtime.sensitivity import OutputErrors
 from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
 
 
@@ -115,6 +116,7 @@ def load_with_policy(
     device: str | torch.device = "cpu",
     launch: Launch | None = None,
     tier_map: np.ndarray | None = None,
+    output_errors: OutputErrors | None = None,
 ) -> tuple[Engine, Deployment | None]:
     """Load `path` (default: the embedded model) to run under `policy` within `budget`
     (a size, or "20%": the bytes at which static-map holds 20% of the experts hot).
@@ -130,7 +132,10 @@ def load_with_policy(
     DYNAEXQ_HOST_STORE). `kv_share`: a paged KV cache shares the budget with the experts
     (`dynaexq.runtime.kv_share`): the plan keeps only its floor (`min_kv_tokens`) as fixed
     KV memory, and the engine gets `engine.kv_budget`, the one tracker the expert pool and
-    the KV pages reserve from. Returns the engine (its experts run
+    the KV pages reserve from. `output_errors` (`runtime.sensitivity`): the measured
+    output error of every tier, the value of controller setting value="output"
+    (computed from `calibration` when it is token streams; with neither, the weight error
+    stands in). Returns the engine (its experts run
     through the runtime, `engine.precision` is the runtime) and what was deployed.
 
     Host memory: the non-expert weights, the pool (on the CPU backend) and the staging
@@ -214,15 +219,32 @@ def load_with_policy(
         else:
             scores = calibrate(engine, store, list(calibration), progress=progress)
     values = None
+    tier_gains = None
     if scores is not None and pol.controller.planner == "value":
         # Value of each tier per expert: calibration hotness x error reduction vs tier 0,
         # hotness as the expert's share of its layer's routed mass (the router's top-k
         # weights are renormalised per token, so a layer's raw mass says nothing of how
         # much its output depends on its experts).
         share = scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-12)
+        tier_gains = store.gains()
+        streams = calibration is not None and not (
+            isinstance(calibration, np.ndarray) and calibration.ndim == 2
+        )
+        if pol.controller.value in ("output", "fisher") and (output_errors or streams):
+            # The error reduction measured on the calibration's own activations, per
+            # unit of routed share (runtime/sensitivity.py). Given only a ranking (no
+            # text and no measured errors), the weight error stands in.
+            if output_errors is None:
+                from dynaexq.runtime.sensitivity import output_errors as measure
+
+                output_errors = measure(engine, store, list(calibration))
+            names = [t.name for t in store.tiers]
+            tier_gains = output_errors.select(names).per_share(
+                store.gains(), share, pol.controller.value_prior, kind=pol.controller.value
+            )
         f = pol.controller.hotness_floor
         share = (1.0 - f) * share + f / store.experts
-        values = (share[..., None] * store.gains()).reshape(-1).tolist()
+        values = (share[..., None] * tier_gains).reshape(-1).tolist()
     if tier_map is not None:
         tier_map = np.asarray(tier_map, dtype=np.uint8)
         if tier_map.shape != (len(store.layers), store.experts):
@@ -283,6 +305,8 @@ def load_with_policy(
             launch=launch,
             kv_pages=kv_pages,
         )
+        if tier_gains is not None and pol.controller.value != "weight":
+            runtime.use_tier_gains(tier_gains)
         engine.kv_budget = kv_budget  # type: ignore[attr-defined]
     engine.experts = runtime
     engine.add_routing_hook(runtime.observe)

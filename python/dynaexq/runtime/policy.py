@@ -47,6 +47,10 @@ class ControllerSettings:
     # its gain in planned value (routed mass x tier value) exceeds `move_gain` times the
     # current assignment's total value per top-tier slot's bytes it copies (0: any gain).
     move_gain: float = 0.0
+    # Moves only when they pay for sure: a move's gain less `move_z` standard errors of it
+    # (from the variance of the signal's one-step prediction error of each expert's
+    # routed share) must still pay (0: no discount).
+    move_z: float = 0.0
     split: str = "per-layer"  # hot slots per layer, or "global"
     planner: str = "top-n"  # "top-n" (hotness) or "value" (hotness x error reduction)
     # The no-harm rule (runtime/gate.py): "skill" follows the live signal only while its
@@ -63,6 +67,16 @@ class ControllerSettings:
     # of its layer + f * an even share, a hedge against calibration text unlike the
     # workload (f = 1: tiers by error reduction per byte alone, hotness ignored).
     hotness_floor: float = 0.0
+    # What a tier of an expert is worth per unit of routed share (planner "value"):
+    # "weight": its relative weight error's reduction (text-blind); "output": the
+    # reduction of its output error measured on the calibration text's activations
+    # (runtime/sensitivity.py); "fisher": the loss increase it predicts there (the
+    # squared projection of the output error on the loss gradient).
+    value: str = "weight"
+    # How many routed calibration tokens the weight error's estimate (scaled per layer to
+    # the measured one) counts for against an expert's own measurement (value "output" or
+    # "fisher"): few tokens, a noisy measurement, shrunk toward it.
+    value_prior: float = 16.0
 
     def __post_init__(self) -> None:
         if self.signal not in ("ema", "window"):
@@ -77,8 +91,14 @@ class ControllerSettings:
             raise PolicyError(f"planner must be top-n or value, got {self.planner!r}")
         if self.staging not in ("every", "lowest"):
             raise PolicyError(f"staging must be every or lowest, got {self.staging!r}")
-        if self.move_gain < 0:
-            raise PolicyError(f"move_gain must be >= 0, got {self.move_gain}")
+        if self.move_gain < 0 or self.move_z < 0:
+            raise PolicyError(
+                f"move_gain and move_z must be >= 0, got {self.move_gain}, {self.move_z}"
+            )
+        if self.value_prior < 0:
+            raise PolicyError(f"value_prior must be >= 0, got {self.value_prior}")
+        if self.value not in ("weight", "output", "fisher"):
+            raise PolicyError(f"value must be weight, output or fisher, got {self.value!r}")
         if self.gate not in ("skill", "off"):
             raise PolicyError(f"gate must be skill or off, got {self.gate!r}")
         if not 0.0 <= self.hotness_floor <= 1.0:
@@ -110,9 +130,10 @@ class Policy:
 # What `dynaexq.load`, `generate`, `serve` and `eval` run when given only a policy name
 # (issue 13; chosen on the unseen tuning domains rust/yaml, then run once on the held-back
 # ones: docs/results/eval/unseen.md): four tiers; dynamic starts from, and holds, the static
-# knapsack at the same bytes (hotness floored halfway to even), with one staging slot of
-# the lowest tier, and moves only when a move gains 1% of the planned value per top-tier
-# slot it copies, on a slow EMA.
+# knapsack at the same bytes (hotness floored halfway to even; each tier valued by the loss
+# increase its output error predicts on the calibration text, "fisher"), with one staging
+# slot of the lowest tier, and moves only when a move's gain less one standard error of it
+# (from the live signal's prediction error) is positive, on a slow EMA.
 DEFAULT_TIERS = ("int2", "int3", "int4", "bf16")
 DEFAULT_CONTROLLER = ControllerSettings(
     alpha=0.9,
@@ -120,8 +141,10 @@ DEFAULT_CONTROLLER = ControllerSettings(
     staging="lowest",
     planner="value",
     split="global",
-    move_gain=0.01,
+    move_gain=0.0,
+    move_z=1.0,
     hotness_floor=0.5,
+    value="fisher",
 )
 
 

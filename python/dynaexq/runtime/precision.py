@@ -842,16 +842,57 @@ class PrecisionRuntime:
         lowest = f"t{self.real[0]}"
         return self._in_class(lowest, self.pool.region(lowest)[1] // self.pool.slot_bytes(lowest))
 
+    def use_tier_gains(self, gains: np.ndarray) -> None:
+        """Plan on these [L, E, store tiers] error reductions per unit of routed share
+        (e.g. measured output errors, runtime/sensitivity.py) instead of the store's
+        weight errors."""
+        g = np.asarray(gains, dtype=np.float32)
+        want = (self.num_layers, self.experts, self.tiers)
+        if g.shape != want:
+            raise ValueError(f"tier gains of shape {g.shape}, expected {want}")
+        self._gains_override = g
+        if self.gate is not None:
+            self.gate.gain = self._tier_values()
+
+    def _gains(self) -> np.ndarray:
+        """[L, E, store tiers] error reduction relative to tier 0 the value planner uses."""
+        g = getattr(self, "_gains_override", None)
+        return g if g is not None else self.store.gains()
+
     def _tier_values(self) -> np.ndarray:
         """[L, E, store tiers] value of each tier per unit of routed mass, as the planner
-        counts it: the store's error reduction (value planner) or the tier's rank."""
+        counts it: the error reduction (value planner) or the tier's rank."""
         if self.policy.controller.planner == "value":
-            return self.store.gains().astype(np.float64)
+            return self._gains().astype(np.float64)
         ranks = np.arange(self.tiers, dtype=np.float64)
         return np.broadcast_to(ranks, (self.num_layers, self.experts, self.tiers)).copy()
 
     def controller_stats(self) -> dict[str, float]:
         return self.gate.stats() if self.gate is not None else {}
+
+    def _share_std(self, routed: np.ndarray | None) -> np.ndarray:
+        """[L, E] standard error of the live signal's routed share of every expert in its
+        layer: the root of the EMA (the tracker's alpha) of the squared one-step
+        prediction error (each step's share against the signal before it), floored by
+        the sampling noise of a step's tokens. Measured on the tuning domains
+        (`scripts/signal_skill.py`, std coverage) it is 1.1-2x the signal's real error
+        on the next window at alpha 0.9 (conservative); the same scaled by the EMA's
+        averaging, sqrt((1 - alpha) / (1 + alpha)), was 2.2-3.9x too small (drift)."""
+        c = self.policy.controller
+        a = c.alpha if c.signal == "ema" else 1.0 - 2.0 / (c.window + 1)
+        per = np.asarray(self.tracker.scores(), dtype=np.float64).reshape(self.prior.shape)
+        pred = per / np.maximum(per.sum(axis=1, keepdims=True), 1e-12)
+        noise = pred * (1.0 - pred) / max(1, c.step_tokens)
+        var = getattr(self, "_share_var", None)
+        if var is None:
+            var = noise
+        if routed is not None:
+            got = routed / np.maximum(routed.sum(axis=1, keepdims=True), 1e-12)
+            last = getattr(self, "_share_pred", pred)
+            var = a * var + (1.0 - a) * (got - last) ** 2
+        self._share_var = var
+        self._share_pred = pred
+        return np.sqrt(np.maximum(var, noise))
 
     def _plan(self, routed: np.ndarray | None = None) -> int:
         from dynaexq._core import plan_transitions
@@ -865,10 +906,11 @@ class PrecisionRuntime:
             current[li, e] = to
         gain = None
         if c.planner == "value":
-            gain = self.store.gains()[..., self.real].reshape(-1).tolist()
+            gain = self._gains()[..., self.real].reshape(-1).tolist()
         # The churn cap: bytes per routed token, over the tokens one plan period covers.
         max_bytes = c.max_bytes_per_token * c.step_tokens * c.replan_every
         scores = np.asarray(self.tracker.scores(), dtype=np.float32)
+        std = self._share_std(routed) if c.move_z > 0 else None
         if c.prior_weight > 0:
             scores = (1 - c.prior_weight) * scores + c.prior_weight * self.prior.ravel()
         if c.hotness_floor > 0 and c.planner == "value":
@@ -877,6 +919,10 @@ class PrecisionRuntime:
             share = per / np.maximum(per.sum(axis=1, keepdims=True), 1e-12)
             f = c.hotness_floor
             scores = ((1 - f) * share + f / self.experts).astype(np.float32).ravel()
+            if std is not None:
+                std = (1 - f) * std
+        elif std is not None:  # in the raw signal's units
+            std = std * scores.reshape(current.shape).sum(axis=1, keepdims=True)
 
         # Moves only when they pay: a move's gain must exceed `move_gain` x the current
         # assignment's value (under the same signal) per top-tier slot's bytes copied.
@@ -893,7 +939,7 @@ class PrecisionRuntime:
             total = float((scores.reshape(current.shape) * held).sum())
             per_byte = c.move_gain * total / self.plan.slot_bytes[self.real[-1]]
 
-        def plan(scores, gain, delta, per_byte=0.0):
+        def plan(scores, gain, delta, per_byte=0.0, std=None):
             return plan_transitions(
                 self.num_layers,
                 self.experts,
@@ -911,9 +957,11 @@ class PrecisionRuntime:
                 in_flight=len(self.busy),
                 min_gain_per_byte=per_byte,
                 sequential=c.staging == "lowest",
+                score_std=None if std is None else np.asarray(std, np.float32).ravel().tolist(),
+                z=c.move_z,
             )
 
-        target, moves, _ = plan(scores, gain, c.delta, per_byte)
+        target, moves, _ = plan(scores, gain, c.delta, per_byte, std)
         if self.gate is not None and routed is not None:
             real = np.asarray(self.real, dtype=np.uint8)
             proposal = real[np.frombuffer(bytes(target), dtype=np.uint8)].reshape(current.shape)

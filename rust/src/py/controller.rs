@@ -4,8 +4,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::controller::{
-    knapsack_exact, knapsack_greedy, plan as plan_controller, Capacity, ControllerError,
-    HotnessTracker, PlanInput, PlannerConfig, Signal,
+    knapsack_exact, knapsack_greedy, plan_with_uncertainty, Capacity, ControllerError,
+    HotnessTracker, PlanInput, PlannerConfig, Signal, Uncertainty,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -104,7 +104,8 @@ impl PyHotnessTracker {
 #[pyo3(signature = (
     layers, experts, scores, current, busy, tier_bytes, capacity, split = "per-layer",
     gain = None, delta = 0.01, max_transitions = usize::MAX, max_bytes = u64::MAX,
-    max_in_flight = 4, in_flight = 0, min_gain_per_byte = 0.0, sequential = false
+    max_in_flight = 4, in_flight = 0, min_gain_per_byte = 0.0, sequential = false,
+    score_std = None, z = 0.0
 ))]
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub(super) fn plan_transitions(
@@ -125,6 +126,8 @@ pub(super) fn plan_transitions(
     in_flight: usize,
     min_gain_per_byte: f32,
     sequential: bool,
+    score_std: Option<Vec<f32>>,
+    z: f32,
 ) -> PyResult<(Vec<u8>, Vec<(u32, u32, u8, u8, u64)>, usize)> {
     let capacity = match split {
         "per-layer" => Capacity::PerLayer(capacity),
@@ -154,8 +157,11 @@ pub(super) fn plan_transitions(
         min_gain_per_byte,
         sequential,
     };
+    let uncertainty = score_std
+        .as_deref()
+        .map(|score_std| Uncertainty { score_std, z });
     let p = py
-        .detach(|| plan_controller(&input, &cfg))
+        .detach(|| plan_with_uncertainty(&input, &cfg, uncertainty))
         .map_err(controller_err)?;
     let moves = p
         .transitions

@@ -1,0 +1,148 @@
+"""The value signals of the knapsack and the controller (issue 13): measured output and
+loss errors of every tier (runtime/sensitivity.py), their shrinkage toward the weight
+error, and the move threshold from the live signal's uncertainty (`move_z`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dynaexq.runtime.sensitivity import OutputErrors
+
+
+def _errors(rel: np.ndarray, tokens: np.ndarray) -> OutputErrors:
+    share = tokens / np.maximum(tokens.sum(axis=1, keepdims=True), 1)
+    return OutputErrors(("a", "b", "c"), rel, tokens, share, rel * 10.0)
+
+
+def test_per_share_is_the_measurement_with_many_tokens_and_the_prior_with_none() -> None:
+    rng = np.random.default_rng(0)
+    L, E = 2, 5
+    rel = np.sort(rng.random((L, E, 3)), axis=-1)[..., ::-1].copy()
+    rel[..., -1] = 0.0  # the top tier is the reference
+    share = rng.dirichlet(np.ones(E), size=L)
+    wg = np.sort(rng.random((L, E, 3)), axis=-1)
+    wg[..., 0] = 0.0
+    measured = (rel[..., :1] - rel) / share[..., None]
+    many = _errors(rel, np.full((L, E), 10**9)).per_share(wg, share, prior_tokens=16.0)
+    np.testing.assert_allclose(many, measured, rtol=1e-6)
+    none = _errors(rel, np.zeros((L, E))).per_share(wg, share, prior_tokens=16.0)
+    # No tokens: the weight error scaled per layer (one factor per layer).
+    ratio = none[..., 1:] / wg[..., 1:]
+    for li in range(L):
+        np.testing.assert_allclose(ratio[li], ratio[li].flat[0], rtol=1e-6)
+    # In between, and never decreasing in the tier.
+    mid = _errors(rel, np.full((L, E), 16)).per_share(wg, share, prior_tokens=16.0)
+    np.testing.assert_allclose(mid, (measured + none) / 2, rtol=1e-6)
+    assert (np.diff(mid, axis=-1) >= 0).all()
+    # Fisher errors are read the same way.
+    f = _errors(rel, np.full((L, E), 10**9)).per_share(wg, share, kind="fisher")
+    np.testing.assert_allclose(f, 10 * measured, rtol=1e-6)
+    with pytest.raises(ValueError):
+        OutputErrors(("a",), rel[..., :1], np.ones((L, E)), share).per_share(
+            wg[..., :1], share, kind="fisher"
+        )
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    from dynaexq.model.testing import make_hf_model, save_checkpoint
+
+    tmp = tmp_path_factory.mktemp("values")
+    return save_checkpoint(make_hf_model(seed=5), tmp / "src"), tmp
+
+
+def _engine(model: Path, tmp: Path, policy, budget, calib):
+    from dynaexq.runtime.load import load_with_policy
+
+    return load_with_policy(
+        model,
+        policy=policy,
+        budget=budget,
+        calibration=calib,
+        batch=2,
+        context=64,
+        chunk=16,
+        progress=False,
+        cache_dir=tmp / "tiered",
+    )
+
+
+def test_output_errors_of_a_small_model(small_model) -> None:
+    """Measured on text: the top tier has no error, lower tiers more (in total), and the
+    errors are the ones the knapsack and the controller then plan on."""
+    from dynaexq.runtime.load import load_with_policy
+    from dynaexq.runtime.policy import ControllerSettings, Policy
+    from dynaexq.runtime.sensitivity import output_errors
+    from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
+
+    model, tmp = small_model
+    rng = np.random.default_rng(1)
+    text = rng.integers(0, 128, size=1024)
+    full, _ = load_with_policy(model, policy="full")
+    tiers = ["int2", "int4", "bf16"]
+    store = TierStore.from_tiered(tiered_checkpoint_for(model, tiers, cache_dir=tmp / "tiered"))
+    oe = output_errors(full, store, [text], cache=False)
+    assert oe.rel.shape == oe.fisher.shape == (len(store.layers), store.experts, 3)
+    assert (oe.rel[..., -1] == 0).all() and (oe.fisher[..., -1] == 0).all()
+    assert (oe.rel >= 0).all() and (oe.fisher >= 0).all()
+    for err in (oe.rel, oe.fisher):
+        assert err[..., 0].sum() > err[..., 1].sum() > 0
+    # Every window's tokens x top-k picks were routed somewhere, per layer.
+    k = full.config.num_experts_per_tok
+    assert (oe.tokens.sum(axis=1) == oe.tokens.sum(axis=1)[0]).all()
+    assert oe.tokens.sum(axis=1)[0] % k == 0
+    np.testing.assert_allclose(oe.share.sum(axis=1), 1.0, rtol=1e-9)
+    # Dynamic plans on them: its tier values are the measured ones, not the weight errors.
+    for value in ("fisher", "output"):
+        ctl = ControllerSettings(planner="value", split="global", staging="lowest", value=value)
+        engine, dep = _engine(
+            model, tmp, Policy("dynamic", tiers=tuple(tiers), controller=ctl), "30%", [text]
+        )
+        got = engine.precision._tier_values()
+        assert got.shape == store.gains().shape
+        assert not np.allclose(got, store.gains())
+        assert (np.diff(got, axis=-1) >= 0).all()
+        # Given only a ranking (no text to measure on), the weight error stands in.
+        ranked, _ = _engine(
+            model,
+            tmp,
+            Policy("dynamic", tiers=tuple(tiers), controller=ctl),
+            "30%",
+            dep.calibration,
+        )
+        np.testing.assert_array_equal(ranked.precision._tier_values(), store.gains())
+
+
+def test_move_z_holds_on_stationary_text_and_still_follows_a_shift(small_model) -> None:
+    """Without a byte price, noise moves experts on stationary text; discounting every
+    move by one standard error of the live signal (its one-step prediction error) moves
+    (far) fewer there, and still moves when the text is unlike the calibration."""
+    from dynaexq.eval.stream import as_streams, evaluate_streams
+    from dynaexq.runtime.policy import ControllerSettings, Policy
+
+    model, tmp = small_model
+    rng = np.random.default_rng(9)
+    text = rng.integers(0, 128, size=2048 + 1025)
+    shifted = np.tile(np.arange(100, 104), 513)[: 2048 + 1]  # four tokens: other experts
+    started = {}
+    for z in (0.0, 1.0):
+        for name, evals in (("stationary", text[:2049]), ("shift", shifted)):
+            ctl = ControllerSettings(
+                planner="value",
+                staging="lowest",
+                in_flight=2,
+                step_tokens=32,
+                alpha=0.9,
+                move_gain=0.0,
+                move_z=z,
+            )
+            pol = Policy("dynamic", tiers=("int2", "int4", "bf16"), controller=ctl)
+            engine, _ = _engine(model, tmp, pol, "40%", [text[2048:]])
+            evaluate_streams(engine.model, as_streams(evals, 2, 64, 2048), window=64, chunk=16)
+            engine.precision.flush()
+            started[(z, name)] = engine.precision.telemetry.totals()["transitions_started"]
+    assert started[(0.0, "stationary")] > 0
+    assert started[(1.0, "stationary")] <= started[(0.0, "stationary")] // 2
+    assert started[(1.0, "shift")] > started[(1.0, "stationary")]
