@@ -320,7 +320,7 @@ def engines(tiered: Path, budget: int, scores: np.ndarray, batch: int, context: 
     from dynaexq.runtime.policy import DEFAULT_CONTROLLER, Policy
 
     dyn = DEFAULT_CONTROLLER
-    cold = replace(dyn, move_gain=0.0, step_tokens=32)
+    cold = replace(dyn, move_gain=0.0, move_z=0.0, step_tokens=32)
     cases = [
         ("static int4", Policy("static", tiers=("int4",)), "int4", scores),
         ("static int2", Policy("static", tiers=("int2",)), "int2", scores),

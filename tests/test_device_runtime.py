@@ -72,7 +72,9 @@ def test_grouped_runtime_moves_experts_like_the_cpu_runtime(torch_launch) -> Non
 
     pol = default_policy("dynamic")
     # A cold start (no calibration) on a controller that moves for any gain.
-    pol = replace(pol, controller=replace(pol.controller, step_tokens=16, move_gain=0.0))
+    pol = replace(
+        pol, controller=replace(pol.controller, step_tokens=16, move_gain=0.0, move_z=0.0)
+    )
     cold = np.zeros((6, 64), dtype=np.float32)
     kw = dict(budget="20%", policy=pol, calibration=cold, progress=False)
     grouped = load(launch=torch_launch, **kw)
@@ -155,7 +157,7 @@ def test_a_gpu_decode_step_never_waits_for_the_device() -> None:
 
     needs_cuda()
     pol = default_policy("dynamic")
-    pol = replace(pol, controller=replace(pol.controller, step_tokens=4, move_gain=0.0))
+    pol = replace(pol, controller=replace(pol.controller, step_tokens=4, move_gain=0.0, move_z=0.0))
     cold = np.zeros((6, 64), dtype=np.float32)
     engine = load(
         budget="20%", policy=pol, calibration=cold, device="cuda", lockstep=False, progress=False
@@ -207,7 +209,7 @@ def test_graph_step_bookkeeping_equals_eager_steps(torch_launch) -> None:
     from dataclasses import replace
 
     pol = default_policy("dynamic")
-    pol = replace(pol, controller=replace(pol.controller, step_tokens=4, move_gain=0.0))
+    pol = replace(pol, controller=replace(pol.controller, step_tokens=4, move_gain=0.0, move_z=0.0))
     cold = np.zeros((6, 64), dtype=np.float32)
     kw = dict(budget="20%", policy=pol, calibration=cold, progress=False, launch=torch_launch)
     eager, graphed = load(**kw), load(**kw)
@@ -268,7 +270,7 @@ def test_decode_under_a_cuda_graph_equals_eager_decode() -> None:
 
     needs_cuda()
     pol = default_policy("dynamic")
-    pol = replace(pol, controller=replace(pol.controller, step_tokens=4, move_gain=0.0))
+    pol = replace(pol, controller=replace(pol.controller, step_tokens=4, move_gain=0.0, move_z=0.0))
     cold = np.zeros((6, 64), dtype=np.float32)
     kw = dict(budget="20%", policy=pol, calibration=cold, device="cuda", progress=False)
     runs = {}
