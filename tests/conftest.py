@@ -172,3 +172,29 @@ def torch_launch():
             out[a:b] = y.to(dtype)
 
     return launch
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory):
+    """A small random Qwen3-MoE checkpoint (seed 5) and a folder for its tiered copies."""
+    from dynaexq.model.testing import make_hf_model, save_checkpoint
+
+    tmp = tmp_path_factory.mktemp("small_model")
+    return save_checkpoint(make_hf_model(seed=5), tmp / "src"), tmp
+
+
+@pytest.fixture(scope="session")
+def small_engine(small_model):
+    """`load(policy, budget, calibration)`: the small model under a policy (batch 2,
+    context 64, chunk 16), its tiers cached beside it."""
+    from dynaexq.runtime.load import load_with_policy
+
+    model, tmp = small_model
+
+    def load(policy, budget, calibration):
+        return load_with_policy(
+            model, policy=policy, budget=budget, calibration=calibration, batch=2,
+            context=64, chunk=16, progress=False, cache_dir=tmp / "tiered",
+        )  # fmt: skip
+
+    return load

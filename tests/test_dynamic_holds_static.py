@@ -4,8 +4,6 @@ cheapest demotions that pay for it, and moves only when they pay."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from dynaexq._core import plan_transitions
@@ -133,30 +131,6 @@ def test_a_move_that_does_not_pay_is_dropped_and_one_that_pays_is_made() -> None
     assert [(m[1], m[3]) for m in moves] == [(0, 0), (1, 1)]
 
 
-def _engine(model: Path, tmp: Path, policy, budget, calib):
-    from dynaexq.runtime.load import load_with_policy
-
-    return load_with_policy(
-        model,
-        policy=policy,
-        budget=budget,
-        calibration=calib,
-        batch=2,
-        context=64,
-        chunk=16,
-        progress=False,
-        cache_dir=tmp / "tiered",
-    )
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
-    from dynaexq.model.testing import make_hf_model, save_checkpoint
-
-    tmp = tmp_path_factory.mktemp("holds")
-    return save_checkpoint(make_hf_model(seed=5), tmp / "src"), tmp
-
-
 @pytest.mark.parametrize(
     "how",
     [
@@ -164,14 +138,13 @@ def small_model(tmp_path_factory):
         (("move_gain", 1e9),),  # no move ever pays
     ],
 )
-def test_dynamic_that_does_not_move_is_the_static_knapsack(small_model, how) -> None:
+def test_dynamic_that_does_not_move_is_the_static_knapsack(small_engine, how) -> None:
     """End to end: at a budget whose knapsack leaves room for the staging slot, dynamic
     with moves gated off holds the static knapsack's assignment and scores its loss
     exactly; at every budget its pool fits the same bytes."""
     from dynaexq.eval.stream import as_streams, evaluate_streams
     from dynaexq.runtime.policy import ControllerSettings, Policy
 
-    model, tmp = small_model
     rng = np.random.default_rng(3)
     text = rng.integers(0, 128, size=1024 + 513)
     streams = as_streams(text[:1024], 2, 64, 1024)
@@ -185,8 +158,8 @@ def test_dynamic_that_does_not_move_is_the_static_knapsack(small_model, how) -> 
     dyn = Policy("dynamic", tiers=tiers, controller=ctl)
     exact = 0
     for share in ("10%", "25%", "40%", "60%"):
-        s_engine, s_dep = _engine(model, tmp, knap, share, [text[1024:]])
-        d_engine, d_dep = _engine(model, tmp, dyn, s_dep.plan.budget, [text[1024:]])
+        s_engine, s_dep = small_engine(knap, share, [text[1024:]])
+        d_engine, d_dep = small_engine(dyn, s_dep.plan.budget, [text[1024:]])
         assert d_dep.plan.total_bytes <= s_dep.plan.budget
         room = s_dep.plan.budget - s_dep.plan.fixed.total
         if s_dep.plan.pool_bytes + d_dep.plan.slot_bytes[0] > room:
@@ -201,14 +174,13 @@ def test_dynamic_that_does_not_move_is_the_static_knapsack(small_model, how) -> 
     assert exact >= 1, "no budget left room for the staging slot: pick others"
 
 
-def test_moves_that_do_not_pay_are_not_made_on_stationary_text(small_model) -> None:
+def test_moves_that_do_not_pay_are_not_made_on_stationary_text(small_engine) -> None:
     """The no-harm rule of moves that pay: on stationary text (tokens drawn independently
     from one distribution, calibrated on another draw) dynamic with the move threshold
     of the defaults makes no transition; without it, the noise moves experts."""
     from dynaexq.eval.stream import as_streams, evaluate_streams
     from dynaexq.runtime.policy import DEFAULT_CONTROLLER, ControllerSettings, Policy
 
-    model, tmp = small_model
     rng = np.random.default_rng(9)
     text = rng.integers(0, 128, size=2048 + 1025)
     started = {}
@@ -225,7 +197,7 @@ def test_moves_that_do_not_pay_are_not_made_on_stationary_text(small_model) -> N
             move_z=z,
         )
         pol = Policy("dynamic", tiers=("int2", "int4", "bf16"), controller=ctl)
-        engine, _ = _engine(model, tmp, pol, "40%", [text[2048:]])
+        engine, _ = small_engine(pol, "40%", [text[2048:]])
         evaluate_streams(engine.model, as_streams(text[:2048], 2, 64, 2048), window=64, chunk=16)
         engine.precision.flush()
         started[(gain, z)] = engine.precision.telemetry.totals()["transitions_started"]
@@ -233,16 +205,15 @@ def test_moves_that_do_not_pay_are_not_made_on_stationary_text(small_model) -> N
     assert started[(0.0, 0.0)] > 0
 
 
-def test_a_hotness_floor_of_one_ignores_the_calibration(small_model) -> None:
+def test_a_hotness_floor_of_one_ignores_the_calibration(small_engine) -> None:
     from dynaexq.runtime.policy import ControllerSettings, Policy
 
-    model, tmp = small_model
     rng = np.random.default_rng(4)
     calibs = [rng.integers(0, 128, size=512), np.full(512, 7)]
     assign = {}
     for f in (0.0, 1.0):
         ctl = ControllerSettings(planner="value", split="global", hotness_floor=f)
         pol = Policy("static-map", tiers=("int2", "int4", "bf16"), controller=ctl)
-        assign[f] = [_engine(model, tmp, pol, "30%", [c])[1].plan.assignment for c in calibs]
+        assign[f] = [small_engine(pol, "30%", [c])[1].plan.assignment for c in calibs]
     assert assign[1.0][0] == assign[1.0][1]
     assert assign[0.0][0] != assign[0.0][1]

@@ -4,8 +4,6 @@ error, and the move threshold from the live signal's uncertainty (`move_z`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from dynaexq.runtime.sensitivity import OutputErrors
@@ -45,31 +43,7 @@ def test_per_share_is_the_measurement_with_many_tokens_and_the_prior_with_none()
         )
 
 
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
-    from dynaexq.model.testing import make_hf_model, save_checkpoint
-
-    tmp = tmp_path_factory.mktemp("values")
-    return save_checkpoint(make_hf_model(seed=5), tmp / "src"), tmp
-
-
-def _engine(model: Path, tmp: Path, policy, budget, calib):
-    from dynaexq.runtime.load import load_with_policy
-
-    return load_with_policy(
-        model,
-        policy=policy,
-        budget=budget,
-        calibration=calib,
-        batch=2,
-        context=64,
-        chunk=16,
-        progress=False,
-        cache_dir=tmp / "tiered",
-    )
-
-
-def test_output_errors_of_a_small_model(small_model) -> None:
+def test_output_errors_of_a_small_model(small_model, small_engine) -> None:
     """Measured on text: the top tier has no error, lower tiers more (in total), and the
     errors are the ones the knapsack and the controller then plan on."""
     from dynaexq.runtime.load import load_with_policy
@@ -97,32 +71,27 @@ def test_output_errors_of_a_small_model(small_model) -> None:
     # Dynamic plans on them: its tier values are the measured ones, not the weight errors.
     for value in ("fisher", "output"):
         ctl = ControllerSettings(planner="value", split="global", staging="lowest", value=value)
-        engine, dep = _engine(
-            model, tmp, Policy("dynamic", tiers=tuple(tiers), controller=ctl), "30%", [text]
+        engine, dep = small_engine(
+            Policy("dynamic", tiers=tuple(tiers), controller=ctl), "30%", [text]
         )
         got = engine.precision._tier_values()
         assert got.shape == store.gains().shape
         assert not np.allclose(got, store.gains())
         assert (np.diff(got, axis=-1) >= 0).all()
         # Given only a ranking (no text to measure on), the weight error stands in.
-        ranked, _ = _engine(
-            model,
-            tmp,
-            Policy("dynamic", tiers=tuple(tiers), controller=ctl),
-            "30%",
-            dep.calibration,
+        ranked, _ = small_engine(
+            Policy("dynamic", tiers=tuple(tiers), controller=ctl), "30%", dep.calibration
         )
         np.testing.assert_array_equal(ranked.precision._tier_values(), store.gains())
 
 
-def test_move_z_holds_on_stationary_text_and_still_follows_a_shift(small_model) -> None:
+def test_move_z_holds_on_stationary_text_and_still_follows_a_shift(small_engine) -> None:
     """Without a byte price, noise moves experts on stationary text; discounting every
     move by one standard error of the live signal (its one-step prediction error) moves
     (far) fewer there, and still moves when the text is unlike the calibration."""
     from dynaexq.eval.stream import as_streams, evaluate_streams
     from dynaexq.runtime.policy import ControllerSettings, Policy
 
-    model, tmp = small_model
     rng = np.random.default_rng(9)
     text = rng.integers(0, 128, size=2048 + 1025)
     shifted = np.tile(np.arange(100, 104), 513)[: 2048 + 1]  # four tokens: other experts
@@ -139,7 +108,7 @@ def test_move_z_holds_on_stationary_text_and_still_follows_a_shift(small_model) 
                 move_z=z,
             )
             pol = Policy("dynamic", tiers=("int2", "int4", "bf16"), controller=ctl)
-            engine, _ = _engine(model, tmp, pol, "40%", [text[2048:]])
+            engine, _ = small_engine(pol, "40%", [text[2048:]])
             evaluate_streams(engine.model, as_streams(evals, 2, 64, 2048), window=64, chunk=16)
             engine.precision.flush()
             started[(z, name)] = engine.precision.telemetry.totals()["transitions_started"]
