@@ -193,12 +193,18 @@ def calibrate(
     finally:
         engine.experts = before
     if cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, scores)
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only place: the ranking is just not cached
+        cache_atomically(path, lambda f: np.save(f, scores))
     return scores
+
+
+def cache_atomically(path: Path, write: Callable[[object], None]) -> None:
+    """Write a cache file whole or not at all (a reader never sees half of one, a killed
+    run leaves none); a read-only place just caches nothing."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            write(f)
+        tmp.replace(path)
+    except OSError:
+        pass

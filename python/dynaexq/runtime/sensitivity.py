@@ -26,7 +26,13 @@ import numpy as np
 import torch
 
 from dynaexq.quant import PackedExpertView, expert_forward
-from dynaexq.runtime.calibration import MappedExperts, _cache_path, calibration_key, windows_of
+from dynaexq.runtime.calibration import (
+    MappedExperts,
+    _cache_path,
+    cache_atomically,
+    calibration_key,
+    windows_of,
+)
 from dynaexq.runtime.store import TierStore
 
 
@@ -241,9 +247,8 @@ def output_errors(
     share = probe.mass / np.maximum(probe.mass.sum(axis=1, keepdims=True), 1e-30)
     out = OutputErrors(names, rel, probe.tokens, share, probe.fisher)
     if cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path, rel=rel, tokens=probe.tokens, share=share, fisher=probe.fisher)
-        except OSError:
-            pass
+        cache_atomically(
+            path,
+            lambda f: np.savez(f, rel=rel, tokens=probe.tokens, share=share, fisher=probe.fisher),
+        )
     return out
