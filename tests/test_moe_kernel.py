@@ -66,14 +66,6 @@ def ptr(a: np.ndarray | torch.Tensor) -> int:
     return a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()
 
 
-def emu_launch(emu):
-    def launch(kernel: str, grid, pointers, ints) -> None:
-        fn = ctypes.cast(getattr(emu, kernel), ctypes.c_void_p).value
-        assert emu.emu_launch_moe(fn, grid[0], grid[1], 128, *pointers, *ints) == 0
-
-    return launch
-
-
 def grouped_forward(launch, layer: Layer, x: torch.Tensor, ids: np.ndarray, w: np.ndarray):
     """Sort the picks by expert, run the two grouped launches, combine with the weights
     (everything where x is: the CPU for the emulation, the GPU for the real kernels)."""
@@ -138,7 +130,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("tiers", "act"), CASES)
-def test_grouped_kernel_matches_the_reference(emu, tiers, act) -> None:
+def test_grouped_kernel_matches_the_reference(emu_launch, tiers, act) -> None:
     h, i, experts, tokens = 40, 36, 5, 10  # partial 32-column blocks and 4-row tiles
     layer = Layer(tiers, experts, h, i, seed=len(tiers))
     rng = np.random.default_rng(3)
@@ -147,13 +139,13 @@ def test_grouped_kernel_matches_the_reference(emu, tiers, act) -> None:
     ids = skewed_routing(rng, tokens, experts)
     w = rng.random(ids.shape).astype(np.float32)
     x = torch.from_numpy(rng.standard_normal((tokens, h)).astype(np.float32)).to(act)
-    got = grouped_forward(emu_launch(emu), layer, x, ids, w)
+    got = grouped_forward(emu_launch, layer, x, ids, w)
     want = reference(layer, x, ids, w)
     tol = 1e-5 if act == torch.float32 else 2e-2
     assert relative_error(want, got) < tol
 
 
-def test_a_table_write_switches_the_tier_without_a_new_plan(emu) -> None:
+def test_a_table_write_switches_the_tier_without_a_new_plan(emu_launch) -> None:
     """The same launches (same arguments, same buffers) read the new entry: promoting
     expert 0 from int2 to bf16 changes its output to the bf16 expert's."""
     h, i, experts = 64, 32, 3
@@ -164,9 +156,9 @@ def test_a_table_write_switches_the_tier_without_a_new_plan(emu) -> None:
     ids = np.array([[0, 1], [0, 2], [2, 0]])
     w = rng.random(ids.shape).astype(np.float32)
     x = torch.from_numpy(rng.standard_normal((3, h)).astype(np.float32))
-    low = grouped_forward(emu_launch(emu), layer, x, ids, w)
+    low = grouped_forward(emu_launch, layer, x, ids, w)
     layer.publish(0, 1)
-    high = grouped_forward(emu_launch(emu), layer, x, ids, w)
+    high = grouped_forward(emu_launch, layer, x, ids, w)
     assert relative_error(reference(layer, x, ids, w), high) < 1e-5
     layer.publish(0, 0)
     assert relative_error(reference(layer, x, ids, w), low) < 1e-5
@@ -223,7 +215,7 @@ def check_dense(layer: Layer, experts: list[int], got: torch.Tensor, dtype) -> N
 
 
 @pytest.mark.parametrize(("tiers", "act"), CASES)
-def test_dequantize_kernel_writes_the_dense_experts(emu, tiers, act) -> None:
+def test_dequantize_kernel_writes_the_dense_experts(emu_launch, tiers, act) -> None:
     """Prefill's workspace: every tier of a mixed table dequantized by the table entry,
     exactly the reference's weights (float32), in any order of experts."""
     h, i, experts = 40, 36, 5
@@ -232,7 +224,7 @@ def test_dequantize_kernel_writes_the_dense_experts(emu, tiers, act) -> None:
     for e in range(experts):
         layer.publish(e, int(rng.integers(len(tiers))))
     chosen = [3, 0, 4]
-    check_dense(layer, chosen, dequantize_layer(emu_launch(emu), layer, chosen, act), act)
+    check_dense(layer, chosen, dequantize_layer(emu_launch, layer, chosen, act), act)
 
 
 @pytest.mark.gpu
