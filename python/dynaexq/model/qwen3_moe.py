@@ -89,12 +89,24 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values [B, kv_heads, T, D] at their positions [B, T],
         then return slots 0..key_slots-1 of every row ([B, kv_heads, key_slots, D])."""
-        b, t = positions.shape
-        rows = torch.arange(b, device=k.device).unsqueeze(1).expand(b, t)
-        ck, cv = self.keys[layer], self.values[layer]
-        ck[rows, :, positions] = k.transpose(1, 2)
-        cv[rows, :, positions] = v.transpose(1, 2)
-        return ck[:, :, :key_slots], cv[:, :, :key_slots]
+        return write_slots(self.keys[layer], self.values[layer], k, v, positions, key_slots)
+
+
+def write_slots(
+    ck: torch.Tensor,
+    cv: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    key_slots: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A contiguous cache layer [B, kv_heads, capacity, D] (slot = position): store k/v
+    [B, kv_heads, T, D] at positions [B, T], return slots 0..key_slots-1 of every row."""
+    b, t = positions.shape
+    rows = torch.arange(b, device=k.device).unsqueeze(1).expand(b, t)
+    ck[rows, :, positions] = k.transpose(1, 2)
+    cv[rows, :, positions] = v.transpose(1, 2)
+    return ck[:, :, :key_slots], cv[:, :, :key_slots]
 
 
 def step_mask(

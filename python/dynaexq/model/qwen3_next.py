@@ -52,6 +52,7 @@ from dynaexq.model.qwen3_moe import (
     SparseMoeBlock,
     _rotate_half,
     step_mask,
+    write_slots,
 )
 
 DELTA_RULE_CHUNK = 64
@@ -164,11 +165,7 @@ class HybridCache:
         [B, T], then return slots 0..key_slots-1 of every row."""
         ck, cv = self.keys[layer], self.values[layer]
         assert ck is not None and cv is not None
-        b, t = positions.shape
-        rows = torch.arange(b, device=k.device).unsqueeze(1).expand(b, t)
-        ck[rows, :, positions] = k.transpose(1, 2)
-        cv[rows, :, positions] = v.transpose(1, 2)
-        return ck[:, :, :key_slots], cv[:, :, :key_slots]
+        return write_slots(ck, cv, k, v, positions, key_slots)
 
 
 @dataclass
