@@ -70,7 +70,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=256, help="context window (tokens)")
     p.add_argument("--chunk", type=int, default=32, help="tokens per sequence per step")
     c = p.add_argument_group("controller (dynamic)")
-    c.add_argument("--signal", choices=("ema", "window"), default="ema")
+    c.add_argument(
+        "--signal",
+        choices=("ema", "window", "regime"),
+        default=DEFAULT_CONTROLLER.signal,
+        help="what the controller plans on: an EMA of the steps, a window of them, or the "
+        "mean since the routing last changed (regime)",
+    )
+    c.add_argument(
+        "--prior-steps",
+        type=float,
+        default=DEFAULT_CONTROLLER.prior_steps,
+        help="regime: the calibration's weight in controller steps",
+    )
+    c.add_argument(
+        "--shift-ratio",
+        type=float,
+        default=DEFAULT_CONTROLLER.shift_ratio,
+        help="regime: a change of routing is this many times the regime's usual distance",
+    )
     c.add_argument("--alpha", type=float, default=0.9, help="EMA factor per step")
     c.add_argument("--window-steps", type=int, default=4, help="steps in the window signal")
     c.add_argument("--replan-every", type=int, default=1, help="controller steps between plans (T)")
@@ -198,6 +216,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     controller = ControllerSettings(
         signal=args.signal,
+        prior_steps=args.prior_steps,
+        shift_ratio=args.shift_ratio,
         alpha=args.alpha,
         window=args.window_steps,
         replan_every=args.replan_every,

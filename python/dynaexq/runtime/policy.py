@@ -26,7 +26,11 @@ class ControllerSettings:
     # Defaults measured on the embedded model (`dynaexq eval`): a short horizon re-planned
     # every step follows domain shifts; the paper's long horizon is alpha 0.9 with a plan
     # every T steps (`--alpha 0.9 --replan-every 4`).
-    signal: str = "ema"  # "ema" or "window" (the sum of the last `window` steps)
+    # "ema", "window" (the sum of the last `window` steps) or "regime" (the mean of the
+    # steps since the routing last changed, from the calibration: runtime/regime.py)
+    signal: str = "ema"
+    prior_steps: float = 8.0  # regime: the calibration's weight, in controller steps
+    shift_ratio: float = 2.0  # regime: a change is this many times the usual distance
     alpha: float = 0.5  # EMA factor per step
     window: int = 4  # steps in the window signal
     replan_every: int = 1  # T: controller steps between plans
@@ -79,8 +83,13 @@ class ControllerSettings:
     value_prior: float = 16.0
 
     def __post_init__(self) -> None:
-        if self.signal not in ("ema", "window"):
-            raise PolicyError(f"signal must be ema or window, got {self.signal!r}")
+        if self.signal not in ("ema", "window", "regime"):
+            raise PolicyError(f"signal must be ema, window or regime, got {self.signal!r}")
+        if self.prior_steps < 0 or self.shift_ratio <= 1.0:
+            raise PolicyError(
+                f"prior_steps must be >= 0 and shift_ratio > 1, got {self.prior_steps}, "
+                f"{self.shift_ratio}"
+            )
         if not 0.0 <= self.alpha < 1.0:
             raise PolicyError(f"alpha must be in [0, 1), got {self.alpha}")
         if min(self.window, self.replan_every, self.in_flight, self.step_tokens) < 1:

@@ -38,6 +38,7 @@ from dynaexq.runtime.kv_lending import KvLending
 from dynaexq.runtime.kv_share import KvPageGeometry, SharedKvArena
 from dynaexq.runtime.mover import TransferMover
 from dynaexq.runtime.policy import Policy
+from dynaexq.runtime.regime import RegimeMean
 from dynaexq.runtime.store import TierStore
 from dynaexq.runtime.telemetry import StepRecord, Telemetry
 
@@ -133,8 +134,10 @@ class PrecisionRuntime(KvLending):
             from dynaexq._core import HotnessTracker
 
             c = policy.controller
+            # "regime" plans on RegimeMean below; the tracker's EMA still feeds telemetry.
+            sig = "ema" if c.signal == "regime" else c.signal
             self.tracker = HotnessTracker(
-                self.num_layers, self.experts, signal=c.signal, alpha=c.alpha, window=c.window
+                self.num_layers, self.experts, signal=sig, alpha=c.alpha, window=c.window
             )
             if calibration is not None:
                 self.tracker.seed(np.asarray(calibration, dtype=np.float32).ravel().tolist())
@@ -148,6 +151,20 @@ class PrecisionRuntime(KvLending):
             else np.zeros(shape, dtype=np.float32)
         )
         self.hold_map = np.asarray(initial, dtype=np.uint8).reshape(shape).copy()
+        self.regime: RegimeMean | None = None
+        if self.tracker is not None and policy.controller.signal == "regime":
+            c = policy.controller
+            # Started from the share the load's knapsack planned on (floored toward even),
+            # so that the first plan is the static assignment.
+            share = self.prior / np.maximum(self.prior.sum(axis=1, keepdims=True), 1e-12)
+            if calibration is None:
+                share = np.full(shape, 1.0 / self.experts)
+            f = c.hotness_floor if c.planner == "value" else 0.0
+            self.regime = RegimeMean(
+                (1.0 - f) * share + f / self.experts,
+                prior_steps=c.prior_steps,
+                shift_ratio=c.shift_ratio,
+            )
         self._mass = np.zeros(shape, dtype=np.float64)
         self._mass_tokens = np.zeros(self.num_layers, dtype=np.int64)
         # A device executor's sums: routed mass between controller steps, and per step
@@ -417,6 +434,8 @@ class PrecisionRuntime(KvLending):
         """Close the tracker's step and (every `replan_every`) plan; transitions started."""
         assert self.tracker is not None
         self.tracker.end_step()
+        if self.regime is not None:
+            self.regime.observe(routed)
         if self.tracker.steps % self.policy.controller.replan_every == 0:
             return self._plan(routed)
         return 0
@@ -609,10 +628,15 @@ class PrecisionRuntime(KvLending):
         # The churn cap: bytes per routed token, over the tokens one plan period covers.
         max_bytes = c.max_bytes_per_token * c.step_tokens * c.replan_every
         scores = np.asarray(self.tracker.scores(), dtype=np.float32)
-        std = self._share_std(routed) if c.move_z > 0 else None
-        if c.prior_weight > 0:
+        std = self._share_std(routed) if c.move_z > 0 and self.regime is None else None
+        if self.regime is not None:  # shares of the regime, already hedged by its prior
+            scores = self.regime.share().astype(np.float32).ravel()
+            std = self.regime.std() if c.move_z > 0 else None
+        elif c.prior_weight > 0:
             scores = (1 - c.prior_weight) * scores + c.prior_weight * self.prior.ravel()
-        if c.hotness_floor > 0 and c.planner == "value":
+        if self.regime is not None:
+            pass
+        elif c.hotness_floor > 0 and c.planner == "value":
             # The knapsack's hotness (load.py): share of the layer, floored toward even.
             per = scores.reshape(current.shape)
             share = per / np.maximum(per.sum(axis=1, keepdims=True), 1e-12)
@@ -620,7 +644,7 @@ class PrecisionRuntime(KvLending):
             scores = ((1 - f) * share + f / self.experts).astype(np.float32).ravel()
             if std is not None:
                 std = (1 - f) * std
-        elif std is not None:  # in the raw signal's units
+        elif std is not None and self.regime is None:  # in the raw signal's units
             std = std * scores.reshape(current.shape).sum(axis=1, keepdims=True)
 
         # Moves only when they pay: a move's gain must exceed `move_gain` x the current

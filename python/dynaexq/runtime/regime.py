@@ -1,0 +1,103 @@
+"""The controller's signal "regime": each expert's share of its layer's routing as the mean
+of every controller step since the workload last changed, started from the calibration.
+
+Why: measured in hindsight on text the model never saw (`scripts/headroom.py`), the best
+static assignment for a slice lies 2-23 points of gap recovered above the calibration's
+(its 4096 tokens are not the slice), while an EMA of a few steps is too noisy to plan on
+(its standard error keeps the noise gate shut). The mean of a stationary workload
+converges to the slice's own shares, its standard error shrinks with the steps, so the
+assignment moves toward the hindsight-best one and then holds. When the routing changes
+(a new domain) the mean would take as long to follow as it has run, so a change is
+detected, and the mean restarts from the recent steps.
+
+Estimate: `share = (prior_steps * prior + sum of step shares) / (prior_steps + steps)`;
+its standard error per expert is the spread of the step shares over the root of the
+steps counted. A change: the total-variation distance (mean over layers) between a fast
+EMA of the step shares and the regime's mean exceeds `shift_ratio` times its own
+running level in this regime, on `persist` steps in a row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class RegimeMean:
+    """Per-layer routed shares [L, E] of the current workload regime."""
+
+    def __init__(
+        self,
+        prior: np.ndarray,
+        *,
+        prior_steps: float = 8.0,
+        fast_alpha: float = 0.5,
+        shift_ratio: float = 2.0,
+        persist: int = 2,
+        warmup: int = 4,
+        restart_steps: int = 2,
+    ) -> None:
+        prior = np.asarray(prior, dtype=np.float64)
+        self.prior = prior / np.maximum(prior.sum(axis=1, keepdims=True), 1e-12)
+        self.prior_steps = float(prior_steps)
+        self.fast_alpha, self.shift_ratio = fast_alpha, shift_ratio
+        self.persist, self.warmup, self.restart_steps = persist, warmup, restart_steps
+        self.total = np.zeros_like(self.prior)  # sum of the regime's step shares
+        self.total_sq = np.zeros_like(self.prior)
+        self.steps = 0
+        self.weight = self.prior_steps  # the prior's weight in steps
+        self.fast: np.ndarray | None = None
+        self.level = 0.0  # running mean of the change statistic in this regime
+        self.level_n = 0
+        self.above = 0
+        self.changes = 0
+        self.recent: list[np.ndarray] = []
+
+    def share(self) -> np.ndarray:
+        return (self.weight * self.prior + self.total) / max(self.weight + self.steps, 1e-12)
+
+    def std(self) -> np.ndarray:
+        """[L, E] standard error of `share`: the step shares' spread / sqrt(steps), the
+        prior counted as steps; before two steps, a step's share of binomial noise."""
+        n = self.steps
+        mean = self.share()
+        if n < 2:
+            spread = mean * (1.0 - mean)
+        else:
+            m = self.total / n
+            spread = np.maximum(self.total_sq / n - m * m, 0.0) * n / (n - 1)
+        return np.sqrt(spread / max(self.weight + n, 1.0))
+
+    def observe(self, routed: np.ndarray) -> bool:
+        """One controller step's routed mass [L, E]; True when it started a new regime."""
+        s = np.asarray(routed, dtype=np.float64)
+        s = s / np.maximum(s.sum(axis=1, keepdims=True), 1e-12)
+        changed = False
+        if self.fast is not None and self.steps >= self.warmup:
+            d = 0.5 * float(np.abs(self.fast - self.share()).sum(axis=1).mean())
+            if self.level_n and d > self.shift_ratio * self.level:
+                self.above += 1
+            else:
+                self.above = 0
+                self.level = (self.level * self.level_n + d) / (self.level_n + 1)
+                self.level_n += 1
+            if self.above >= self.persist:
+                self._restart()
+                changed = True
+        a = self.fast_alpha
+        self.fast = s if self.fast is None else a * self.fast + (1.0 - a) * s
+        self.total += s
+        self.total_sq += s * s
+        self.steps += 1
+        self.recent = (self.recent + [s])[-self.restart_steps :]
+        return changed
+
+    def _restart(self) -> None:
+        """A new regime: its mean starts from the last steps (the calibration no longer
+        describes it, so the prior keeps the weight of one step)."""
+        rec = self.recent[-self.restart_steps :]
+        self.total = np.sum(rec, axis=0)
+        self.total_sq = np.sum([r * r for r in rec], axis=0)
+        self.steps = len(rec)
+        self.weight = min(1.0, self.prior_steps)
+        self.level, self.level_n, self.above = 0.0, 0, 0
+        self.changes += 1
