@@ -13,10 +13,11 @@ full-precision experts are never materialised when they are not wanted.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
 import torch
 
@@ -30,6 +31,9 @@ from dynaexq.model import CausalLM, causal_lm_class
 from dynaexq.model.config import ModelConfig
 from dynaexq.model.experts import ExpertExecutor, FullPrecisionExperts, RoutingHook
 from dynaexq.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from dynaexq.runtime.graphs import BucketedGraphs
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "data" / "embedded"
 
@@ -138,6 +142,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
+        self._graphs: BucketedGraphs | None = None  # decode graphs (generate(cuda_graphs=))
 
     @property
     def config(self) -> ModelConfig:
@@ -228,6 +233,7 @@ class Engine:
         stop: str | Sequence[str] | None = ...,
         ignore_eos: bool = ...,
         chat: bool = ...,
+        cuda_graphs: bool = ...,
     ) -> GenerationResult: ...
     @overload
     def generate(
@@ -241,6 +247,7 @@ class Engine:
         stop: str | Sequence[str] | None = ...,
         ignore_eos: bool = ...,
         chat: bool = ...,
+        cuda_graphs: bool = ...,
     ) -> list[GenerationResult]: ...
 
     def generate(
@@ -254,6 +261,7 @@ class Engine:
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool = False,
         chat: bool = False,
+        cuda_graphs: bool = False,
     ) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (str) or a batch (list of str or of token-id lists).
 
@@ -261,6 +269,10 @@ class Engine:
         sampling reproducible (prompt i uses seed + i); generation of a sequence ends at
         EOS (unless ignore_eos), at a stop string (cut from the text) or after
         max_new_tokens. chat=True wraps each string prompt in the chat template.
+        cuda_graphs=True (opt-in, not yet measured on a GPU): decode steps replay a CUDA
+        graph per batch bucket (1, 2, 4, ... 32; `runtime.graphs`), captured on first use
+        and kept by the engine; on an engine that cannot (no CUDA device, no budget) a
+        warning says why and decoding stays eager.
         """
         single = isinstance(prompts, str)
         batch: list[Prompt] = [prompts] if isinstance(prompts, str) else list(prompts)  # type: ignore[arg-type]
@@ -275,7 +287,8 @@ class Engine:
         )
         encoded = [self.encode(p, chat) for p in batch]
         decode = self.tokenizer.decode if self.tokenizer is not None else None
-        outs = generate_tokens(self.model, encoded, params, self.eos_token_ids, decode)
+        graphs = self._decode_graphs() if cuda_graphs else None
+        outs = generate_tokens(self.model, encoded, params, self.eos_token_ids, decode, graphs)
         results = [
             GenerationResult(
                 text=self._text(o.token_ids, params.stop),
@@ -287,11 +300,24 @@ class Engine:
         ]
         return results[0] if single else results
 
+    def _decode_graphs(self) -> BucketedGraphs | None:
+        """The engine's bucketed decode graphs (made once), or None with a warning."""
+        from dynaexq.runtime.graphs import BucketedGraphs, graphs_unavailable
+
+        why = graphs_unavailable(self)
+        if why is not None:
+            warnings.warn(f"{why}; decoding eagerly", RuntimeWarning, stacklevel=3)
+            return None
+        if self._graphs is None:
+            self._graphs = BucketedGraphs(self)
+        return self._graphs
+
     def stream(
         self,
         prompt: Prompt,
         chat: bool = False,
         on_finish: Callable[[GenerationResult], None] | None = None,
+        cuda_graphs: bool = False,
         **kw: object,
     ) -> Iterator[str]:
         """Yield the text of one generation piece by piece, as tokens are produced.
@@ -306,8 +332,9 @@ class Engine:
         ids: list[int] = []
         sent = 0
         hold = max((len(s) for s in params.stop), default=1) - 1
+        graphs = self._decode_graphs() if cuda_graphs else None
         for events in iter_generate(
-            self.model, [prompt_ids], params, self.eos_token_ids, tok.decode
+            self.model, [prompt_ids], params, self.eos_token_ids, tok.decode, graphs
         ):
             ev = events[0]
             ids.append(ev.token_id)

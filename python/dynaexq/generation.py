@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from dynaexq.model import CausalLM
+
+if TYPE_CHECKING:
+    from dynaexq.runtime.graphs import BucketedGraphs
 
 
 @dataclass(frozen=True)
@@ -104,10 +108,13 @@ def iter_generate(
     params: SamplingParams,
     eos_token_ids: Sequence[int] = (),
     decode: Callable[[list[int]], str] | None = None,
+    graphs: BucketedGraphs | None = None,
 ) -> Iterator[list[TokenEvent]]:
     """Yield, after each forward step, the tokens produced by that step.
 
-    `decode` (token ids -> text) is needed only for stop strings.
+    `decode` (token ids -> text) is needed only for stop strings. `graphs`: decode steps
+    replay the CUDA graph of the batch's bucket (`runtime.graphs`; eager past the largest
+    bucket); the prefill stays eager.
     """
     if not prompts:
         return
@@ -138,9 +145,16 @@ def iter_generate(
     positions = torch.arange(longest, device=device).unsqueeze(0).expand(batch, longest)
     # Padding only exists when prompt lengths differ.
     token_mask = positions < lengths.unsqueeze(1) if int(lengths.min()) < longest else None
-    cache = model.allocate_cache(batch, capacity, dtype, device)
+    graphed = graphs is not None and graphs.fits(batch)
+    # Under graphs the prefill's cache holds the prompts only: decode writes the graph's.
+    cache = model.allocate_cache(batch, longest if graphed else capacity, dtype, device)
+    session = None
     with torch.inference_mode():
         logits = model(ids, positions, cache, token_mask, logits_index=lengths - 1)[:, 0]
+        if graphed:
+            assert graphs is not None
+            session = graphs.begin(cache, batch, capacity)
+            cache = None  # type: ignore[assignment]
 
     rows = list(range(batch))  # prompt index of each live batch row
     generated: list[list[int]] = [[] for _ in range(batch)]
@@ -167,13 +181,20 @@ def iter_generate(
             return
         if len(keep) < len(rows):
             sel = torch.tensor(keep, device=device)
-            cache, pos, next_ids = cache.select(sel), pos[sel], next_ids[sel]
+            pos, next_ids = pos[sel], next_ids[sel]
+            if session is None:
+                cache = cache.select(sel)
+            else:
+                session.keep(keep)
             rows = [rows[r] for r in keep]
         with torch.inference_mode():
-            # Every row's position is at most longest + step: the mask needs no host read.
-            logits = model(
-                next_ids.unsqueeze(1), pos.unsqueeze(1), cache, key_slots=longest + step + 1
-            )[:, 0]
+            if session is not None:
+                logits = session.step(next_ids, pos)
+            else:
+                # Every row's position is at most longest + step: the mask needs no host read.
+                logits = model(
+                    next_ids.unsqueeze(1), pos.unsqueeze(1), cache, key_slots=longest + step + 1
+                )[:, 0]
         pos = pos + 1
 
 
@@ -183,10 +204,11 @@ def generate_tokens(
     params: SamplingParams,
     eos_token_ids: Sequence[int] = (),
     decode: Callable[[list[int]], str] | None = None,
+    graphs: BucketedGraphs | None = None,
 ) -> list[SequenceOutput]:
     """Run `iter_generate` to the end; one output per prompt, in prompt order."""
     outs = [SequenceOutput(prompt_token_ids=list(p)) for p in prompts]
-    for events in iter_generate(model, prompts, params, eos_token_ids, decode):
+    for events in iter_generate(model, prompts, params, eos_token_ids, decode, graphs):
         for ev in events:
             outs[ev.index].token_ids.append(ev.token_id)
             outs[ev.index].finish_reason = ev.finish_reason

@@ -92,6 +92,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print token counts, finish reason and tokens/s to standard error",
     )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="decode by replaying a CUDA graph per batch size bucket (1, 2, 4, ... 32; "
+        "captured on first use); needs a CUDA device and --budget with policy static, "
+        "static-map or dynamic, else decoding stays eager. Off by default until a GPU run "
+        "has measured it",
+    )
     memory = parser.add_argument_group("precision runtime (experts in a byte budget)")
     memory.add_argument(
         "--budget",
@@ -164,6 +172,13 @@ def run(args: argparse.Namespace) -> int:
         stop=args.stop,
         ignore_eos=args.ignore_eos,
     )
+    if args.cuda_graphs:
+        from dynaexq.runtime.graphs import graphs_unavailable
+
+        why = graphs_unavailable(engine)
+        if why is not None:
+            print(f"dynaexq generate: --cuda-graphs: {why}; decoding eagerly", file=sys.stderr)
+        options["cuda_graphs"] = why is None
     start = time.perf_counter()
     try:
         if len(prompts) == 1 and not args.no_stream:

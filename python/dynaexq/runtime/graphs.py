@@ -54,3 +54,100 @@ class DecodeGraph:
         self.graph.replay()
         self.rt.graph_step_end(self.log)
         return self.logits
+
+
+# Batch sizes that get a graph of their own: a batch decodes under the smallest bucket
+# that holds it, the rows past it inert (their outputs dropped).
+BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+def bucket_for(rows: int, buckets: tuple[int, ...] = BUCKETS) -> int | None:
+    """The smallest bucket holding `rows` live rows; None past the largest (eager)."""
+    return next((b for b in buckets if b >= rows), None)
+
+
+def capacity_for(tokens: int) -> int:
+    """Key slots of a bucket's cache: a power of two (at least 64), so that one graph
+    serves requests of similar lengths and a longer one captures a new graph once."""
+    return max(64, 1 << (max(1, tokens) - 1).bit_length())
+
+
+def graphs_unavailable(engine) -> str | None:
+    """Why CUDA graphs cannot decode for `engine` (None: they can)."""
+    rt = getattr(engine, "precision", None)
+    if engine.device.type != "cuda":
+        return f"CUDA graphs need a CUDA device (the engine runs on {engine.device})"
+    if rt is None or not hasattr(rt, "begin_capture"):
+        return (
+            "CUDA graphs need the precision runtime's device executor (a --budget with "
+            "policy static, static-map or dynamic)"
+        )
+    if type(engine.model).__name__ != "Qwen3MoeForCausalLM":
+        return f"CUDA graphs decode Qwen3-MoE models only, not {type(engine.model).__name__}"
+    return None
+
+
+class BucketedGraphs:
+    """Decode graphs of an engine, one per batch bucket, captured when a batch first
+    needs its bucket and reused by later calls; each owns a KV cache of its bucket's
+    rows (recaptured with a larger cache when a request outgrows it).
+
+    `graph(engine, cache, batch)` builds a captured step (`DecodeGraph`; tests pass an
+    eager stand-in with the same `step`)."""
+
+    def __init__(self, engine, buckets: tuple[int, ...] = BUCKETS, graph=DecodeGraph) -> None:
+        self.engine, self.buckets, self._make = engine, buckets, graph
+        self.graphs: dict[int, object] = {}
+        self.captures = 0
+
+    def fits(self, rows: int) -> bool:
+        """Whether `rows` sequences decode under a graph (not past the largest bucket)."""
+        return bucket_for(rows, self.buckets) is not None
+
+    def begin(self, prefill_cache, rows: int, capacity: int) -> GraphSession | None:
+        """A decode session for `rows` sequences whose prompts are in `prefill_cache`
+        (its first `rows` rows, slots up to its capacity); None when `rows` is past the
+        largest bucket."""
+        bucket = bucket_for(rows, self.buckets)
+        if bucket is None:
+            return None
+        graph = self.graphs.get(bucket)
+        if graph is None or graph.capacity < capacity:  # type: ignore[attr-defined]
+            self.graphs.pop(bucket, None)
+            eng = self.engine
+            cache = eng.model.allocate_cache(bucket, capacity_for(capacity), eng.dtype, eng.device)
+            graph = self.graphs[bucket] = self._make(eng, cache, bucket)
+            self.captures += 1
+        n = prefill_cache.capacity
+        for dst, src in zip(graph.cache.keys + graph.cache.values,  # type: ignore[attr-defined]
+                            prefill_cache.keys + prefill_cache.values, strict=True):  # fmt: skip
+            dst[:rows, :, :n].copy_(src[:rows])
+        return GraphSession(graph, rows)
+
+
+class GraphSession:
+    """One generate call's decode through a bucket's graph: live sequences keep their
+    graph rows (a finished one's row turns inert), and every inert row repeats the first
+    live row's token and position, so it routes like a real token and writes only its
+    own cache row."""
+
+    def __init__(self, graph, rows: int) -> None:
+        self.graph = graph
+        self.rows = list(range(rows))  # the graph row of every live sequence
+        self._index: torch.Tensor | None = None
+
+    def keep(self, keep: list[int]) -> None:
+        """Only the live sequences at positions `keep` go on."""
+        self.rows = [self.rows[r] for r in keep]
+        self._index = None
+
+    def step(self, next_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """next_ids, positions [live] -> logits [live, vocab]."""
+        b = self.graph.batch
+        if self._index is None:
+            self._index = torch.tensor(self.rows, device=next_ids.device)
+        ids = next_ids[:1].expand(b).clone()
+        pos = positions[:1].expand(b).clone()
+        ids[self._index] = next_ids
+        pos[self._index] = positions
+        return self.graph.step(ids, pos)[self._index]

@@ -15,15 +15,14 @@ process reserves experts + KV once, and a byte is an expert's or a page's, never
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from dynaexq._core import DeviceBudget, ExpertPool
 from dynaexq.model.config import ModelConfig
 from dynaexq.model.paged_kv import kv_bytes_per_token
+from dynaexq.runtime.arena import arena_bytes
 
 
 @dataclass(frozen=True)
@@ -91,26 +90,8 @@ class SharedKvArena:
         return min((b - a for a, b in self._slot_pages), default=0)
 
     def buffer(self) -> torch.Tensor:
-        """The whole arena as a uint8 tensor (no copy): host memory through the pool's
-        buffer, device memory through `__cuda_array_interface__`."""
-        if self.pool.arena_kind == "host":
-            view = self.pool.arena_view()
-            return torch.frombuffer(view, dtype=torch.uint8)
-        return torch.as_tensor(
-            _CudaBytes(self.pool.arena_address, self.pool.total_bytes), device="cuda"
-        )
-
-
-class _CudaBytes:
-    """A device allocation seen as bytes by torch (the pool owns and frees it)."""
-
-    def __init__(self, address: int, nbytes: int) -> None:
-        self.__cuda_array_interface__: dict[str, Any] = {
-            "shape": (nbytes,),
-            "typestr": "|u1",
-            "data": (ctypes.c_void_p(address).value, False),
-            "version": 3,
-        }
+        """The whole arena as a uint8 tensor (no copy; `runtime.arena`)."""
+        return arena_bytes(self.pool)
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,12 @@ from dynaexq.runtime.calibration import (  # calibration_scores: re-exported (ev
 from dynaexq.runtime.executors.grouped import Launch
 from dynaexq.runtime.kv_share import KvShare
 from dynaexq.runtime.offload import OffloadRuntime
+from dynaexq.runtime.offload_device import DeviceOffloadRuntime
 from dynaexq.runtime.policy import Policy
 from dynaexq.runtime.precision import PrecisionRuntime
 from dynaexq.runtime.sensitivity import OutputErrors
 from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
+from dynaexq.runtime.streams import Streams
 
 
 @dataclass
@@ -117,6 +119,7 @@ def load_with_policy(
     launch: Launch | None = None,
     tier_map: np.ndarray | None = None,
     output_errors: OutputErrors | None = None,
+    streams: Streams | None = None,
 ) -> tuple[Engine, Deployment | None]:
     """Load `path` (default: the embedded model) to run under `policy` within `budget`
     (a size, or "20%": the bytes at which static-map holds 20% of the experts hot).
@@ -135,7 +138,9 @@ def load_with_policy(
     the KV pages reserve from. `output_errors` (`runtime.sensitivity`): the measured
     output error of every tier, the value of controller setting value="output"
     (computed from `calibration` when it is token streams; with neither, the weight error
-    stands in). Returns the engine (its experts run
+    stands in). `streams` (policy offload): run the device offload runtime on these
+    streams (`runtime.streams.HostStreams`: its code path on the CPU, for tests; a CUDA
+    device gets CUDA streams without asking). Returns the engine (its experts run
     through the runtime, `engine.precision` is the runtime) and what was deployed.
 
     Host memory: the non-expert weights, the pool (on the CPU backend) and the staging
@@ -145,9 +150,10 @@ def load_with_policy(
     `device`: "cpu", or a CUDA device: then the non-expert weights, the activations, the
     KV cache and the expert pool (one device arena) live there, the host store is
     page-locked, transitions copy on the migration stream and the experts run through the
-    grouped kernels. `launch`: run those kernels through this function instead of the
-    CUDA driver (the CPU emulation of kernels/moe.cu, for tests; the pool stays on the
-    host).
+    grouped kernels; under policy offload the expert cache is that arena, filled from
+    page-locked host memory on a copy stream. `launch`: run those kernels through this
+    function instead of the CUDA driver (the CPU emulation of kernels/moe.cu, for tests;
+    the pool stays on the host).
 
     `tier_map`: a [layers, experts] array of store tiers (0 = lowest) that policy
     static-map holds exactly, as published by another runtime (`PrecisionRuntime.
@@ -270,9 +276,15 @@ def load_with_policy(
             staging=pol.controller.staging,
         )
     if pol.name == "offload":
-        if engine.device.type != "cpu":
-            raise ValueError("policy offload runs on the CPU backend only: pass device='cpu'")
-        runtime: PrecisionRuntime | OffloadRuntime = OffloadRuntime(store, plan, pol)
+        runtime: PrecisionRuntime | OffloadRuntime
+        if engine.device.type == "cuda" or streams is not None:
+            # The cache in a device arena, uploads on a copy stream (offload_device.py).
+            runtime = DeviceOffloadRuntime(
+                store, plan, pol, device=engine.device, compute_dtype=engine.dtype,
+                streams=streams,
+            )  # fmt: skip
+        else:
+            runtime = OffloadRuntime(store, plan, pol)
     else:
         shape = (len(store.layers), store.experts)
         if tier_map is not None:  # exactly the map given
@@ -395,11 +407,6 @@ def load(
     from dynaexq.engine import resolve_device
 
     dev = resolve_device(device)
-    if dev.type == "cuda" and name == "offload":
-        raise ValueError(
-            "policy offload runs its experts on the CPU backend in this build: pass "
-            "device='cpu' (or use static/static-map/dynamic on the GPU)"
-        )
     if dtype == "auto":  # the CPU runs float32; a GPU bf16 (fp16 where bf16 is missing)
         dtype = "float32"
         if dev.type == "cuda":

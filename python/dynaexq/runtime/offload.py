@@ -29,7 +29,7 @@ class OffloadRuntime:
         self.layer_pos = {layer: i for i, layer in enumerate(store.layers)}
         self.top = len(store.tiers) - 1
         slots = plan.slots[self.top] + plan.staging[self.top]
-        self.pool = ExpertPool({"hi": plan.slot_bytes[self.top]}, {"hi": slots})
+        self.pool = self._build_pool(plan.slot_bytes[self.top], slots)
         self.cache: OrderedDict[tuple[int, int], object] = OrderedDict()
         self.capacity = slots
         self.telemetry = Telemetry()
@@ -40,6 +40,9 @@ class OffloadRuntime:
         self._tokens = 0
         self._seen_first: set[str] = set()
         self.sleep: Callable[[float], None] = _spin_sleep
+
+    def _build_pool(self, slot_bytes: int, slots: int) -> ExpertPool:
+        return ExpertPool({"hi": slot_bytes}, {"hi": slots})
 
     def _load(self, li: int, e: int):
         key = (li, e)
