@@ -51,6 +51,9 @@ def main() -> None:
     p.add_argument("--segment-tokens", type=int, default=4096)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # as `dynaexq eval`'s default
 
     cfg = EvalConfig(
         tiers=tuple(args.tiers.split(",")),

@@ -101,8 +101,9 @@ def test_dynamic_on_the_regime_signal_holds_then_follows(small_engine) -> None:
 
 def test_hindsight_maps_run_through_one_executor(small_model) -> None:
     """eval/oracle.py: the map executor at every expert's top tier is the top tier's
-    model (the full one to bf16 rounding), at the lowest the lowest tier's; the hindsight map is the knapsack's best
-    under the slice's own shares (never below the deployed map's planned value)."""
+    model (the full one to bf16 rounding), at the lowest the lowest tier's; the
+    hindsight map is the knapsack's best under the slice's own shares (never below the
+    deployed map's planned value)."""
     import torch
     from dynaexq.eval.oracle import TierMapExperts, best_map, headroom, layer_share, map_value
     from dynaexq.runtime.calibration import MappedExperts
@@ -147,3 +148,23 @@ def test_hindsight_maps_run_through_one_executor(small_model) -> None:
     assert row["step_maps_changed"] > 0  # the per-step maps did change
     with pytest.raises(ValueError, match="does not fit"):
         headroom(full, store, text, deployed=np.full((L, E), 2), values=values, room=room)
+
+
+def test_a_workload_that_comes_back_is_recalled_with_its_weight() -> None:
+    """a -> b -> a: the return to a (the calibration's workload) restarts from a's kept
+    mean, not from two steps of it; a third, new workload starts afresh."""
+    rng = np.random.default_rng(5)
+    L, E = 3, 16
+    a = rng.dirichlet(np.ones(E), size=L)
+    b, c = np.roll(a, 5, axis=1), np.roll(a, 11, axis=1)
+    r = RegimeMean(a, prior_steps=8)
+    for s in _steps(rng, a, 30) + _steps(rng, b, 30):
+        r.observe(s)
+    assert r.changes == 1 and r.recalled == 0
+    back = [i for i, s in enumerate(_steps(rng, a, 10)) if r.observe(s)]
+    assert len(back) == 1 and back[0] <= 4 and r.recalled == 1
+    assert r.weight >= 8  # a's weight (the calibration's), not one step's
+    assert np.abs(r.share() - a).sum(axis=1).mean() < 0.1
+    for s in _steps(rng, c, 10):
+        r.observe(s)
+    assert r.changes == 3 and r.recalled == 1  # c was never seen: not recalled

@@ -89,7 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_CONTROLLER.shift_ratio,
         help="regime: a change of routing is this many times the regime's usual distance",
     )
-    c.add_argument("--alpha", type=float, default=0.9, help="EMA factor per step")
+    c.add_argument(
+        "--alpha", type=float, default=DEFAULT_CONTROLLER.alpha, help="EMA factor per step"
+    )
     c.add_argument("--window-steps", type=int, default=4, help="steps in the window signal")
     c.add_argument("--replan-every", type=int, default=1, help="controller steps between plans (T)")
     c.add_argument(
@@ -102,7 +104,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--delta", type=float, default=0.005, help="hysteresis margin (routed mass per step)"
     )
     c.add_argument("--max-bytes-per-token", type=float, default=float("inf"), help="churn cap")
-    c.add_argument("--in-flight", type=int, default=2, help="transitions in flight (K)")
+    c.add_argument(
+        "--in-flight",
+        type=int,
+        default=DEFAULT_CONTROLLER.in_flight,
+        help="transitions in flight (K)",
+    )
     c.add_argument(
         "--staging",
         choices=("every", "lowest"),

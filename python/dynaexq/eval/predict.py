@@ -94,7 +94,21 @@ def default_signals() -> dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray
         sig[f"window {w}"] = lambda t, p, w=w: _window(t, w, p)
     for w in (0.25, 0.5, 0.75):
         sig[f"blend prior {w} + ema 0.8"] = lambda t, p, w=w: w * p + (1 - w) * ema(t, 0.8, p)
+    sig["regime (prior 8 steps)"] = lambda t, p: regime(t, p, 8.0)
     return sig
+
+
+def regime(trace: np.ndarray, prior: np.ndarray, prior_steps: float = 8.0) -> np.ndarray:
+    """The controller's "regime" signal (runtime/regime.py) after every step of `trace`
+    ([steps, L, E] routed mass): the mean since the routing last changed."""
+    from dynaexq.runtime.regime import RegimeMean
+
+    r = RegimeMean(prior, prior_steps=prior_steps)
+    out = np.empty_like(trace, dtype=np.float64)
+    for i, step in enumerate(trace):
+        r.observe(step)
+        out[i] = r.share()
+    return out
 
 
 def _window(trace: np.ndarray, steps: int, seed: np.ndarray) -> np.ndarray:

@@ -138,19 +138,25 @@ class Policy:
 
 # What `dynaexq.load`, `generate`, `serve` and `eval` run when given only a policy name
 # (issue 13; chosen on the unseen tuning domains rust/yaml, then run once on the held-back
-# ones: docs/results/eval/unseen.md): four tiers; dynamic starts from, and holds, the static
-# knapsack at the same bytes (hotness floored halfway to even; each tier valued by the loss
-# increase its output error predicts on the calibration text, "fisher"), with one staging
-# slot of the lowest tier, and moves only when a move's gain less one standard error of it
-# (from the live signal's prediction error) is positive, on a slow EMA.
+# ones: docs/results/eval/unseen.md, fifth round): four tiers; dynamic starts from the
+# static knapsack at the same bytes (hotness floored halfway to even; each tier valued by
+# the loss increase its output error predicts on the calibration text, "fisher"), plans on
+# the mean routing since the workload last changed (from the calibration, 8 steps of
+# weight; a change at 1.5x the usual distance; regimes seen before recalled), with two
+# staging slots of the lowest tier (4 in flight), and moves only when a move's gain less
+# one standard error of it pays a small price per byte copied (0.3% of the plan's value
+# per top-tier slot).
 DEFAULT_TIERS = ("int2", "int3", "int4", "bf16")
 DEFAULT_CONTROLLER = ControllerSettings(
+    signal="regime",
+    shift_ratio=1.5,
+    prior_steps=8.0,
     alpha=0.9,
-    in_flight=2,
+    in_flight=4,
     staging="lowest",
     planner="value",
     split="global",
-    move_gain=0.0,
+    move_gain=0.003,
     move_z=1.0,
     hotness_floor=0.5,
     value="fisher",

@@ -8,13 +8,17 @@ static assignment for a slice lies 2-23 points of gap recovered above the calibr
 converges to the slice's own shares, its standard error shrinks with the steps, so the
 assignment moves toward the hindsight-best one and then holds. When the routing changes
 (a new domain) the mean would take as long to follow as it has run, so a change is
-detected, and the mean restarts from the recent steps.
+detected, and the mean restarts from the recent steps. Workloads come back (a user
+returns to the language of the calibration), so every regime's mean is kept: a new one
+whose first `warmup` steps look like a kept one (the calibration among them) continues
+from it, at the weight it had earned (capped at `memory_steps`), and the assignment
+returns at once; a false alarm costs those few steps.
 
 Estimate: `share = (prior_steps * prior + sum of step shares) / (prior_steps + steps)`;
 its standard error per expert is the spread of the step shares over the root of the
 steps counted. A change: the total-variation distance (mean over layers) between a fast
-EMA of the step shares and the regime's mean exceeds `shift_ratio` times its own
-running level in this regime, on `persist` steps in a row.
+EMA of the step shares and the mean of the regime's own steps exceeds `shift_ratio` times
+its running level in this regime (the noise of a few steps), on `persist` steps in a row.
 """
 
 from __future__ import annotations
@@ -35,12 +39,16 @@ class RegimeMean:
         persist: int = 2,
         warmup: int = 4,
         restart_steps: int = 2,
+        memory_steps: float = 16.0,
+        keep: int = 8,
     ) -> None:
         prior = np.asarray(prior, dtype=np.float64)
         self.prior = prior / np.maximum(prior.sum(axis=1, keepdims=True), 1e-12)
+        self.calibration = self.prior.copy()
         self.prior_steps = float(prior_steps)
         self.fast_alpha, self.shift_ratio = fast_alpha, shift_ratio
         self.persist, self.warmup, self.restart_steps = persist, warmup, restart_steps
+        self.memory_steps, self.keep = memory_steps, keep
         self.total = np.zeros_like(self.prior)  # sum of the regime's step shares
         self.total_sq = np.zeros_like(self.prior)
         self.steps = 0
@@ -49,8 +57,12 @@ class RegimeMean:
         self.level = 0.0  # running mean of the change statistic in this regime
         self.level_n = 0
         self.above = 0
-        self.changes = 0
         self.recent: list[np.ndarray] = []
+        # Regimes that ended: (mean share, weight in steps, level of the statistic).
+        self.kept: list[tuple[np.ndarray, float, float]] = []
+        self.recall_due = True  # the first regime may be the calibration's, or not
+        self.changes = 0
+        self.recalled = 0
 
     def share(self) -> np.ndarray:
         return (self.weight * self.prior + self.total) / max(self.weight + self.steps, 1e-12)
@@ -73,7 +85,9 @@ class RegimeMean:
         s = s / np.maximum(s.sum(axis=1, keepdims=True), 1e-12)
         changed = False
         if self.fast is not None and self.steps >= self.warmup:
-            d = 0.5 * float(np.abs(self.fast - self.share()).sum(axis=1).mean())
+            # Against the regime's own steps (the prior left out: a calibration unlike
+            # the workload is not a change of it).
+            d = _tv(self.fast, self.total / self.steps)
             if self.level_n and d > self.shift_ratio * self.level:
                 self.above += 1
             else:
@@ -89,15 +103,51 @@ class RegimeMean:
         self.total_sq += s * s
         self.steps += 1
         self.recent = (self.recent + [s])[-self.restart_steps :]
+        if self.recall_due and self.steps >= self.warmup:
+            self._recall()
         return changed
 
     def _restart(self) -> None:
-        """A new regime: its mean starts from the last steps (the calibration no longer
-        describes it, so the prior keeps the weight of one step)."""
+        """A new regime from the last steps, over the calibration at the weight of one
+        step (it did not describe what changed); the old regime is kept."""
+        if self.level_n:
+            self.kept.append((self.share(), min(self.weight + self.steps, self.memory_steps),
+                              self.level))  # fmt: skip
+            self.kept = self.kept[-self.keep :]
         rec = self.recent[-self.restart_steps :]
+        self.prior, self.weight = self.calibration.copy(), min(1.0, self.prior_steps)
         self.total = np.sum(rec, axis=0)
         self.total_sq = np.sum([r * r for r in rec], axis=0)
         self.steps = len(rec)
-        self.weight = min(1.0, self.prior_steps)
         self.level, self.level_n, self.above = 0.0, 0, 0
+        self.recall_due = True
         self.changes += 1
+
+    def _recall(self) -> None:
+        """After `warmup` steps of a regime: if its steps look like a kept regime (within
+        `shift_ratio` times that regime's noise level) or like the calibration, continue
+        from that one, at the weight it had."""
+        self.recall_due = False
+        mean = self.total / self.steps
+        levels = [lv for _, _, lv in self.kept] + [self.level]
+        fallback = max(lv for lv in levels) if any(levels) else 0.0
+        best, key = None, np.inf
+        for i, (m, _, lv) in enumerate(self.kept):
+            d = _tv(m, mean)
+            if d <= self.shift_ratio * lv and d < key:
+                best, key = i, d
+        if _tv(self.calibration, mean) <= self.shift_ratio * fallback and (
+            best is None or _tv(self.calibration, mean) < key
+        ):
+            self.prior, self.weight = self.calibration.copy(), self.prior_steps
+            self.recalled += self.changes > 0
+            return
+        if best is not None:
+            m, w, _ = self.kept.pop(best)
+            self.prior, self.weight = m, w
+            self.recalled += 1
+
+
+def _tv(a: np.ndarray, b: np.ndarray) -> float:
+    """Total-variation distance of two [L, E] share tables, mean over layers."""
+    return 0.5 * float(np.abs(a - b).sum(axis=1).mean())
