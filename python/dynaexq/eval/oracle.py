@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from dynaexq.eval.stream import StreamResult, evaluate_streams, gap_recovered
-from dynaexq.quant import PackedExpertView, expert_forward
 from dynaexq.runtime.budget import knapsack_choice
 from dynaexq.runtime.calibration import MappedExperts
 from dynaexq.runtime.store import TierStore
@@ -47,32 +46,8 @@ class TierMapExperts(MappedExperts):
         if self.tier_map.shape != want:
             raise ValueError(f"tier map of shape {self.tier_map.shape}, want {want}")
 
-    def forward(
-        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
-    ) -> torch.Tensor:
-        if hidden.device.type != "cpu":
-            out = self.forward(layer, hidden.float().cpu(), expert_ids.cpu(), weights.cpu())
-            return out.to(device=hidden.device, dtype=hidden.dtype)
-        li = self.layer_pos[layer]
-        t, k = expert_ids.shape
-        flat = expert_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.store.experts).tolist()
-        x = hidden[order // k]
-        out = torch.empty_like(x)
-        h, inter = self.store.hidden_size, self.store.intermediate_size
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                tier = int(self.tier_map[li, e])
-                spec = self.store.tiers[tier]
-                view = PackedExpertView(spec, h, inter, self.store.blob(li, e, tier))
-                out[start : start + n] = expert_forward(view, x[start : start + n])
-                start += n
-        out.mul_(weights.reshape(-1)[order].unsqueeze(-1))
-        unsorted = torch.empty_like(out)
-        unsorted[order] = out
-        return unsorted.view(t, k, -1).sum(dim=1)
+    def tier_of(self, layer_pos: int, expert: int) -> int:
+        return int(self.tier_map[layer_pos, expert])
 
 
 def layer_share(mass: np.ndarray) -> np.ndarray:

@@ -44,6 +44,10 @@ class MappedExperts:
         self.tier = len(store.tiers) - 1 if tier is None else tier
         self.layer_pos = {layer: i for i, layer in enumerate(store.layers)}
 
+    def tier_of(self, layer_pos: int, expert: int) -> int:
+        """The store tier expert `expert` of MoE layer `layer_pos` runs at."""
+        return self.tier
+
     def forward(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
@@ -57,12 +61,13 @@ class MappedExperts:
         counts = torch.bincount(flat, minlength=self.store.experts).tolist()
         x = hidden[order // k]
         out = torch.empty_like(x)
-        spec = self.store.tiers[self.tier]
         h, inter = self.store.hidden_size, self.store.intermediate_size
         start = 0
         for e, n in enumerate(counts):
             if n:
-                view = PackedExpertView(spec, h, inter, self.store.blob(li, e, self.tier))
+                tier = self.tier_of(li, e)
+                spec = self.store.tiers[tier]
+                view = PackedExpertView(spec, h, inter, self.store.blob(li, e, tier))
                 out[start : start + n] = expert_forward(view, x[start : start + n])
                 start += n
         out.mul_(weights.reshape(-1)[order].unsqueeze(-1))
