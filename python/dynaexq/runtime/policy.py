@@ -145,7 +145,7 @@ class Policy:
 # weight; a change at 1.5x the usual distance; regimes seen before recalled), with one
 # staging slot of the lowest tier (2 in flight: 4 gained a little at 3 bits and lost more
 # at 6 bits and 20%, where the second slot's bytes cost), and moves only when a move's gain
-# less one standard error of it pays a small price per byte copied (0.3% of the plan's
+# less half a standard error of it pays a small price per byte copied (0.3% of the plan's
 # value per top-tier slot).
 DEFAULT_TIERS = ("int2", "int3", "int4", "bf16")
 DEFAULT_CONTROLLER = ControllerSettings(
@@ -158,7 +158,7 @@ DEFAULT_CONTROLLER = ControllerSettings(
     planner="value",
     split="global",
     move_gain=0.003,
-    move_z=1.0,
+    move_z=0.5,
     hotness_floor=0.5,
     value="fisher",
 )
