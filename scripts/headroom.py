@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from dynaexq.engine import EMBEDDED_MODEL_DIR
-from dynaexq.eval.oracle import headroom, layer_share
+from dynaexq.eval.oracle import headroom
 from dynaexq.eval.run import (
     EvalConfig,
     budget_bytes,
@@ -31,6 +31,7 @@ from dynaexq.eval.run import (
 )
 from dynaexq.eval.stream import as_streams
 from dynaexq.runtime.budget import fixed_memory
+from dynaexq.runtime.calibration import layer_share
 from dynaexq.runtime.load import calibration_scores, load_with_policy
 from dynaexq.runtime.policy import DEFAULT_CONTROLLER, Policy
 from dynaexq.runtime.sensitivity import output_errors
@@ -79,8 +80,16 @@ def main() -> None:
             list(calib.values()) if mode == "domain" else generic_calibration(path)
         )
 
-    def calibrated(text: list[np.ndarray], budget: str, batch: int):
-        """The deployable static knapsack's map and the per-share tier values."""
+    made: dict[tuple[str, str, str, int], tuple[np.ndarray, np.ndarray, int]] = {}
+
+    def calibrated(key: tuple[str, str], text: list[np.ndarray], budget: str, batch: int):
+        """The deployable static knapsack's map and the per-share tier values (made once
+        per calibration text, budget and batch: every offset of a domain shares them)."""
+        if (*key, budget, batch) not in made:
+            made[(*key, budget, batch)] = _calibrated(text, budget, batch)
+        return made[(*key, budget, batch)]
+
+    def _calibrated(text: list[np.ndarray], budget: str, batch: int):
         scores = calibration_scores(full, text)
         errs = output_errors(full, store, text)
         fixed = fixed_memory(full.config, dtype_bytes=4, batch=batch, context=256, chunk=32)
@@ -105,14 +114,16 @@ def main() -> None:
     for budget in args.budgets.split(","):
         for mode in modes:
             for (d, o), s in sorted(streams.items()):
-                deployed, values, room = calibrated(texts[(mode, d)], budget, cfg.streams)
+                deployed, values, room = calibrated(
+                    (mode, d), texts[(mode, d)], budget, cfg.streams
+                )
                 h = headroom(full, store, s, deployed=deployed, values=values, room=room)
                 row = {"budget": budget, "calibration": mode, "domain": d, "offset": o, **h.row()}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         if args.shift != "none":
             order = args.shift.split(",")
-            deployed, values, room = calibrated([calib[order[0]]], budget, 1)
+            deployed, values, room = calibrated(("shift", order[0]), [calib[order[0]]], budget, 1)
             seg = args.segment_tokens // cfg.window * cfg.window
             for i, d in enumerate(order):
                 s = as_streams(evals[d][: seg + 1], 1, cfg.window, seg)

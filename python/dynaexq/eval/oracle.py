@@ -31,7 +31,7 @@ import torch
 
 from dynaexq.eval.stream import StreamResult, evaluate_streams, gap_recovered
 from dynaexq.runtime.budget import knapsack_choice
-from dynaexq.runtime.calibration import MappedExperts
+from dynaexq.runtime.calibration import MappedExperts, layer_share
 from dynaexq.runtime.store import TierStore
 
 
@@ -48,11 +48,6 @@ class TierMapExperts(MappedExperts):
 
     def tier_of(self, layer_pos: int, expert: int) -> int:
         return int(self.tier_map[layer_pos, expert])
-
-
-def layer_share(mass: np.ndarray) -> np.ndarray:
-    """[..., L, E] routed mass -> each expert's share of its layer's mass."""
-    return mass / np.maximum(mass.sum(axis=-1, keepdims=True), 1e-12)
 
 
 def best_map(share: np.ndarray, values: np.ndarray, slot_bytes: list[int], room: int) -> np.ndarray:

@@ -76,6 +76,15 @@ class MappedExperts:
         return unsorted.view(t, k, -1).sum(dim=1)
 
 
+def layer_share(mass: np.ndarray, floor: float = 0.0) -> np.ndarray:
+    """[..., L, E] routed mass -> each expert's share of its layer's mass, floored toward
+    an even share: (1 - floor) x share + floor / E (the knapsack's hotness, a hedge against
+    calibration text unlike the workload)."""
+    mass = np.asarray(mass, dtype=np.float64)
+    share = mass / np.maximum(mass.sum(axis=-1, keepdims=True), 1e-12)
+    return (1.0 - floor) * share + floor / mass.shape[-1] if floor else share
+
+
 def windows_of(
     streams: Sequence[np.ndarray], window: int = 128, prompts: int = 128
 ) -> list[np.ndarray]:

@@ -36,6 +36,7 @@ from dynaexq.runtime.calibration import (  # calibration_scores: re-exported (ev
     calibrate,
     calibration_scores,  # noqa: F401
     default_calibration_text,
+    layer_share,
 )
 from dynaexq.runtime.executors.grouped import Launch
 from dynaexq.runtime.kv_share import KvShare
@@ -231,7 +232,7 @@ def load_with_policy(
         # hotness as the expert's share of its layer's routed mass (the router's top-k
         # weights are renormalised per token, so a layer's raw mass says nothing of how
         # much its output depends on its experts).
-        share = scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-12)
+        share = layer_share(scores)
         tier_gains = store.gains()
         streams = calibration is not None and not (
             isinstance(calibration, np.ndarray) and calibration.ndim == 2
@@ -248,8 +249,7 @@ def load_with_policy(
             tier_gains = output_errors.select(names).per_share(
                 store.gains(), share, pol.controller.value_prior, kind=pol.controller.value
             )
-        f = pol.controller.hotness_floor
-        share = (1.0 - f) * share + f / store.experts
+        share = layer_share(scores, pol.controller.hotness_floor)
         values = (share[..., None] * tier_gains).reshape(-1).tolist()
     if tier_map is not None:
         tier_map = np.asarray(tier_map, dtype=np.uint8)

@@ -31,6 +31,7 @@ import torch
 
 from dynaexq._core import DeviceBudget, ExpertPool, ExpertTable, KvPagePool
 from dynaexq.runtime.budget import PoolPlan
+from dynaexq.runtime.calibration import layer_share
 from dynaexq.runtime.device_sums import DeviceSums
 from dynaexq.runtime.executors.cpu import CpuExecutor
 from dynaexq.runtime.executors.grouped import GroupedExecutor, Launch
@@ -155,15 +156,11 @@ class PrecisionRuntime(KvLending):
         if self.tracker is not None and policy.controller.signal == "regime":
             c = policy.controller
             # Started from the share the load's knapsack planned on (floored toward even),
-            # so that the first plan is the static assignment.
-            share = self.prior / np.maximum(self.prior.sum(axis=1, keepdims=True), 1e-12)
-            if calibration is None:
-                share = np.full(shape, 1.0 / self.experts)
+            # so that the first plan is the static assignment (no calibration: even).
             f = c.hotness_floor if c.planner == "value" else 0.0
+            prior = self.prior if calibration is not None else np.ones(shape)
             self.regime = RegimeMean(
-                (1.0 - f) * share + f / self.experts,
-                prior_steps=c.prior_steps,
-                shift_ratio=c.shift_ratio,
+                layer_share(prior, f), prior_steps=c.prior_steps, shift_ratio=c.shift_ratio
             )
         self._mass = np.zeros(shape, dtype=np.float64)
         self._mass_tokens = np.zeros(self.num_layers, dtype=np.int64)
@@ -612,6 +609,30 @@ class PrecisionRuntime(KvLending):
         self._share_pred = pred
         return np.sqrt(np.maximum(var, noise))
 
+    def _planned_signal(self, routed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """What the planner weighs: every expert's score (flat [L * E]) and, when moves
+        are discounted by their noise (`move_z`), its standard error [L, E] in the same
+        units."""
+        c = self.policy.controller
+        want_std = c.move_z > 0
+        if self.regime is not None:  # shares of the regime, already hedged by its prior
+            std = self.regime.std() if want_std else None
+            return self.regime.share().astype(np.float32).ravel(), std
+        assert self.tracker is not None
+        scores = np.asarray(self.tracker.scores(), dtype=np.float32)
+        std = self._share_std(routed) if want_std else None
+        if c.prior_weight > 0:
+            scores = (1 - c.prior_weight) * scores + c.prior_weight * self.prior.ravel()
+        per = scores.reshape(self.num_layers, self.experts)
+        if c.hotness_floor > 0 and c.planner == "value":
+            # The knapsack's hotness (load.py): share of the layer, floored toward even.
+            scores = layer_share(per, c.hotness_floor).astype(np.float32).ravel()
+            if std is not None:
+                std = (1 - c.hotness_floor) * std
+        elif std is not None:  # in the raw signal's units
+            std = std * per.sum(axis=1, keepdims=True)
+        return scores, std
+
     def _plan(self, routed: np.ndarray | None = None) -> int:
         from dynaexq._core import plan_transitions
 
@@ -627,25 +648,7 @@ class PrecisionRuntime(KvLending):
             gain = self._gains()[..., self.real].reshape(-1).tolist()
         # The churn cap: bytes per routed token, over the tokens one plan period covers.
         max_bytes = c.max_bytes_per_token * c.step_tokens * c.replan_every
-        scores = np.asarray(self.tracker.scores(), dtype=np.float32)
-        std = self._share_std(routed) if c.move_z > 0 and self.regime is None else None
-        if self.regime is not None:  # shares of the regime, already hedged by its prior
-            scores = self.regime.share().astype(np.float32).ravel()
-            std = self.regime.std() if c.move_z > 0 else None
-        elif c.prior_weight > 0:
-            scores = (1 - c.prior_weight) * scores + c.prior_weight * self.prior.ravel()
-        if self.regime is not None:
-            pass
-        elif c.hotness_floor > 0 and c.planner == "value":
-            # The knapsack's hotness (load.py): share of the layer, floored toward even.
-            per = scores.reshape(current.shape)
-            share = per / np.maximum(per.sum(axis=1, keepdims=True), 1e-12)
-            f = c.hotness_floor
-            scores = ((1 - f) * share + f / self.experts).astype(np.float32).ravel()
-            if std is not None:
-                std = (1 - f) * std
-        elif std is not None and self.regime is None:  # in the raw signal's units
-            std = std * scores.reshape(current.shape).sum(axis=1, keepdims=True)
+        scores, std = self._planned_signal(routed)
 
         # Moves only when they pay: a move's gain must exceed `move_gain` x the current
         # assignment's value (under the same signal) per top-tier slot's bytes copied.

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dynaexq.runtime.calibration import layer_share
+
 
 class RegimeMean:
     """Per-layer routed shares [L, E] of the current workload regime."""
@@ -42,8 +44,7 @@ class RegimeMean:
         memory_steps: float = 16.0,
         keep: int = 8,
     ) -> None:
-        prior = np.asarray(prior, dtype=np.float64)
-        self.prior = prior / np.maximum(prior.sum(axis=1, keepdims=True), 1e-12)
+        self.prior = layer_share(prior)
         self.calibration = self.prior.copy()
         self.prior_steps = float(prior_steps)
         self.fast_alpha, self.shift_ratio = fast_alpha, shift_ratio
@@ -81,8 +82,7 @@ class RegimeMean:
 
     def observe(self, routed: np.ndarray) -> bool:
         """One controller step's routed mass [L, E]; True when it started a new regime."""
-        s = np.asarray(routed, dtype=np.float64)
-        s = s / np.maximum(s.sum(axis=1, keepdims=True), 1e-12)
+        s = layer_share(routed)
         changed = False
         if self.fast is not None and self.steps >= self.warmup:
             # Against the regime's own steps (the prior left out: a calibration unlike
@@ -129,23 +129,24 @@ class RegimeMean:
         from that one, at the weight it had."""
         self.recall_due = False
         mean = self.total / self.steps
-        levels = [lv for _, _, lv in self.kept] + [self.level]
-        fallback = max(lv for lv in levels) if any(levels) else 0.0
-        best, key = None, np.inf
-        for i, (m, _, lv) in enumerate(self.kept):
-            d = _tv(m, mean)
-            if d <= self.shift_ratio * lv and d < key:
-                best, key = i, d
-        if _tv(self.calibration, mean) <= self.shift_ratio * fallback and (
-            best is None or _tv(self.calibration, mean) < key
-        ):
+        # The calibration has no level of its own: the largest one seen stands in.
+        noise = max([lv for _, _, lv in self.kept] + [self.level])
+        candidates = [(m, w, lv) for m, w, lv in self.kept] + [
+            (self.calibration, self.prior_steps, noise)
+        ]
+        close = [
+            (_tv(m, mean), i) for i, (m, _, lv) in enumerate(candidates)
+            if _tv(m, mean) <= self.shift_ratio * lv
+        ]  # fmt: skip
+        if not close:
+            return
+        i = min(close)[1]
+        if i < len(self.kept):
+            self.prior, self.weight, _ = self.kept.pop(i)
+            self.recalled += 1
+        else:
             self.prior, self.weight = self.calibration.copy(), self.prior_steps
             self.recalled += self.changes > 0
-            return
-        if best is not None:
-            m, w, _ = self.kept.pop(best)
-            self.prior, self.weight = m, w
-            self.recalled += 1
 
 
 def _tv(a: np.ndarray, b: np.ndarray) -> float:
