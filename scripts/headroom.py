@@ -31,10 +31,9 @@ from dynaexq.eval.run import (
 )
 from dynaexq.eval.stream import as_streams
 from dynaexq.runtime.budget import fixed_memory
-from dynaexq.runtime.calibration import layer_share
-from dynaexq.runtime.load import calibration_scores, load_with_policy
+from dynaexq.runtime.load import calibration_scores, knapsack_values, load_with_policy
 from dynaexq.runtime.policy import DEFAULT_CONTROLLER, Policy
-from dynaexq.runtime.sensitivity import output_errors
+from dynaexq.runtime.sensitivity import layer_losses, output_errors
 from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
 
 
@@ -69,7 +68,6 @@ def main() -> None:
     full, _ = load_with_policy(path, policy="full")
     calib, evals = split_calibration(domains, cfg.calibration_tokens)
     L, E = len(store.layers), store.experts
-    names = [t.name for t in store.tiers]
     ctl = DEFAULT_CONTROLLER
     modes = ["domain", "generic"] if args.calibration == "both" else [args.calibration]
     texts: dict[tuple[str, str], list[np.ndarray]] = {}
@@ -92,6 +90,7 @@ def main() -> None:
     def _calibrated(text: list[np.ndarray], budget: str, batch: int):
         scores = calibration_scores(full, text)
         errs = output_errors(full, store, text)
+        losses = layer_losses(full, store, text) if ctl.value_scale == "layer" else None
         fixed = fixed_memory(full.config, dtype_bytes=4, batch=batch, context=256, chunk=32)
         nbytes, _ = budget_bytes(budget, store, fixed.total, L, E)
         pol = Policy(
@@ -99,12 +98,11 @@ def main() -> None:
         )
         _, dep = load_with_policy(
             path, policy=pol, budget=nbytes, calibration=scores, output_errors=errs,
-            batch=batch, context=256, chunk=32, progress=False,
+            layer_losses=losses, batch=batch, context=256, chunk=32, progress=False,
         )  # fmt: skip
         assert dep is not None and dep.plan.assignment is not None
         deployed = np.asarray(dep.plan.assignment, dtype=np.int64).reshape(L, E)
-        share = layer_share(scores)
-        values = errs.select(names).per_share(store.gains(), share, ctl.value_prior, kind=ctl.value)
+        values, _ = knapsack_values(pol, store, scores, errs, losses)
         room = int(sum(store.slot_bytes[t] for t in deployed.ravel()))
         room = max(room, nbytes - fixed.total)
         return deployed, values, room

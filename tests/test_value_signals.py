@@ -115,3 +115,72 @@ def test_move_z_holds_on_stationary_text_and_still_follows_a_shift(small_engine)
     assert started[(0.0, "stationary")] > 0
     assert started[(1.0, "stationary")] <= started[(0.0, "stationary")] // 2
     assert started[(1.0, "shift")] > started[(1.0, "stationary")]
+
+
+def test_layer_scaling_matches_each_layer_to_its_measured_loss() -> None:
+    """value_scale "layer": every layer's predicted loss at a tier (its experts' errors
+    weighed by their calibration share) becomes the measured one; a layer whose tier
+    measured no loss (or a gain) is worth nothing above that tier."""
+    from dynaexq.runtime.sensitivity import scale_to_layer_losses
+
+    rng = np.random.default_rng(3)
+    L, E = 3, 6
+    base = np.array([1.0, 0.4, 0.1, 0.0])  # each tier's error, falling to 0 at the top
+    err = rng.uniform(0.5, 2.0, (L, E))[..., None] * base  # proportional per expert
+    gains = err[..., :1] - err
+    share = rng.dirichlet(np.ones(E), size=L)
+    losses = np.array([[0.3, 0.05, 0.01, 0.0], [2.0, 0.5, 0.2, 0.0], [-0.1, -0.2, 0.0, 0.0]])
+    out = scale_to_layer_losses(gains, share, losses)
+    pred = (share[..., None] * (out[..., -1:] - out)).sum(axis=1)
+    np.testing.assert_allclose(pred[:2], losses[:2], rtol=1e-9, atol=1e-12)
+    # The layer that measured a gain: no tier is worth more than its lowest.
+    np.testing.assert_allclose(out[2], 0.0, atol=1e-12)
+    assert (np.diff(out, axis=-1) >= -1e-12).all()
+    # Layer 1 is measured 5-10x more sensitive than layer 0: its values say so, whatever
+    # the prediction had said (both layers predicted alike here up to the shares).
+    assert out[1, :, -1].sum() > 5 * out[0, :, -1].sum()
+    # Noise: a measurement within its standard error of the prediction (scaled to the
+    # measurements' units) keeps the prediction; one far outside it is taken as measured.
+    from dynaexq.runtime.sensitivity import LayerLosses
+
+    pred = (share[..., None] * err).sum(axis=1)
+    k = np.maximum(losses, 0).sum() / pred.sum()
+    noisy = LayerLosses(losses, np.full_like(losses, 1e6))
+    held = scale_to_layer_losses(gains, share, noisy)
+    np.testing.assert_allclose(
+        (share[..., None] * (held[..., -1:] - held)).sum(axis=1), k * pred, rtol=1e-9
+    )
+    sure = LayerLosses(losses, np.full_like(losses, 1e-9))
+    np.testing.assert_allclose(scale_to_layer_losses(gains, share, sure), out, rtol=1e-6)
+
+
+def test_layer_losses_of_a_small_model(small_model, small_engine) -> None:
+    """Measured on text, one layer at a time: the top tier costs nothing, the lowest
+    something somewhere; cached; and the knapsack plans on the scaled values."""
+    from dynaexq.runtime.load import load_with_policy
+    from dynaexq.runtime.policy import ControllerSettings, Policy
+    from dynaexq.runtime.sensitivity import layer_losses
+    from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
+
+    model, tmp = small_model
+    rng = np.random.default_rng(4)
+    text = rng.integers(0, 128, size=512)
+    full, _ = load_with_policy(model, policy="full")
+    tiers = ["int2", "int4", "bf16"]
+    store = TierStore.from_tiered(tiered_checkpoint_for(model, tiers, cache_dir=tmp / "tiered"))
+    got = layer_losses(full, store, [text], window=64, prompts=4, cache=False)
+    assert got.mean.shape == got.se.shape == (len(store.layers), 3)
+    assert (got.mean[:, -1] == 0).all() and (got.se[:, -1] == 0).all()
+    assert np.abs(got.mean[:, 0]).max() > 0  # int2 changes the loss of some layer
+    assert (got.se[:, 0] > 0).all()
+    ctl = ControllerSettings(
+        planner="value", split="global", staging="lowest", value="fisher", value_scale="layer"
+    )
+    plain = ControllerSettings(planner="value", split="global", staging="lowest", value="fisher")
+    scaled, _ = small_engine(Policy("dynamic", tiers=tuple(tiers), controller=ctl), "30%", [text])
+    unscaled, _ = small_engine(
+        Policy("dynamic", tiers=tuple(tiers), controller=plain), "30%", [text]
+    )
+    a, b = scaled.precision._tier_values(), unscaled.precision._tier_values()
+    assert a.shape == b.shape and not np.allclose(a, b)
+    assert (np.diff(a, axis=-1) >= -1e-6).all()

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--domains",
         default="embedded",
         help="embedded (the model's held-out splits), unseen (every domain built by "
-        "scripts/build_unseen_domains.py), tuning, held-back, or a comma list of unseen "
+        "scripts/build_unseen_domains.py), tuning, held-back, fresh, or a comma list of unseen "
         "domain names",
     )
     p.add_argument("--offsets", type=int, default=1, help="scored slices per domain (seeds)")
@@ -168,6 +168,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="routed calibration tokens the (per-layer scaled) weight error counts for "
         "against an expert's measured error (value output/fisher)",
     )
+    c.add_argument(
+        "--value-scale",
+        choices=("none", "layer"),
+        default=DEFAULT_CONTROLLER.value_scale,
+        help="layer: scale each layer's tier values to the loss measured on the calibration "
+        "text with that layer alone at that tier (static-knapsack and dynamic)",
+    )
     p.add_argument(
         "--shift",
         default="python,prose,c",
@@ -244,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
         hotness_floor=args.hotness_floor,
         value=args.value,
         value_prior=args.value_prior,
+        value_scale=args.value_scale,
     )
     cfg = EvalConfig(
         tiers=tuple(t.strip() for t in args.tiers.split(",")),

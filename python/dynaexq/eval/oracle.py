@@ -31,23 +31,8 @@ import torch
 
 from dynaexq.eval.stream import StreamResult, evaluate_streams, gap_recovered
 from dynaexq.runtime.budget import knapsack_choice
-from dynaexq.runtime.calibration import MappedExperts, layer_share
+from dynaexq.runtime.calibration import MappedExperts, TierMapExperts, layer_share
 from dynaexq.runtime.store import TierStore
-
-
-class TierMapExperts(MappedExperts):
-    """Runs every routed expert from the store's maps at the tier `tier_map[layer, e]`
-    gives it; the map may change between steps."""
-
-    def __init__(self, store: TierStore, tier_map: np.ndarray) -> None:
-        super().__init__(store)
-        self.tier_map = np.asarray(tier_map, dtype=np.int64)
-        want = (len(store.layers), store.experts)
-        if self.tier_map.shape != want:
-            raise ValueError(f"tier map of shape {self.tier_map.shape}, want {want}")
-
-    def tier_of(self, layer_pos: int, expert: int) -> int:
-        return int(self.tier_map[layer_pos, expert])
 
 
 def best_map(share: np.ndarray, values: np.ndarray, slot_bytes: list[int], room: int) -> np.ndarray:

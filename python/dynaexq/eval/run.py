@@ -41,8 +41,8 @@ UNSEEN_DIR = Path.home() / ".cache" / "dynaexq" / "domains"
 def unseen_domains(which: str = "all", root: Path | None = None) -> dict[str, np.ndarray]:
     """Token streams of the text domains the embedded model never saw, built by
     scripts/build_unseen_domains.py into `root` (default ~/.cache/dynaexq/domains) and
-    checked against the committed manifest. `which`: "all", "tuning", "held-back" or a
-    comma-separated list of names."""
+    checked against the committed manifest. `which`: "all", "tuning", "held-back",
+    "fresh" (the domains held back for round six) or a comma-separated list of names."""
     import hashlib
     import json
 
@@ -51,6 +51,7 @@ def unseen_domains(which: str = "all", root: Path | None = None) -> dict[str, np
         "all": list(manifest["domains"]),
         "tuning": manifest["tuning"],
         "held-back": manifest["held_back"],
+        "fresh": manifest.get("fresh", []),
     }.get(which) or [n.strip() for n in which.split(",")]
     root = root or UNSEEN_DIR
     out = {}
@@ -292,27 +293,38 @@ def run_policies(
                 scores[(mode, "mixed")] = calibration_scores(full, list(calib.values()))
             else:
                 scores[(mode, "mixed")] = next(v for (m, _), v in scores.items() if m == mode)
+    # The calibration text of every ranking.
+    generic = generic_calibration(path) if "generic" in cfg.calibrations else []
+    texts: dict[tuple[str, str], list[np.ndarray]] = {}
+    for mode, name in scores:
+        if mode == "domain":
+            texts[(mode, name)] = list(calib.values()) if name == "mixed" else [calib[name]]
+        elif mode == "mix":
+            texts[(mode, name)] = list(calib.values())
+        else:
+            texts[(mode, name)] = generic
     # The measured output error of every tier (controller value "output"), on the same
     # calibration text as each ranking.
     errors: dict[tuple[str, str], Any] = {}
     if cfg.controller.value != "weight":
         from dynaexq.runtime.sensitivity import output_errors
 
-        texts = {"generic": generic_calibration(path)} if "generic" in cfg.calibrations else {}
-        for mode, name in scores:
-            if mode == "domain":
-                streams_of = list(calib.values()) if name == "mixed" else [calib[name]]
-            elif mode == "mix":
-                streams_of = list(calib.values())
-            else:
-                streams_of = texts["generic"]
-            errors[(mode, name)] = output_errors(full, store, streams_of)
+        for key in scores:
+            errors[key] = output_errors(full, store, texts[key])
     layers, experts = len(config.moe_layers), config.num_experts
     fixed = fixed_memory(
         config, dtype_bytes=4, batch=cfg.streams, context=cfg.window, chunk=cfg.chunk
     )
     streams = eval_slices(evals, cfg)
     runs: list[RunResult] = []
+    # Each layer's measured loss at each tier (controller value_scale "layer"), on the same
+    # calibration text as each ranking: static-knapsack and dynamic share it.
+    losses: dict[tuple[str, str], np.ndarray] = {}
+    if cfg.controller.value_scale == "layer" and cfg.controller.planner == "value":
+        from dynaexq.runtime.sensitivity import layer_losses
+
+        for key in scores:
+            losses[key] = layer_losses(full, store, texts[key])
 
     def score(engine, policy: str, budget: str, nbytes, hot, domain, offset, cal, **extra):
         t0 = time.perf_counter()
@@ -356,7 +368,7 @@ def run_policies(
             score(full, "full", "-", None, None, d, o, "-")
     del full
 
-    def load(pol: Policy, nbytes: int, cal_scores, errs=None):
+    def load(pol: Policy, nbytes: int, cal_scores, errs=None, layer_loss=None):
         return load_with_policy(
             path,
             policy=pol,
@@ -368,15 +380,19 @@ def run_policies(
             chunk=cfg.chunk,
             progress=False,
             device=cfg.device,
+            layer_losses=layer_loss,
         )
 
     def run(label: str, pol: Policy, budget: str, mode: str) -> None:
         """Load `pol` within `budget` and score it on every domain and offset, each domain
-        with its own calibration of `mode`."""
+        with its own calibration of `mode` (its layers' losses measured for the store's
+        tiers: a variant of other tiers plans on the values unscaled)."""
         nbytes, _ = budget_bytes(budget, store, fixed.total, layers, experts)
+        same = tuple(pol.tiers) == tuple(cfg.tiers)
         for d, o in keys:
+            ll = losses.get((mode, d)) if same else None
             try:
-                engine, dep = load(pol, nbytes, scores[(mode, d)], errors.get((mode, d)))
+                engine, dep = load(pol, nbytes, scores[(mode, d)], errors.get((mode, d)), ll)
             except ValueError as e:
                 progress(f"  {label:15s} {budget:>6s} skipped: {e}")
                 return

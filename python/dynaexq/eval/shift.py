@@ -94,6 +94,11 @@ def run_shift(
         from dynaexq.runtime.sensitivity import output_errors
 
         first_errors = output_errors(full, store, [calib[order[0]]])
+    first_losses = None  # each layer's measured loss at each tier (value_scale "layer")
+    if cfg.controller.value_scale == "layer" and cfg.controller.planner == "value":
+        from dynaexq.runtime.sensitivity import layer_losses
+
+        first_losses = layer_losses(full, store, [calib[order[0]]])
     fixed = fixed_memory(config, dtype_bytes=4, batch=1, context=window, chunk=chunk)
     nbytes, _ = budget_bytes(budget, store, fixed.total, len(config.moe_layers), config.num_experts)
     steps_per_seg = seg // chunk
@@ -135,6 +140,7 @@ def run_shift(
                 budget=nbytes,
                 calibration=first_scores,
                 output_errors=first_errors,
+                layer_losses=first_losses,
                 batch=1,
                 context=window,
                 chunk=chunk,

@@ -76,6 +76,51 @@ class MappedExperts:
         return unsorted.view(t, k, -1).sum(dim=1)
 
 
+class TierMapExperts(MappedExperts):
+    """Runs every routed expert from the store's maps at the tier `tier_map[layer, e]`
+    gives it; the map may change between steps."""
+
+    def __init__(self, store: TierStore, tier_map: np.ndarray) -> None:
+        super().__init__(store)
+        self.tier_map = np.asarray(tier_map, dtype=np.int64)
+        want = (len(store.layers), store.experts)
+        if self.tier_map.shape != want:
+            raise ValueError(f"tier map of shape {self.tier_map.shape}, want {want}")
+
+    def tier_of(self, layer_pos: int, expert: int) -> int:
+        return int(self.tier_map[layer_pos, expert])
+
+
+def window_losses(
+    engine, store: TierStore, tier_map: np.ndarray, windows: Sequence[np.ndarray], batch: int = 16
+) -> np.ndarray:
+    """Mean next-token loss (nats) of each of `windows` with every routed expert at its
+    `tier_map` tier ([L, E] store tiers), run from the store's maps with the engine's
+    other weights (its executor is restored afterwards)."""
+    import torch.nn.functional as F
+
+    before = engine.experts
+    engine.experts = TierMapExperts(store, tier_map)
+    out: list[float] = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(windows), batch):
+                group = windows[i : i + batch]
+                n = min(len(w) for w in group)
+                ids = torch.from_numpy(np.stack([np.asarray(w[:n]) for w in group]))
+                logits = engine.model(ids.to(engine.device)).float()
+                target = ids[:, 1:].to(logits.device)
+                loss = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]),
+                    target.reshape(-1),
+                    reduction="none",
+                )
+                out += loss.view(len(group), n - 1).mean(dim=1).tolist()
+    finally:
+        engine.experts = before
+    return np.asarray(out, dtype=np.float64)
+
+
 def layer_share(mass: np.ndarray, floor: float = 0.0) -> np.ndarray:
     """[..., L, E] routed mass -> each expert's share of its layer's mass, floored toward
     an even share: (1 - floor) x share + floor / E (the knapsack's hotness, a hedge against

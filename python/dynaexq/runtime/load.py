@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ from dynaexq.runtime.offload import OffloadRuntime
 from dynaexq.runtime.offload_device import DeviceOffloadRuntime
 from dynaexq.runtime.policy import Policy
 from dynaexq.runtime.precision import PrecisionRuntime
-from dynaexq.runtime.sensitivity import OutputErrors
+from dynaexq.runtime.sensitivity import LayerLosses, OutputErrors, scale_to_layer_losses
 from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
 from dynaexq.runtime.streams import Streams
 
@@ -121,6 +121,7 @@ def load_with_policy(
     tier_map: np.ndarray | None = None,
     output_errors: OutputErrors | None = None,
     streams: Streams | None = None,
+    layer_losses: LayerLosses | None = None,
 ) -> tuple[Engine, Deployment | None]:
     """Load `path` (default: the embedded model) to run under `policy` within `budget`
     (a size, or "20%": the bytes at which static-map holds 20% of the experts hot).
@@ -160,14 +161,17 @@ def load_with_policy(
     static-map holds exactly, as published by another runtime (`PrecisionRuntime.
     tier_map()`): the pool is sized to the map (`budget.plan_for_map`; no staging, no
     calibration needed), and the budget, when given, must hold it.
+
+    `layer_losses` (value planner, controller value_scale "layer"): the loss increase of
+    each layer alone at each tier on the calibration text
+    (`sensitivity.layer_losses`; measured here from `calibration` when it is token
+    streams and this is not given).
     """
     pol = Policy(policy) if isinstance(policy, str) else policy
     if threads is not None:
         torch.set_num_threads(max(1, threads))
     if tiers is not None:
         names = tiers.split(",") if isinstance(tiers, str) else list(tiers)
-        from dataclasses import replace
-
         pol = replace(pol, tiers=tuple(n.strip() for n in names))
     ckpt_path = embedded_model_path() if path is None else Path(path)
     if pol.name == "full":
@@ -175,14 +179,15 @@ def load_with_policy(
     if tiers is None and (ckpt_path / "manifest.json").is_file():
         # A tiered checkpoint holds the tiers it was quantized to: use them unless told
         # otherwise (the policy's default set may name tiers it does not have).
-        from dataclasses import replace
-
         pol = replace(pol, tiers=tuple(t.name for t in TieredCheckpoint(ckpt_path).tiers))
     checkpoint = Checkpoint(ckpt_path)
     config = checkpoint.config
     tier_specs = [parse_tier(t) for t in pol.tiers]
     tc = tiered_checkpoint_for(ckpt_path, tier_specs, cache_dir=cache_dir, progress=progress)
     mode = host_store or os.environ.get("DYNAEXQ_HOST_STORE") or "auto"
+    has_text = calibration is not None and not (
+        isinstance(calibration, np.ndarray) and calibration.ndim == 2
+    )
     store = TierStore.from_tiered(tc, tier_specs, host_store=mode, staging_slots=staging_slots)
     # The model's non-expert weights, once; its experts switch from the memory-mapped
     # calibration executor to the runtime below.
@@ -198,16 +203,12 @@ def load_with_policy(
     )
     if engine.device.type == "cuda" or launch is not None:
         # The grouped executor's prefill workspace (dense experts) is device memory too.
-        from dataclasses import replace as _replace
-
         from dynaexq.runtime.executors.grouped import dense_workspace_bytes
 
         extra = dense_workspace_bytes(config.hidden_size, config.moe_intermediate_size, dtype_bytes)
-        fixed = _replace(fixed, workspace=fixed.workspace + extra)
+        fixed = replace(fixed, workspace=fixed.workspace + extra)
     if kv_share is not None:
-        from dataclasses import replace as _replace
-
-        fixed = _replace(fixed, kv_cache=kv_share.fixed_bytes(config, dtype_bytes, batch))
+        fixed = replace(fixed, kv_cache=kv_share.fixed_bytes(config, dtype_bytes, batch))
     static_tier = 0
     if pol.static_tier is not None:
         names = [t.name for t in store.tiers]
@@ -225,32 +226,23 @@ def load_with_policy(
             scores = calibration.astype(np.float32)
         else:
             scores = calibrate(engine, store, list(calibration), progress=progress)
-    values = None
-    tier_gains = None
-    if scores is not None and pol.controller.planner == "value":
-        # Value of each tier per expert: calibration hotness x error reduction vs tier 0,
-        # hotness as the expert's share of its layer's routed mass (the router's top-k
-        # weights are renormalised per token, so a layer's raw mass says nothing of how
-        # much its output depends on its experts).
-        share = layer_share(scores)
-        tier_gains = store.gains()
-        streams = calibration is not None and not (
-            isinstance(calibration, np.ndarray) and calibration.ndim == 2
-        )
-        if pol.controller.value in ("output", "fisher") and (output_errors or streams):
-            # The error reduction measured on the calibration's own activations, per
-            # unit of routed share (runtime/sensitivity.py). Given only a ranking (no
-            # text and no measured errors), the weight error stands in.
-            if output_errors is None:
-                from dynaexq.runtime.sensitivity import output_errors as measure
+    c = pol.controller
+    valued = scores is not None and c.planner == "value"
+    if valued and c.value in ("output", "fisher") and output_errors is None and has_text:
+        # The error reduction measured on the calibration's own activations
+        # (runtime/sensitivity.py). Given only a ranking (no text and no measured
+        # errors), the weight error stands in.
+        from dynaexq.runtime.sensitivity import output_errors as measure
 
-                output_errors = measure(engine, store, list(calibration))
-            names = [t.name for t in store.tiers]
-            tier_gains = output_errors.select(names).per_share(
-                store.gains(), share, pol.controller.value_prior, kind=pol.controller.value
-            )
-        share = layer_share(scores, pol.controller.hotness_floor)
-        values = (share[..., None] * tier_gains).reshape(-1).tolist()
+        output_errors = measure(engine, store, list(calibration))
+    if valued and c.value_scale == "layer" and layer_losses is None and has_text:
+        from dynaexq.runtime.sensitivity import layer_losses as measure_layers
+
+        layer_losses = measure_layers(engine, store, list(calibration), progress=progress)
+    tier_gains, values = (None, None)
+    if valued:
+        assert scores is not None
+        tier_gains, values = knapsack_values(pol, store, scores, output_errors, layer_losses)
     if tier_map is not None:
         tier_map = np.asarray(tier_map, dtype=np.uint8)
         if tier_map.shape != (len(store.layers), store.experts):
@@ -324,6 +316,33 @@ def load_with_policy(
     engine.add_routing_hook(runtime.observe)
     engine.precision = runtime  # type: ignore[attr-defined]
     return engine, Deployment(pol, plan, fixed, store, scores)
+
+
+def knapsack_values(
+    pol: Policy,
+    store: TierStore,
+    scores: np.ndarray,
+    output_errors: OutputErrors | None,
+    layer_losses: LayerLosses | None = None,
+) -> tuple[np.ndarray, list[float]]:
+    """The value planner's tier gains per unit of routed share ([L, E, store tiers]) and
+    the knapsack's values (flat experts x tiers: floored calibration share x gain); with
+    `layer_losses` (controller value_scale "layer") each layer's gains scaled to
+    the loss its tiers measured (`sensitivity.scale_to_layer_losses`)."""
+    # Hotness as the expert's share of its layer's routed mass (the router's top-k weights
+    # are renormalised per token, so a layer's raw mass says nothing of how much its
+    # output depends on its experts).
+    c = pol.controller
+    tier_gains = store.gains()
+    if c.value in ("output", "fisher") and output_errors is not None:
+        names = [t.name for t in store.tiers]
+        tier_gains = output_errors.select(names).per_share(
+            store.gains(), layer_share(scores), c.value_prior, kind=c.value
+        )
+    if c.value_scale == "layer" and layer_losses is not None:
+        tier_gains = scale_to_layer_losses(tier_gains, layer_share(scores), layer_losses)
+    share = layer_share(scores, c.hotness_floor)
+    return tier_gains, (share[..., None] * tier_gains).reshape(-1).tolist()
 
 
 class _Switch:

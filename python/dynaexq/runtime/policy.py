@@ -81,6 +81,11 @@ class ControllerSettings:
     # the measured one) counts for against an expert's own measurement (value "output" or
     # "fisher"): few tokens, a noisy measurement, shrunk toward it.
     value_prior: float = 16.0
+    # How the tiers' values add up across layers (planner "value"): "none" as `value`
+    # predicts them; "layer" each layer's scaled so that its experts' values at a tier,
+    # weighed by their calibration share, equal the loss increase measured on the
+    # calibration text with that layer alone at that tier (runtime/sensitivity.py).
+    value_scale: str = "none"
 
     def __post_init__(self) -> None:
         if self.signal not in ("ema", "window", "regime"):
@@ -114,6 +119,8 @@ class ControllerSettings:
             raise PolicyError(f"hotness_floor must be in [0, 1], got {self.hotness_floor}")
         if not 0.0 <= self.prior_weight <= 1.0 or not 0.0 <= self.gate_alpha < 1.0:
             raise PolicyError("prior_weight must be in [0, 1] and gate_alpha in [0, 1)")
+        if self.value_scale not in ("none", "layer"):
+            raise PolicyError(f"value_scale must be none or layer, got {self.value_scale!r}")
         if self.gate_lag < 0:
             raise PolicyError("gate_lag must be >= 0")
 
@@ -161,6 +168,7 @@ DEFAULT_CONTROLLER = ControllerSettings(
     move_z=0.5,
     hotness_floor=0.5,
     value="fisher",
+    value_scale="layer",
 )
 
 

@@ -31,6 +31,7 @@ from dynaexq.runtime.calibration import (
     _cache_path,
     cache_atomically,
     calibration_key,
+    window_losses,
     windows_of,
 )
 from dynaexq.runtime.store import TierStore
@@ -252,3 +253,104 @@ def output_errors(
             lambda f: np.savez(f, rel=rel, tokens=probe.tokens, share=share, fisher=probe.fisher),
         )
     return out
+
+
+@dataclass(frozen=True)
+class LayerLosses:
+    """[L, T] loss increase (nats per token) on the calibration windows with MoE layer l
+    alone at tier t (every other layer at the top tier; the top column is 0), and its
+    standard error over the windows (the differences are paired: same windows)."""
+
+    mean: np.ndarray
+    se: np.ndarray
+
+
+def layer_losses(
+    engine,
+    store: TierStore,
+    streams: list[np.ndarray],
+    *,
+    window: int = 128,
+    prompts: int | None = None,
+    max_tokens: int = 73728,
+    cache: bool = True,
+    progress: bool = False,
+) -> LayerLosses:
+    """Each MoE layer's loss increase at each tier, alone, on up to `prompts` calibration
+    windows (L x (T - 1) passes over them; default: as many as keep the passes within
+    `max_tokens` tokens in all, 2 to 32: the embedded model's 18 passes over 32 windows,
+    about 4.5 passes of the ranking's 128 windows for any model; a model of many layers
+    measures on fewer windows, and its noisier measurements lean on the prediction more);
+    cached beside the tiered checkpoint.
+
+    The per-expert values add each expert's predicted loss increase as if its error were
+    the only one; how a layer's errors carry through the layers above differs from layer
+    to layer (in the embedded model some layers' int2 even lowers the loss on code), and
+    this measures it."""
+    from tqdm import tqdm
+
+    names = ",".join(t.name for t in store.tiers)
+    L, E, T = len(store.layers), store.experts, len(store.tiers)
+    if prompts is None:
+        prompts = int(np.clip(max_tokens // max(1, L * (T - 1) * window), 2, 32))
+    key = calibration_key(store, streams, window, prompts, len(store.tiers) - 1)
+    key = hashlib.sha256(f"{key}-layerloss2-{names}".encode()).hexdigest()[:20]
+    path: Path = _cache_path(store, key).with_suffix(".npz")
+    if cache and path.is_file():
+        try:
+            z = np.load(path)
+            if z["mean"].shape == (L, T):
+                return LayerLosses(z["mean"], z["se"])
+        except (OSError, ValueError, KeyError):
+            pass
+    wins = windows_of(streams, window, prompts)
+    if not wins:
+        raise ValueError("calibration text is empty (fewer than 8 tokens)")
+    top = np.full((L, E), T - 1, dtype=np.int64)
+    base = window_losses(engine, store, top, wins)
+    mean = np.zeros((L, T), dtype=np.float64)
+    se = np.zeros((L, T), dtype=np.float64)
+    bar = tqdm(total=L * (T - 1), desc="layer losses", unit="pass", disable=not progress)
+    try:
+        for li in range(L):
+            for t in range(T - 1):
+                m = top.copy()
+                m[li] = t
+                d = window_losses(engine, store, m, wins) - base
+                mean[li, t] = d.mean()
+                se[li, t] = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
+                bar.update(1)
+    finally:
+        bar.close()
+    if cache:
+        cache_atomically(path, lambda f: np.savez(f, mean=mean, se=se))
+    return LayerLosses(mean, se)
+
+
+def scale_to_layer_losses(
+    gains: np.ndarray, share: np.ndarray, losses: LayerLosses | np.ndarray
+) -> np.ndarray:
+    """[L, E, T] per-share tier gains (relative to tier 0) rescaled per layer and tier so
+    that the layer's predicted loss at tier t (its experts' errors against the top tier,
+    weighed by their calibration `share`) equals the measured one; non-decreasing in t.
+
+    A measurement within its noise of the prediction (scaled to nats by one factor over
+    all layers and tiers) is shrunk toward it (positive-part James-Stein: the weight on
+    the measurement is 1 - se^2 / (measured - predicted)^2), so small noisy differences
+    (a high tier on text unlike the workload) keep the prediction, while a layer measured
+    far from it is planned as measured; a measured decrease counts as no loss."""
+    if isinstance(losses, np.ndarray):
+        losses = LayerLosses(losses, np.zeros_like(losses))
+    g = np.asarray(gains, dtype=np.float64)
+    err = g[..., -1:] - g  # [L, E, T] each tier's error below the top, per share
+    pred = (np.asarray(share, dtype=np.float64)[..., None] * err).sum(axis=1)  # [L, T]
+    measured = np.asarray(losses.mean, dtype=np.float64)
+    k = np.maximum(measured, 0.0).sum() / max(pred.sum(), 1e-30)  # nats per predicted unit
+    prior = k * pred
+    d = measured - prior
+    w = np.clip(1.0 - losses.se**2 / np.maximum(d * d, 1e-30), 0.0, 1.0)
+    est = np.maximum(prior + w * d, 0.0)
+    scale = np.where(pred > 0, est / np.maximum(pred, 1e-30), 0.0)
+    err = scale[:, None, :] * err
+    out = np.maximum(err[..., :1] - err, 0.0)
+    return np.maximum.accumulate(out, axis=-1).astype(g.dtype)
