@@ -86,6 +86,15 @@ class OutputErrors:
         return np.maximum.accumulate(np.maximum(out, 0.0), axis=-1)
 
 
+def _measured_path(store: TierStore, streams, window: int, prompts: int, what: str) -> Path:
+    """Where a measurement of `what` on this calibration text and these tiers is cached
+    (beside the ranking; the tier names are part of the key)."""
+    key = calibration_key(store, streams, window, prompts, len(store.tiers) - 1)
+    names = ",".join(t.name for t in store.tiers)
+    key = hashlib.sha256(f"{key}-{what}-{names}".encode()).hexdigest()[:20]
+    return _cache_path(store, key).with_suffix(".npz")
+
+
 class _ErrorProbe(MappedExperts):
     """MappedExperts at the top tier that also runs every lower tier on the same tokens
     and accumulates each expert's weighted squared output error per tier."""
@@ -191,9 +200,7 @@ def output_errors(
     for the calibration ranking), with `engine`'s non-expert weights; cached beside the
     tiered checkpoint like the ranking."""
     names = tuple(t.name for t in store.tiers)
-    key = calibration_key(store, streams, window, prompts, len(store.tiers) - 1)
-    key = hashlib.sha256(f"{key}-outerr2-{','.join(names)}".encode()).hexdigest()[:20]
-    path: Path = _cache_path(store, key).with_suffix(".npz")
+    path = _measured_path(store, streams, window, prompts, "outerr2")
     if cache and path.is_file():
         try:
             z = np.load(path)
@@ -289,13 +296,10 @@ def layer_losses(
     this measures it."""
     from tqdm import tqdm
 
-    names = ",".join(t.name for t in store.tiers)
     L, E, T = len(store.layers), store.experts, len(store.tiers)
     if prompts is None:
         prompts = int(np.clip(max_tokens // max(1, L * (T - 1) * window), 2, 32))
-    key = calibration_key(store, streams, window, prompts, len(store.tiers) - 1)
-    key = hashlib.sha256(f"{key}-layerloss2-{names}".encode()).hexdigest()[:20]
-    path: Path = _cache_path(store, key).with_suffix(".npz")
+    path = _measured_path(store, streams, window, prompts, "layerloss2")
     if cache and path.is_file():
         try:
             z = np.load(path)
