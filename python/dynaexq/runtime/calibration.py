@@ -92,13 +92,23 @@ class TierMapExperts(MappedExperts):
 
 
 def window_losses(
-    engine, store: TierStore, tier_map: np.ndarray, windows: Sequence[np.ndarray], batch: int = 16
+    engine,
+    store: TierStore,
+    tier_map: np.ndarray,
+    windows: Sequence[np.ndarray],
+    batch: int = 16,
+    keep_bytes: int = 256 << 20,
 ) -> np.ndarray:
     """Mean next-token loss (nats) of each of `windows` with every routed expert at its
     `tier_map` tier ([L, E] store tiers), run from the store's maps with the engine's
-    other weights (its executor is restored afterwards)."""
+    other weights (its executor is restored afterwards). Windows per pass: at most
+    `batch`, and as many as keep the logits and their log-softmax under `keep_bytes` (a
+    150k vocabulary makes them 1.2 GB for 16 windows of 128 tokens)."""
     import torch.nn.functional as F
 
+    longest = max((len(w) for w in windows), default=1)
+    per_window = longest * engine.config.vocab_size * 4 * 2
+    batch = max(1, min(batch, keep_bytes // max(1, per_window)))
     before = engine.experts
     engine.experts = TierMapExperts(store, tier_map)
     out: list[float] = []
