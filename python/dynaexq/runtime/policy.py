@@ -148,8 +148,8 @@ class Policy:
 # ones: docs/results/eval/unseen.md, fifth round): four tiers; dynamic starts from the
 # static knapsack at the same bytes (hotness floored halfway to even; each tier valued by
 # the loss increase its output error predicts on the calibration text, "fisher"), plans on
-# the mean routing since the workload last changed (from the calibration, 8 steps of
-# weight; a change at 1.5x the usual distance; regimes seen before recalled), with one
+# the mean routing since the workload last changed (from the calibration, 4 steps of
+# weight since round six, 8 before; a change at 1.5x the usual distance; regimes seen before recalled), with one
 # staging slot of the lowest tier (2 in flight: 4 gained a little at 3 bits and lost more
 # at 6 bits and 20%, where the second slot's bytes cost), and moves only when a move's gain
 # less half a standard error of it pays a small price per byte copied (0.3% of the plan's
@@ -160,7 +160,7 @@ DEFAULT_TIERS = ("int2", "int3", "int4", "bf16")
 DEFAULT_CONTROLLER = ControllerSettings(
     signal="regime",
     shift_ratio=1.5,
-    prior_steps=8.0,
+    prior_steps=4.0,
     alpha=0.9,
     in_flight=2,
     staging="lowest",
