@@ -149,13 +149,14 @@ class Policy:
 # static knapsack at the same bytes (hotness floored halfway to even; each tier valued by
 # the loss increase its output error predicts on the calibration text, "fisher"), plans on
 # the mean routing since the workload last changed (from the calibration, 4 steps of
-# weight since round six, 8 before; a change at 1.5x the usual distance; regimes seen before recalled), with one
-# staging slot of the lowest tier (2 in flight: 4 gained a little at 3 bits and lost more
-# at 6 bits and 20%, where the second slot's bytes cost), and moves only when a move's gain
-# less half a standard error of it pays a small price per byte copied (0.3% of the plan's
-# value per top-tier slot). Each layer's tier values are scaled to the loss measured with
-# that layer alone at each tier (value_scale "layer", round six: the knapsack and dynamic
-# gain 6 points of gap on average over the tuning sets' cells).
+# weight since round six, 8 before; a change at 1.5x the usual distance; regimes seen
+# before recalled), with one staging slot of the lowest tier (2 in flight: 4 gained a
+# little at 3 bits and lost more at 6 bits and 20%, where the second slot's bytes cost),
+# and moves only when a move's gain less half a standard error of it pays a small price
+# per byte copied (0.3% of the plan's value per top-tier slot). Each layer's tier values
+# are scaled to the loss measured with that layer alone at each tier (value_scale "layer",
+# round six: the knapsack and dynamic gain 6 points of gap on average over the tuning
+# sets' cells).
 DEFAULT_TIERS = ("int2", "int3", "int4", "bf16")
 DEFAULT_CONTROLLER = ControllerSettings(
     signal="regime",
