@@ -184,3 +184,26 @@ def test_layer_losses_of_a_small_model(small_model, small_engine) -> None:
     a, b = scaled.precision._tier_values(), unscaled.precision._tier_values()
     assert a.shape == b.shape and not np.allclose(a, b)
     assert (np.diff(a, axis=-1) >= -1e-6).all()
+
+
+def test_value_scale_none_skips_the_layer_measurement(small_model, monkeypatch) -> None:
+    """`load(..., value_scale="none")` (and `--value-scale none` on generate / serve)
+    plans on the predicted values: the layer losses are never measured."""
+    import dynaexq.runtime.sensitivity as sensitivity
+    from dynaexq.runtime.load import load
+
+    model, tmp = small_model
+    text = np.random.default_rng(5).integers(0, 128, size=512)
+    calls = {"n": 0}
+    real = sensitivity.layer_losses
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(sensitivity, "layer_losses", counting)
+    kw = dict(budget="30%", policy="dynamic", calibration=[text], batch=2, context=64)
+    off = load(model, value_scale="none", cache_dir=tmp / "tiered", progress=False, **kw)
+    assert off.deployment.policy.controller.value_scale == "none" and calls["n"] == 0
+    on = load(model, cache_dir=tmp / "tiered", progress=False, **kw)
+    assert on.deployment.policy.controller.value_scale == "layer" and calls["n"] == 1

@@ -86,6 +86,7 @@ class RayServeOptions:
     policy: str | None = None  # default: dynamic with a budget, else full
     budget: str | int | None = None
     tiers: str | None = None
+    value_scale: str | None = None  # "layer" / "none" (default: the policy's)
     dtype: str = "auto"
     device: str | None = None
     calibration: list[str] = field(default_factory=list)  # text files
@@ -137,6 +138,7 @@ class RayServeOptions:
             context=max_context,
             tiers=self.tiers,
             calibration=tuple(Path(f).read_text() for f in self.calibration) or None,
+            value_scale=self.value_scale,
         )
 
 
@@ -949,6 +951,7 @@ def serve_main(args: Any) -> int:
         "policy": args.policy,
         "budget": args.budget,
         "tiers": args.tiers,
+        "value_scale": getattr(args, "value_scale", None),
         "dtype": args.dtype,
         "device": args.device,
         "calibration": list(args.calibration),

@@ -137,6 +137,9 @@ class RuntimeSpec:
     # A paged KV cache sharing the budget with the experts (None: the contiguous cache of
     # batch x context, counted as fixed memory).
     kv_share: Any = None
+    # "layer" / "none": measure each layer's loss per tier at load, or plan on the
+    # predicted values (None: the policy's default, runtime/policy.py).
+    value_scale: str | None = None
 
 
 RuntimeBuilder = Callable[[RuntimeSpec], "tuple[Engine, RuntimeStats]"]
@@ -166,6 +169,7 @@ def _build_precision(spec: RuntimeSpec) -> tuple[Engine, RuntimeStats]:
         context=spec.context,
         lockstep=spec.lockstep,  # serving: False, copies publish whenever they land
         kv_share=spec.kv_share,
+        value_scale=spec.value_scale,
     )
     runtime = getattr(engine, "precision", None)
     if runtime is not None:
