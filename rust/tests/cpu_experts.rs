@@ -133,6 +133,43 @@ fn int8_activations(v: &[f64], group: Option<usize>) -> Vec<f64> {
         .collect()
 }
 
+/// Per output value: how far one intermediate value (SiLU(gate) * up, the down matrix's
+/// input) rounding to the next int8 step changes it, the largest over that row's inputs:
+/// |down[r, c]| x the step of c's group. The kernel computes the intermediate in f32 and
+/// the reference in f64, so one that lies within rounding of a step boundary may round
+/// the other way (seen: hidden 96, intermediate 32, 3 bits, one token).
+fn intermediate_step_bound(
+    w: &[Vec<f64>; 2],
+    shape: ExpertShape,
+    x: &[f32],
+    n: usize,
+    group: usize,
+) -> Vec<f64> {
+    let (h, i) = (shape.hidden, shape.intermediate);
+    let mut out = vec![0f64; n * h];
+    for t in 0..n {
+        let xt: Vec<f64> = x[t * h..(t + 1) * h].iter().map(|&v| v as f64).collect();
+        let xt = int8_activations(&xt, Some(group));
+        let gu: Vec<f64> = (0..2 * i)
+            .map(|r| (0..h).map(|c| w[0][r * h + c] * xt[c]).sum())
+            .collect();
+        let act: Vec<f64> = (0..i)
+            .map(|c| gu[c] / (1.0 + (-gu[c]).exp()) * gu[i + c])
+            .collect();
+        let steps: Vec<f64> = act
+            .chunks(group)
+            .flat_map(|g| {
+                let s = g.iter().fold(0f64, |a, v| a.max(v.abs())) / 127.0;
+                std::iter::repeat_n(s, g.len())
+            })
+            .collect();
+        for r in 0..h {
+            out[t * h + r] = (0..i).fold(0f64, |m, c| m.max(w[1][r * i + c].abs() * steps[c]));
+        }
+    }
+    out
+}
+
 /// The largest |SiLU(gate) * up| of one token (the down matrix's input), in f64.
 fn hidden_max(w: &[Vec<f64>; 2], shape: ExpertShape, x: &[f32], group: Option<usize>) -> f64 {
     let (h, i) = (shape.hidden, shape.intermediate);
@@ -222,8 +259,14 @@ proptest! {
         let got = expert_forward(&blob, &layout, &x, n, Activations::Int8).unwrap();
         let want = reference(&w, shape, &x, n, group);
         let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
-        for (g, r) in got.iter().zip(&want) {
-            prop_assert!((*g as f64 - r).abs() <= 2e-3 * scale + 1e-6, "{g} vs {r} ({format:?}, int8)");
+        // ... and up to two intermediate values may round the other way, one step each.
+        let flips = match group {
+            Some(g) => intermediate_step_bound(&w, shape, &x, n, g),
+            None => vec![0.0; want.len()],
+        };
+        for ((g, r), f) in got.iter().zip(&want).zip(&flips) {
+            let tol = 2e-3 * scale + 1e-6 + 2.0 * f;
+            prop_assert!((*g as f64 - r).abs() <= tol, "{g} vs {r} ({format:?}, int8)");
         }
     }
 
