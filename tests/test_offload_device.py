@@ -207,3 +207,23 @@ def test_host_streams_run_a_lagging_stream_only_when_something_depends_on_it() -
     assert streams.queues["compute"] and streams.host_waits == 0
     streams.synchronize(streams.record("compute"))
     assert seen[-1] == "late read" and streams.host_waits == 1
+
+
+def test_memory_report_counts_the_device_offload_source() -> None:
+    """The device offload's own host copy of the top tier (every expert resident, or a
+    staging ring over the maps) appears in the memory report's host store."""
+    from dynaexq.runtime.memory import memory_report
+
+    for mode in ("pinned", "mapped"):
+        engine, dep = load_with_policy(
+            None, policy=Policy("offload"), budget="20%", progress=False,
+            streams=HostStreams(), host_store=mode,
+        )  # fmt: skip
+        engine.deployment = dep
+        src = engine.precision.host
+        hs = memory_report(engine)["host_store"]
+        assert hs["mode"] == mode and hs["pinned_bytes"] == 0  # ordinary memory on a CPU
+        if mode == "pinned":
+            assert hs["resident_store_bytes"] == src.nbytes > 0 and hs["staging_ring_slots"] == 0
+        else:
+            assert hs["staging_ring_bytes"] == src.nbytes > 0 and hs["staging_ring_slots"] >= 2

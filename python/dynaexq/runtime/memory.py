@@ -64,20 +64,36 @@ def memory_report(engine: Any) -> dict[str, Any]:
     store = dep.store
     mover = getattr(rt, "mover", None)
     host = getattr(mover, "host", None)
+    source = getattr(rt, "host", None) if host is None else None
+    if source is not None and hasattr(source, "nbytes"):
+        # Device offload (runtime/offload_device.py): its own copy of the top tier's bytes
+        # to upload from, every expert resident or a ring of staging slots, page-locked
+        # on a CUDA device.
+        ring_slots = len(source.ring) if hasattr(source, "ring") else 0
+        nbytes = int(source.nbytes)
+        report["host_store"] = {
+            "mode": store.host_mode,
+            "mapped_tiered_bytes": store.mapped_bytes,
+            "pinned_bytes": nbytes if engine.device.type == "cuda" else 0,
+            "resident_store_bytes": 0 if ring_slots else nbytes,
+            "staging_ring_bytes": nbytes if ring_slots else 0,
+            "staging_ring_slots": ring_slots,
+        }
     ring = host.staging_stats() if host is not None else None
     resident = int(host.resident_bytes) if host is not None else 0
-    report["host_store"] = {
-        "mode": store.host_mode if host is not None else "none (no transfer engine)",
-        "mapped_tiered_bytes": store.mapped_bytes,
-        # Page-locked host memory: the resident store or the staging ring of a CUDA
-        # device's transfer engine (on the CPU backend they are ordinary memory).
-        "pinned_bytes": (int(ring["total_bytes"]) if ring else resident)
-        if host is not None and engine.device.type == "cuda"
-        else 0,
-        "resident_store_bytes": resident if ring is None else 0,
-        "staging_ring_bytes": int(ring["total_bytes"]) if ring else 0,
-        "staging_ring_slots": int(ring["slots"]) if ring else 0,
-    }
+    if source is None:
+        report["host_store"] = {
+            "mode": store.host_mode if host is not None else "none (no transfer engine)",
+            "mapped_tiered_bytes": store.mapped_bytes,
+            # Page-locked host memory: the resident store or the staging ring of a CUDA
+            # device's transfer engine (on the CPU backend they are ordinary memory).
+            "pinned_bytes": (int(ring["total_bytes"]) if ring else resident)
+            if host is not None and engine.device.type == "cuda"
+            else 0,
+            "resident_store_bytes": resident if ring is None else 0,
+            "staging_ring_bytes": int(ring["total_bytes"]) if ring else 0,
+            "staging_ring_slots": int(ring["slots"]) if ring else 0,
+        }
     plan, fixed = dep.plan, dep.fixed
     names = [t.name for t in store.tiers]
     pool = {n: plan.slots[t] * plan.slot_bytes[t] for t, n in enumerate(names)}
