@@ -15,7 +15,12 @@ import dynaexq.commands as commands
 
 
 def _command_modules() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.ispkg)
+    # A leading underscore marks a helper the subcommands share, not a subcommand.
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules(commands.__path__)
+        if not m.ispkg and not m.name.startswith("_")
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -133,6 +133,20 @@ fn int8_activations(v: &[f64], group: Option<usize>) -> Vec<f64> {
         .collect()
 }
 
+/// One token's SiLU(gate) * up (the down matrix's input) in f64; with `group`, its inputs
+/// are first rounded as int8 activations.
+fn down_input(w: &[Vec<f64>; 2], shape: ExpertShape, x: &[f32], group: Option<usize>) -> Vec<f64> {
+    let (h, i) = (shape.hidden, shape.intermediate);
+    let xt: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let xt = int8_activations(&xt, group);
+    let gu: Vec<f64> = (0..2 * i)
+        .map(|r| (0..h).map(|c| w[0][r * h + c] * xt[c]).sum())
+        .collect();
+    (0..i)
+        .map(|c| gu[c] / (1.0 + (-gu[c]).exp()) * gu[i + c])
+        .collect()
+}
+
 /// Per output value: how far one intermediate value (SiLU(gate) * up, the down matrix's
 /// input) rounding to the next int8 step changes it, the largest over that row's inputs:
 /// |down[r, c]| x the step of c's group. The kernel computes the intermediate in f32 and
@@ -148,14 +162,7 @@ fn intermediate_step_bound(
     let (h, i) = (shape.hidden, shape.intermediate);
     let mut out = vec![0f64; n * h];
     for t in 0..n {
-        let xt: Vec<f64> = x[t * h..(t + 1) * h].iter().map(|&v| v as f64).collect();
-        let xt = int8_activations(&xt, Some(group));
-        let gu: Vec<f64> = (0..2 * i)
-            .map(|r| (0..h).map(|c| w[0][r * h + c] * xt[c]).sum())
-            .collect();
-        let act: Vec<f64> = (0..i)
-            .map(|c| gu[c] / (1.0 + (-gu[c]).exp()) * gu[i + c])
-            .collect();
+        let act = down_input(w, shape, &x[t * h..(t + 1) * h], Some(group));
         let steps: Vec<f64> = act
             .chunks(group)
             .flat_map(|g| {
@@ -172,15 +179,9 @@ fn intermediate_step_bound(
 
 /// The largest |SiLU(gate) * up| of one token (the down matrix's input), in f64.
 fn hidden_max(w: &[Vec<f64>; 2], shape: ExpertShape, x: &[f32], group: Option<usize>) -> f64 {
-    let (h, i) = (shape.hidden, shape.intermediate);
-    let xt: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-    let xt = int8_activations(&xt, group);
-    let gu: Vec<f64> = (0..2 * i)
-        .map(|r| (0..h).map(|c| w[0][r * h + c] * xt[c]).sum())
-        .collect();
-    (0..i)
-        .map(|c| (gu[c] / (1.0 + (-gu[c]).exp()) * gu[i + c]).abs())
-        .fold(0.0, f64::max)
+    down_input(w, shape, x, group)
+        .iter()
+        .fold(0.0, |m, v| m.max(v.abs()))
 }
 
 /// The expert in f64; with `group`, its inputs are first rounded as int8 activations.
@@ -194,14 +195,7 @@ fn reference(
     let (h, i) = (shape.hidden, shape.intermediate);
     let mut out = vec![0f64; n * h];
     for t in 0..n {
-        let xt: Vec<f64> = x[t * h..(t + 1) * h].iter().map(|&v| v as f64).collect();
-        let xt = int8_activations(&xt, group);
-        let gu: Vec<f64> = (0..2 * i)
-            .map(|r| (0..h).map(|c| w[0][r * h + c] * xt[c]).sum())
-            .collect();
-        let act: Vec<f64> = (0..i)
-            .map(|c| gu[c] / (1.0 + (-gu[c]).exp()) * gu[i + c])
-            .collect();
+        let act = down_input(w, shape, &x[t * h..(t + 1) * h], group);
         let act = int8_activations(&act, group);
         for r in 0..h {
             out[t * h + r] = (0..i).map(|c| w[1][r * i + c] * act[c]).sum();

@@ -9,6 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from dynaexq.commands._options import add_value_scale
+
 HELP = "compare policies (full, static, static-map, dynamic, offload) at equal memory"
 
 
@@ -168,13 +170,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="routed calibration tokens the (per-layer scaled) weight error counts for "
         "against an expert's measured error (value output/fisher)",
     )
-    c.add_argument(
-        "--value-scale",
-        choices=("none", "layer"),
-        default=DEFAULT_CONTROLLER.value_scale,
-        help="layer: scale each layer's tier values to the loss measured on the calibration "
-        "text with that layer alone at that tier (static-knapsack and dynamic)",
-    )
+    add_value_scale(c, default=DEFAULT_CONTROLLER.value_scale)
     p.add_argument(
         "--shift",
         default="python,prose,c",

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from dynaexq.commands._options import add_value_scale
+
 HELP = "generate text from a prompt with a Qwen3-MoE checkpoint (streams tokens as produced)"
 
 
@@ -120,15 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="expert tiers, low to high or any order (default for dynamic: "
         "int2,int3,int4,bf16; for the others int2,bf16)",
     )
-    memory.add_argument(
-        "--value-scale",
-        default=None,
-        choices=("layer", "none"),
-        help="dynamic / static-map: scale each layer's tier values to the loss measured "
-        "with that layer alone at each tier on the calibration text (layer, the default; "
-        "about 4.5 ranking passes more at load, cached), or plan on the predicted values "
-        "(none)",
-    )
+    add_value_scale(memory)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dynaexq.commands._options import add_value_scale
+
 HELP = "serve a Qwen3-MoE checkpoint over an OpenAI-compatible HTTP API (continuous batching)"
 
 
@@ -36,15 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="precision tiers for the precision policies, low to high (default for dynamic: "
         "int2,int3,int4,bf16; for the others int2,bf16)",
     )
-    parser.add_argument(
-        "--value-scale",
-        default=None,
-        choices=("layer", "none"),
-        help="dynamic / static-map: scale each layer's tier values to the loss measured "
-        "with that layer alone at each tier on the calibration text (layer, the default; "
-        "about 4.5 ranking passes more at load, cached), or plan on the predicted values "
-        "(none)",
-    )
+    add_value_scale(parser)
     parser.add_argument(
         "--calibration",
         action="append",
