@@ -319,7 +319,7 @@ def run_policies(
     runs: list[RunResult] = []
     # Each layer's measured loss at each tier (controller value_scale "layer"), on the same
     # calibration text as each ranking: static-knapsack and dynamic share it.
-    losses: dict[tuple[str, str], np.ndarray] = {}
+    losses: dict[tuple[str, str], Any] = {}  # sensitivity.LayerLosses
     if cfg.controller.value_scale == "layer" and cfg.controller.planner == "value":
         from dynaexq.runtime.sensitivity import layer_losses
 
