@@ -14,12 +14,19 @@ languages and formats:
 * ``tcl``: Tcl scripts (``*.tcl``) under ``/usr/share`` and ``/usr/lib`` (Tk's library);
 * ``markdown``: Markdown documents (READMEs, changelogs) of installed packages and crates;
 * ``cpp``: C++ sources and headers (``*.cpp``, ``*.cc``, ``*.hpp``) vendored by crates
-  and packages.
+  and packages;
+* ``cmake``: CMake scripts (``CMakeLists.txt``, ``*.cmake``) under ``/usr`` and vendored
+  by crates and packages;
+* ``xml``: XML files (``*.xml``) under ``/usr/share``, ``/etc`` and installed packages;
+* ``html``: HTML pages (``*.html``, ``*.htm``) outside Debian's documentation, of
+  installed packages and crates.
 
 Tuning domains (controller defaults are chosen on these): ``rust`` and ``yaml``.
 Held back until a report: ``perl``, ``shell`` and ``pypkg`` (used by rounds two to five of
 docs/results/eval/unseen.md, so no longer untouched), then ``tcl``, ``markdown`` and
-``cpp`` (added for round six, untouched before it: ``--domains fresh``).
+``cpp`` (added for round six, untouched before it: ``--domains fresh``; tuned on from
+round seven), then ``cmake``, ``xml`` and ``html`` (added for round seven, untouched before
+its report: ``--domains final``).
 
 Excluded everywhere: ``/usr/share/doc`` (Debian documentation), ``/usr/include``,
 ``/usr/share/man``, CPython's own tree outside site-packages, and minified files (any
@@ -68,10 +75,20 @@ SOURCES: dict[str, tuple[list[Path], tuple[str, ...]]] = {
         [HOME / ".cargo" / "registry" / "src", *_site_dirs(), Path("/usr/share")],
         ("*.cpp", "*.cc", "*.hpp"),
     ),
+    "html": (
+        [Path("/usr/share"), Path("/usr/lib"), *_site_dirs(), HOME / ".cargo" / "registry" / "src"],
+        ("*.html", "*.htm"),
+    ),
+    "cmake": (
+        [Path("/usr"), HOME / ".cargo" / "registry" / "src", *_site_dirs()],
+        ("CMakeLists.txt", "*.cmake"),
+    ),
+    "xml": ([Path("/usr/share"), Path("/etc"), *_site_dirs()], ("*.xml",)),
 }
 TUNING = ("rust", "yaml")
 HELD_BACK = ("perl", "shell", "pypkg")
 FRESH = ("tcl", "markdown", "cpp")
+FINAL = ("cmake", "xml", "html")
 
 
 def _key(domain: str, path: str) -> bytes:
@@ -134,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "tuning": list(TUNING),
         "held_back": list(HELD_BACK),
         "fresh": list(FRESH),
+        "final": list(FINAL),
         "domains": {k: v for k, v in kept.items() if k in SOURCES},
     }
     for domain in [d.strip() for d in args.domains.split(",")]:
