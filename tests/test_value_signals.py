@@ -207,3 +207,61 @@ def test_value_scale_none_skips_the_layer_measurement(small_model, monkeypatch) 
     assert off.deployment.policy.controller.value_scale == "none" and calls["n"] == 0
     on = load(model, cache_dir=tmp / "tiered", progress=False, **kw)
     assert on.deployment.policy.controller.value_scale == "layer" and calls["n"] == 1
+
+
+def test_layer_loss_std_spreads_each_measurements_error_over_its_layer() -> None:
+    """move_noise "measured": the standard error of each expert's loss at a tier per unit
+    of share is the layer's measurement error shared out like its predicted errors, so
+    that weighed by the shares it adds up to the measured standard error again."""
+    from dynaexq.runtime.sensitivity import LayerLosses, layer_loss_std
+
+    rng = np.random.default_rng(6)
+    L, E = 3, 5
+    base = np.array([1.0, 0.3, 0.0])
+    err = rng.uniform(0.5, 2.0, (L, E))[..., None] * base
+    gains = err[..., :1] - err
+    share = rng.dirichlet(np.ones(E), size=L)
+    se = np.array([[0.02, 0.01, 0.0], [0.5, 0.1, 0.0], [0.0, 0.0, 0.0]])
+    std = layer_loss_std(gains, share, LayerLosses(np.zeros_like(se), se))
+    assert std.shape == (L, E, 3) and (std[..., -1] == 0).all()
+    np.testing.assert_allclose((share[..., None] * std).sum(axis=1), se, rtol=1e-5, atol=1e-9)
+    # In proportion to each expert's predicted error within a layer and tier.
+    np.testing.assert_allclose(
+        std[1, :, 0] / err[1, :, 0], se[1, 0] / (share[1] * err[1, :, 0]).sum(), rtol=1e-5
+    )
+
+
+def test_measured_move_noise_reaches_the_planner(small_model, small_engine, monkeypatch) -> None:
+    """With move_noise "measured" the runtime hands the planner the tier values'
+    standard errors beside the routing's; with "routing" (or no move_z) it does not."""
+    import dynaexq._core as core
+    from dynaexq.runtime.policy import ControllerSettings, Policy
+
+    model, _ = small_model
+    text = np.random.default_rng(7).integers(0, 128, size=512)
+    seen: list[object] = []
+    real = core.plan_transitions
+
+    def spy(*a, **k):
+        seen.append(k.get("gain_std"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(core, "plan_transitions", spy)
+    tiers = ("int2", "int4", "bf16")
+    base = dict(
+        planner="value", split="global", staging="lowest", value="fisher",
+        value_scale="layer", move_z=0.5,
+    )  # fmt: skip
+    for noise, want in (("measured", True), ("routing", False)):
+        seen.clear()
+        ctl = ControllerSettings(**base, move_noise=noise)  # type: ignore[arg-type]
+        engine, _ = small_engine(Policy("dynamic", tiers=tiers, controller=ctl), "30%", [text])
+        rt = engine.precision
+        assert (getattr(rt, "_gain_std", None) is not None) == want
+        rt._plan(np.ones((rt.num_layers, rt.experts)))
+        assert seen and all((g is not None) == want for g in seen)
+        if want:
+            g = np.asarray(seen[-1]).reshape(rt.num_layers, rt.experts, -1)
+            assert (g >= 0).all() and (g[..., -1] == 0).all() and g.max() > 0
+    with pytest.raises(Exception, match="move_noise"):
+        ControllerSettings(move_noise="loud")

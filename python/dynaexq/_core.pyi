@@ -397,6 +397,7 @@ def plan_transitions(
     sequential: bool = False,
     score_std: Sequence[float] | None = None,
     z: float = 0.0,
+    gain_std: Sequence[float] | None = None,
 ) -> tuple[list[int], list[tuple[int, int, int, int, int]], int]:
     """One planning round: (target tier per expert, transitions as (layer, expert, from,
     to, bytes), number of wanted moves deferred by the limits); move groups whose gain
@@ -404,7 +405,9 @@ def plan_transitions(
     demote first through free slots only (a displaced expert goes to tier 0 when its
     wanted tier is full), promote into the freed slot at a later plan. `score_std`: the
     standard error of every score; a group's gain less `z` standard errors of it must
-    then pay (and be positive)."""
+    then pay (and be positive). `gain_std` (with `score_std`; experts x tiers): the
+    standard error of each expert's loss at each tier per unit of score, added to the
+    uncertainty of every move between tiers."""
 
 def knapsack(
     values: Sequence[float], tier_bytes: Sequence[int], budget: int, exact: bool = False

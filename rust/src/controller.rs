@@ -458,6 +458,11 @@ pub fn plan(input: &PlanInput<'_>, cfg: &PlannerConfig) -> Result<Plan, Controll
 pub struct Uncertainty<'a> {
     /// Standard error of every score, `layers * experts`, in the scores' units.
     pub score_std: &'a [f32],
+    /// Standard error of every expert's loss at each tier per unit of score
+    /// (`layers * experts * tiers`, 0 at the top tier), when the tier values are
+    /// measured rather than known: a move from tier a to b adds
+    /// `score * sqrt(std[a]^2 + std[b]^2)` to its gain's uncertainty.
+    pub gain_std: Option<&'a [f32]>,
     /// Standard errors a gain must clear.
     pub z: f32,
 }
@@ -484,6 +489,18 @@ pub fn plan_with_uncertainty(
         let ok = |x: f32| x.is_finite() && x >= 0.0;
         if !ok(u.z) || !u.score_std.iter().all(|&s| ok(s)) {
             return invalid("z and the score standard errors must be finite and >= 0");
+        }
+        if let Some(g) = u.gain_std {
+            if g.len() != input.scores.len() * input.tiers() {
+                return invalid(format!(
+                    "expected {} gain standard errors, got {}",
+                    input.scores.len() * input.tiers(),
+                    g.len()
+                ));
+            }
+            if !g.iter().all(|&s| ok(s)) {
+                return invalid("the gain standard errors must be finite and >= 0");
+            }
         }
     }
     let (l_count, e_count) = (input.layers, input.experts);
@@ -668,7 +685,13 @@ fn pair_moves(
                     dg += input.step_gain(i, t);
                 }
                 let s = u.score_std[i] * dg;
-                s * s
+                // The tiers' own values are measured too: the loss at each end of the
+                // move is known to its standard error (independent of the routing's).
+                let v = u.gain_std.map_or(0.0, |g| {
+                    let (ga, gb) = (g[i * tiers + a], g[i * tiers + b]);
+                    input.scores[i] * input.scores[i] * (ga * ga + gb * gb)
+                });
+                s * s + v
             }
             None => 0.0,
         }

@@ -133,7 +133,11 @@ fn moves_only_when_they_pay_beyond_the_signal_noise() {
             min_gain_per_byte: per_byte,
             ..Default::default()
         };
-        let u = Uncertainty { score_std: std, z };
+        let u = Uncertainty {
+            score_std: std,
+            gain_std: None,
+            z,
+        };
         let p = plan_with_uncertainty(&input, &cfg, Some(u)).unwrap();
         assert_eq!(
             p.transitions.len(),
@@ -155,15 +159,61 @@ fn moves_only_when_they_pay_beyond_the_signal_noise() {
     let short = [0.0f32; 3];
     let bad = Uncertainty {
         score_std: &short,
+        gain_std: None,
         z: 1.0,
     };
     assert!(plan_with_uncertainty(&input, &cfg, Some(bad)).is_err());
     let neg = [-1.0f32, 0.0, 0.0, 0.0];
     let bad = Uncertainty {
         score_std: &neg,
+        gain_std: None,
         z: 1.0,
     };
     assert!(plan_with_uncertainty(&input, &cfg, Some(bad)).is_err());
+}
+
+#[test]
+fn moves_only_when_they_pay_beyond_the_tier_values_noise() {
+    // The same pair (gain 0.06), the routing known exactly, but each expert's loss at the
+    // low tier known only to 0.1 per unit of score: the gain's standard error is
+    // sqrt(0.36^2 + 0.30^2) x 0.1 = 0.047, so z = 1 keeps the pair and z = 2 drops it.
+    // Errors at the top tier alone count (its loss is the reference, 0) only if given.
+    let current = [1u8, 0, 0, 0];
+    let busy = [false; 4];
+    let cap = Capacity::PerLayer(vec![4, 1]);
+    let scores = [0.30, 0.36, 0.1, 0.1];
+    let input = two_tier_input(&scores, &current, &busy, &cap, 1);
+    let exact = [0.0f32; 4];
+    let low_tier = [0.1f32, 0.0, 0.1, 0.0, 0.1, 0.0, 0.1, 0.0]; // experts x tiers
+    let others = [0.0f32, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0];
+    let cfg = PlannerConfig {
+        delta: 0.0,
+        ..Default::default()
+    };
+    for (gain_std, z, moves) in [
+        (Some(&low_tier[..]), 1.0, 2),
+        (Some(&low_tier[..]), 2.0, 0),
+        (Some(&others[..]), 2.0, 2),
+        (None, 2.0, 2),
+    ] {
+        let u = Uncertainty {
+            score_std: &exact,
+            gain_std,
+            z,
+        };
+        let p = plan_with_uncertainty(&input, &cfg, Some(u)).unwrap();
+        assert_eq!(p.transitions.len(), moves, "gain std {gain_std:?} z {z}");
+        assert_eq!(p.target, vec![0, 1, 0, 0]);
+    }
+    // One value per expert and tier, finite and >= 0.
+    for bad in [&[0.1f32; 4][..], &[-0.1f32; 8][..], &[f32::NAN; 8][..]] {
+        let u = Uncertainty {
+            score_std: &exact,
+            gain_std: Some(bad),
+            z: 1.0,
+        };
+        assert!(plan_with_uncertainty(&input, &cfg, Some(u)).is_err());
+    }
 }
 
 #[test]

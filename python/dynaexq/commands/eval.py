@@ -30,8 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--domains",
         default="embedded",
         help="embedded (the model's held-out splits), unseen (every domain built by "
-        "scripts/build_unseen_domains.py), tuning, held-back, fresh, final, or a comma list of unseen "
-        "domain names",
+        "scripts/build_unseen_domains.py), tuning, held-back, fresh, final, or a comma list "
+        "of unseen domain names",
     )
     p.add_argument("--offsets", type=int, default=1, help="scored slices per domain (seeds)")
     p.add_argument(
@@ -132,6 +132,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_CONTROLLER.move_z,
         help="a move's gain less this many standard errors (from the signal's prediction "
         "error) must still pay (0: no discount)",
+    )
+    c.add_argument(
+        "--move-noise",
+        choices=("routing", "measured"),
+        default=DEFAULT_CONTROLLER.move_noise,
+        help="what those standard errors count: the routing signal's noise, or also the "
+        "measurement noise of the layer-scaled tier values (measured)",
     )
     c.add_argument("--split", choices=("per-layer", "global"), default="per-layer")
     c.add_argument(
@@ -238,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
         staging=args.staging,
         move_gain=args.move_gain,
         move_z=args.move_z,
+        move_noise=args.move_noise,
         split=args.split,
         planner=args.planner,
         gate=args.gate,

@@ -44,7 +44,12 @@ from dynaexq.runtime.offload import OffloadRuntime
 from dynaexq.runtime.offload_device import DeviceOffloadRuntime
 from dynaexq.runtime.policy import Policy
 from dynaexq.runtime.precision import PrecisionRuntime
-from dynaexq.runtime.sensitivity import LayerLosses, OutputErrors, scale_to_layer_losses
+from dynaexq.runtime.sensitivity import (
+    LayerLosses,
+    OutputErrors,
+    layer_loss_std,
+    scale_to_layer_losses,
+)
 from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
 from dynaexq.runtime.streams import Streams
 
@@ -310,7 +315,9 @@ def load_with_policy(
             kv_pages=kv_pages,
         )
         if tier_gains is not None and pol.controller.value != "weight":
-            runtime.use_tier_gains(tier_gains)
+            assert scores is not None
+            std = measured_value_std(pol, store, scores, output_errors, layer_losses)
+            runtime.use_tier_gains(tier_gains, std)
         engine.kv_budget = kv_budget  # type: ignore[attr-defined]
     engine.experts = runtime
     engine.add_routing_hook(runtime.observe)
@@ -343,6 +350,28 @@ def knapsack_values(
         tier_gains = scale_to_layer_losses(tier_gains, layer_share(scores), layer_losses)
     share = layer_share(scores, c.hotness_floor)
     return tier_gains, (share[..., None] * tier_gains).reshape(-1).tolist()
+
+
+def measured_value_std(
+    pol: Policy,
+    store: TierStore,
+    scores: np.ndarray,
+    output_errors: OutputErrors | None,
+    layer_losses: LayerLosses | None,
+) -> np.ndarray | None:
+    """The controller's uncertainty of the tier values `knapsack_values` makes ([L, E,
+    store tiers], per unit of routed share; `sensitivity.layer_loss_std`), when its moves
+    discount it (move_noise "measured", value_scale "layer", layer losses measured)."""
+    c = pol.controller
+    if c.move_noise != "measured" or c.value_scale != "layer" or layer_losses is None:
+        return None
+    gains = store.gains()
+    if c.value in ("output", "fisher") and output_errors is not None:
+        names = [t.name for t in store.tiers]
+        gains = output_errors.select(names).per_share(
+            store.gains(), layer_share(scores), c.value_prior, kind=c.value
+        )
+    return layer_loss_std(gains, layer_share(scores), layer_losses)
 
 
 class _Switch:

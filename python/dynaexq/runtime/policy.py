@@ -86,6 +86,12 @@ class ControllerSettings:
     # weighed by their calibration share, equal the loss increase measured on the
     # calibration text with that layer alone at that tier (runtime/sensitivity.py).
     value_scale: str = "none"
+    # What a move's gain is discounted by (`move_z` standard errors of it): "routing" the
+    # signal's noise alone; "measured" also the noise of the tier values themselves (value
+    # scale "layer": each layer's loss at a tier is known to the standard error of its
+    # measurement, so a move between tiers of layers measured close to each other must
+    # clear that too).
+    move_noise: str = "routing"
 
     def __post_init__(self) -> None:
         if self.signal not in ("ema", "window", "regime"):
@@ -121,6 +127,8 @@ class ControllerSettings:
             raise PolicyError("prior_weight must be in [0, 1] and gate_alpha in [0, 1)")
         if self.value_scale not in ("none", "layer"):
             raise PolicyError(f"value_scale must be none or layer, got {self.value_scale!r}")
+        if self.move_noise not in ("routing", "measured"):
+            raise PolicyError(f"move_noise must be routing or measured, got {self.move_noise!r}")
         if self.gate_lag < 0:
             raise PolicyError("gate_lag must be >= 0")
 

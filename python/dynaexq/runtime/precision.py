@@ -557,15 +557,21 @@ class PrecisionRuntime(KvLending):
         caps[self.real[0]] += self.kv_lent
         return caps
 
-    def use_tier_gains(self, gains: np.ndarray) -> None:
+    def use_tier_gains(self, gains: np.ndarray, std: np.ndarray | None = None) -> None:
         """Plan on these [L, E, store tiers] error reductions per unit of routed share
         (e.g. measured output errors, runtime/sensitivity.py) instead of the store's
-        weight errors."""
+        weight errors; `std` (same shape): the standard error of each tier's loss that a
+        move's gain is discounted by too (`move_z` of them; controller move_noise)."""
         g = np.asarray(gains, dtype=np.float32)
         want = (self.num_layers, self.experts, self.tiers)
         if g.shape != want:
             raise ValueError(f"tier gains of shape {g.shape}, expected {want}")
+        if std is not None:
+            std = np.asarray(std, dtype=np.float32)
+            if std.shape != want or not np.all(np.isfinite(std)) or np.any(std < 0):
+                raise ValueError(f"tier value errors must be finite, >= 0 and of shape {want}")
         self._gains_override = g
+        self._gain_std = std
         if self.gate is not None:
             self.gate.gain = self._tier_values()
 
@@ -665,6 +671,9 @@ class PrecisionRuntime(KvLending):
             total = float((scores.reshape(current.shape) * held).sum())
             per_byte = c.move_gain * total / self.plan.slot_bytes[self.real[-1]]
 
+        vstd = getattr(self, "_gain_std", None)
+        gain_std = vstd[..., self.real].reshape(-1).tolist() if vstd is not None else None
+
         def plan(scores, gain, delta, per_byte=0.0, std=None):
             return plan_transitions(
                 self.num_layers,
@@ -685,6 +694,7 @@ class PrecisionRuntime(KvLending):
                 sequential=c.staging == "lowest",
                 score_std=None if std is None else np.asarray(std, np.float32).ravel().tolist(),
                 z=c.move_z,
+                gain_std=gain_std if std is not None and gain is not None else None,
             )
 
         target, moves, _ = plan(scores, gain, c.delta, per_byte, std)

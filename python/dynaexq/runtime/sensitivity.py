@@ -358,3 +358,17 @@ def scale_to_layer_losses(
     err = scale[:, None, :] * err
     out = np.maximum(err[..., :1] - err, 0.0)
     return np.maximum.accumulate(out, axis=-1).astype(g.dtype)
+
+
+def layer_loss_std(gains: np.ndarray, share: np.ndarray, losses: LayerLosses) -> np.ndarray:
+    """[L, E, T] standard error of each expert's loss at each tier per unit of routed
+    share (0 at the top tier), as `scale_to_layer_losses` plans on it: the layer's
+    measured loss at a tier is known to its standard error, spread over the layer's
+    experts in proportion to their predicted errors (one scale per layer and tier, so
+    its uncertainty is a share of every expert's error alike). `gains`: the predicted
+    per-share tier gains before scaling."""
+    g = np.asarray(gains, dtype=np.float64)
+    err = g[..., -1:] - g  # [L, E, T]
+    pred = (np.asarray(share, dtype=np.float64)[..., None] * err).sum(axis=1)  # [L, T]
+    rel = np.where(pred > 0, np.asarray(losses.se, dtype=np.float64) / np.maximum(pred, 1e-30), 0.0)
+    return np.maximum(rel[:, None, :] * err, 0.0).astype(np.float32)

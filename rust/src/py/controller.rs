@@ -105,7 +105,7 @@ impl PyHotnessTracker {
     layers, experts, scores, current, busy, tier_bytes, capacity, split = "per-layer",
     gain = None, delta = 0.01, max_transitions = usize::MAX, max_bytes = u64::MAX,
     max_in_flight = 4, in_flight = 0, min_gain_per_byte = 0.0, sequential = false,
-    score_std = None, z = 0.0
+    score_std = None, z = 0.0, gain_std = None
 ))]
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub(super) fn plan_transitions(
@@ -128,6 +128,7 @@ pub(super) fn plan_transitions(
     sequential: bool,
     score_std: Option<Vec<f32>>,
     z: f32,
+    gain_std: Option<Vec<f32>>,
 ) -> PyResult<(Vec<u8>, Vec<(u32, u32, u8, u8, u64)>, usize)> {
     let capacity = match split {
         "per-layer" => Capacity::PerLayer(capacity),
@@ -157,9 +158,16 @@ pub(super) fn plan_transitions(
         min_gain_per_byte,
         sequential,
     };
-    let uncertainty = score_std
-        .as_deref()
-        .map(|score_std| Uncertainty { score_std, z });
+    if gain_std.is_some() && score_std.is_none() {
+        return Err(PyValueError::new_err(
+            "gain_std needs score_std (the routing's uncertainty) as well",
+        ));
+    }
+    let uncertainty = score_std.as_deref().map(|score_std| Uncertainty {
+        score_std,
+        gain_std: gain_std.as_deref(),
+        z,
+    });
     let p = py
         .detach(|| plan_with_uncertainty(&input, &cfg, uncertainty))
         .map_err(controller_err)?;
