@@ -340,12 +340,7 @@ def knapsack_values(
     # are renormalised per token, so a layer's raw mass says nothing of how much its
     # output depends on its experts).
     c = pol.controller
-    tier_gains = store.gains()
-    if c.value in ("output", "fisher") and output_errors is not None:
-        names = [t.name for t in store.tiers]
-        tier_gains = output_errors.select(names).per_share(
-            store.gains(), layer_share(scores), c.value_prior, kind=c.value
-        )
+    tier_gains = _predicted_gains(pol, store, scores, output_errors)
     if c.value_scale == "layer" and layer_losses is not None:
         tier_gains = scale_to_layer_losses(tier_gains, layer_share(scores), layer_losses)
     share = layer_share(scores, c.hotness_floor)
@@ -365,13 +360,22 @@ def measured_value_std(
     c = pol.controller
     if c.move_noise != "measured" or c.value_scale != "layer" or layer_losses is None:
         return None
-    gains = store.gains()
+    gains = _predicted_gains(pol, store, scores, output_errors)
+    return layer_loss_std(gains, layer_share(scores), layer_losses)
+
+
+def _predicted_gains(
+    pol: Policy, store: TierStore, scores: np.ndarray, output_errors: OutputErrors | None
+) -> np.ndarray:
+    """[L, E, store tiers] tier gains per unit of routed share as the controller's value
+    predicts them (the weight error, or the measured output / fisher error)."""
+    c = pol.controller
     if c.value in ("output", "fisher") and output_errors is not None:
         names = [t.name for t in store.tiers]
-        gains = output_errors.select(names).per_share(
+        return output_errors.select(names).per_share(
             store.gains(), layer_share(scores), c.value_prior, kind=c.value
         )
-    return layer_loss_std(gains, layer_share(scores), layer_losses)
+    return store.gains()
 
 
 class _Switch:
