@@ -342,7 +342,8 @@ def plan_pool(
             policy, layers, experts, slot_bytes, room, stage, values, pool_plan,
             floor=staging == "floor",
         )  # fmt: skip
-    # (Without values the lowest tier is the floor: every expert not hot sits there.)
+    if staging == "floor":
+        raise BudgetError("staging 'floor' needs the knapsack's values (planner value)")
     if len(slot_bytes) != 2:
         return _plan_multi_tier(
             policy, layers, experts, slot_bytes, fixed, budget, room, stage, pool_plan
