@@ -93,16 +93,6 @@ def test_lowest_staging_keeps_the_full_budget_assignment_when_it_leaves_room(see
         assert list(dyn.assignment) == full
     else:
         assert list(dyn.assignment) == peel(full, values, slot_bytes, space - slot_bytes[0])
-    # Staging "floor": the same slot, of the lowest tier the full-budget assignment holds.
-    f = min(full)
-    floor = plan("dynamic", "floor")
-    assert floor.staging == tuple(1 if t == f else 0 for t in range(3))
-    assert floor.pool_bytes <= space
-    if leftover >= slot_bytes[f]:
-        assert list(floor.assignment) == full
-    else:
-        want = peel(full, values, slot_bytes, space - slot_bytes[f])
-        assert want is None or list(floor.assignment) == want
     # Staging of every tier pays for K slots of each.
     if space < n * slot_bytes[0] + k * sum(slot_bytes):
         return

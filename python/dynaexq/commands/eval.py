@@ -114,12 +114,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     c.add_argument(
         "--staging",
-        choices=("every", "lowest", "floor"),
-        default=DEFAULT_CONTROLLER.staging,
-        help="staging slots: K of every tier, or ceil(K / 2) of the lowest tier only (the "
-        "upper tiers' bytes then hold experts; dynamic that does not move is the static "
-        "knapsack), or of the lowest tier the static knapsack holds (floor: a demotion "
-        "lands no lower than that)",
+        choices=("every", "lowest"),
+        default="lowest",
+        help="staging slots: K of every tier, or K of the lowest tier only (the upper "
+        "tiers' bytes then hold experts; dynamic that does not move is the static knapsack)",
     )
     c.add_argument(
         "--move-gain",

@@ -263,8 +263,8 @@ def plan_pool(
     `staging` (dynamic): "every" reserves `in_flight` slots of every tier, "lowest"
     ceil(in_flight / 2) of the lowest tier only (see the module docstring).
     """
-    if staging not in ("every", "lowest", "floor"):
-        raise BudgetError(f"staging must be every, lowest or floor, got {staging!r}")
+    if staging not in ("every", "lowest"):
+        raise BudgetError(f"staging must be every or lowest, got {staging!r}")
     if layers <= 0 or experts <= 0:
         raise BudgetError("the model has no MoE layers")
     if not slot_bytes or any(b <= 0 for b in slot_bytes):
@@ -338,12 +338,7 @@ def plan_pool(
     # its demotion to free a slot of the upper tier, so only the demotion needs staging).
     stage = [k] * len(slot_bytes) if staging == "every" else [(k + 1) // 2] + [0] * top
     if values is not None:
-        return _plan_knapsack(
-            policy, layers, experts, slot_bytes, room, stage, values, pool_plan,
-            floor=staging == "floor",
-        )  # fmt: skip
-    if staging == "floor":
-        raise BudgetError("staging 'floor' needs the knapsack's values (planner value)")
+        return _plan_knapsack(policy, layers, experts, slot_bytes, room, stage, values, pool_plan)
     if len(slot_bytes) != 2:
         return _plan_multi_tier(
             policy, layers, experts, slot_bytes, fixed, budget, room, stage, pool_plan
@@ -442,22 +437,13 @@ def peel(choice: list[int], values: list[float], slot_bytes: list[int], space: i
     return out
 
 
-def _plan_knapsack(policy, layers, experts, slot_bytes, room, staging, values, mk, floor=False):
+def _plan_knapsack(policy, layers, experts, slot_bytes, room, staging, values, mk):
     n = layers * experts
+    reserve = sum(g * b for g, b in zip(staging, slot_bytes, strict=True))
     if len(values) != n * len(slot_bytes):
         raise BudgetError(f"expected {n} x {len(slot_bytes)} values, got {len(values)}")
-    if floor and any(staging):
-        # Staging "floor": the staging slots of the lowest tier the static assignment
-        # holds at the full budget, so that a demotion lands where the assignment's
-        # lowest experts are, not below them (at 6 bits on int4, not on int2).
-        full = knapsack_choice(list(values), list(slot_bytes), room)
-        if full is not None:
-            count = sum(staging)
-            staging = [0] * len(slot_bytes)
-            staging[min(full)] = count
-    reserve = sum(g * b for g, b in zip(staging, slot_bytes, strict=True))
     choice = None
-    if reserve and sum(1 for g in staging if g) == 1:
+    if reserve and not any(staging[1:]):
         # Staging of the lowest tier only: the static assignment at the full budget, less
         # the cheapest demotions that pay for the staging slots (none when the knapsack's
         # leftover bytes hold them: dynamic that never moves is then the static knapsack

@@ -109,8 +109,8 @@ class ControllerSettings:
             raise PolicyError(f"split must be per-layer or global, got {self.split!r}")
         if self.planner not in ("top-n", "value"):
             raise PolicyError(f"planner must be top-n or value, got {self.planner!r}")
-        if self.staging not in ("every", "lowest", "floor"):
-            raise PolicyError(f"staging must be every, lowest or floor, got {self.staging!r}")
+        if self.staging not in ("every", "lowest"):
+            raise PolicyError(f"staging must be every or lowest, got {self.staging!r}")
         if self.move_gain < 0 or self.move_z < 0:
             raise PolicyError(
                 f"move_gain and move_z must be >= 0, got {self.move_gain}, {self.move_z}"

@@ -551,8 +551,8 @@ class PrecisionRuntime(KvLending):
         slots lent to the KV cache (whose experts sit at the lowest)."""
         p = self.plan
         caps = list(p.per_layer) if p.per_layer is not None else list(p.slots)
-        if self.policy.controller.staging in ("lowest", "floor"):
-            caps = [c + g for c, g in zip(caps, p.staging, strict=True)]
+        if self.policy.controller.staging == "lowest":
+            caps[0] += p.staging[0]
         caps[self.real[-1]] -= self.kv_lent
         caps[self.real[0]] += self.kv_lent
         return caps
@@ -691,7 +691,7 @@ class PrecisionRuntime(KvLending):
                 max_in_flight=c.in_flight,
                 in_flight=len(self.busy),
                 min_gain_per_byte=per_byte,
-                sequential=c.staging in ("lowest", "floor"),
+                sequential=c.staging == "lowest",
                 score_std=None if std is None else np.asarray(std, np.float32).ravel().tolist(),
                 z=c.move_z,
                 gain_std=gain_std if std is not None and gain is not None else None,
