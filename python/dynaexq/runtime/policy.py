@@ -160,9 +160,11 @@ class Policy:
 # weight since round six, 8 before; a change at 1.5x the usual distance; regimes seen
 # before recalled), with one staging slot of the lowest tier (2 in flight: 4 gained a
 # little at 3 bits and lost more at 6 bits and 20%, where the second slot's bytes cost),
-# and moves only when a move's gain less half a standard error of it pays a small price
-# per byte copied (0.3% of the plan's value per top-tier slot). Each layer's tier values
-# are scaled to the loss measured with that layer alone at each tier (value_scale "layer",
+# and moves only when a move's gain less one standard error of it (of the routing signal
+# and of the measured tier values together, move_noise "measured", round seven) pays a
+# small price per byte copied (0.05% of the plan's value per top-tier slot; 0.3% and half
+# a standard error of the routing alone before round seven). Each layer's tier values are
+# scaled to the loss measured with that layer alone at each tier (value_scale "layer",
 # round six: the knapsack and dynamic gain 6 points of gap on average over the tuning
 # sets' cells).
 DEFAULT_TIERS = ("int2", "int3", "int4", "bf16")
@@ -175,11 +177,12 @@ DEFAULT_CONTROLLER = ControllerSettings(
     staging="lowest",
     planner="value",
     split="global",
-    move_gain=0.003,
-    move_z=0.5,
+    move_gain=0.0005,
+    move_z=1.0,
     hotness_floor=0.5,
     value="fisher",
     value_scale="layer",
+    move_noise="measured",
 )
 
 
