@@ -152,8 +152,9 @@ class Policy:
 
 
 # What `dynaexq.load`, `generate`, `serve` and `eval` run when given only a policy name
-# (issue 13; chosen on the unseen tuning domains rust/yaml, then run once on the held-back
-# ones: docs/results/eval/unseen.md, fifth round): four tiers; dynamic starts from the
+# (issue 13; chosen on the unseen tuning domains, rust / yaml and from round seven tcl /
+# markdown / cpp too, then run once on held-back ones: docs/results/eval/unseen.md, rounds
+# five to seven): four tiers; dynamic starts from the
 # static knapsack at the same bytes (hotness floored halfway to even; each tier valued by
 # the loss increase its output error predicts on the calibration text, "fisher"), plans on
 # the mean routing since the workload last changed (from the calibration, 4 steps of
