@@ -571,7 +571,9 @@ class PrecisionRuntime(KvLending):
             if std.shape != want or not np.all(np.isfinite(std)) or np.any(std < 0):
                 raise ValueError(f"tier value errors must be finite, >= 0 and of shape {want}")
         self._gains_override = g
-        self._gain_std = std
+        # Fixed once given: flattened over the runtime's tiers for the planner here, not
+        # at every plan.
+        self._gain_std = None if std is None else std[..., self.real].reshape(-1).tolist()
         if self.gate is not None:
             self.gate.gain = self._tier_values()
 
@@ -671,8 +673,7 @@ class PrecisionRuntime(KvLending):
             total = float((scores.reshape(current.shape) * held).sum())
             per_byte = c.move_gain * total / self.plan.slot_bytes[self.real[-1]]
 
-        vstd = getattr(self, "_gain_std", None)
-        gain_std = vstd[..., self.real].reshape(-1).tolist() if vstd is not None else None
+        gain_std = getattr(self, "_gain_std", None)
 
         def plan(scores, gain, delta, per_byte=0.0, std=None):
             return plan_transitions(

@@ -346,8 +346,7 @@ def scale_to_layer_losses(
     if isinstance(losses, np.ndarray):
         losses = LayerLosses(losses, np.zeros_like(losses))
     g = np.asarray(gains, dtype=np.float64)
-    err = g[..., -1:] - g  # [L, E, T] each tier's error below the top, per share
-    pred = (np.asarray(share, dtype=np.float64)[..., None] * err).sum(axis=1)  # [L, T]
+    err, pred = _predicted_layer_losses(g, share)
     measured = np.asarray(losses.mean, dtype=np.float64)
     k = np.maximum(measured, 0.0).sum() / max(pred.sum(), 1e-30)  # nats per predicted unit
     prior = k * pred
@@ -367,8 +366,13 @@ def layer_loss_std(gains: np.ndarray, share: np.ndarray, losses: LayerLosses) ->
     experts in proportion to their predicted errors (one scale per layer and tier, so
     its uncertainty is a share of every expert's error alike). `gains`: the predicted
     per-share tier gains before scaling."""
-    g = np.asarray(gains, dtype=np.float64)
-    err = g[..., -1:] - g  # [L, E, T]
-    pred = (np.asarray(share, dtype=np.float64)[..., None] * err).sum(axis=1)  # [L, T]
+    err, pred = _predicted_layer_losses(np.asarray(gains, dtype=np.float64), share)
     rel = np.where(pred > 0, np.asarray(losses.se, dtype=np.float64) / np.maximum(pred, 1e-30), 0.0)
     return np.maximum(rel[:, None, :] * err, 0.0).astype(np.float32)
+
+
+def _predicted_layer_losses(gains: np.ndarray, share: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each tier's error below the top per share [L, E, T], and each layer's predicted
+    loss at each tier [L, T]: its experts' errors weighed by their calibration `share`."""
+    err = gains[..., -1:] - gains
+    return err, (np.asarray(share, dtype=np.float64)[..., None] * err).sum(axis=1)
