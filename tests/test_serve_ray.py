@@ -348,7 +348,9 @@ def test_affinity_router_specialises_replicas(cluster: Client) -> None:
     aff, pow2 = runs["affinity"], runs["pow2"]
     assert len(aff["served_by"]) == 2  # both replicas still serve
     assert aff["top"]["python"] != aff["top"]["c"], aff  # each domain has its own replica
-    assert aff["specialisation"] >= 0.65, aff
+    # benchmarks/sim_affinity_router.py replays this traffic without Ray: over 80 seeds the
+    # router's specialisation has mean 0.81, 10th percentile 0.71, and none under 0.6.
+    assert aff["specialisation"] >= 0.6, aff
     assert aff["specialisation"] > pow2["specialisation"], (aff, pow2)
     # Hot sets diverge only as far as the replicas' controllers move: the default dynamic
     # controller holds the static knapsack unless a move pays, so they may stay equal.

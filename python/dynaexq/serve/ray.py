@@ -56,6 +56,7 @@ except ImportError as e:  # pragma: no cover - the extra is not installed
         f"(ray[serve]=={'2.60.0'}): {e}"
     ) from e
 
+from dynaexq.serve.affinity import SignatureClusters
 from dynaexq.serve.runtime import RuntimeSpec
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ ROUTER_AFFINITY = "dynaexq.serve.ray:HotSetAffinityRouter"
 ROUTERS = ("affinity", "pow2")
 SESSION_HEADERS = (b"x-session-id", b"x-dynaexq-session")
 REPLICA_HEADER = "x-dynaexq-replica"
-SIGNATURE_TOKENS = 64  # prompt tokens that make a request's signature
+SIGNATURE_TOKENS = 256  # prompt tokens that make a request's signature
 START_RETRIES = 2  # retries of a request whose replica failed before it produced anything
 
 
@@ -759,9 +760,10 @@ class HotSetAffinityRouter(RequestRouter):
 
     Score of replica r for signature s (the first MoE layer's approximate routing):
     hot_weight * (share of s on r's first-layer hot experts) + profile_weight * centred
-    cosine of s with the signatures recently sent to r - balance_weight * r's recent share
-    of the traffic (so that an idle replica attracts the next new kind of request). A
-    session header keeps a session on its replica while the load allows.
+    cosine of s with r's cluster of recent signatures (`SignatureClusters`: k-means over
+    the last `window` requests, one cluster per replica) - balance_weight * r's recent
+    share of the traffic (so that an idle replica attracts the next new kind of request).
+    A session header keeps a session on its replica while the load allows.
     """
 
     def initialize_state(  # type: ignore[override]
@@ -771,6 +773,7 @@ class HotSetAffinityRouter(RequestRouter):
         profile_weight: float = 1.0,
         balance_weight: float = 0.5,
         decay: float = 0.9,
+        window: int = 256,
         max_sessions: int = 65536,
         **_: Any,
     ) -> None:
@@ -780,14 +783,13 @@ class HotSetAffinityRouter(RequestRouter):
         self.balance_weight = balance_weight
         self.decay = decay
         self.max_sessions = max_sessions
-        self._sent: dict[ReplicaID, np.ndarray] = {}
+        self._clusters = SignatureClusters(window=window)
         self._share: dict[ReplicaID, float] = {}
-        self._mean: np.ndarray | None = None
         self._sessions: OrderedDict[str, ReplicaID] = OrderedDict()
         self._choice: dict[str, ReplicaID] = {}
 
     def _state(self) -> None:
-        if not hasattr(self, "_sent"):
+        if not hasattr(self, "_clusters"):
             self.initialize_state()
 
     def _load(self, r: RunningReplica) -> int:
@@ -805,12 +807,9 @@ class HotSetAffinityRouter(RequestRouter):
             if first.size:
                 score += self.hot_weight * float(sig[first].sum() / max(sig.sum(), 1e-9))
             # (every expert hot: the same for every replica)
-        sent = self._sent.get(r.replica_id)
-        if sent is not None and self._mean is not None:
-            a, b = sig - self._mean, sent - self._mean
-            na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-            if na > 0 and nb > 0:
-                score += self.profile_weight * float(a @ b) / (na * nb)
+        near = self._clusters.affinity(sig).get(r.replica_id)
+        if near is not None:
+            score += self.profile_weight * near
         score -= self.balance_weight * self._share.get(r.replica_id, 0.0)
         return score
 
@@ -824,6 +823,7 @@ class HotSetAffinityRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True
         if not candidate_replicas:
             return []
+        self._clusters.set_replicas([r.replica_id for r in candidate_replicas])
         loads = {r.replica_id: self._load(r) for r in candidate_replicas}
         tie = {r.replica_id: random.random() for r in candidate_replicas}
         by_load = sorted(candidate_replicas, key=lambda r: (loads[r.replica_id], tie[r.replica_id]))
@@ -856,14 +856,12 @@ class HotSetAffinityRouter(RequestRouter):
         if job is None:
             return
         d = self.decay
-        for rid in list(self._share) + [replica_id]:
-            self._share[rid] = d * self._share.get(rid, 0.0) + (1 - d) * (rid == replica_id)
+        self._share.setdefault(replica_id, 0.0)
+        for rid, share in self._share.items():
+            self._share[rid] = d * share + (1 - d) * (rid == replica_id)
         sig = job.get("signature")
         if sig is not None:
-            s = np.asarray(sig, dtype=np.float64)
-            prev = self._sent.get(replica_id)
-            self._sent[replica_id] = s.copy() if prev is None else d * prev + (1 - d) * s
-            self._mean = s.copy() if self._mean is None else 0.98 * self._mean + 0.02 * s
+            self._clusters.observe(sig, replica_id)
         session = job.get("session")
         if session:
             self._sessions[session] = replica_id
@@ -874,7 +872,7 @@ class HotSetAffinityRouter(RequestRouter):
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._state()
-        self._sent.pop(replica_id, None)
+        self._clusters.forget(replica_id)
         self._share.pop(replica_id, None)
         for k in [k for k, v in self._sessions.items() if v == replica_id]:
             del self._sessions[k]
