@@ -105,6 +105,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "with decode steps)",
     )
     parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="decode by replaying a CUDA graph per batch bucket (1, 2, 4, ... --max-batch) "
+        "and key-slot bucket (64, 128, ... --max-context), captured on first use; needs a "
+        "CUDA device, --budget with policy static, static-map or dynamic, and the "
+        "contiguous KV cache, else decoding stays eager (with a warning). Off by default "
+        "until a GPU run has measured it",
+    )
+    parser.add_argument(
         "--drain-timeout",
         type=float,
         default=60.0,
@@ -259,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
         max_prefill_tokens=args.max_prefill_tokens,
         drain_timeout=args.drain_timeout,
         kv_share=kv_share,
+        cuda_graphs=args.cuda_graphs,
     )
     try:
         app = create_app(engine, stats, config)

@@ -19,14 +19,21 @@ import torch
 
 
 class DecodeGraph:
-    """A decode step of `batch` rows over `cache`, captured once and replayed."""
+    """A decode step of `batch` rows over `cache`, captured once and replayed.
 
-    def __init__(self, engine, cache, batch: int, warmup: int = 2) -> None:
+    `key_slots`: the key slots every step reads (default: the cache's capacity); the
+    warm-up and capture write only the cache's last slot. `pool`: a CUDA graph memory
+    pool shared with other graphs that never replay at the same time."""
+
+    def __init__(
+        self, engine, cache, batch: int, warmup: int = 2, key_slots: int | None = None, pool=None
+    ) -> None:
         rt = getattr(engine, "precision", None)
         if engine.device.type != "cuda" or rt is None or not hasattr(rt, "begin_capture"):
             raise ValueError("CUDA graphs need an engine on a CUDA device with a budget")
         self.engine, self.rt, self.cache, self.batch = engine, rt, cache, batch
         self.capacity = int(cache.capacity)
+        self.key_slots = self.capacity if key_slots is None else int(key_slots)
         dev = engine.device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         # Warm-up and capture write the last slot, which no position reaches before it is
@@ -37,12 +44,13 @@ class DecodeGraph:
             # Lazy initialisation (kernels, library handles) before the capture, on the
             # compute stream: the table's use marks are ordered on that stream.
             for _ in range(warmup):
-                model(self.ids, self.pos, cache, key_slots=self.capacity)
+                model(self.ids, self.pos, cache, key_slots=self.key_slots)
             self.graph = torch.cuda.CUDAGraph()
             rt.begin_capture()
             try:
-                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                    self.logits = model(self.ids, self.pos, cache, key_slots=self.capacity)[:, 0]
+                with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                    out = model(self.ids, self.pos, cache, key_slots=self.key_slots)
+                    self.logits = out[:, 0]
             finally:
                 self.log = rt.end_capture()
 
@@ -151,3 +159,57 @@ class GraphSession:
         ids[self._index] = next_ids
         pos[self._index] = positions
         return self.graph.step(ids, pos)[self._index]
+
+
+class SlabGraphs:
+    """Decode graphs of a continuous-batching scheduler over its KV slab (`serve.scheduler`
+    without a paged cache): one per (batch bucket, key-slot bucket), captured when a step
+    first needs it, all in one memory pool (they replay one at a time).
+
+    The graph of bucket b runs the slab's first b rows; the decoding rows are rows
+    0..n-1. Rows n..b-1 may be prefilling or free, so an inert row writes only the slab's
+    last slot (the position no prefill reaches: a prompt is shorter than the context),
+    which its own sequence writes for real before it reads it. It repeats the first live
+    row's token, so it routes like a real token. Key slots come in powers of two (at
+    least 64, at most the context), so a step reads about twice its longest row at most.
+
+    `graph(engine, cache, batch, key_slots=, pool=)` builds a captured step (`DecodeGraph`;
+    tests pass an eager stand-in with the same `step`)."""
+
+    def __init__(self, engine, slab, max_batch: int, graph=DecodeGraph) -> None:
+        self.engine, self.slab, self._make = engine, slab, graph
+        self.context = int(slab.capacity)
+        self.buckets = tuple(b for b in BUCKETS if b < max_batch) + (max_batch,)
+        self.graphs: dict[tuple[int, int], object] = {}
+        self._pool = torch.cuda.graph_pool_handle() if graph is DecodeGraph else None
+
+    @property
+    def captures(self) -> int:
+        return len(self.graphs)
+
+    def key_slots_for(self, longest: int) -> int:
+        """The key-slot bucket of a step whose rows reach `longest` slots."""
+        return min(self.context, capacity_for(longest))
+
+    def step(self, next_ids: torch.Tensor, positions: torch.Tensor, longest: int) -> torch.Tensor:
+        """Decode rows 0..n-1 of the slab (next_ids, positions [n]; `longest`: the most key
+        slots a row reads) -> logits [n, vocab], a view the next step reuses."""
+        n = next_ids.shape[0]
+        bucket = bucket_for(n, self.buckets)
+        if bucket is None:
+            raise ValueError(f"{n} rows are more than the slab's {self.buckets[-1]}")
+        key = (bucket, self.key_slots_for(longest))
+        graph = self.graphs.get(key)
+        if graph is None:
+            cache = self.slab.rows(0, bucket)
+            graph = self._make(self.engine, cache, bucket, key_slots=key[1], pool=self._pool)
+            self.graphs[key] = graph
+        if bucket == n:
+            return graph.step(next_ids, positions)  # type: ignore[attr-defined]
+        ids = next_ids[:1].expand(bucket).clone()
+        pos = torch.full(
+            (bucket,), self.context - 1, dtype=positions.dtype, device=positions.device
+        )
+        ids[:n] = next_ids
+        pos[:n] = positions
+        return graph.step(ids, pos)[:n]  # type: ignore[attr-defined]

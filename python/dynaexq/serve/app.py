@@ -102,6 +102,7 @@ class ServerConfig:
     # A paged KV cache within these bounds (None: the contiguous cache); its pages share
     # the engine's budget with the experts when the runtime made one (`engine.kv_budget`).
     kv_share: KvShare | None = None
+    cuda_graphs: bool = False  # decode under CUDA graphs where the engine can (scheduler)
 
 
 @dataclass(frozen=True)
@@ -306,6 +307,7 @@ def create_app(
             kv_share=config.kv_share,
             kv_budget=kv_budget,
             kv_lender=lender if hasattr(lender, "lend_to_kv") else None,
+            cuda_graphs=config.cuda_graphs,
         )
         if config.kv_share is not None:
             metrics.bind_kv(scheduler.kv_stats)

@@ -64,6 +64,7 @@ from dynaexq.serve.detokenize import IncrementalDetokenizer
 if TYPE_CHECKING:
     from dynaexq._core import DeviceBudget
     from dynaexq.engine import Engine
+    from dynaexq.runtime.graphs import SlabGraphs
     from dynaexq.runtime.kv_share import KvShare
     from dynaexq.serve.metrics import ServerMetrics
 
@@ -229,7 +230,14 @@ class Scheduler:
         kv_share: KvShare | None = None,
         kv_budget: DeviceBudget | None = None,
         kv_lender: KvLender | None = None,
+        cuda_graphs: bool = False,
+        graph_step: Callable[..., Any] | None = None,
     ) -> None:
+        """cuda_graphs=True: decode steps replay a CUDA graph per batch and key-slot bucket
+        (`runtime.graphs.SlabGraphs`) when the engine can (a CUDA device, the precision
+        runtime's device executor, Qwen3-MoE) and the KV cache is the slab; else they stay
+        eager, with a warning. `graph_step` replaces the captured step (tests: an eager
+        stand-in), and then the engine's checks are skipped."""
         if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1:
             raise ValueError("max_batch and max_prefill_tokens must be >= 1, max_queue >= 0")
         config = engine.config
@@ -259,6 +267,9 @@ class Scheduler:
             )
         else:
             self._setup_pages(kv_share, kv_budget)
+        self.graphs: SlabGraphs | None = None
+        if cuda_graphs or graph_step is not None:
+            self.graphs = self._decode_graphs(graph_step)
         self._rows: list[_Sequence] = []
         self._n_decode = 0
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
@@ -331,6 +342,17 @@ class Scheduler:
             config, share.pages, share.page_tokens, self.engine.dtype, self.engine.device
         )
         self._kv_own_bytes = self._arena.nbytes
+
+    def _decode_graphs(self, graph_step: Callable[..., Any] | None) -> SlabGraphs | None:
+        from dynaexq.runtime.graphs import DecodeGraph, SlabGraphs, graphs_unavailable
+
+        why = None if graph_step is not None else graphs_unavailable(self.engine)
+        if why is None and self.kv_share is not None:
+            why = "CUDA graphs decode over the contiguous KV cache, not the paged one"
+        if why is not None:
+            log.warning("%s; decoding eagerly", why)
+            return None
+        return SlabGraphs(self.engine, self._slab, self.max_batch, graph_step or DecodeGraph)
 
     @property
     def paged(self) -> bool:
@@ -776,7 +798,11 @@ class Scheduler:
         pos = torch.tensor([s.cached for s in seqs], device=device).unsqueeze(1)
         # Key slots from the host's own counts: the mask needs no read of the device.
         key_slots = max(s.cached for s in seqs) + 1
-        logits = self.engine.model(last, pos, self._cache_view(0, n), key_slots=key_slots)[:, 0]
+        if self.graphs is not None:
+            logits = self.graphs.step(last.view(-1), pos.view(-1), key_slots)
+        else:
+            view = self._cache_view(0, n)
+            logits = self.engine.model(last, pos, view, key_slots=key_slots)[:, 0]
         self._sample_and_emit(seqs, logits)
         return n
 

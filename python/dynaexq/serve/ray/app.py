@@ -93,6 +93,7 @@ def serve_main(args: Any) -> int:
         "max_queue": args.max_queue,
         "max_context": args.max_context,
         "max_prefill_tokens": args.max_prefill_tokens,
+        "cuda_graphs": getattr(args, "cuda_graphs", False),
         "drain_timeout": args.drain_timeout,
         "replicas": args.replicas,
         "router": args.router,

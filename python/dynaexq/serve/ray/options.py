@@ -37,6 +37,7 @@ class RayServeOptions:
     max_queue: int = 256  # per replica
     max_context: int | None = None
     max_prefill_tokens: int = 1024
+    cuda_graphs: bool = False  # per replica: decode under CUDA graphs where it can
     drain_timeout: float = 60.0
     replicas: int = 1
     num_cpus: float = 1.0  # per replica

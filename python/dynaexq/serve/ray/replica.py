@@ -48,6 +48,7 @@ class ReplicaServer:
             max_context=self.max_context,
             max_prefill_tokens=opts.max_prefill_tokens,
             metrics=self.metrics,
+            cuda_graphs=opts.cuda_graphs,
         )
         self.scheduler.start()
         self.drain_timeout = opts.drain_timeout
