@@ -53,7 +53,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--policies",
         default="full,static,uniform,static-map,static-knapsack,dynamic",
-        help="policies to compare",
+        help="policies to compare; dynamic-recal: dynamic that calibrates again on the "
+        "first --recalibrate-tokens tokens it scored, then plans on them",
+    )
+    p.add_argument(
+        "--recalibrate-tokens",
+        type=int,
+        default=1024,
+        help="dynamic-recal: scored tokens (all streams) behind it when it calibrates again",
+    )
+    p.add_argument(
+        "--recalibrate-every",
+        action="store_true",
+        help="dynamic-recal: calibrate again every --recalibrate-tokens, on all text so far",
     )
     p.add_argument(
         "--budgets",
@@ -274,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
         calibrations=tuple(c.strip() for c in args.calibration.split(",")),
         mixed=args.mixed,
         device=args.device,
+        recalibrate_tokens=args.recalibrate_tokens,
+        recalibrate_every=args.recalibrate_every,
     )
     if args.data:
         from dynaexq.engine import load

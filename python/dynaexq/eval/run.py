@@ -156,6 +156,11 @@ class EvalConfig:
     # Where the models run: "cpu", or a CUDA device (the precision runtime's device path;
     # float32 activations either way, so the figures compare across devices).
     device: str = "cpu"
+    # Policy "dynamic-recal": dynamic that measures its calibration again on the text it
+    # has scored once this many tokens (all streams together) are behind it
+    # (runtime/recalibrate.py), then plans on that.
+    recalibrate_tokens: int = 1024
+    recalibrate_every: bool = False  # again every recalibrate_tokens, on all text so far
 
 
 @dataclass
@@ -328,12 +333,26 @@ def run_policies(
         for key in scores:
             losses[key] = layer_losses(full, store, texts[key])
 
-    def score(engine, policy: str, budget: str, nbytes, hot, domain, offset, cal, **extra):
+    def score(
+        engine, policy: str, budget: str, nbytes, hot, domain, offset, cal, dep=None, **extra
+    ):
         t0 = time.perf_counter()
         rt = getattr(engine, "precision", None)
         before = len(rt.telemetry.records) if rt is not None else 0
+        data = streams[(domain, offset)]
+        on_step = None
+        if dep is not None:  # dynamic-recal: calibrate again once on the scored text
+            from dynaexq.runtime.recalibrate import recalibrate
+
+            per_step = data.shape[0] * cfg.chunk
+            at = max(1, -(-cfg.recalibrate_tokens // per_step))  # steps behind it
+
+            def on_step(step: int) -> None:
+                if (step + 1) % at == 0 and (cfg.recalibrate_every or step + 1 == at):
+                    recalibrate(engine, dep, list(data[:, : (step + 1) * cfg.chunk + 1]))
+
         r: StreamResult = evaluate_streams(
-            engine.model, streams[(domain, offset)], window=cfg.window, chunk=cfg.chunk
+            engine.model, data, window=cfg.window, chunk=cfg.chunk, on_step=on_step
         )
         tel: dict[str, float] = {}
         if rt is not None:
@@ -385,7 +404,7 @@ def run_policies(
             layer_losses=layer_loss,
         )
 
-    def run(label: str, pol: Policy, budget: str, mode: str) -> None:
+    def run(label: str, pol: Policy, budget: str, mode: str, recal: bool = False) -> None:
         """Load `pol` within `budget` and score it on every domain and offset, each domain
         with its own calibration of `mode` (its layers' losses measured for the store's
         tiers: a variant of other tiers plans on the values unscaled)."""
@@ -400,7 +419,10 @@ def run_policies(
                 return
             per_layer = dep.plan.per_layer[-1] if dep and dep.plan.per_layer else None
             pool = dep.plan.pool_bytes if dep else None
-            score(engine, label, budget, nbytes, per_layer, d, o, mode, pool_bytes=pool)
+            score(
+                engine, label, budget, nbytes, per_layer, d, o, mode, dep if recal else None,
+                pool_bytes=pool,
+            )  # fmt: skip
 
     if "static" in cfg.policies:
         nbytes, _ = budget_bytes(cfg.budgets[0], store, fixed.total, layers, experts)
@@ -441,6 +463,10 @@ def run_policies(
                 elif name == "static-map":  # the calibration's top-n map, whatever dynamic plans
                     ctl = replace(cfg.controller, planner="top-n")
                     pol = Policy("static-map", tiers=cfg.tiers, controller=ctl)
+                elif name == "dynamic-recal":
+                    pol = Policy("dynamic", tiers=cfg.tiers, controller=cfg.controller)
+                    run(name, pol, budget, mode, recal=True)
+                    continue
                 else:
                     pol = Policy(name, tiers=cfg.tiers, controller=cfg.controller)
                 run(name, pol, budget, mode)

@@ -557,6 +557,24 @@ class PrecisionRuntime(KvLending):
         caps[self.real[0]] += self.kv_lent
         return caps
 
+    def use_calibration(self, scores: np.ndarray) -> None:
+        """Plan from a new calibration ranking ([L, E] routed mass, e.g. measured again on
+        served text: runtime/recalibrate.py): it becomes the controller's prior, and the
+        regime signal starts a new regime from it, as at load."""
+        shape = (self.num_layers, self.experts)
+        scores = np.asarray(scores, dtype=np.float32)
+        if scores.shape != shape or not np.all(np.isfinite(scores)) or np.any(scores < 0):
+            raise ValueError(f"a calibration ranking must be finite, >= 0 and of shape {shape}")
+        self.prior = scores.copy()
+        if self.tracker is not None:
+            self.tracker.seed(scores.ravel().tolist())
+        if self.regime is not None:
+            c = self.policy.controller
+            f = c.hotness_floor if c.planner == "value" else 0.0
+            self.regime = RegimeMean(
+                layer_share(scores, f), prior_steps=c.prior_steps, shift_ratio=c.shift_ratio
+            )
+
     def use_tier_gains(self, gains: np.ndarray, std: np.ndarray | None = None) -> None:
         """Plan on these [L, E, store tiers] error reductions per unit of routed share
         (e.g. measured output errors, runtime/sensitivity.py) instead of the store's
