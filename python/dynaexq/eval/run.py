@@ -42,8 +42,8 @@ def unseen_domains(which: str = "all", root: Path | None = None) -> dict[str, np
     """Token streams of the text domains the embedded model never saw, built by
     scripts/build_unseen_domains.py into `root` (default ~/.cache/dynaexq/domains) and
     checked against the committed manifest. `which`: "all", "tuning", "held-back",
-    "fresh" (the domains held back for round six), "final" (held back for round seven) or
-    a comma-separated list of names."""
+    "fresh" (the domains held back for round six), "final" (held back for round seven),
+    "round8" (held back for round eight) or a comma-separated list of names."""
     import hashlib
     import json
 
@@ -54,6 +54,7 @@ def unseen_domains(which: str = "all", root: Path | None = None) -> dict[str, np
         "held-back": manifest["held_back"],
         "fresh": manifest.get("fresh", []),
         "final": manifest.get("final", []),
+        "round8": manifest.get("round8", []),
     }.get(which) or [n.strip() for n in which.split(",")]
     root = root or UNSEEN_DIR
     out = {}
