@@ -15,9 +15,10 @@ Routing (`HotSetAffinityRouter`, Ray Serve's pluggable request router): every re
 carries a cheap signature, the first MoE layer's routing of the prompt's first tokens
 approximated without attention (per token: top-k of softmax(gate(norm(embedding)))),
 a table the ingress computes once from three tensors of the checkpoint. The router
-prefers the replica whose hot set and recent traffic best overlap the signature (or the
-replica a session header `x-session-id` was sent to before), among replicas whose load
-is within `imbalance` requests of the least loaded one; otherwise the least loaded.
+prefers the replica whose hot set and cluster of recent signatures (`serve.affinity`)
+best fit the signature (or the replica a session header `x-session-id` was sent to
+before), among replicas whose load is within `imbalance` requests of the least loaded
+one; otherwise the least loaded.
 
 Failures: a replica that dies is replaced by Ray Serve; a request that had not produced
 any output yet is retried on another replica, one that had fails with a clear error
