@@ -329,3 +329,40 @@ def test_telemetry_keeps_running_totals_beyond_its_window() -> None:
     tot = t.totals()
     assert tot["steps"] == 10 and tot["tokens"] == 40 and tot["bytes_moved"] == 1000
     assert tot["bytes_moved_per_token"] == 25 and tot["hi_share"] == 0.5
+
+
+def test_dynamic_recal_calibrates_again_once_on_the_scored_text(
+    model_dir, cache, monkeypatch
+) -> None:
+    """`dynaexq eval`'s dynamic-recal: once `recalibrate_tokens` scored tokens are behind
+    it, one recalibration on exactly the text scored so far (every stream's first tokens),
+    then it plans on it; plain dynamic never recalibrates."""
+    import dynaexq.runtime.recalibrate as recal
+
+    monkeypatch.setenv("DYNAEXQ_CACHE", str(cache))
+    calls: list[list[int]] = []
+    real = recal.recalibrate
+
+    def spy(engine, dep, streams):
+        calls.append([len(s) for s in streams])
+        return real(engine, dep, streams)
+
+    monkeypatch.setattr(recal, "recalibrate", spy)
+    domains = {"a": tokens(6000, seed=4)}
+    cfg = EvalConfig(
+        tiers=TIERS,
+        policies=("full", "static", "dynamic", "dynamic-recal"),
+        budgets=("25%",),
+        tokens_per_domain=1024,
+        calibration_tokens=1024,
+        streams=2,
+        window=64,
+        chunk=16,
+        controller=ControllerSettings(in_flight=1, replan_every=1, planner="value"),
+        recalibrate_tokens=250,  # 2 streams x 16 tokens a step: after 8 steps (256 tokens)
+    )
+    summary = run_policies(model_dir, domains, cfg, progress=lambda s: None)
+    assert calls == [[8 * 16 + 1, 8 * 16 + 1]]
+    runs = {r["policy"]: r for r in summary["runs"]}
+    assert runs["dynamic-recal"]["tokens"] == runs["dynamic"]["tokens"] == 1024
+    assert np.isfinite(runs["dynamic-recal"]["perplexity"])
