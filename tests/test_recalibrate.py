@@ -83,3 +83,57 @@ def test_recalibration_needs_a_dynamic_runtime_and_text(small_engine) -> None:
     for bad in (np.ones((1, 1)), np.full(shape, np.nan), -np.ones(shape)):
         with pytest.raises(ValueError, match="calibration ranking"):
             rt.use_calibration(bad)
+
+
+def test_the_server_recalibrates_once_on_what_it_served(monkeypatch, caplog) -> None:
+    """`Scheduler(recalibrate_tokens=N)` (`dynaexq serve --recalibrate-tokens`): once the
+    finished sequences hold N tokens, one recalibration on exactly their prompts and
+    completions, between steps; later requests are served on; a static engine only
+    warns."""
+    import asyncio
+    import logging
+
+    import dynaexq.runtime.recalibrate as recal
+    from dynaexq import load
+    from dynaexq.serve.scheduler import Scheduler, SequenceSpec
+
+    engine = load(budget="20%", policy="dynamic", dtype="float32", progress=False)
+    seen: list[list[np.ndarray]] = []
+    real = recal.recalibrate
+
+    def spy(eng, dep, streams):
+        seen.append([np.asarray(s) for s in streams])
+        return real(eng, dep, streams)
+
+    monkeypatch.setattr(recal, "recalibrate", spy)
+    rng = np.random.default_rng(2)
+    prompts = [tuple(rng.integers(0, 4000, size=n).tolist()) for n in (60, 70, 50, 40)]
+
+    async def main(sched) -> list[list[int]]:
+        sched.start()
+        try:
+            out = []
+            for p in prompts:  # one at a time: the recalibration comes after the second
+                req = sched.submit([SequenceSpec(p, 10)])
+                toks: list[int] = []
+                while True:
+                    ev = await asyncio.wait_for(req.events.get(), 120)
+                    assert not isinstance(ev, BaseException), ev
+                    toks += ev.token_ids
+                    if ev.finish_reason is not None:
+                        break
+                out.append(toks)
+            return out
+        finally:
+            sched.stop(drain=False, timeout=30)
+
+    sched = Scheduler(engine, max_batch=2, max_context=128, recalibrate_tokens=130)
+    outs = asyncio.run(main(sched))
+    assert sched.recalibrations == 1 and len(seen) == 1
+    want = [np.asarray(p + tuple(o)) for p, o in zip(prompts[:2], outs[:2], strict=True)]
+    assert [s.tolist() for s in seen[0]] == [w.tolist() for w in want]  # 70 + 80 tokens
+    assert all(len(o) == 10 for o in outs)
+    static = load(budget="20%", policy="static-map", dtype="float32", progress=False)
+    with caplog.at_level(logging.WARNING, logger="dynaexq.serve"):
+        Scheduler(static, max_batch=1, max_context=64, recalibrate_tokens=10)
+    assert "needs the dynamic policy" in caplog.text

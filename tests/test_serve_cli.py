@@ -65,6 +65,8 @@ def test_policies_are_checked() -> None:
         (["--max-batch", "0"], "--max-batch"),
         (["--max-queue", "-1"], "--max-queue"),
         (["--max-context", "1"], "--max-context"),
+        (["--recalibrate-tokens", "-1"], "--recalibrate-tokens"),
+        (["--recalibrate-tokens", "512", "--policy", "full"], "needs --policy dynamic"),
         (["--model", "/nonexistent/model"], "config.json"),
         (["--calibration", "/nonexistent/calibration.txt", "--policy", "dynamic"], "No such"),
     ],

@@ -114,6 +114,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "until a GPU run has measured it",
     )
     parser.add_argument(
+        "--recalibrate-tokens",
+        type=int,
+        default=0,
+        help="dynamic policy: once the finished requests hold this many tokens (prompts "
+        "and completions), calibrate the expert values again on them, once, between two "
+        "steps (the knapsack of the served text; serving pauses while it measures). "
+        "0 (the default): never",
+    )
+    parser.add_argument(
         "--drain-timeout",
         type=float,
         default=60.0,
@@ -193,6 +202,10 @@ def run(args: argparse.Namespace) -> int:
         return serve_main(args)
     if args.max_queue < 0:
         return _fail("--max-queue must be >= 0")
+    if args.recalibrate_tokens < 0:
+        return _fail("--recalibrate-tokens must be >= 0")
+    if args.recalibrate_tokens and args.policy != "dynamic":
+        return _fail("--recalibrate-tokens needs --policy dynamic")
     if args.max_context is not None and args.max_context < 2:
         return _fail("--max-context must be >= 2")
     if not 0 <= args.port <= 65535:
@@ -269,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         kv_share=kv_share,
         cuda_graphs=args.cuda_graphs,
+        recalibrate_tokens=args.recalibrate_tokens,
     )
     try:
         app = create_app(engine, stats, config)

@@ -103,6 +103,7 @@ class ServerConfig:
     # the engine's budget with the experts when the runtime made one (`engine.kv_budget`).
     kv_share: KvShare | None = None
     cuda_graphs: bool = False  # decode under CUDA graphs where the engine can (scheduler)
+    recalibrate_tokens: int = 0  # dynamic: calibrate again once on this much served text
 
 
 @dataclass(frozen=True)
@@ -308,6 +309,7 @@ def create_app(
             kv_budget=kv_budget,
             kv_lender=lender if hasattr(lender, "lend_to_kv") else None,
             cuda_graphs=config.cuda_graphs,
+            recalibrate_tokens=config.recalibrate_tokens,
         )
         if config.kv_share is not None:
             metrics.bind_kv(scheduler.kv_stats)

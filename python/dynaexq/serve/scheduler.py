@@ -56,6 +56,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 
 from dynaexq.generation import filter_logits
@@ -232,12 +233,17 @@ class Scheduler:
         kv_lender: KvLender | None = None,
         cuda_graphs: bool = False,
         graph_step: Callable[..., Any] | None = None,
+        recalibrate_tokens: int = 0,
     ) -> None:
         """cuda_graphs=True: decode steps replay a CUDA graph per batch and key-slot bucket
         (`runtime.graphs.SlabGraphs`) when the engine can (a CUDA device, the precision
         runtime's device executor, Qwen3-MoE) and the KV cache is the slab; else they stay
         eager, with a warning. `graph_step` replaces the captured step (tests: an eager
-        stand-in), and then the engine's checks are skipped."""
+        stand-in), and then the engine's checks are skipped.
+
+        recalibrate_tokens > 0 (a dynamic policy): once the finished sequences hold this
+        many tokens (prompts and generated), the precision runtime is calibrated again on
+        them, once, between two steps (`runtime.recalibrate`); else a warning."""
         if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1:
             raise ValueError("max_batch and max_prefill_tokens must be >= 1, max_queue >= 0")
         config = engine.config
@@ -267,6 +273,16 @@ class Scheduler:
             )
         else:
             self._setup_pages(kv_share, kv_budget)
+        # Tokens still to serve before the one recalibration (None: off, or done).
+        self._recal_pending: int | None = None
+        self._served: list[np.ndarray] = []
+        self.recalibrations = 0
+        if recalibrate_tokens > 0:
+            dep = getattr(engine, "deployment", None)
+            if dep is not None and dep.policy.name == "dynamic":
+                self._recal_pending = recalibrate_tokens
+            else:
+                log.warning("recalibration needs the dynamic policy; not recalibrating")
         self.graphs: SlabGraphs | None = None
         if cuda_graphs or graph_step is not None:
             self.graphs = self._decode_graphs(graph_step)
@@ -680,6 +696,25 @@ class Scheduler:
                 self.metrics.observe_step("decode", time.perf_counter() - t0, n)
             self._drop(lambda s: s.finished)
         self.steps += 1
+        if self._recal_pending is not None and self._recal_pending <= 0:
+            self._recalibrate()
+
+    def _recalibrate(self) -> None:
+        from dynaexq.runtime.recalibrate import recalibrate
+
+        served, self._served, self._recal_pending = self._served, [], None
+        t0 = time.perf_counter()
+        try:
+            recalibrate(self.engine, self.engine.deployment, served)  # type: ignore[attr-defined]
+        except ValueError as e:  # too little text: serving goes on with the old one
+            log.warning("recalibration skipped: %s", e)
+            return
+        self.recalibrations += 1
+        log.info(
+            "recalibrated on %d served tokens in %.1f s",
+            sum(len(x) for x in served),
+            time.perf_counter() - t0,
+        )
 
     def _cache_view(self, start: int, stop: int) -> Any:
         """Rows start..stop-1 of the slab as views (a KVCache, or the model's own type),
@@ -904,6 +939,10 @@ class Scheduler:
             seq.request._post(event)
 
     def _finish_metrics(self, seq: _Sequence, now: float) -> None:
+        if self._recal_pending is not None:  # served text, for the recalibration
+            served = np.asarray((*seq.spec.prompt_ids, *seq.generated), dtype=np.int64)
+            self._served.append(served)
+            self._recal_pending -= len(served)
         req = seq.request
         req.unfinished -= 1
         if req.unfinished == 0:
