@@ -335,14 +335,14 @@ def run_policies(
             losses[key] = layer_losses(full, store, texts[key])
 
     def score(
-        engine, policy: str, budget: str, nbytes, hot, domain, offset, cal, dep=None, **extra
+        engine, policy: str, budget: str, nbytes, hot, domain, offset, cal, recal=None, **extra
     ):
         t0 = time.perf_counter()
         rt = getattr(engine, "precision", None)
         before = len(rt.telemetry.records) if rt is not None else 0
         data = streams[(domain, offset)]
         on_step = None
-        if dep is not None:  # dynamic-recal: calibrate again once on the scored text
+        if recal is not None:  # dynamic-recal (its Deployment): calibrate again on scored text
             from dynaexq.runtime.recalibrate import recalibrate
 
             per_step = data.shape[0] * cfg.chunk
@@ -350,7 +350,7 @@ def run_policies(
 
             def on_step(step: int) -> None:
                 if (step + 1) % at == 0 and (cfg.recalibrate_every or step + 1 == at):
-                    recalibrate(engine, dep, list(data[:, : (step + 1) * cfg.chunk + 1]))
+                    recalibrate(engine, recal, list(data[:, : (step + 1) * cfg.chunk + 1]))
 
         r: StreamResult = evaluate_streams(
             engine.model, data, window=cfg.window, chunk=cfg.chunk, on_step=on_step

@@ -42,7 +42,7 @@ from dynaexq.runtime.executors.grouped import Launch
 from dynaexq.runtime.kv_share import KvShare
 from dynaexq.runtime.offload import OffloadRuntime
 from dynaexq.runtime.offload_device import DeviceOffloadRuntime
-from dynaexq.runtime.policy import Policy
+from dynaexq.runtime.policy import ControllerSettings, Policy
 from dynaexq.runtime.precision import PrecisionRuntime
 from dynaexq.runtime.sensitivity import (
     LayerLosses,
@@ -233,17 +233,13 @@ def load_with_policy(
             scores = calibrate(engine, store, list(calibration), progress=progress)
     c = pol.controller
     valued = scores is not None and c.planner == "value"
-    if valued and c.value in ("output", "fisher") and output_errors is None and has_text:
-        # The error reduction measured on the calibration's own activations
-        # (runtime/sensitivity.py). Given only a ranking (no text and no measured
-        # errors), the weight error stands in.
-        from dynaexq.runtime.sensitivity import output_errors as measure
-
-        output_errors = measure(engine, store, list(calibration))
-    if valued and c.value_scale == "layer" and layer_losses is None and has_text:
-        from dynaexq.runtime.sensitivity import layer_losses as measure_layers
-
-        layer_losses = measure_layers(engine, store, list(calibration), progress=progress)
+    if valued and has_text:
+        # Given only a ranking (no text and no measured errors), the weight error stands in.
+        assert calibration is not None
+        output_errors, layer_losses = measure_values(
+            engine, store, c, list(calibration), progress=progress,
+            output_errors=output_errors, layer_losses=layer_losses,
+        )  # fmt: skip
     tier_gains, values = (None, None)
     if valued:
         assert scores is not None
@@ -323,6 +319,33 @@ def load_with_policy(
     engine.add_routing_hook(runtime.observe)
     engine.precision = runtime  # type: ignore[attr-defined]
     return engine, Deployment(pol, plan, fixed, store, scores)
+
+
+def measure_values(
+    engine,
+    store: TierStore,
+    c: ControllerSettings,
+    streams: list[np.ndarray],
+    *,
+    progress: bool = False,
+    cache: bool = True,
+    output_errors: OutputErrors | None = None,
+    layer_losses: LayerLosses | None = None,
+) -> tuple[OutputErrors | None, LayerLosses | None]:
+    """What the value planner's `c` measures on calibration text beside the ranking
+    (runtime/sensitivity.py), those given kept: every tier's output error (value "output"
+    or "fisher") and each layer's loss at each tier (value_scale "layer")."""
+    from dynaexq.runtime import sensitivity
+
+    if c.planner != "value":
+        return output_errors, layer_losses
+    if c.value in ("output", "fisher") and output_errors is None:
+        output_errors = sensitivity.output_errors(engine, store, streams, cache=cache)
+    if c.value_scale == "layer" and layer_losses is None:
+        layer_losses = sensitivity.layer_losses(
+            engine, store, streams, cache=cache, progress=progress
+        )
+    return output_errors, layer_losses
 
 
 def knapsack_values(

@@ -154,13 +154,9 @@ class PrecisionRuntime(KvLending):
         self.hold_map = np.asarray(initial, dtype=np.uint8).reshape(shape).copy()
         self.regime: RegimeMean | None = None
         if self.tracker is not None and policy.controller.signal == "regime":
-            c = policy.controller
-            # Started from the share the load's knapsack planned on (floored toward even),
-            # so that the first plan is the static assignment (no calibration: even).
-            f = c.hotness_floor if c.planner == "value" else 0.0
-            prior = self.prior if calibration is not None else np.ones(shape)
-            self.regime = RegimeMean(
-                layer_share(prior, f), prior_steps=c.prior_steps, shift_ratio=c.shift_ratio
+            # No calibration: an even start.
+            self.regime = self._new_regime(
+                self.prior if calibration is not None else np.ones(shape)
             )
         self._mass = np.zeros(shape, dtype=np.float64)
         self._mass_tokens = np.zeros(self.num_layers, dtype=np.int64)
@@ -569,11 +565,16 @@ class PrecisionRuntime(KvLending):
         if self.tracker is not None:
             self.tracker.seed(scores.ravel().tolist())
         if self.regime is not None:
-            c = self.policy.controller
-            f = c.hotness_floor if c.planner == "value" else 0.0
-            self.regime = RegimeMean(
-                layer_share(scores, f), prior_steps=c.prior_steps, shift_ratio=c.shift_ratio
-            )
+            self.regime = self._new_regime(scores)
+
+    def _new_regime(self, prior: np.ndarray) -> RegimeMean:
+        """A regime started from the share the knapsack plans on (the calibration's,
+        floored toward even), so that its first plan is the static assignment."""
+        c = self.policy.controller
+        f = c.hotness_floor if c.planner == "value" else 0.0
+        return RegimeMean(
+            layer_share(prior, f), prior_steps=c.prior_steps, shift_ratio=c.shift_ratio
+        )
 
     def use_tier_gains(self, gains: np.ndarray, std: np.ndarray | None = None) -> None:
         """Plan on these [L, E, store tiers] error reductions per unit of routed share

@@ -25,7 +25,12 @@ import numpy as np
 import torch
 
 from dynaexq.runtime.calibration import calibrate
-from dynaexq.runtime.load import Deployment, knapsack_values, measured_value_std
+from dynaexq.runtime.load import (
+    Deployment,
+    knapsack_values,
+    measure_values,
+    measured_value_std,
+)
 from dynaexq.runtime.policy import ControllerSettings
 from dynaexq.runtime.store import TierStore
 
@@ -60,13 +65,4 @@ def recalibrate(engine, deployment: Deployment, streams: Sequence[np.ndarray]) -
 @torch.inference_mode(False)
 def _measure(engine, store: TierStore, c: ControllerSettings, streams: list[np.ndarray]):
     scores = calibrate(engine, store, streams, progress=False, cache=False)
-    errors = losses = None
-    if c.planner == "value" and c.value in ("output", "fisher"):
-        from dynaexq.runtime.sensitivity import output_errors
-
-        errors = output_errors(engine, store, streams, cache=False)
-    if c.planner == "value" and c.value_scale == "layer":
-        from dynaexq.runtime.sensitivity import layer_losses
-
-        losses = layer_losses(engine, store, streams, cache=False)
-    return scores, errors, losses
+    return (scores, *measure_values(engine, store, c, streams, cache=False))
