@@ -137,3 +137,104 @@ def test_the_server_recalibrates_once_on_what_it_served(monkeypatch, caplog) -> 
     with caplog.at_level(logging.WARNING, logger="dynaexq.serve"):
         Scheduler(static, max_batch=1, max_context=64, recalibrate_tokens=10)
     assert "needs the dynamic policy" in caplog.text
+
+
+def _regime_recalibrations(small_engine, monkeypatch, stream: np.ndarray, tokens: int, step=32):
+    """The calls a regime-triggered Recalibration makes over `stream` (one stream), as (start, end,
+    text length); the recalibration itself is recorded, not run."""
+    import dynaexq.runtime.recalibrate as recal_mod
+
+    low, _ = texts()
+    ctl = replace(DEFAULT_CONTROLLER, step_tokens=step)
+    engine, dep = small_engine(Policy("dynamic", tiers=TIERS, controller=ctl), "15%", [low])
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(recal_mod, "recalibrate", lambda e, d, text: calls.append(len(text[0])))
+    tracker = recal_mod.Recalibration(engine, dep, tokens, trigger="regime")
+    data = stream[None, :]
+
+    def on_step(step: int) -> None:
+        tracker.step((step + 1) * 16, lambda a, b: list(data[:, a : b + 1]))
+
+    evaluate_streams(engine.model, data, window=64, chunk=16, on_step=on_step)
+    assert tracker.recalibrations == len(calls) == len(tracker.positions)
+    return list(zip(tracker.positions, calls, strict=True)), engine.precision.regime
+
+
+WINDOWS = [(a, a + 32) for a in range(0, 1024, 32)]
+
+
+@pytest.mark.parametrize(
+    "trigger,expected",
+    [("first", [(0, 32)]), ("regime", [(0, 32), (320, 384)]), ("window", WINDOWS)],
+)
+def test_recalibration_triggers(monkeypatch, trigger, expected) -> None:
+    """Driven by a stand-in regime signal. "regime": once in the first regime, once more
+    after a change to a new workload, none after a change the signal recalls (a false
+    alarm or a workload seen before), and a recalibration's own new regime is not a
+    change. "first": once. "window": every 64 tokens (32 positions of 2 streams) on the
+    last 64, whatever the signal says."""
+    import types
+
+    import dynaexq.runtime.recalibrate as recal_mod
+
+    class Regime:
+        changes, recalled, recall_due = 0, 0, True
+
+    rt = types.SimpleNamespace(regime=Regime())
+    engine = types.SimpleNamespace(precision=rt)
+    calls: list[tuple[int, int]] = []
+
+    def fake(e, d, text):
+        calls.append(text)
+        rt.regime = Regime()  # as use_calibration: a new regime from the new ranking
+        rt.regime.recall_due = False
+
+    monkeypatch.setattr(recal_mod, "recalibrate", fake)
+    tracker = recal_mod.Recalibration(engine, None, 64, streams=2, trigger=trigger)
+    at = []
+    for pos in range(16, 1025, 16):
+        if pos == 320:  # a change to a new workload, not recalled
+            rt.regime.changes += 1
+            rt.regime.recall_due = True
+        if pos == 384:
+            rt.regime.recall_due = False
+        if pos == 640:  # a false alarm: recalled after its warm-up
+            rt.regime.changes += 1
+            rt.regime.recall_due = True
+        if pos == 704:
+            rt.regime.recall_due, rt.regime.recalled = False, 1
+        if tracker.step(pos, lambda a, b: (a, b)):
+            at.append(pos)
+    assert calls == expected
+    assert tracker.positions == at == [b for _, b in expected]
+    assert tracker.recalibrations == len(expected)
+
+
+def test_regime_recalibration_runs_again_on_the_new_regimes_text(small_engine, monkeypatch) -> None:
+    """low then high (disjoint tokens, other experts): one recalibration on low's first
+    tokens, then one on high's own text, begun after the change was declared."""
+    low, high = texts()
+    stream = np.concatenate([low[:1024], high[:1025]])
+    done, regime = _regime_recalibrations(small_engine, monkeypatch, stream, 256)
+    assert regime.changes >= 1
+    assert done[0] == (256, 257)
+    assert len(done) == 2, done
+    end, length = done[1]
+    start = end - length + 1
+    assert 1024 <= start <= 1024 + 8 * 32 and length >= 257  # high's text only
+
+
+def test_regime_recalibration_needs_the_regime_signal(small_engine) -> None:
+    from dynaexq.runtime.recalibrate import Recalibration
+
+    low, _ = texts()
+    ctl = replace(DEFAULT_CONTROLLER, signal="ema")
+    engine, dep = small_engine(Policy("dynamic", tiers=TIERS, controller=ctl), "15%", [low])
+    with pytest.raises(ValueError, match="signal 'regime'"):
+        Recalibration(engine, dep, 256, trigger="regime")
+    engine, dep = small_engine(Policy("dynamic", tiers=TIERS, controller=DEFAULT_CONTROLLER),
+                               "15%", [low])  # fmt: skip
+    with pytest.raises(ValueError, match="at least 16 tokens"):
+        Recalibration(engine, dep, 8, trigger="regime")
+    with pytest.raises(ValueError, match="trigger must be"):
+        Recalibration(engine, dep, 256, trigger="often")

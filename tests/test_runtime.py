@@ -366,3 +366,40 @@ def test_dynamic_recal_calibrates_again_once_on_the_scored_text(
     runs = {r["policy"]: r for r in summary["runs"]}
     assert runs["dynamic-recal"]["tokens"] == runs["dynamic"]["tokens"] == 1024
     assert np.isfinite(runs["dynamic-recal"]["perplexity"])
+
+
+def test_shift_reports_every_segment_and_where_dynamic_recal_recalibrated(
+    model_dir, cache, monkeypatch
+) -> None:
+    """`dynaexq eval --shift a,b` with dynamic-recal on a timer ("window"): every
+    policy's segments are scored, the dynamic ones carry a margin over the best static
+    of each segment, and each recalibration is counted in the segment it ran in."""
+    import dynaexq.runtime.recalibrate as recal
+    from dynaexq.eval.shift import run_shift
+
+    monkeypatch.setenv("DYNAEXQ_CACHE", str(cache))
+    texts: list[int] = []
+    monkeypatch.setattr(recal, "recalibrate", lambda e, d, s: texts.append(len(s[0])))
+    domains = {"a": tokens(6000, seed=4), "b": tokens(6000, seed=5) % 64}
+    cfg = EvalConfig(
+        tiers=TIERS,
+        policies=("full", "static", "static-knapsack", "dynamic", "dynamic-recal"),
+        calibration_tokens=1024,
+        window=64,
+        chunk=16,
+        controller=ControllerSettings(in_flight=1, replan_every=1, planner="value"),
+        recalibrate_tokens=300,  # one stream: every 304 tokens (19 steps of 16)
+        recalibrate_on="window",
+    )
+    res, _ = run_shift(
+        model_dir, domains, ["a", "b"], cfg, budget="25%", segment_tokens=1024,
+        progress=lambda s: None,
+    )  # fmt: skip
+    pols = res["policies"]
+    assert {"full", "static", "static-knapsack", "dynamic", "dynamic-recal"} <= set(pols)
+    assert all([s["domain"] for s in segs] == ["a", "b"] for segs in pols.values())
+    # 2048 tokens: recalibrations at 304, 608, ..., 1824 (six), each on the last 304.
+    assert texts == [305] * 6
+    assert [s["recalibrations"] for s in pols["dynamic-recal"]] == [3, 3]
+    for name in ("dynamic", "dynamic-recal"):
+        assert all(np.isfinite(s["margin_over_best_static"]) for s in pols[name])

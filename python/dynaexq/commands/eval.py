@@ -54,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--policies",
         default="full,static,uniform,static-map,static-knapsack,dynamic",
         help="policies to compare; dynamic-recal: dynamic that calibrates again on the "
-        "first --recalibrate-tokens tokens it scored, then plans on them",
+        "first --recalibrate-tokens tokens it scored (and as --recalibrate-on says), then "
+        "plans on them",
     )
     p.add_argument(
         "--recalibrate-tokens",
@@ -63,9 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="dynamic-recal: scored tokens (all streams) behind it when it calibrates again",
     )
     p.add_argument(
-        "--recalibrate-every",
-        action="store_true",
-        help="dynamic-recal: calibrate again every --recalibrate-tokens, on all text so far",
+        "--recalibrate-on",
+        choices=("first", "regime", "window"),
+        default="first",
+        help="dynamic-recal: once on the first tokens; again on each new workload regime's "
+        "own text (the regime signal); or every --recalibrate-tokens on the last ones",
     )
     p.add_argument(
         "--budgets",
@@ -287,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
         mixed=args.mixed,
         device=args.device,
         recalibrate_tokens=args.recalibrate_tokens,
-        recalibrate_every=args.recalibrate_every,
+        recalibrate_on=args.recalibrate_on,
     )
     if args.data:
         from dynaexq.engine import load

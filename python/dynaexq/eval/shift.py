@@ -130,11 +130,14 @@ def run_shift(
     }
     if ut is not None:
         policies["uniform"] = Policy("static", tiers=(ustore.tiers[ut].name,))
+    if "dynamic-recal" in cfg.policies:  # calibrates again on each regime's own text
+        policies["dynamic-recal"] = Policy("dynamic", tiers=cfg.tiers, controller=cfg.controller)
     for name in ("full", *policies):
+        dep = None
         if name == "full":
             engine = full
         else:
-            engine, _ = load_with_policy(
+            engine, dep = load_with_policy(
                 path,
                 policy=policies[name],
                 budget=nbytes,
@@ -150,7 +153,16 @@ def run_shift(
         rt = getattr(engine, "precision", None)
         if rt is not None and name == "dynamic":
             rt.record_maps = True
-        r = evaluate_streams(engine.model, stream, window=window, chunk=chunk)
+        on_step, tracker = None, None
+        if name == "dynamic-recal":
+            from dynaexq.runtime.recalibrate import Recalibration
+
+            tracker = Recalibration(engine, dep, cfg.recalibrate_tokens, 1, cfg.recalibrate_on)
+
+            def on_step(step: int, tracker=tracker) -> None:
+                tracker.step((step + 1) * chunk, lambda a, b: list(stream[:, a : b + 1]))
+
+        r = evaluate_streams(engine.model, stream, window=window, chunk=chunk, on_step=on_step)
         if rt is not None:
             rt.flush()
         segs = []
@@ -166,6 +178,8 @@ def run_shift(
                 entry["transitions"] = sum(x.started for x in recs)
                 entry["bytes_moved"] = sum(x.bytes_moved for x in recs)
                 entry["hi_share"] = float(np.mean([x.hi_share for x in recs])) if recs else 0.0
+            if tracker is not None:
+                entry["recalibrations"] = sum(sl.start <= x < sl.stop for x in tracker.positions)
             segs.append(entry)
         if name == "dynamic" and rt is not None and rt.telemetry.tier_maps:  # plots
             maps = np.stack(rt.telemetry.tier_maps)
