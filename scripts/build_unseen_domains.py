@@ -26,7 +26,8 @@ Held back until a report: ``perl``, ``shell`` and ``pypkg`` (used by rounds two 
 docs/results/eval/unseen.md, so no longer untouched), then ``tcl``, ``markdown`` and
 ``cpp`` (added for round six, untouched before it: ``--domains fresh``; tuned on from
 round seven), then ``cmake``, ``xml`` and ``html`` (added for round seven, untouched before
-its report: ``--domains final``).
+its report: ``--domains final``), ``javascript``, ``sql``, ``toml`` (round eight) and
+``php``, ``proto``, ``json`` (round nine; ``css`` is built too, a spare, untouched).
 
 Excluded everywhere: ``/usr/share/doc`` (Debian documentation), ``/usr/include``,
 ``/usr/share/man``, CPython's own tree outside site-packages, and minified files (any
@@ -90,6 +91,13 @@ SOURCES: dict[str, tuple[list[Path], tuple[str, ...]]] = {
         [HOME / ".cargo" / "registry" / "src", *_site_dirs(), Path("/usr/share")],
         ("*.toml",),
     ),
+    "php": ([Path("/usr/share"), Path("/usr/lib"), *_site_dirs()], ("*.php",)),
+    "css": ([Path("/usr/share"), Path("/usr/lib"), *_site_dirs()], ("*.css",)),
+    "proto": ([*_site_dirs(), Path("/usr/lib"), Path("/usr/share")], ("*.proto",)),
+    "json": (
+        [*_site_dirs(), HOME / ".cargo" / "registry" / "src", Path("/usr/share")],
+        ("*.json",),
+    ),
 }
 TUNING = ("rust", "yaml")
 HELD_BACK = ("perl", "shell", "pypkg")
@@ -97,6 +105,8 @@ FRESH = ("tcl", "markdown", "cpp")
 FINAL = ("cmake", "xml", "html")
 # Held back for round eight (the recalibrating dynamic), built before any run of it.
 ROUND8 = ("javascript", "sql", "toml")
+# Held back for round nine (recalibration on a timer), built before any run of it.
+ROUND9 = ("php", "proto", "json")
 
 
 def _key(domain: str, path: str) -> bytes:
@@ -161,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "fresh": list(FRESH),
         "final": list(FINAL),
         "round8": list(ROUND8),
+        "round9": list(ROUND9),
         "domains": {k: v for k, v in kept.items() if k in SOURCES},
     }
     for domain in [d.strip() for d in args.domains.split(",")]:

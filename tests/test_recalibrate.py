@@ -85,13 +85,10 @@ def test_recalibration_needs_a_dynamic_runtime_and_text(small_engine) -> None:
             rt.use_calibration(bad)
 
 
-def test_the_server_recalibrates_once_on_what_it_served(monkeypatch, caplog) -> None:
-    """`Scheduler(recalibrate_tokens=N)` (`dynaexq serve --recalibrate-tokens`): once the
-    finished sequences hold N tokens, one recalibration on exactly their prompts and
-    completions, between steps; later requests are served on; a static engine only
-    warns."""
+def _serve_one_at_a_time(monkeypatch, **kw):
+    """Four requests served one after another by a dynamic engine's scheduler (`kw`: its
+    recalibration settings); the texts each recalibration was given."""
     import asyncio
-    import logging
 
     import dynaexq.runtime.recalibrate as recal
     from dynaexq import load
@@ -113,7 +110,7 @@ def test_the_server_recalibrates_once_on_what_it_served(monkeypatch, caplog) -> 
         sched.start()
         try:
             out = []
-            for p in prompts:  # one at a time: the recalibration comes after the second
+            for p in prompts:  # one at a time: each finishes before the next is sent
                 req = sched.submit([SequenceSpec(p, 10)])
                 toks: list[int] = []
                 while True:
@@ -127,16 +124,43 @@ def test_the_server_recalibrates_once_on_what_it_served(monkeypatch, caplog) -> 
         finally:
             sched.stop(drain=False, timeout=30)
 
-    sched = Scheduler(engine, max_batch=2, max_context=128, recalibrate_tokens=130)
+    sched = Scheduler(engine, max_batch=2, max_context=128, **kw)
     outs = asyncio.run(main(sched))
-    assert sched.recalibrations == 1 and len(seen) == 1
-    want = [np.asarray(p + tuple(o)) for p, o in zip(prompts[:2], outs[:2], strict=True)]
-    assert [s.tolist() for s in seen[0]] == [w.tolist() for w in want]  # 70 + 80 tokens
     assert all(len(o) == 10 for o in outs)
+    texts = [np.asarray(p + tuple(o)).tolist() for p, o in zip(prompts, outs, strict=True)]
+    return sched, [[s.tolist() for s in call] for call in seen], texts
+
+
+def test_the_server_recalibrates_once_on_what_it_served(monkeypatch, caplog) -> None:
+    """`Scheduler(recalibrate_tokens=N)` (`dynaexq serve --recalibrate-tokens`): once the
+    finished sequences hold N tokens, one recalibration on exactly their prompts and
+    completions, between steps; later requests are served on; a static engine only
+    warns."""
+    import logging
+
+    from dynaexq import load
+    from dynaexq.serve.scheduler import Scheduler
+
+    sched, seen, texts = _serve_one_at_a_time(monkeypatch, recalibrate_tokens=130)
+    assert sched.recalibrations == 1
+    assert seen == [texts[:2]]  # 70 + 80 tokens
     static = load(budget="20%", policy="static-map", dtype="float32", progress=False)
     with caplog.at_level(logging.WARNING, logger="dynaexq.serve"):
         Scheduler(static, max_batch=1, max_context=64, recalibrate_tokens=10)
     assert "needs the dynamic policy" in caplog.text
+    with pytest.raises(ValueError, match="recalibrate_on"):
+        Scheduler(static, max_batch=1, max_context=64, recalibrate_on="regime")
+
+
+def test_the_server_recalibrates_on_each_window_it_served(monkeypatch) -> None:
+    """`recalibrate_on="window"` (`dynaexq serve --recalibrate-on window`): again on the
+    next N tokens of finished requests, each time on those alone."""
+    sched, seen, texts = _serve_one_at_a_time(
+        monkeypatch, recalibrate_tokens=100, recalibrate_on="window"
+    )
+    # 70 + 80 tokens, then 60 + 50: each pair reaches 100.
+    assert sched.recalibrations == 2
+    assert seen == [texts[:2], texts[2:]]
 
 
 def _regime_recalibrations(small_engine, monkeypatch, stream: np.ndarray, tokens: int, step=32):

@@ -67,6 +67,7 @@ def test_policies_are_checked() -> None:
         (["--max-context", "1"], "--max-context"),
         (["--recalibrate-tokens", "-1"], "--recalibrate-tokens"),
         (["--recalibrate-tokens", "512", "--policy", "full"], "needs --policy dynamic"),
+        (["--recalibrate-on", "window"], "needs --recalibrate-tokens"),
         (["--model", "/nonexistent/model"], "config.json"),
         (["--calibration", "/nonexistent/calibration.txt", "--policy", "dynamic"], "No such"),
     ],

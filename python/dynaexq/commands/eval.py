@@ -30,8 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--domains",
         default="embedded",
         help="embedded (the model's held-out splits), unseen (every domain built by "
-        "scripts/build_unseen_domains.py), tuning, held-back, fresh, final, round8, or a "
-        "comma list of unseen domain names",
+        "scripts/build_unseen_domains.py), tuning, held-back, fresh, final, round8, round9, "
+        "or a comma list of unseen domain names",
     )
     p.add_argument("--offsets", type=int, default=1, help="scored slices per domain (seeds)")
     p.add_argument(

@@ -123,6 +123,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "0 (the default): never",
     )
     parser.add_argument(
+        "--recalibrate-on",
+        choices=("first", "window"),
+        default="first",
+        help="with --recalibrate-tokens: once on the first tokens served, or again on each "
+        "next --recalibrate-tokens (the values follow the text served as it changes)",
+    )
+    parser.add_argument(
         "--drain-timeout",
         type=float,
         default=60.0,
@@ -206,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--recalibrate-tokens must be >= 0")
     if args.recalibrate_tokens and args.policy != "dynamic":
         return _fail("--recalibrate-tokens needs --policy dynamic")
+    if args.recalibrate_on != "first" and not args.recalibrate_tokens:
+        return _fail("--recalibrate-on needs --recalibrate-tokens")
     if args.max_context is not None and args.max_context < 2:
         return _fail("--max-context must be >= 2")
     if not 0 <= args.port <= 65535:
@@ -283,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
         kv_share=kv_share,
         cuda_graphs=args.cuda_graphs,
         recalibrate_tokens=args.recalibrate_tokens,
+        recalibrate_on=args.recalibrate_on,
     )
     try:
         app = create_app(engine, stats, config)

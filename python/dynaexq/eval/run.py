@@ -43,7 +43,8 @@ def unseen_domains(which: str = "all", root: Path | None = None) -> dict[str, np
     scripts/build_unseen_domains.py into `root` (default ~/.cache/dynaexq/domains) and
     checked against the committed manifest. `which`: "all", "tuning", "held-back",
     "fresh" (the domains held back for round six), "final" (held back for round seven),
-    "round8" (held back for round eight) or a comma-separated list of names."""
+    "round8" (held back for round eight), "round9" (for round nine) or a comma-separated
+    list of names."""
     import hashlib
     import json
 
@@ -55,6 +56,7 @@ def unseen_domains(which: str = "all", root: Path | None = None) -> dict[str, np
         "fresh": manifest.get("fresh", []),
         "final": manifest.get("final", []),
         "round8": manifest.get("round8", []),
+        "round9": manifest.get("round9", []),
     }.get(which) or [n.strip() for n in which.split(",")]
     root = root or UNSEEN_DIR
     out = {}

@@ -104,6 +104,7 @@ class ServerConfig:
     kv_share: KvShare | None = None
     cuda_graphs: bool = False  # decode under CUDA graphs where the engine can (scheduler)
     recalibrate_tokens: int = 0  # dynamic: calibrate again once on this much served text
+    recalibrate_on: str = "first"  # "window": and again on each next as much
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,7 @@ def create_app(
             kv_lender=lender if hasattr(lender, "lend_to_kv") else None,
             cuda_graphs=config.cuda_graphs,
             recalibrate_tokens=config.recalibrate_tokens,
+            recalibrate_on=config.recalibrate_on,
         )
         if config.kv_share is not None:
             metrics.bind_kv(scheduler.kv_stats)

@@ -234,6 +234,7 @@ class Scheduler:
         cuda_graphs: bool = False,
         graph_step: Callable[..., Any] | None = None,
         recalibrate_tokens: int = 0,
+        recalibrate_on: str = "first",
     ) -> None:
         """cuda_graphs=True: decode steps replay a CUDA graph per batch and key-slot bucket
         (`runtime.graphs.SlabGraphs`) when the engine can (a CUDA device, the precision
@@ -243,7 +244,10 @@ class Scheduler:
 
         recalibrate_tokens > 0 (a dynamic policy): once the finished sequences hold this
         many tokens (prompts and generated), the precision runtime is calibrated again on
-        them, once, between two steps (`runtime.recalibrate`); else a warning."""
+        them between two steps (`runtime.recalibrate`): once (`recalibrate_on` "first"),
+        or again on each next as many ("window"); else a warning."""
+        if recalibrate_on not in ("first", "window"):
+            raise ValueError(f"recalibrate_on must be first or window, got {recalibrate_on!r}")
         if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1:
             raise ValueError("max_batch and max_prefill_tokens must be >= 1, max_queue >= 0")
         config = engine.config
@@ -273,8 +277,9 @@ class Scheduler:
             )
         else:
             self._setup_pages(kv_share, kv_budget)
-        # Tokens still to serve before the one recalibration (None: off, or done).
+        # Tokens still to serve before the next recalibration (None: off, or done).
         self._recal_pending: int | None = None
+        self._recal_every = recalibrate_tokens if recalibrate_on == "window" else None
         self._served: list[np.ndarray] = []
         self.recalibrations = 0
         if recalibrate_tokens > 0:
@@ -702,7 +707,7 @@ class Scheduler:
     def _recalibrate(self) -> None:
         from dynaexq.runtime.recalibrate import recalibrate
 
-        served, self._served, self._recal_pending = self._served, [], None
+        served, self._served, self._recal_pending = self._served, [], self._recal_every
         t0 = time.perf_counter()
         try:
             recalibrate(self.engine, self.engine.deployment, served)  # type: ignore[attr-defined]
