@@ -360,6 +360,7 @@ def test_dynamic_recal_calibrates_again_once_on_the_scored_text(
         chunk=16,
         controller=ControllerSettings(in_flight=1, replan_every=1, planner="value"),
         recalibrate_tokens=250,  # 2 streams x 16 tokens a step: after 8 steps (256 tokens)
+        recalibrate_on="first",
     )
     summary = run_policies(model_dir, domains, cfg, progress=lambda s: None)
     assert calls == [[8 * 16 + 1, 8 * 16 + 1]]

@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--recalibrate-on",
         choices=("first", "regime", "window"),
-        default="first",
+        default="window",
         help="dynamic-recal: once on the first tokens; again on each new workload regime's "
         "own text (the regime signal); or every --recalibrate-tokens on the last ones",
     )

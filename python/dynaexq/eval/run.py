@@ -164,7 +164,7 @@ class EvalConfig:
     # `recalibrate_on` says (runtime/recalibrate.py: "first" once, "regime" again on each
     # new workload regime's text, "window" every this many tokens on the last ones).
     recalibrate_tokens: int = 1024
-    recalibrate_on: str = "first"
+    recalibrate_on: str = "window"
 
 
 @dataclass
