@@ -4,6 +4,7 @@ one that fits (checked against brute force), the best uniform tier, margins."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +182,37 @@ def test_offsets_and_mixed_batches_cut_disjoint_slices() -> None:
     assert m.shape == (4, 129)
     assert (m[0] < 100_000).all() and (m[1] >= 100_000).all()
     assert set(m[0]) <= set(range(512, 1024 + 1))
+
+
+def test_results_table_reads_the_cells_margins(tmp_path, capsys) -> None:
+    """scripts/results_table.py (the README's table): the cell's best static and the
+    margins over it, from an eval's JSON."""
+    import importlib.util
+    import json
+
+    e = np.e
+    runs = [
+        *(_run("full", "-", "d", e**1.0, o, "-") for o in range(2)),
+        *(_run("static", "-", "d", e**2.0, o, "-", "int2") for o in range(2)),
+        _run("uniform", "4bits", "d", e**1.1, 0, "-", "int4"),  # 90%
+        _run("uniform", "4bits", "d", e**1.5, 1, "-", "int4"),  # 50%
+        _run("static-knapsack", "4bits", "d", e**1.4, 0),  # 60%
+        _run("static-knapsack", "4bits", "d", e**1.3, 1),  # 70%
+        _run("dynamic", "4bits", "d", e**1.3, 0),  # 70%
+        _run("dynamic", "4bits", "d", e**1.25, 1),  # 75%
+    ]
+    s = summarize(runs, EvalConfig(budgets=("4bits",)))
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"eval": s, "shift": None}))
+    script = Path(__file__).resolve().parent.parent / "scripts" / "results_table.py"
+    spec = importlib.util.spec_from_file_location("results_table", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(path), "--policies", "dynamic"]) == 0
+    out = capsys.readouterr().out
+    # uniform 70.0 mean, knapsack 65.0, dynamic 72.5: +2.5 over the cell's best.
+    assert (
+        "| 4bits | domain | 70.0-70.0 (int4) | - | 65.0-65.0 | 70.0-70.0 | **72.5-72.5** | +2.5 |"
+        in out
+    )
+    assert "1 / 1 cells within 0.5" in out and "0 / 1 within 0.5 of the per-slice" in out
