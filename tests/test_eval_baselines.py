@@ -124,46 +124,42 @@ def test_margin_is_over_the_best_static_that_fits() -> None:
     assert ("20%", "static-map") not in rows
 
 
-def test_cell_margin_is_over_the_best_single_static_by_mean() -> None:
-    # Two statics that take turns being best: the per-slice best is their maximum on each
-    # offset (no one static reaches it); the cell's best is the one with the best mean.
+def _two_offsets(uniform: tuple[float, float], dynamic: tuple[float, float]) -> list:
+    """Runs on 2 offsets: full at log-ppl 1, static int2 at 2, the knapsack at 60% / 70%,
+    uniform int4 and dynamic at the given gaps recovered (%)."""
     e = np.e
-    runs = [
+
+    def at(g: float) -> float:
+        return e ** (2.0 - g / 100.0)
+
+    return [
         *(_run("full", "-", "d", e**1.0, o, "-") for o in range(2)),
         *(_run("static", "-", "d", e**2.0, o, "-", "int2") for o in range(2)),
-        _run("uniform", "4bits", "d", e**1.2, 0, "-", "int4"),  # 80%
-        _run("uniform", "4bits", "d", e**1.6, 1, "-", "int4"),  # 40%
-        _run("static-knapsack", "4bits", "d", e**1.4, 0),  # 60%
-        _run("static-knapsack", "4bits", "d", e**1.3, 1),  # 70%
-        _run("dynamic", "4bits", "d", e**1.35, 0),  # 65%
-        _run("dynamic", "4bits", "d", e**1.25, 1),  # 75%
+        *(_run("uniform", "4bits", "d", at(g), o, "-", "int4") for o, g in enumerate(uniform)),
+        *(_run("static-knapsack", "4bits", "d", at(g), o) for o, g in enumerate((60, 70))),
+        *(_run("dynamic", "4bits", "d", at(g), o) for o, g in enumerate(dynamic)),
     ]
-    s = summarize(runs, EvalConfig(budgets=("4bits",)))
-    (row,) = [m for m in s["margins"] if m["policy"] == "dynamic"]
-    # Per slice: 65 - 80 and 75 - 70.
-    assert row["margin_mean"] == pytest.approx(-5.0)
-    # The knapsack's mean (65) beats uniform int4's (60).
-    assert row["cell_best_static"] == "static-knapsack"
-    assert row["margin_over_cell_best"] == pytest.approx(70.0 - 65.0)
 
 
-def test_cell_margin_takes_the_static_with_the_best_mean() -> None:
-    e = np.e
-    runs = [
-        *(_run("full", "-", "d", e**1.0, o, "-") for o in range(2)),
-        *(_run("static", "-", "d", e**2.0, o, "-", "int2") for o in range(2)),
-        _run("uniform", "4bits", "d", e**1.1, 0, "-", "int4"),  # 90%
-        _run("uniform", "4bits", "d", e**1.5, 1, "-", "int4"),  # 50%
-        _run("static-knapsack", "4bits", "d", e**1.4, 0),  # 60%
-        _run("static-knapsack", "4bits", "d", e**1.3, 1),  # 70%
-        _run("dynamic", "4bits", "d", e**1.3, 0),  # 70%
-        _run("dynamic", "4bits", "d", e**1.3, 1),  # 70%
-    ]
-    s = summarize(runs, EvalConfig(budgets=("4bits",)))
+@pytest.mark.parametrize(
+    "uniform,dynamic,per_slice,cell_best,over_cell",
+    [
+        # Two statics that take turns being best: the per-slice best is their maximum on
+        # each offset (no one static reaches it); the cell's best is the knapsack (65
+        # against uniform's 60). Per slice: 65 - 80 and 75 - 70.
+        ((80, 40), (65, 75), -5.0, "static-knapsack", 70.0 - 65.0),
+        # Uniform's mean (70) beats the knapsack's (65).
+        ((90, 50), (70, 70), ((70 - 90) + (70 - 70)) / 2, "uniform (int4)", 0.0),
+    ],
+)
+def test_cell_margin_is_over_the_best_single_static_by_mean(
+    uniform, dynamic, per_slice, cell_best, over_cell
+) -> None:
+    s = summarize(_two_offsets(uniform, dynamic), EvalConfig(budgets=("4bits",)))
     (row,) = [m for m in s["margins"] if m["policy"] == "dynamic"]
-    assert row["margin_mean"] == pytest.approx(((70 - 90) + (70 - 70)) / 2)
-    assert row["cell_best_static"] == "uniform (int4)"  # mean 70 against the knapsack's 65
-    assert row["margin_over_cell_best"] == pytest.approx(0.0)
+    assert row["margin_mean"] == pytest.approx(per_slice)
+    assert row["cell_best_static"] == cell_best
+    assert row["margin_over_cell_best"] == pytest.approx(over_cell)
 
 
 def test_offsets_and_mixed_batches_cut_disjoint_slices() -> None:
@@ -190,17 +186,7 @@ def test_results_table_reads_the_cells_margins(tmp_path, capsys) -> None:
     import importlib.util
     import json
 
-    e = np.e
-    runs = [
-        *(_run("full", "-", "d", e**1.0, o, "-") for o in range(2)),
-        *(_run("static", "-", "d", e**2.0, o, "-", "int2") for o in range(2)),
-        _run("uniform", "4bits", "d", e**1.1, 0, "-", "int4"),  # 90%
-        _run("uniform", "4bits", "d", e**1.5, 1, "-", "int4"),  # 50%
-        _run("static-knapsack", "4bits", "d", e**1.4, 0),  # 60%
-        _run("static-knapsack", "4bits", "d", e**1.3, 1),  # 70%
-        _run("dynamic", "4bits", "d", e**1.3, 0),  # 70%
-        _run("dynamic", "4bits", "d", e**1.25, 1),  # 75%
-    ]
+    runs = _two_offsets((90, 50), (70, 75))
     s = summarize(runs, EvalConfig(budgets=("4bits",)))
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"eval": s, "shift": None}))
