@@ -68,6 +68,10 @@ def test_policies_are_checked() -> None:
         (["--recalibrate-tokens", "-1"], "--recalibrate-tokens"),
         (["--recalibrate-tokens", "512", "--policy", "full"], "needs --policy dynamic"),
         (["--recalibrate-on", "window"], "needs --recalibrate-tokens"),
+        (
+            ["--replicas", "2", "--recalibrate-tokens", "512", "--policy", "full"],
+            "needs --policy dynamic",
+        ),
         (["--model", "/nonexistent/model"], "config.json"),
         (["--calibration", "/nonexistent/calibration.txt", "--policy", "dynamic"], "No such"),
     ],
@@ -205,3 +209,16 @@ def test_sampling_defaults_from_generation_config(config, want, tmp_path: Path) 
         (tmp_path / "generation_config.json").write_text(json.dumps(config))
     d = SamplingDefaults.from_checkpoint(tmp_path)
     assert (d.temperature, d.top_p, d.top_k) == want
+
+
+def test_ray_options_take_the_recalibration_and_refuse_bad_ones() -> None:
+    from dynaexq.serve.ray.options import RayServeOptions
+
+    opts = RayServeOptions.from_args(
+        {"budget": "20%", "recalibrate_tokens": 512, "recalibrate_on": "window"}
+    )
+    assert (opts.policy, opts.recalibrate_tokens, opts.recalibrate_on) == ("dynamic", 512, "window")
+    with pytest.raises(ValueError, match="recalibrate_on"):
+        RayServeOptions.from_args({"recalibrate_on": "often"})
+    with pytest.raises(ValueError, match="needs the dynamic policy"):
+        RayServeOptions.from_args({"policy": "full", "recalibrate_tokens": 512})

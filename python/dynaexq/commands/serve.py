@@ -199,6 +199,12 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_batch", "max_prefill_tokens"):
         if getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be >= 1")
+    if args.recalibrate_tokens < 0:
+        return _fail("--recalibrate-tokens must be >= 0")
+    if args.recalibrate_tokens and args.policy != "dynamic":
+        return _fail("--recalibrate-tokens needs --policy dynamic")
+    if args.recalibrate_on != "first" and not args.recalibrate_tokens:
+        return _fail("--recalibrate-on needs --recalibrate-tokens")
     if getattr(args, "replicas", None) is not None:
         if args.replicas < 1:
             return _fail("--replicas must be >= 1")
@@ -209,12 +215,6 @@ def run(args: argparse.Namespace) -> int:
         return serve_main(args)
     if args.max_queue < 0:
         return _fail("--max-queue must be >= 0")
-    if args.recalibrate_tokens < 0:
-        return _fail("--recalibrate-tokens must be >= 0")
-    if args.recalibrate_tokens and args.policy != "dynamic":
-        return _fail("--recalibrate-tokens needs --policy dynamic")
-    if args.recalibrate_on != "first" and not args.recalibrate_tokens:
-        return _fail("--recalibrate-on needs --recalibrate-tokens")
     if args.max_context is not None and args.max_context < 2:
         return _fail("--max-context must be >= 2")
     if not 0 <= args.port <= 65535:

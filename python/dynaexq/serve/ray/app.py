@@ -94,6 +94,8 @@ def serve_main(args: Any) -> int:
         "max_context": args.max_context,
         "max_prefill_tokens": args.max_prefill_tokens,
         "cuda_graphs": getattr(args, "cuda_graphs", False),
+        "recalibrate_tokens": getattr(args, "recalibrate_tokens", 0),
+        "recalibrate_on": getattr(args, "recalibrate_on", "first"),
         "drain_timeout": args.drain_timeout,
         "replicas": args.replicas,
         "router": args.router,

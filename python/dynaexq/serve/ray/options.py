@@ -38,6 +38,10 @@ class RayServeOptions:
     max_context: int | None = None
     max_prefill_tokens: int = 1024
     cuda_graphs: bool = False  # per replica: decode under CUDA graphs where it can
+    # Per replica, dynamic policy: calibrate again on this many tokens of its finished
+    # requests, once ("first") or on each next as many ("window"); 0: never.
+    recalibrate_tokens: int = 0
+    recalibrate_on: str = "first"
     drain_timeout: float = 60.0
     replicas: int = 1
     num_cpus: float = 1.0  # per replica
@@ -63,6 +67,13 @@ class RayServeOptions:
             raise ValueError("replicas must be >= 1")
         if opts.policy is None:
             opts.policy = "dynamic" if opts.budget is not None else "full"
+        if opts.recalibrate_tokens < 0 or opts.recalibrate_on not in ("first", "window"):
+            raise ValueError(
+                "recalibrate_tokens must be >= 0 and recalibrate_on first or window, got "
+                f"{opts.recalibrate_tokens}, {opts.recalibrate_on!r}"
+            )
+        if opts.recalibrate_tokens and opts.policy != "dynamic":
+            raise ValueError("recalibrate_tokens needs the dynamic policy")
         return opts
 
     def runtime_spec(self, max_context: int) -> RuntimeSpec:

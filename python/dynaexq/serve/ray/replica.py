@@ -49,6 +49,8 @@ class ReplicaServer:
             max_prefill_tokens=opts.max_prefill_tokens,
             metrics=self.metrics,
             cuda_graphs=opts.cuda_graphs,
+            recalibrate_tokens=opts.recalibrate_tokens,
+            recalibrate_on=opts.recalibrate_on,
         )
         self.scheduler.start()
         self.drain_timeout = opts.drain_timeout
