@@ -202,10 +202,10 @@ def test_offload_runs_at_full_tier_and_counts_waiting(store, model_dir, cache) -
     assert snap["pool_used_bytes"]["bf16"] <= snap["pool_capacity_bytes"]["bf16"]
 
 
-def test_run_policies_reports_every_policy_and_the_gap(model_dir, cache, monkeypatch) -> None:
-    monkeypatch.setenv("DYNAEXQ_CACHE", str(cache))
-    domains = {"a": tokens(6000, seed=4), "b": tokens(6000, seed=5) % 64}
-    cfg = EvalConfig(
+def small_eval(**kw) -> EvalConfig:
+    """The eval on the tiny model: two tiers, 25%, 1024 scored and calibration tokens, 2
+    streams of 64-token windows scored 16 tokens a step (each `kw` replaces one)."""
+    base = dict(
         tiers=TIERS,
         budgets=("25%",),
         tokens_per_domain=1024,
@@ -214,6 +214,14 @@ def test_run_policies_reports_every_policy_and_the_gap(model_dir, cache, monkeyp
         window=64,
         chunk=16,
         controller=ControllerSettings(in_flight=1, replan_every=1),
+    )
+    return EvalConfig(**{**base, **kw})
+
+
+def test_run_policies_reports_every_policy_and_the_gap(model_dir, cache, monkeypatch) -> None:
+    monkeypatch.setenv("DYNAEXQ_CACHE", str(cache))
+    domains = {"a": tokens(6000, seed=4), "b": tokens(6000, seed=5) % 64}
+    cfg = small_eval(
         variants=(Variant("dynamic-slow", None, (("alpha", 0.9),)),),
         variant_budget="25%",
     )
@@ -349,15 +357,8 @@ def test_dynamic_recal_calibrates_again_once_on_the_scored_text(
 
     monkeypatch.setattr(recal, "recalibrate", spy)
     domains = {"a": tokens(6000, seed=4)}
-    cfg = EvalConfig(
-        tiers=TIERS,
+    cfg = small_eval(
         policies=("full", "static", "dynamic", "dynamic-recal"),
-        budgets=("25%",),
-        tokens_per_domain=1024,
-        calibration_tokens=1024,
-        streams=2,
-        window=64,
-        chunk=16,
         controller=ControllerSettings(in_flight=1, replan_every=1, planner="value"),
         recalibrate_tokens=250,  # 2 streams x 16 tokens a step: after 8 steps (256 tokens)
         recalibrate_on="first",
@@ -382,12 +383,8 @@ def test_shift_reports_every_segment_and_where_dynamic_recal_recalibrated(
     texts: list[int] = []
     monkeypatch.setattr(recal, "recalibrate", lambda e, d, s: texts.append(len(s[0])))
     domains = {"a": tokens(6000, seed=4), "b": tokens(6000, seed=5) % 64}
-    cfg = EvalConfig(
-        tiers=TIERS,
+    cfg = small_eval(
         policies=("full", "static", "static-knapsack", "dynamic", "dynamic-recal"),
-        calibration_tokens=1024,
-        window=64,
-        chunk=16,
         controller=ControllerSettings(in_flight=1, replan_every=1, planner="value"),
         recalibrate_tokens=300,  # one stream: every 304 tokens (19 steps of 16)
         recalibrate_on="window",

@@ -15,7 +15,10 @@ HELP = "compare policies (full, static, static-map, dynamic, offload) at equal m
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dynaexq.runtime.policy import DEFAULT_CONTROLLER  # dataclasses only: cheap
+    from dynaexq.runtime.policy import (  # dataclasses only: cheap
+        DEFAULT_CONTROLLER,
+        RECALIBRATION_TRIGGERS,
+    )
 
     p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: embedded)")
     p.add_argument(
@@ -65,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--recalibrate-on",
-        choices=("first", "regime", "window"),
+        choices=RECALIBRATION_TRIGGERS,
         default="window",
         help="dynamic-recal: once on the first tokens; again on each new workload regime's "
         "own text (the regime signal); or every --recalibrate-tokens on the last ones",

@@ -122,9 +122,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "steps (the knapsack of the served text; serving pauses while it measures). "
         "0 (the default): never",
     )
+    from dynaexq.runtime.policy import SERVED_RECALIBRATION_TRIGGERS  # dataclasses only
+
     parser.add_argument(
         "--recalibrate-on",
-        choices=("first", "window"),
+        choices=SERVED_RECALIBRATION_TRIGGERS,
         default="first",
         help="with --recalibrate-tokens: once on the first tokens served, or again on each "
         "next --recalibrate-tokens (the values follow the text served as it changes)",

@@ -130,7 +130,7 @@ def run_shift(
     }
     if ut is not None:
         policies["uniform"] = Policy("static", tiers=(ustore.tiers[ut].name,))
-    if "dynamic-recal" in cfg.policies:  # calibrates again on each regime's own text
+    if "dynamic-recal" in cfg.policies:  # calibrates again as cfg.recalibrate_on says
         policies["dynamic-recal"] = Policy("dynamic", tiers=cfg.tiers, controller=cfg.controller)
     for name in ("full", *policies):
         dep = None

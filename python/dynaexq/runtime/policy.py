@@ -169,6 +169,12 @@ class Policy:
 # round six: the knapsack and dynamic gain 6 points of gap on average over the tuning
 # sets' cells).
 DEFAULT_TIERS = ("int2", "int3", "int4", "bf16")
+# When dynamic calibrates again on served text (runtime/recalibrate.py): once on the first
+# tokens, on each new workload regime's text, or on a timer on the last ones. A server
+# takes the first and the last (its text arrives as finished requests).
+RECALIBRATION_TRIGGERS = ("first", "regime", "window")
+SERVED_RECALIBRATION_TRIGGERS = ("first", "window")
+
 DEFAULT_CONTROLLER = ControllerSettings(
     signal="regime",
     shift_ratio=1.5,

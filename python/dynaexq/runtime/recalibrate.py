@@ -31,7 +31,7 @@ from dynaexq.runtime.load import (
     measure_values,
     measured_value_std,
 )
-from dynaexq.runtime.policy import ControllerSettings
+from dynaexq.runtime.policy import RECALIBRATION_TRIGGERS, ControllerSettings
 from dynaexq.runtime.store import TierStore
 
 
@@ -68,9 +68,6 @@ def _measure(engine, store: TierStore, c: ControllerSettings, streams: list[np.n
     return (scores, *measure_values(engine, store, c, streams, cache=False))
 
 
-TRIGGERS = ("first", "regime", "window")
-
-
 class Recalibration:
     """When to calibrate again on served text, and on which: once `tokens` served tokens
     (all streams together) lie behind the start of the current stretch of text,
@@ -85,8 +82,9 @@ class Recalibration:
 
     Why not only once: after a shift (javascript -> sql -> toml) the tier values stay the
     first domain's. But within one of these domains the routing of successive 1024-token
-    windows differs by as much (total variation 0.1-0.4) as across two of them (0.3-0.4),
-    so the regime signal declares false changes often; "window" refreshes on a timer.
+    windows differs by as much (total variation 0.06-0.41) as across two of them
+    (0.32-0.43), so the regime signal declares false changes often; "window" refreshes on
+    a timer.
 
     `step(position, text)`: called after each step of a scoring or serving loop, with the
     tokens per stream served so far and a function giving the streams' text between two
@@ -96,8 +94,10 @@ class Recalibration:
         self, engine, deployment: Deployment, tokens: int, streams: int = 1,
         trigger: str = "first",
     ) -> None:  # fmt: skip
-        if trigger not in TRIGGERS:
-            raise ValueError(f"trigger must be one of {', '.join(TRIGGERS)}, got {trigger!r}")
+        if trigger not in RECALIBRATION_TRIGGERS:
+            raise ValueError(
+                f"trigger must be one of {', '.join(RECALIBRATION_TRIGGERS)}, got {trigger!r}"
+            )
         rt = getattr(engine, "precision", None)
         if trigger == "regime" and getattr(rt, "regime", None) is None:
             raise ValueError("regime recalibration needs a dynamic policy with signal 'regime'")

@@ -246,7 +246,9 @@ class Scheduler:
         many tokens (prompts and generated), the precision runtime is calibrated again on
         them between two steps (`runtime.recalibrate`): once (`recalibrate_on` "first"),
         or again on each next as many ("window"); else a warning."""
-        if recalibrate_on not in ("first", "window"):
+        from dynaexq.runtime.policy import SERVED_RECALIBRATION_TRIGGERS
+
+        if recalibrate_on not in SERVED_RECALIBRATION_TRIGGERS:
             raise ValueError(f"recalibrate_on must be first or window, got {recalibrate_on!r}")
         if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1:
             raise ValueError("max_batch and max_prefill_tokens must be >= 1, max_queue >= 0")

@@ -67,7 +67,9 @@ class RayServeOptions:
             raise ValueError("replicas must be >= 1")
         if opts.policy is None:
             opts.policy = "dynamic" if opts.budget is not None else "full"
-        if opts.recalibrate_tokens < 0 or opts.recalibrate_on not in ("first", "window"):
+        from dynaexq.runtime.policy import SERVED_RECALIBRATION_TRIGGERS
+
+        if opts.recalibrate_tokens < 0 or opts.recalibrate_on not in SERVED_RECALIBRATION_TRIGGERS:
             raise ValueError(
                 "recalibrate_tokens must be >= 0 and recalibrate_on first or window, got "
                 f"{opts.recalibrate_tokens}, {opts.recalibrate_on!r}"
