@@ -29,15 +29,23 @@ round seven), then ``cmake``, ``xml`` and ``html`` (added for round seven, untou
 its report: ``--domains final``), ``javascript``, ``sql``, ``toml`` (round eight) and
 ``php``, ``proto``, ``json`` (round nine; ``css`` is built too, a spare, untouched).
 
+Cargo's registry contributes only the crates the project's lock files name (``Cargo.lock``
+and ``fuzz/Cargo.lock``, fetched first with ``cargo fetch --locked``): a registry also holds
+whatever else was ever built on the machine, which made sets differ between machines.
+Every file taken is recorded in the manifest (its root, path and a hash of its bytes), so
+that a machine whose files differ can tell which ones.
+
 Excluded everywhere: ``/usr/share/doc`` (Debian documentation), ``/usr/include``,
 ``/usr/share/man``, CPython's own tree outside site-packages, and minified files (any
 line over 1000 characters). Files are taken in sorted path order, each kept or skipped
 by a hash of its path (deterministic), concatenated with a blank line between them,
 tokenised with the embedded model's tokenizer and cut at ``--tokens``. Output (outside
-the clone by default): ``DIR/<domain>.npy`` (int32 token ids) and ``DIR/manifest.json``
-(sources, file counts, token counts, sha256 of each array). A copy of the manifest is
-committed as ``python/dynaexq/eval/unseen_manifest.json``; `dynaexq eval --domains
-unseen` reads the arrays from the cache and checks them against it.
+the clone by default): ``DIR/<domain>.npy`` (int32 token ids), ``DIR/manifest.json``
+(roots, file counts, token counts, sha256 of each array) and ``DIR/sources.json`` (per
+domain the files taken: root, path, first 16 hex digits of the sha256 of the bytes).
+Copies of both are committed as ``python/dynaexq/eval/unseen_manifest.json`` and
+``unseen_sources.json``; `dynaexq eval --domains unseen` reads the arrays from the cache,
+checks them against the manifest and, where one differs, names the files that do.
 
 Usage::
 
@@ -50,12 +58,17 @@ import argparse
 import hashlib
 import json
 import site
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import tomllib
 
 HOME = Path.home()
+REPO = Path(__file__).resolve().parent.parent
+REGISTRY = HOME / ".cargo" / "registry" / "src"
+LOCK_FILES = (REPO / "Cargo.lock", REPO / "fuzz" / "Cargo.lock")
 EXCLUDE = ("/usr/share/doc/", "/usr/include/", "/usr/share/man/")
 
 
@@ -65,37 +78,37 @@ def _site_dirs() -> list[Path]:
 
 
 SOURCES: dict[str, tuple[list[Path], tuple[str, ...]]] = {
-    "rust": ([HOME / ".cargo" / "registry" / "src"], ("*.rs",)),
-    "yaml": ([*_site_dirs(), HOME / ".cargo" / "registry" / "src"], ("*.yml", "*.yaml")),
+    "rust": ([REGISTRY], ("*.rs",)),
+    "yaml": ([*_site_dirs(), REGISTRY], ("*.yml", "*.yaml")),
     "perl": ([Path("/usr/share/perl"), Path("/usr/share/perl5")], ("*.pm",)),
     "shell": ([Path("/usr"), Path("/etc"), Path("/opt"), *_site_dirs()], ("*.sh",)),
     "pypkg": (_site_dirs(), ("*.py",)),
     "tcl": ([Path("/usr/share"), Path("/usr/lib"), *_site_dirs()], ("*.tcl",)),
-    "markdown": ([*_site_dirs(), HOME / ".cargo" / "registry" / "src"], ("*.md",)),
+    "markdown": ([*_site_dirs(), REGISTRY], ("*.md",)),
     "cpp": (
-        [HOME / ".cargo" / "registry" / "src", *_site_dirs(), Path("/usr/share")],
+        [REGISTRY, *_site_dirs(), Path("/usr/share")],
         ("*.cpp", "*.cc", "*.hpp"),
     ),
     "html": (
-        [Path("/usr/share"), Path("/usr/lib"), *_site_dirs(), HOME / ".cargo" / "registry" / "src"],
+        [Path("/usr/share"), Path("/usr/lib"), *_site_dirs(), REGISTRY],
         ("*.html", "*.htm"),
     ),
     "cmake": (
-        [Path("/usr"), HOME / ".cargo" / "registry" / "src", *_site_dirs()],
+        [Path("/usr"), REGISTRY, *_site_dirs()],
         ("CMakeLists.txt", "*.cmake"),
     ),
     "xml": ([Path("/usr/share"), Path("/etc"), *_site_dirs()], ("*.xml",)),
     "javascript": ([Path("/usr/share"), Path("/usr/lib"), *_site_dirs()], ("*.js",)),
     "sql": ([Path("/usr/share"), Path("/usr/lib"), *_site_dirs()], ("*.sql",)),
     "toml": (
-        [HOME / ".cargo" / "registry" / "src", *_site_dirs(), Path("/usr/share")],
+        [REGISTRY, *_site_dirs(), Path("/usr/share")],
         ("*.toml",),
     ),
     "php": ([Path("/usr/share"), Path("/usr/lib"), *_site_dirs()], ("*.php",)),
     "css": ([Path("/usr/share"), Path("/usr/lib"), *_site_dirs()], ("*.css",)),
     "proto": ([*_site_dirs(), Path("/usr/lib"), Path("/usr/share")], ("*.proto",)),
     "json": (
-        [*_site_dirs(), HOME / ".cargo" / "registry" / "src", Path("/usr/share")],
+        [*_site_dirs(), REGISTRY, Path("/usr/share")],
         ("*.json",),
     ),
 }
@@ -109,14 +122,47 @@ ROUND8 = ("javascript", "sql", "toml")
 ROUND9 = ("php", "proto", "json")
 
 
+def locked_crates(lock_files=LOCK_FILES) -> set[str]:
+    """`name-version` of every registry package the lock files name."""
+    out: set[str] = set()
+    for lock in lock_files:
+        if lock.is_file():
+            for pkg in tomllib.loads(lock.read_text()).get("package", []):
+                if str(pkg.get("source", "")).startswith("registry+"):
+                    out.add(f"{pkg['name']}-{pkg['version']}")
+    return out
+
+
+def fetch_locked_crates(lock_files=LOCK_FILES) -> None:
+    """Bring the locked crates into cargo's registry (a no-op when they are there)."""
+    for lock in lock_files:
+        manifest = lock.with_name("Cargo.toml")
+        if manifest.is_file():
+            try:
+                subprocess.run(
+                    ["cargo", "fetch", "--locked", "--manifest-path", str(manifest)],
+                    check=True, capture_output=True, text=True,
+                )  # fmt: skip
+            except (OSError, subprocess.CalledProcessError) as e:
+                err = getattr(e, "stderr", "") or e
+                print(f"warning: cargo fetch for {manifest} failed: {err}", file=sys.stderr)
+
+
+def in_registry_scope(rel: Path, crates: set[str]) -> bool:
+    """A path under the registry (`<index>/<crate>-<version>/...`) of a locked crate."""
+    return len(rel.parts) > 2 and rel.parts[1] in crates
+
+
 def _key(domain: str, path: str) -> bytes:
     return hashlib.sha256(f"{domain}\x00{path}".encode()).digest()
 
 
-def documents(domain: str, max_bytes: int = 24_000):
+def documents(domain: str, max_bytes: int = 24_000, crates: set[str] | None = None):
     """Files of `domain` in a deterministic pseudo-random order (a hash of the path), so
-    that the text spreads over many packages instead of the first ones alphabetically."""
+    that the text spreads over many packages instead of the first ones alphabetically;
+    under cargo's registry only those of `crates` (default: the locked ones)."""
     roots, patterns = SOURCES[domain]
+    crates = locked_crates() if crates is None else crates
     seen: set[Path] = set()
     found: list[tuple[bytes, str, Path, Path]] = []
     for root in roots:
@@ -132,6 +178,8 @@ def documents(domain: str, max_bytes: int = 24_000):
                     continue
                 if any(x in str(rp) for x in EXCLUDE) or str(rp).startswith("/work/"):
                     continue
+                if root == REGISTRY and not in_registry_scope(p.relative_to(root), crates):
+                    continue
                 seen.add(rp)
                 rel = str(p.relative_to(root))
                 found.append((_key(domain, rel), rel, root, rp))
@@ -146,7 +194,12 @@ def documents(domain: str, max_bytes: int = 24_000):
         text = data.decode("utf-8", errors="replace")
         if max((len(line) for line in text.splitlines()), default=0) > 1000:
             continue  # minified or generated
-        yield rel, root, text
+        yield rel, root, text, hashlib.sha256(data).hexdigest()[:16]
+
+
+def _label(root: Path) -> str:
+    """A root as the manifest names it: home and the Python version spelled out."""
+    return str(root).replace(str(HOME), "~")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,10 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     from dynaexq.tokenizer import Tokenizer
 
     tok = Tokenizer(EMBEDDED_MODEL_DIR)
+    fetch_locked_crates()
+    crates = locked_crates()
     args.out.mkdir(parents=True, exist_ok=True)
     # Domains built before keep their entries (a subset can be rebuilt alone).
     old = args.out / "manifest.json"
     kept = json.loads(old.read_text())["domains"] if old.is_file() else {}
+    old_sources = args.out / "sources.json"
+    all_sources = json.loads(old_sources.read_text()) if old_sources.is_file() else {}
     manifest: dict[str, object] = {
         "tokens_per_domain": args.tokens,
         "tuning": list(TUNING),
@@ -178,10 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         ids: list[int] = []
         files = 0
         roots: set[str] = set()
-        for _rel, root, text in documents(domain):
+        sources: list[list[str]] = []
+        for rel, root, text, digest in documents(domain, crates=crates):
             ids.extend(tok.encode(text + "\n\n"))
             files += 1
             roots.add(str(root))
+            sources.append([_label(root), rel, digest])
             if len(ids) >= args.tokens:
                 break
         if len(ids) < args.tokens:
@@ -190,14 +249,17 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out / f"{domain}.npy"
         np.save(path, arr)
         manifest["domains"][domain] = {  # type: ignore[index]
-            "roots": sorted(r.replace(str(HOME), "~") for r in roots),
+            "roots": sorted(_label(Path(r)) for r in roots),
             "patterns": list(SOURCES[domain][1]),
             "files": files,
             "tokens": int(arr.size),
             "sha256": hashlib.sha256(arr.tobytes()).hexdigest(),
         }
+        all_sources[domain] = sources
         print(f"{domain}: {arr.size} tokens from {files} files -> {path}")
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    kept_sources = {k: all_sources[k] for k in manifest["domains"] if k in all_sources}  # type: ignore[union-attr]
+    old_sources.write_text(json.dumps(kept_sources, indent=0) + "\n")
     return 0
 
 

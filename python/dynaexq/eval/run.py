@@ -35,7 +35,34 @@ def embedded_domains() -> dict[str, np.ndarray]:
 
 
 UNSEEN_MANIFEST = Path(__file__).resolve().parent / "unseen_manifest.json"
+UNSEEN_SOURCES = UNSEEN_MANIFEST.with_name("unseen_sources.json")
 UNSEEN_DIR = Path.home() / ".cache" / "dynaexq" / "domains"
+
+
+def differing_sources(name: str, committed: Path, built: Path, show: int = 4) -> str:
+    """Which source files of domain `name` differ between two sources.json files (the
+    committed one and the cache's): '' when either lacks the domain."""
+    import json
+
+    try:
+        want = {(r, p): d for r, p, d in json.loads(committed.read_text())[name]}
+        have = {(r, p): d for r, p, d in json.loads(built.read_text())[name]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    missing = [k for k in want if k not in have]
+    changed = [k for k in want if k in have and have[k] != want[k]]
+    extra = [k for k in have if k not in want]
+    n = len(want)
+    parts = []
+    for what, keys in (
+        (f"of the committed {n} files not taken here", missing),
+        (f"of the committed {n} files changed", changed),
+        ("files taken here that the committed set lacks", extra),
+    ):
+        if keys:
+            eg = ", ".join(f"{r}/{p}" for r, p in keys[:show])
+            parts.append(f"{len(keys)} {what} (e.g. {eg})")
+    return "; ".join(parts)
 
 
 def unseen_domains(which: str = "all", root: Path | None = None) -> dict[str, np.ndarray]:
@@ -71,9 +98,12 @@ def unseen_domains(which: str = "all", root: Path | None = None) -> dict[str, np
         arr = np.load(p)
         want = manifest["domains"][name]["sha256"]
         if hashlib.sha256(arr.astype(np.int32).tobytes()).hexdigest() != want:
+            which = differing_sources(name, UNSEEN_SOURCES, root / "sources.json")
             raise ValueError(
-                f"{p} differs from the committed manifest (this machine's files differ): "
-                "rebuild it and commit the new manifest, or compare with care"
+                f"{p} differs from the committed manifest (this machine's files differ"
+                f"{': ' + which if which else ''}): rebuild it with python "
+                "scripts/build_unseen_domains.py; if it still differs, figures on it are "
+                "not comparable with the committed ones"
             )
         out[name] = arr.astype(np.int64)
     return out
