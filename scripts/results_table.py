@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     slice_margin = {
         (m["budget"], m["calibration"], m["domain"], m["policy"]): m["margin_mean"] for m in margins
     }
+    cell_se = {
+        (m["budget"], m["calibration"], m["domain"], m["policy"]): m["margin_over_cell_best_se"]
+        for m in margins
+        if "margin_over_cell_best_se" in m
+    }
     domains = sorted({k[2] for k in per})
     head = ["budget", "calibration", "uniform", "static-map", "static knapsack", "best static"]
     head += [f"**{p}**" for p in dyn] + [f"{p} margin" for p in dyn]
@@ -96,6 +101,27 @@ def main(argv: list[str] | None = None) -> int:
             f"{sum(x >= -0.5 for x in sl)} / {len(sl)} within 0.5 of the per-slice best "
             f"(mean {sum(sl) / max(len(sl), 1):+.2f})"
         )
+        # A miss is clear when the margin lies below -0.5 by more than two standard errors.
+        misses = sorted((k, m) for k, m in cells if m < -0.5)
+        if misses and all(k in cell_se for k, _ in misses):
+            clear = [(k, m) for k, m in misses if m + 2 * cell_se[k] < -0.5]
+            print(
+                f"  of the {len(misses)} cells below -0.5, {len(clear)} lie below it by more "
+                "than two standard errors: "
+                + (
+                    ", ".join(f"{k[0]} {k[2]} {k[1]} {m:+.1f} ± {cell_se[k]:.1f}" for k, m in clear)
+                    or "none"
+                )
+                + "; the others: "
+                + (
+                    ", ".join(
+                        f"{k[0]} {k[2]} {k[1]} {m:+.1f} ± {cell_se[k]:.1f}"
+                        for k, m in misses
+                        if (k, m) not in clear
+                    )
+                    or "none"
+                )
+            )
     return 0
 
 

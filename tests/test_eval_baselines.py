@@ -4,6 +4,7 @@ one that fits (checked against brute force), the best uniform tier, margins."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -202,3 +203,52 @@ def test_results_table_reads_the_cells_margins(tmp_path, capsys) -> None:
         in out
     )
     assert "1 / 1 cells within 0.5" in out and "0 / 1 within 0.5 of the per-slice" in out
+
+
+def _windowed(policy, budget, windows, offset, calibration="domain", tier=None) -> RunResult:
+    r = _run(policy, budget, "d", float(np.exp(np.mean(windows))), offset, calibration, tier)
+    return replace(r, window_nll=list(windows))
+
+
+def test_the_cell_margin_carries_its_paired_standard_error(tmp_path, capsys) -> None:
+    """The margin's error comes from the two policies' window losses paired on each
+    offset, scaled by that slice's gap: by hand, offset 0's differences (0.1, -0.1, 0.2,
+    -0.2) over a gap of 1 nat give a variance of the mean of 100^2 x (0.1 / 3) / 4;
+    offset 1's constant difference adds none; the mean over 2 offsets halves the error."""
+    import importlib.util
+    import json
+
+    knap = [1.5, 1.5, 1.7, 1.3]
+    runs = [
+        *(_windowed("full", "-", [1.0] * 4, o, "-") for o in range(2)),
+        *(_windowed("static", "-", [2.0] * 4, o, "-", "int2") for o in range(2)),
+        *(_windowed("static-knapsack", "4bits", knap, o) for o in range(2)),
+        _windowed("dynamic", "4bits", [1.4, 1.6, 1.5, 1.5], 0),
+        _windowed("dynamic", "4bits", [w + 0.1 for w in knap], 1),
+    ]
+    s = summarize(runs, EvalConfig(budgets=("4bits",)))
+    (row,) = [m for m in s["margins"] if m["policy"] == "dynamic"]
+    assert row["cell_best_static"] == "static-knapsack"
+    assert row["margin_over_cell_best"] == pytest.approx(-5.0)
+    se = np.sqrt(100.0**2 * (0.1 / 3) / 4) / 2
+    assert row["margin_over_cell_best_se"] == pytest.approx(se)
+    # The README's table counts a miss as clear only beyond two standard errors.
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"eval": s, "shift": None}))
+    script = Path(__file__).resolve().parent.parent / "scripts" / "results_table.py"
+    spec = importlib.util.spec_from_file_location("results_table", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(path), "--policies", "dynamic"]) == 0
+    out = capsys.readouterr().out
+    assert "of the 1 cells below -0.5, 0 lie below it by more than two standard errors" in out
+    assert f"4bits d domain -5.0 ± {se:.1f}" in out
+
+
+def test_window_means_are_stream_by_stream() -> None:
+    from dynaexq.eval.run import window_means
+
+    nll = np.arange(16, dtype=np.float64).reshape(2, 8)
+    assert window_means(nll, 4) == [1.5, 5.5, 9.5, 13.5]
+    with pytest.raises(ValueError, match="not a multiple"):
+        window_means(nll, 3)

@@ -250,6 +250,13 @@ def test_run_policies_reports_every_policy_and_the_gap(model_dir, cache, monkeyp
                 "static-knapsack",
             )
             assert np.isfinite(g["margin_over_best_static"])
+    # Each run keeps its windows' losses (2 streams of 512 tokens, 64-token windows),
+    # whose mean is the run's log-perplexity; the cell margins carry their errors.
+    for r in summary["runs"]:
+        assert len(r["window_nll"]) == 16
+        assert np.exp(np.mean(r["window_nll"])) == pytest.approx(r["perplexity"], rel=1e-6)
+    for m in summary["margins"]:
+        assert m["margin_over_cell_best_se"] >= 0 and np.isfinite(m["margin_over_cell_best_se"])
 
 
 def test_dynaexq_load_takes_a_budget_and_a_policy(model_dir, cache) -> None:

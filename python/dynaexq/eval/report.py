@@ -188,19 +188,23 @@ def write_report(
             "uniform tier that fits, static-map and static-knapsack (same calibration), per "
             "scored slice; mean, min and max over the offsets. The last two columns: the one "
             "static configuration with the best mean over the offsets (the best a user could "
-            "deploy for the cell, chosen in hindsight), and the policy's mean above its mean.",
+            "deploy for the cell, chosen in hindsight), the policy's mean above its mean, and "
+            "that margin's standard error (from the paired differences of the two policies' "
+            "losses window by window, over every offset's windows).",
             "",
             "| budget | policy | calibration | domain | offsets | mean | min | max | "
-            "cell's best static | margin over it |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "cell's best static | margin over it | standard error |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for m in summary["margins"]:
             cell = m.get("margin_over_cell_best")
+            se = m.get("margin_over_cell_best_se")
             lines.append(
                 f"| {m['budget']} | {m['policy']} | {m['calibration']} | {m['domain']} | "
                 f"{m['offsets']} | {m['margin_mean']:+.1f} | {m['margin_min']:+.1f} | "
                 f"{m['margin_max']:+.1f} | {m.get('cell_best_static', '-')} | "
-                f"{'-' if cell is None else f'{cell:+.1f}'} |"
+                f"{'-' if cell is None else f'{cell:+.1f}'} | "
+                f"{'-' if se is None else f'{se:.1f}'} |"
             )
     if shift is not None:
         lines += [

@@ -213,6 +213,17 @@ class RunResult:
     calibration: str = "-"
     tier: str | None = None  # uniform: the tier chosen
     pool_bytes: int | None = None  # the expert pool the policy laid out
+    # Mean loss (nats) of each scored window, stream by stream: paired with another
+    # policy's on the same slice, the spread of the differences gives a margin's error.
+    window_nll: list[float] | None = None
+
+
+def window_means(nll: np.ndarray, window: int) -> list[float]:
+    """[streams, tokens] per-token losses -> the mean of each window of each stream."""
+    b, n = nll.shape
+    if n % window:
+        raise ValueError(f"{n} tokens per stream is not a multiple of the window {window}")
+    return nll.reshape(b, n // window, window).mean(axis=2).ravel().tolist()
 
 
 def split_calibration(
@@ -411,6 +422,7 @@ def run_policies(
                 time.perf_counter() - t0,
                 offset,
                 cal,
+                window_nll=window_means(r.nll, cfg.window),
                 **extra,
             )
         )
@@ -517,6 +529,33 @@ def _cell_of(g: dict[str, Any]) -> tuple[str, str, str, str]:
     return (g["budget"], g["policy"], g["domain"], g["calibration"])
 
 
+def _cell_pairs(runs: list[RunResult], base, cell: tuple[str, str, str, str], static: str):
+    """(policy, static, static-low, full) runs of a margin cell (budget, policy, domain,
+    calibration) against the static configuration labelled `static`, offset by offset."""
+    budget, policy, domain, cal = cell
+    out = []
+    for r in runs:
+        if (r.policy, r.budget, r.domain, r.calibration) != (policy, budget, domain, cal):
+            continue
+        s = next(
+            (
+                x
+                for x in runs
+                if _label(x) == static
+                and x.domain == domain
+                and x.offset == r.offset
+                and x.budget in (budget, "-")
+                and x.calibration in (cal, "-")
+            ),
+            None,
+        )
+        low, full = base.get(("static", domain, r.offset)), base.get(("full", domain, r.offset))
+        if s is None or low is None or full is None:
+            return []
+        out.append((r, s, low, full))
+    return out
+
+
 def _cell_best_statics(
     gaps: list[dict[str, Any]], budgets: tuple[str, ...], cals: set[str]
 ) -> dict[tuple[str, str, str], tuple[str, float]]:
@@ -539,6 +578,30 @@ def _cell_best_statics(
         if key not in best or mean > best[key][1]:
             best[key] = (name, mean)
     return best
+
+
+def _label(r: RunResult) -> str:
+    return r.policy + (f" ({r.tier})" if r.tier else "")
+
+
+def paired_margin_se(
+    pairs: list[tuple[RunResult, RunResult, RunResult, RunResult]],
+) -> float | None:
+    """Standard error (points) of a policy's mean margin over one static configuration,
+    from (policy, static, static-low, full) runs on each offset: on a slice the margin is
+    100 x the mean over its windows of (static's loss - policy's loss) over the slice's gap
+    (log-perplexity of static-low - full), so its error is that of a mean of paired window
+    differences; the offsets' means are averaged. None without the windows' losses."""
+    var = 0.0
+    for pol, static, low, full in pairs:
+        if pol.window_nll is None or static.window_nll is None:
+            return None
+        d = np.asarray(static.window_nll) - np.asarray(pol.window_nll)
+        gap = math.log(low.perplexity) - math.log(full.perplexity)
+        if len(d) < 2 or gap == 0:
+            return None
+        var += (100.0 / gap) ** 2 * d.var(ddof=1) / len(d)
+    return math.sqrt(var) / len(pairs) if pairs else None
 
 
 def summarize(runs: list[RunResult], cfg: EvalConfig) -> dict[str, Any]:
@@ -611,6 +674,9 @@ def summarize(runs: list[RunResult], cfg: EvalConfig) -> dict[str, Any]:
         if cell is not None and mine:
             row["cell_best_static"] = cell[0]
             row["margin_over_cell_best"] = 100 * (float(np.mean(mine)) - cell[1])
+            se = paired_margin_se(_cell_pairs(runs, base, k, cell[0]))
+            if se is not None:
+                row["margin_over_cell_best_se"] = se
         margin_rows.append(row)
     return {
         "config": {
