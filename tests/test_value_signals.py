@@ -186,6 +186,35 @@ def test_layer_losses_of_a_small_model(small_model, small_engine) -> None:
     assert (np.diff(a, axis=-1) >= -1e-6).all()
 
 
+def test_layer_losses_reuse_the_layers_below_and_match_whole_passes(small_model) -> None:
+    """Each pass runs only from the layer measured up (the layers below are at the top tier
+    in every pass, their output kept): the same losses as running every pass whole, over
+    two window batches; the model's layers and executor are given back."""
+    from dynaexq.runtime.calibration import window_losses, windows_of
+    from dynaexq.runtime.load import load_with_policy
+    from dynaexq.runtime.sensitivity import _layer_loss_passes
+    from dynaexq.runtime.store import TierStore, tiered_checkpoint_for
+
+    model, tmp = small_model
+    text = np.random.default_rng(7).integers(0, 128, size=20 * 64)
+    full, _ = load_with_policy(model, policy="full")
+    store = TierStore.from_tiered(
+        tiered_checkpoint_for(model, ["int2", "int4", "bf16"], cache_dir=tmp / "tiered")
+    )
+    wins = windows_of([text], 64, 20)
+    assert len(wins) == 20  # batches of 16 and 4
+    layers, executor = list(full.model.model.layers), full.experts
+    top = np.full((len(store.layers), store.experts), 2, dtype=np.int64)
+    base = window_losses(full, store, top, wins)
+    got = {(li, t): d for li, t, d in _layer_loss_passes(full, store, wins)}
+    assert sorted(got) == [(li, t) for li in range(len(store.layers)) for t in range(2)]
+    for (li, t), d in got.items():
+        m = top.copy()
+        m[li] = t
+        np.testing.assert_allclose(d, window_losses(full, store, m, wins) - base, atol=1e-6)
+    assert list(full.model.model.layers) == layers and full.experts is executor
+
+
 def test_value_scale_none_skips_the_layer_measurement(small_model, monkeypatch) -> None:
     """`load(..., value_scale="none")` (and `--value-scale none` on generate / serve)
     plans on the predicted values: the layer losses are never measured."""

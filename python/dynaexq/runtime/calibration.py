@@ -91,6 +91,35 @@ class TierMapExperts(MappedExperts):
         return int(self.tier_map[layer_pos, expert])
 
 
+def window_groups(
+    engine, windows: Sequence[np.ndarray], batch: int = 16, keep_bytes: int = 256 << 20
+) -> list[torch.Tensor]:
+    """`windows` in batches of token ids [n, T] (each cut to its shortest window): at most
+    `batch` windows, and as many as keep the logits and their log-softmax under
+    `keep_bytes` (a 150k vocabulary makes them 1.2 GB for 16 windows of 128 tokens)."""
+    longest = max((len(w) for w in windows), default=1)
+    per_window = longest * engine.config.vocab_size * 4 * 2
+    batch = max(1, min(batch, keep_bytes // max(1, per_window)))
+    out = []
+    for i in range(0, len(windows), batch):
+        group = windows[i : i + batch]
+        n = min(len(w) for w in group)
+        out.append(torch.from_numpy(np.stack([np.asarray(w[:n]) for w in group])))
+    return out
+
+
+def group_losses(logits: torch.Tensor, ids: torch.Tensor) -> list[float]:
+    """Mean next-token loss (nats) of each row of `ids` [n, T] under `logits` [n, T, V]."""
+    import torch.nn.functional as F
+
+    logits = logits.float()
+    target = ids[:, 1:].to(logits.device)
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+    )
+    return loss.view(len(ids), -1).mean(dim=1).tolist()
+
+
 def window_losses(
     engine,
     store: TierStore,
@@ -101,31 +130,14 @@ def window_losses(
 ) -> np.ndarray:
     """Mean next-token loss (nats) of each of `windows` with every routed expert at its
     `tier_map` tier ([L, E] store tiers), run from the store's maps with the engine's
-    other weights (its executor is restored afterwards). Windows per pass: at most
-    `batch`, and as many as keep the logits and their log-softmax under `keep_bytes` (a
-    150k vocabulary makes them 1.2 GB for 16 windows of 128 tokens)."""
-    import torch.nn.functional as F
-
-    longest = max((len(w) for w in windows), default=1)
-    per_window = longest * engine.config.vocab_size * 4 * 2
-    batch = max(1, min(batch, keep_bytes // max(1, per_window)))
+    other weights (its executor is restored afterwards); batched as `window_groups`."""
     before = engine.experts
     engine.experts = TierMapExperts(store, tier_map)
     out: list[float] = []
     try:
         with torch.no_grad():
-            for i in range(0, len(windows), batch):
-                group = windows[i : i + batch]
-                n = min(len(w) for w in group)
-                ids = torch.from_numpy(np.stack([np.asarray(w[:n]) for w in group]))
-                logits = engine.model(ids.to(engine.device)).float()
-                target = ids[:, 1:].to(logits.device)
-                loss = F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]),
-                    target.reshape(-1),
-                    reduction="none",
-                )
-                out += loss.view(len(group), n - 1).mean(dim=1).tolist()
+            for ids in window_groups(engine, windows, batch, keep_bytes):
+                out += group_losses(engine.model(ids.to(engine.device)), ids)
     finally:
         engine.experts = before
     return np.asarray(out, dtype=np.float64)

@@ -28,10 +28,12 @@ import torch
 from dynaexq.quant import PackedExpertView, expert_forward
 from dynaexq.runtime.calibration import (
     MappedExperts,
+    TierMapExperts,
     _cache_path,
     cache_atomically,
     calibration_key,
-    window_losses,
+    group_losses,
+    window_groups,
     windows_of,
 )
 from dynaexq.runtime.store import TierStore
@@ -296,7 +298,7 @@ def layer_losses(
     this measures it."""
     from tqdm import tqdm
 
-    L, E, T = len(store.layers), store.experts, len(store.tiers)
+    L, T = len(store.layers), len(store.tiers)
     if prompts is None:
         prompts = int(np.clip(max_tokens // max(1, L * (T - 1) * window), 2, 32))
     path = _measured_path(store, streams, window, prompts, "layerloss2")
@@ -310,25 +312,93 @@ def layer_losses(
     wins = windows_of(streams, window, prompts)
     if not wins:
         raise ValueError("calibration text is empty (fewer than 8 tokens)")
-    top = np.full((L, E), T - 1, dtype=np.int64)
-    base = window_losses(engine, store, top, wins)
     mean = np.zeros((L, T), dtype=np.float64)
     se = np.zeros((L, T), dtype=np.float64)
     bar = tqdm(total=L * (T - 1), desc="layer losses", unit="pass", disable=not progress)
     try:
-        for li in range(L):
-            for t in range(T - 1):
-                m = top.copy()
-                m[li] = t
-                d = window_losses(engine, store, m, wins) - base
-                mean[li, t] = d.mean()
-                se[li, t] = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
-                bar.update(1)
+        for li, t, d in _layer_loss_passes(engine, store, wins):
+            mean[li, t] = d.mean()
+            se[li, t] = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
+            bar.update(1)
     finally:
         bar.close()
     if cache:
         cache_atomically(path, lambda f: np.savez(f, mean=mean, se=se))
     return LayerLosses(mean, se)
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for the decoder layers below the MoE layer measured: they run at the top
+    tier in every pass, so their output is the one recorded once (`out`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, step: object, runtime: object) -> torch.Tensor:
+        assert self.out is not None
+        return self.out
+
+
+def _layer_loss_passes(engine, store: TierStore, wins: list[np.ndarray]):
+    """Yields (l, t, per-window loss increase) with MoE layer l alone at tier t. The
+    layers below l run at the top tier in every pass, so their output is kept from one
+    pass per window batch and each pass runs only from l up: about half the layer work
+    of running every pass whole, the same losses."""
+    L, E, T = len(store.layers), store.experts, len(store.tiers)
+    model = engine.model
+    layers = model.model.layers
+    top = np.full((L, E), T - 1, dtype=np.int64)
+    groups = window_groups(engine, wins)
+    # The top-tier pass: every window's loss, and each batch's step (the positions,
+    # rotary tables and masks of the decoder layers' calls) and embeddings.
+    steps: list[object] = []
+    xs: list[torch.Tensor] = []
+
+    def grab(_module, args) -> None:
+        xs.append(args[0])
+        steps.append(args[1])
+
+    before = engine.experts
+    replay = _Replay()
+    saved = list(layers)
+    try:
+        with torch.no_grad():
+            engine.experts = TierMapExperts(store, top)
+            hook = layers[0].register_forward_pre_hook(grab)
+            try:
+                base = [group_losses(model(g.to(engine.device)), g) for g in groups]
+            finally:
+                hook.remove()
+            below = 0  # the decoder layer whose input xs holds
+            for li, layer_index in enumerate(store.layers):
+                engine.experts = TierMapExperts(store, top)
+                for j in range(below, layer_index):
+                    xs = [saved[j](x, st, model.runtime) for x, st in zip(xs, steps, strict=True)]
+                below = layer_index
+                for j in range(layer_index):
+                    layers[j] = replay
+                try:
+                    for t in range(T - 1):
+                        m = top.copy()
+                        m[li] = t
+                        engine.experts = TierMapExperts(store, m)
+                        d: list[float] = []
+                        for g, x, b in zip(groups, xs, base, strict=True):
+                            replay.out = x
+                            d += [
+                                a - c
+                                for a, c in zip(
+                                    group_losses(model(g.to(engine.device)), g), b, strict=True
+                                )
+                            ]
+                        yield li, t, np.asarray(d, dtype=np.float64)
+                finally:
+                    for j in range(layer_index):
+                        layers[j] = saved[j]
+                    replay.out = None
+    finally:
+        engine.experts = before
 
 
 def scale_to_layer_losses(
