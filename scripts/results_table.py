@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         if misses and all(k in cell_se for k, _ in misses):
             clear = [(k, m) for k, m in misses if m + 2 * cell_se[k] < -0.5]
             print(
-                f"  of the {len(misses)} cells below -0.5, {len(clear)} lie below it by more "
-                "than two standard errors: "
+                f"  cells below -0.5: {len(misses)}; below it by more than two standard "
+                "errors: "
                 + (
                     ", ".join(f"{k[0]} {k[2]} {k[1]} {m:+.1f} ± {cell_se[k]:.1f}" for k, m in clear)
                     or "none"

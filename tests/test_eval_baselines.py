@@ -241,7 +241,7 @@ def test_the_cell_margin_carries_its_paired_standard_error(tmp_path, capsys) -> 
     spec.loader.exec_module(mod)
     assert mod.main([str(path), "--policies", "dynamic"]) == 0
     out = capsys.readouterr().out
-    assert "of the 1 cells below -0.5, 0 lie below it by more than two standard errors" in out
+    assert "cells below -0.5: 1; below it by more than two standard errors: none" in out
     assert f"4bits d domain -5.0 ± {se:.1f}" in out
 
 
