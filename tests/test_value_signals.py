@@ -189,7 +189,7 @@ def test_layer_losses_of_a_small_model(small_model, small_engine) -> None:
 def test_layer_losses_reuse_the_layers_below_and_match_whole_passes(small_model) -> None:
     """Each pass runs only from the layer measured up (the layers below are at the top tier
     in every pass, their output kept): the same losses as running every pass whole, over
-    two window batches; the model's layers and executor are given back."""
+    two window batches, bit for bit; the model's layers and executor are given back."""
     from dynaexq.runtime.calibration import window_losses, windows_of
     from dynaexq.runtime.load import load_with_policy
     from dynaexq.runtime.sensitivity import _layer_loss_passes
@@ -211,7 +211,7 @@ def test_layer_losses_reuse_the_layers_below_and_match_whole_passes(small_model)
     for (li, t), d in got.items():
         m = top.copy()
         m[li] = t
-        np.testing.assert_allclose(d, window_losses(full, store, m, wins) - base, atol=1e-6)
+        np.testing.assert_array_equal(d, window_losses(full, store, m, wins) - base)
     assert list(full.model.model.layers) == layers and full.experts is executor
 
 

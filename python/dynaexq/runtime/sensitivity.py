@@ -19,6 +19,7 @@ units per layer, by the number of routed tokens (`prior_tokens` tokens of prior 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,10 +317,9 @@ def layer_losses(
     se = np.zeros((L, T), dtype=np.float64)
     bar = tqdm(total=L * (T - 1), desc="layer losses", unit="pass", disable=not progress)
     try:
-        for li, t, d in _layer_loss_passes(engine, store, wins):
+        for li, t, d in _layer_loss_passes(engine, store, wins, lambda: bar.update(1)):
             mean[li, t] = d.mean()
             se[li, t] = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
-            bar.update(1)
     finally:
         bar.close()
     if cache:
@@ -340,11 +340,14 @@ class _Replay(torch.nn.Module):
         return self.out
 
 
-def _layer_loss_passes(engine, store: TierStore, wins: list[np.ndarray]):
-    """Yields (l, t, per-window loss increase) with MoE layer l alone at tier t. The
-    layers below l run at the top tier in every pass, so their output is kept from one
-    pass per window batch and each pass runs only from l up: about half the layer work
-    of running every pass whole, the same losses."""
+def _layer_loss_passes(
+    engine, store: TierStore, wins: list[np.ndarray], on_pass: Callable[[], None] | None = None
+) -> list[tuple[int, int, np.ndarray]]:
+    """(l, t, per-window loss increase) with MoE layer l alone at tier t, for every layer
+    and tier below the top. The layers below l run at the top tier in every pass, so
+    their output is kept from one pass per window batch and each pass runs only from l
+    up: about half the layer work of running every pass whole, the same losses. The
+    model's layers are stood in for during the passes only (`on_pass` after each)."""
     L, E, T = len(store.layers), store.experts, len(store.tiers)
     model = engine.model
     layers = model.model.layers
@@ -362,6 +365,7 @@ def _layer_loss_passes(engine, store: TierStore, wins: list[np.ndarray]):
     before = engine.experts
     replay = _Replay()
     saved = list(layers)
+    out: list[tuple[int, int, np.ndarray]] = []
     try:
         with torch.no_grad():
             engine.experts = TierMapExperts(store, top)
@@ -392,13 +396,16 @@ def _layer_loss_passes(engine, store: TierStore, wins: list[np.ndarray]):
                                     group_losses(model(g.to(engine.device)), g), b, strict=True
                                 )
                             ]
-                        yield li, t, np.asarray(d, dtype=np.float64)
+                        out.append((li, t, np.asarray(d, dtype=np.float64)))
+                        if on_pass is not None:
+                            on_pass()
                 finally:
                     for j in range(layer_index):
                         layers[j] = saved[j]
                     replay.out = None
     finally:
         engine.experts = before
+    return out
 
 
 def scale_to_layer_losses(
