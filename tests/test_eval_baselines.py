@@ -252,3 +252,24 @@ def test_window_means_are_stream_by_stream() -> None:
     assert window_means(nll, 4) == [1.5, 5.5, 9.5, 13.5]
     with pytest.raises(ValueError, match="not a multiple"):
         window_means(nll, 3)
+
+
+def test_steady_state_scores_each_part_of_the_streams() -> None:
+    """scripts/steady_state.py: the gap recovered of each stretch of the streams, from the
+    per-token losses (static-low at 2 nats, full at 1: a policy at 1.5 then 1.25 recovers
+    50% then 75%)."""
+    import importlib.util
+
+    from dynaexq.eval.stream import StreamResult
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "steady_state.py"
+    spec = importlib.util.spec_from_file_location("steady_state", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def res(first: float, second: float) -> StreamResult:
+        nll = np.array([[first] * 4 + [second] * 4] * 2)
+        return StreamResult(nll, np.zeros_like(nll, dtype=bool), np.arange(8), 8)
+
+    got = mod.part_gaps(res(1.5, 1.25), res(2.0, 2.0), res(1.0, 1.0), 2)
+    assert got == pytest.approx([50.0, 75.0])
