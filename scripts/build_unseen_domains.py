@@ -60,10 +60,10 @@ import json
 import site
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
-import tomllib
 
 HOME = Path.home()
 REPO = Path(__file__).resolve().parent.parent
