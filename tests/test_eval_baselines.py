@@ -181,22 +181,34 @@ def test_offsets_and_mixed_batches_cut_disjoint_slices() -> None:
     assert set(m[0]) <= set(range(512, 1024 + 1))
 
 
+def _script(name: str):
+    """A module of scripts/ loaded from its file."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _results_table(summary: dict, tmp_path: Path, capsys) -> str:
+    """What scripts/results_table.py prints for `summary` (dynamic only)."""
+    import json
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"eval": summary, "shift": None}))
+    assert _script("results_table").main([str(path), "--policies", "dynamic"]) == 0
+    return capsys.readouterr().out
+
+
 def test_results_table_reads_the_cells_margins(tmp_path, capsys) -> None:
     """scripts/results_table.py (the README's table): the cell's best static and the
     margins over it, from an eval's JSON."""
-    import importlib.util
-    import json
 
     runs = _two_offsets((90, 50), (70, 75))
     s = summarize(runs, EvalConfig(budgets=("4bits",)))
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps({"eval": s, "shift": None}))
-    script = Path(__file__).resolve().parent.parent / "scripts" / "results_table.py"
-    spec = importlib.util.spec_from_file_location("results_table", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main([str(path), "--policies", "dynamic"]) == 0
-    out = capsys.readouterr().out
+    out = _results_table(s, tmp_path, capsys)
     # uniform 70.0 mean, knapsack 65.0, dynamic 72.5: +2.5 over the cell's best.
     assert (
         "| 4bits | domain | 70.0-70.0 (int4) | - | 65.0-65.0 | 70.0-70.0 | **72.5-72.5** | +2.5 |"
@@ -215,8 +227,6 @@ def test_the_cell_margin_carries_its_paired_standard_error(tmp_path, capsys) -> 
     offset, scaled by that slice's gap: by hand, offset 0's differences (0.1, -0.1, 0.2,
     -0.2) over a gap of 1 nat give a variance of the mean of 100^2 x (0.1 / 3) / 4;
     offset 1's constant difference adds none; the mean over 2 offsets halves the error."""
-    import importlib.util
-    import json
 
     knap = [1.5, 1.5, 1.7, 1.3]
     runs = [
@@ -233,14 +243,7 @@ def test_the_cell_margin_carries_its_paired_standard_error(tmp_path, capsys) -> 
     se = np.sqrt(100.0**2 * (0.1 / 3) / 4) / 2
     assert row["margin_over_cell_best_se"] == pytest.approx(se)
     # The README's table counts a miss as clear only beyond two standard errors.
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps({"eval": s, "shift": None}))
-    script = Path(__file__).resolve().parent.parent / "scripts" / "results_table.py"
-    spec = importlib.util.spec_from_file_location("results_table", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main([str(path), "--policies", "dynamic"]) == 0
-    out = capsys.readouterr().out
+    out = _results_table(s, tmp_path, capsys)
     assert "cells below -0.5: 1; below it by more than two standard errors: none" in out
     assert f"4bits d domain -5.0 ± {se:.1f}" in out
 
@@ -258,14 +261,10 @@ def test_steady_state_scores_each_part_of_the_streams() -> None:
     """scripts/steady_state.py: the gap recovered of each stretch of the streams, from the
     per-token losses (static-low at 2 nats, full at 1: a policy at 1.5 then 1.25 recovers
     50% then 75%)."""
-    import importlib.util
 
     from dynaexq.eval.stream import StreamResult
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "steady_state.py"
-    spec = importlib.util.spec_from_file_location("steady_state", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("steady_state")
 
     def res(first: float, second: float) -> StreamResult:
         nll = np.array([[first] * 4 + [second] * 4] * 2)
