@@ -32,7 +32,7 @@ its report: ``--domains final``), ``javascript``, ``sql``, ``toml`` (round eight
 Cargo's registry contributes only the crates the project's lock files name (``Cargo.lock``
 and ``fuzz/Cargo.lock``, fetched first with ``cargo fetch --locked``): a registry also holds
 whatever else was ever built on the machine, which made sets differ between machines.
-Every file taken is recorded in the manifest (its root, path and a hash of its bytes), so
+Every file taken is recorded (``sources.json``: its root, path and a hash of its bytes), so
 that a machine whose files differ can tell which ones.
 
 Excluded everywhere: ``/usr/share/doc`` (Debian documentation), ``/usr/include``,
@@ -197,8 +197,17 @@ def documents(domain: str, max_bytes: int = 24_000, crates: set[str] | None = No
         yield rel, root, text, hashlib.sha256(data).hexdigest()[:16]
 
 
+def sources_json(sources: dict[str, list[list[str]]]) -> str:
+    """sources.json's text: one line per file, so that a diff shows the files that changed."""
+    blocks = []
+    for name, files in sources.items():
+        rows = ",\n".join("  " + json.dumps(f) for f in files)
+        blocks.append(f"{json.dumps(name)}: [\n{rows}\n]")
+    return "{\n" + ",\n".join(blocks) + "\n}\n"
+
+
 def _label(root: Path) -> str:
-    """A root as the manifest names it: home and the Python version spelled out."""
+    """A root as the manifest names it: the home directory written as ~."""
     return str(root).replace(str(HOME), "~")
 
 
@@ -259,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{domain}: {arr.size} tokens from {files} files -> {path}")
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     kept_sources = {k: all_sources[k] for k in manifest["domains"] if k in all_sources}  # type: ignore[union-attr]
-    old_sources.write_text(json.dumps(kept_sources, indent=0) + "\n")
+    old_sources.write_text(sources_json(kept_sources))
     return 0
 
 

@@ -96,6 +96,13 @@ def test_a_set_that_differs_names_the_files_that_do(tmp_path, monkeypatch) -> No
         R.unseen_domains("toy", cache)
 
 
+def test_sources_json_is_a_file_a_line_and_reads_back(builder) -> None:
+    sources = {"a": [["~/r", "x/y.rs", "00aa"], ["/usr", "z", "00bb"]], "b": []}
+    text = builder.sources_json(sources)
+    assert json.loads(text) == sources
+    assert '  ["~/r", "x/y.rs", "00aa"],\n' in text
+
+
 def test_the_committed_sources_cover_the_committed_manifest() -> None:
     """Every committed domain has its file list, as many files as the manifest counts."""
     manifest = json.loads(R.UNSEEN_MANIFEST.read_text())["domains"]
