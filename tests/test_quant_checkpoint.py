@@ -331,3 +331,33 @@ def test_manifest_sections_match_the_layout(hf_model, tmp_path):
             m["expert_nbytes"]["int3g32a"],
         ]
     assert parse_tier("int3g32a").name == m["tiers"][0]["name"]
+
+
+def test_a_cached_quantize_waits_for_another_writer_of_the_same_entry(hf_model, tmp_path) -> None:
+    """Two evals of a suite that need the same cached tiered checkpoint: the second waits
+    for the first one's lock instead of failing, then uses what it wrote."""
+    import threading
+
+    from dynaexq.quant.tiered import QuantizeBusyError, _lock
+    from dynaexq.runtime import store
+
+    cache = tmp_path / "cache"
+    first = store.tiered_checkpoint_for(hf_model, TIERS, cache_dir=cache, progress=False)
+    dst = first.root
+    shutil.rmtree(dst)  # as if the first writer were still at work on it
+    held = _lock(dst)
+    with pytest.raises(QuantizeBusyError):
+        quantize_checkpoint(hf_model, dst, [parse_tier(t) for t in TIERS.split(",")])
+    got: list[TieredCheckpoint] = []
+    waiter = threading.Thread(
+        target=lambda: got.append(
+            store.tiered_checkpoint_for(hf_model, TIERS, cache_dir=cache, progress=False)
+        )
+    )
+    waiter.start()
+    waiter.join(timeout=2.0)
+    assert waiter.is_alive() and not got  # waiting on the lock, not failing
+    held.close()
+    waiter.join(timeout=120)
+    assert not waiter.is_alive() and got[0].root == dst
+    assert (dst / "manifest.json").is_file()

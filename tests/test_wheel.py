@@ -76,6 +76,9 @@ def test_the_wheel_carries_the_kernel_sources(wheel: Path) -> None:
     assert any(n.startswith("dynaexq/_core.") and n.endswith(".so") for n in names)
     assert "dynaexq/data/embedded/model.safetensors" in names
     assert "dynaexq/lm_eval/tasks/dynaexq_next_line_mc.yaml" in names
+    # What `dynaexq eval --suite round9` and its refusal of a differing set read.
+    assert "dynaexq/eval/suites/round9.toml" in names
+    assert "dynaexq/eval/unseen_sources.json" in names
 
 
 @pytest.fixture(scope="module")

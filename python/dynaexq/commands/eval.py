@@ -218,9 +218,66 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="cpu",
         help="where the models run: cpu (the default, reproducible figures) or cuda[:N]",
     )
+    s = p.add_argument_group("suites (every run behind a set of published figures)")
+    s.add_argument(
+        "--suite",
+        default=None,
+        metavar="NAME|PATH",
+        help="run a suite of evals into --out/<run> and write their tables to "
+        "--out/<suite>.md; finished runs are skipped (shipped: round9, the README's "
+        "results); with it, only --out and --jobs apply",
+    )
+    s.add_argument("--jobs", type=int, default=1, help="suite runs at once (one core each)")
+
+
+_SUITE_OPTIONS = {"suite", "jobs", "out"}
+
+
+def _run_suite(args: argparse.Namespace) -> int:
+    """`--suite`: check every run's arguments and data sets, then run what is not done."""
+    from dynaexq.eval.suite import load_suite, run_suite
+
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    given = sorted(
+        f"--{k.replace('_', '-')}"
+        for k, v in vars(args).items()
+        if k in vars(defaults.parse_args([]))
+        and k not in _SUITE_OPTIONS
+        and v != defaults.get_default(k)
+    )
+    if given:
+        print(
+            f"dynaexq eval: error: --suite takes only --out and --jobs, not {given}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        suite = load_suite(args.suite)
+        for r in suite.runs:  # every run's arguments and sets, before hours of work
+            check = argparse.ArgumentParser(prog=f"suite run {r.name}", exit_on_error=False)
+            add_arguments(check)
+            try:
+                ns = check.parse_args(list(r.args))
+            except (argparse.ArgumentError, SystemExit) as e:
+                raise ValueError(f"suite run {r.name}: bad arguments ({e})") from None
+            if ns.domains != "embedded" and not ns.data:
+                from dynaexq.eval.run import unseen_domains
+
+                unseen_domains("all" if ns.domains == "unseen" else ns.domains)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dynaexq eval: error: {e}", file=sys.stderr)
+        return 2
+    failed, tables = run_suite(suite, args.out, jobs=args.jobs)
+    if tables is not None:
+        print(tables.read_text())
+        print(f"tables: {tables}")
+    return 1 if failed else 0
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.suite is not None:
+        return _run_suite(args)
 
     from dynaexq.eval.run import parse_bits
     from dynaexq.runtime.budget import parse_budget

@@ -234,17 +234,20 @@ def _quantize(
         "source_fingerprint": source_fingerprint(src_p),
     }
     tmp = partial_dir(dst_p)
-    if tmp.exists():
-        try:
-            old = json.loads((tmp / _JOB).read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old != job:  # another source, tiers or layout: its shards are of no use
-            shutil.rmtree(tmp)
-    tmp.mkdir(parents=True, exist_ok=True)
-    lock = _lock(tmp)
+    # The lock comes first and lives beside the partial directory, so that nobody removes
+    # or renames a directory another process is writing.
+    dst_p.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock(dst_p)
     t0 = time.perf_counter()
     try:
+        if tmp.exists():
+            try:
+                old = json.loads((tmp / _JOB).read_text())
+            except (OSError, json.JSONDecodeError):
+                old = None
+            if old != job:  # another source, tiers or layout: its shards are of no use
+                shutil.rmtree(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
         _write_atomic(tmp / _JOB, json.dumps(job, indent=1, sort_keys=True).encode())
         plan = _Plan(source, shape, expert_names, tiers, alignment)
         plan.check_disk(tmp)
@@ -256,8 +259,6 @@ def _quantize(
         # The manifest is the last file written: a directory without one is incomplete.
         _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         (tmp / _JOB).unlink()
-        lock.close()
-        (tmp / _LOCK).unlink()
         if dst_p.exists():
             old_dir = dst_p.parent / f".{dst_p.name}.old-{os.getpid()}"
             dst_p.rename(old_dir)
@@ -265,14 +266,15 @@ def _quantize(
             shutil.rmtree(old_dir) if old_dir.is_dir() else old_dir.unlink()
         else:
             tmp.rename(dst_p)
+        _unlock(dst_p, lock)  # only now: a waiter finds the finished checkpoint in place
     except CheckpointError:
         # Bad input found mid-run (a non-finite weight...): nothing to resume from.
-        lock.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        _unlock(dst_p, lock)
         raise
     except BaseException:
         # Interrupted (Ctrl-C, out of disk...): keep the complete shards for the next run.
-        lock.close()
+        _unlock(dst_p, lock)
         raise
     seconds = time.perf_counter() - t0
     out = dict(manifest)
@@ -284,22 +286,54 @@ def _quantize(
 
 
 _JOB = "job.json"
-_LOCK = ".lock"
 
 
-def _lock(tmp: Path) -> Any:
-    """An exclusive lock on the partial directory (released when the process dies)."""
+def _lock_path(dst: Path) -> Path:
+    return dst.parent / f".{dst.name}.lock"
+
+
+def _lock(dst: Path) -> Any:
+    """An exclusive lock on writing `dst` (released when the process dies). The file is
+    removed by the holder when it finishes (`_unlock`), so a lock taken on a file that was
+    removed meanwhile is no lock: take it again on the file now at the path."""
     import fcntl
 
-    f = open(tmp / _LOCK, "a")  # noqa: SIM115 (held for the whole run)
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    path = _lock_path(dst)
+    while True:
+        f = open(path, "a")  # noqa: SIM115 (held for the whole run)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise QuantizeBusyError(
+                f"{dst}: another dynaexq quantize is writing this output (lock held)"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                return f
+        except FileNotFoundError:
+            pass
         f.close()
-        raise QuantizeBusyError(
-            f"{tmp}: another dynaexq quantize is writing this output (lock held)"
-        ) from None
-    return f
+
+
+def _unlock(dst: Path, lock: Any) -> None:
+    """Remove the lock file, then release it (in this order: see `_lock`)."""
+    _lock_path(dst).unlink(missing_ok=True)
+    lock.close()
+
+
+def wait_for_writer(dst: str | os.PathLike[str]) -> None:
+    """Block until no other process is quantizing into `dst` (its lock is free); returns
+    at once when none is."""
+    import fcntl
+
+    try:
+        f = open(_lock_path(Path(dst)), "a")  # noqa: SIM115
+    except FileNotFoundError:  # its folder does not exist: nobody is writing there
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +27,11 @@ from dynaexq.checkpoint import CheckpointError
 from dynaexq.quant import TierSpec, expert_nbytes, parse_tier, parse_tiers
 from dynaexq.quant.tiered import (
     LAYOUT_VERSION,
+    QuantizeBusyError,
     TieredCheckpoint,
     TieredMismatchError,
     quantize_checkpoint,
+    wait_for_writer,
 )
 
 
@@ -78,17 +81,26 @@ def tiered_checkpoint_for(
             tc.check_source(origin)  # its source changed since: stale
         return tc
     dst = (cache_dir or default_cache_dir()) / f"{src_p.name}-{_source_key(src_p, tier_list)}"
-    if (dst / "manifest.json").is_file():
-        tc = TieredCheckpoint(dst)
+    while True:
+        if (dst / "manifest.json").is_file():
+            tc = TieredCheckpoint(dst)
+            try:
+                if tc.manifest.get("source_fingerprint") is not None:
+                    tc.check_source(src_p)
+                return tc
+            except TieredMismatchError:
+                pass  # a cached copy of an older version of the source: quantize again
+        dst.parent.mkdir(parents=True, exist_ok=True)
         try:
-            if tc.manifest.get("source_fingerprint") is not None:
-                tc.check_source(src_p)
-            return tc
-        except TieredMismatchError:
-            pass  # a cached copy of an older version of the source: quantize again
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    quantize_checkpoint(src_p, dst, tier_list, force=True, progress=progress, threads=_cpu_count())
-    return TieredCheckpoint(dst)
+            quantize_checkpoint(
+                src_p, dst, tier_list, force=True, progress=progress, threads=_cpu_count()
+            )
+            return TieredCheckpoint(dst)
+        except QuantizeBusyError:
+            # Another process (a second eval of a suite, say) is making the same cache
+            # entry: use its result, or resume its shards if it stopped.
+            print(f"another process is quantizing {dst}; waiting for it", file=sys.stderr)
+            wait_for_writer(dst)
 
 
 def _cpu_count() -> int:
