@@ -272,3 +272,34 @@ def test_steady_state_scores_each_part_of_the_streams() -> None:
 
     got = mod.part_gaps(res(1.5, 1.25), res(2.0, 2.0), res(1.0, 1.0), 2)
     assert got == pytest.approx([50.0, 75.0])
+
+
+def test_calibration_texts_of_each_source() -> None:
+    """Which text each (calibration, domain) ranking is measured on; generic and mix share
+    one text across domains, so it is measured once (`_per_text`)."""
+    from dynaexq.eval.run import _per_text, calibration_texts
+
+    a, b, g = np.arange(3), np.arange(4), np.arange(5)
+    calib = {"a": a, "b": b}
+    modes = ("domain", "mix", "generic", "domain+generic")
+    texts = calibration_texts(modes, calib, [g], mixed=True)
+    ids = {k: [id(x) for x in v] for k, v in texts.items()}
+    assert ids[("domain", "a")] == [id(a)] and ids[("domain", "mixed")] == [id(a), id(b)]
+    assert ids[("mix", "a")] == ids[("mix", "b")] == [id(a), id(b)]
+    assert ids[("generic", "a")] == ids[("generic", "mixed")] == [id(g)]
+    assert ids[("domain+generic", "b")] == [id(b), id(g)]
+    assert ids[("domain+generic", "mixed")] == [id(a), id(b), id(g)]
+    assert ("domain", "mixed") not in calibration_texts(modes, calib, [g], mixed=False)
+    measured: list[int] = []
+
+    def measure(t: list[np.ndarray]) -> int:
+        measured.append(len(t))
+        return sum(len(x) for x in t)
+
+    got = _per_text(texts, measure)
+    assert got[("generic", "a")] == got[("generic", "b")] == 5
+    assert got[("domain+generic", "mixed")] == 12
+    # one per distinct text: a, b, a+b (domain mixed, mix), g, a+g, b+g, a+b+g
+    assert len(measured) == 7
+    with pytest.raises(ValueError, match="calibration must be one of"):
+        calibration_texts(("yesterday",), calib, [g], mixed=False)

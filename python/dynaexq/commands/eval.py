@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="domain",
         help="comma list of calibration sources for static-map/static-knapsack/dynamic: "
         "domain (each domain's own first tokens), mix (every domain's together), generic "
-        "(the text shipped with the package)",
+        "(the text shipped with the package), domain+generic (each domain's own first "
+        "tokens, then the generic text)",
     )
     p.add_argument(
         "--uniform-tiers",

@@ -181,7 +181,9 @@ class EvalConfig:
     offsets: int = 1
     # Where static-map, static-knapsack and dynamic's calibration comes from: "domain"
     # (each domain's own first calibration_tokens), "mix" (those of every domain
-    # together), "generic" (the text shipped with the package, no domain text at all).
+    # together), "generic" (the text shipped with the package, no domain text at all),
+    # "domain+generic" (each domain's own tokens followed by the generic text: a user's
+    # own text hedged with a diverse one).
     calibrations: tuple[str, ...] = ("domain",)
     # Also score "mixed": batches whose parallel streams come from different domains (one
     # stream per domain, round robin), calibrated on every domain's calibration text.
@@ -287,6 +289,47 @@ def generic_calibration(path: Path) -> list[np.ndarray]:
     return [np.asarray(tok.encode(default_calibration_text()), dtype=np.int64)]
 
 
+CALIBRATIONS = ("domain", "mix", "generic", "domain+generic")
+
+
+def calibration_texts(
+    modes: tuple[str, ...],
+    calib: dict[str, np.ndarray],
+    generic: list[np.ndarray],
+    mixed: bool,
+) -> dict[tuple[str, str], list[np.ndarray]]:
+    """(calibration mode, domain) -> the calibration text of that domain's rankings (see
+    `EvalConfig.calibrations`); the mixed batch, when scored, is calibrated on every
+    domain's text together ("domain", "domain+generic")."""
+    names = [*calib, *(["mixed"] if mixed and len(calib) > 1 else [])]
+    out: dict[tuple[str, str], list[np.ndarray]] = {}
+    for mode in modes:
+        if mode not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {mode!r}")
+        for name in names:
+            own = list(calib.values()) if name == "mixed" else [calib[name]]
+            out[(mode, name)] = {
+                "domain": own,
+                "mix": list(calib.values()),
+                "generic": list(generic),
+                "domain+generic": [*own, *generic],
+            }[mode]
+    return out
+
+
+def _per_text(texts: dict[Any, list[np.ndarray]], measure: Callable[[list[np.ndarray]], Any]):
+    """`measure` of each key's text, computed once per distinct text (keys that share the
+    same arrays share the result)."""
+    done: dict[tuple[int, ...], Any] = {}
+    out = {}
+    for key, t in texts.items():
+        ident = tuple(id(a) for a in t)
+        if ident not in done:
+            done[ident] = measure(t)
+        out[key] = done[ident]
+    return out
+
+
 def eval_slices(evals: dict[str, np.ndarray], cfg: EvalConfig) -> dict[tuple[str, int], np.ndarray]:
     """(domain, offset) -> [streams, N+1] token streams scored at that offset."""
     out = {}
@@ -326,43 +369,17 @@ def run_policies(
     store = TierStore.from_tiered(tc)
     full, _ = load_with_policy(path, policy="full", device=cfg.device)
     config = full.config
-    scores: dict[tuple[str, str], np.ndarray] = {}
-    for mode in cfg.calibrations:
-        if mode == "domain":
-            for name, c in calib.items():
-                scores[(mode, name)] = calibration_scores(full, [c])
-        elif mode == "mix":
-            mixed = calibration_scores(full, list(calib.values()))
-            scores.update({(mode, name): mixed for name in calib})
-        elif mode == "generic":
-            gen = calibration_scores(full, generic_calibration(path))
-            scores.update({(mode, name): gen for name in calib})
-        else:
-            raise ValueError(f"calibration must be domain, mix or generic, got {mode!r}")
-    if cfg.mixed and len(calib) > 1:
-        for mode in cfg.calibrations:
-            if mode == "domain":
-                scores[(mode, "mixed")] = calibration_scores(full, list(calib.values()))
-            else:
-                scores[(mode, "mixed")] = next(v for (m, _), v in scores.items() if m == mode)
-    # The calibration text of every ranking.
-    generic = generic_calibration(path) if "generic" in cfg.calibrations else []
-    texts: dict[tuple[str, str], list[np.ndarray]] = {}
-    for mode, name in scores:
-        if mode == "domain":
-            texts[(mode, name)] = list(calib.values()) if name == "mixed" else [calib[name]]
-        elif mode == "mix":
-            texts[(mode, name)] = list(calib.values())
-        else:
-            texts[(mode, name)] = generic
-    # The measured output error of every tier (controller value "output"), on the same
-    # calibration text as each ranking.
+    generic = generic_calibration(path) if any("generic" in m for m in cfg.calibrations) else []
+    texts = calibration_texts(cfg.calibrations, calib, generic, cfg.mixed)
+    # Each distinct calibration text is measured once (generic's is every domain's): its
+    # ranking, the measured output error of every tier (controller value "output") and
+    # below each layer's measured loss at each tier all come from the same text.
+    scores = _per_text(texts, lambda t, m=full: calibration_scores(m, t))
     errors: dict[tuple[str, str], Any] = {}
     if cfg.controller.value != "weight":
         from dynaexq.runtime.sensitivity import output_errors
 
-        for key in scores:
-            errors[key] = output_errors(full, store, texts[key])
+        errors = _per_text(texts, lambda t, m=full: output_errors(m, store, t))
     layers, experts = len(config.moe_layers), config.num_experts
     fixed = fixed_memory(
         config, dtype_bytes=4, batch=cfg.streams, context=cfg.window, chunk=cfg.chunk
@@ -375,8 +392,7 @@ def run_policies(
     if cfg.controller.value_scale == "layer" and cfg.controller.planner == "value":
         from dynaexq.runtime.sensitivity import layer_losses
 
-        for key in scores:
-            losses[key] = layer_losses(full, store, texts[key])
+        losses = _per_text(texts, lambda t, m=full: layer_losses(m, store, t))
 
     def score(
         engine, policy: str, budget: str, nbytes, hot, domain, offset, cal, recal=None, **extra
