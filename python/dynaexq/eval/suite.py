@@ -158,14 +158,16 @@ def run_suite(
         tqdm(total=len(todo), desc=f"suite {suite.name}", unit="run") as bar,
         ThreadPoolExecutor(max_workers=max(1, jobs)) as pool,
     ):
-        started = {}
-        for r in todo:
-            started[pool.submit(runner, r, out)] = (r, time.perf_counter())
-            bar.write(f"{r.name}: dynaexq {shlex.join(r.command(out))}")
+
+        def start(r: SuiteRun) -> tuple[int, float]:
+            bar.write(f"{r.name}: started: dynaexq {shlex.join(r.command(out))}")
+            t0 = time.perf_counter()
+            return runner(r, out), time.perf_counter() - t0
+
+        started = {pool.submit(start, r): r for r in todo}
         for fut in as_completed(started):
-            r, t0 = started[fut]
-            rc = fut.result()
-            secs = time.perf_counter() - t0
+            r = started[fut]
+            rc, secs = fut.result()
             if rc == 0:
                 stamp = {"suite": suite.name, "args": list(r.args), "seconds": round(secs, 1)}
                 (out / r.name / STAMP).write_text(json.dumps(stamp, indent=1))
