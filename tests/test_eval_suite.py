@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from dynaexq.cli import main
-from dynaexq.eval.suite import STAMP, SuiteRun, load_suite, run_suite, write_tables
+from dynaexq.eval.suite import STAMP, SuiteRun, is_done, load_suite, run_suite, write_tables
 from dynaexq.eval.table import tiers_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def test_the_round9_tables_give_the_readme_figures(tmp_path) -> None:
     text = write_tables(load_suite("round9"), out).read_text()
     assert "dynamic: 28 / 32 cells within 0.5 of the cell's best static (mean margin -0.11)" in text
     assert "3bits php generic -1.9 ± 0.4" in text
-    assert "| dynamic | 73.1%, +1.7, 18 | 75.1%, -0.1, 4 | 77.8%, +5.9, 25 |" in text
+    assert "| dynamic | 73.1%, +1.7, 18 | 75.1%, -0.0, 4 | 77.8%, +5.8, 25 |" in text
     # int4 / bf16, int2 / int4 / bf16 and int2 / bf16, dynamic, domain calibration.
     assert "| round9-int4-bf16 | int4/bf16 | 5.24bits | domain |" in text
     assert "96.8-99.0 (lowest: mixed)" in text
@@ -129,6 +129,10 @@ def test_finished_runs_are_skipped_and_failures_are_not_stamped(tmp_path) -> Non
     calls.clear()
     assert run_suite(changed, out, runner=runner)[0] == 0
     assert calls == ["a"]
+    # Back to the first arguments: an attempt that fails leaves no stamp, so the files of
+    # the run before (other arguments) no longer count as done either.
+    assert run_suite(suite, out, runner=lambda r, o: 1)[0] == 2
+    assert not (out / "a" / STAMP).exists() and not is_done(changed.runs[0], out)
 
 
 def test_suite_refuses_other_eval_options(capsys) -> None:

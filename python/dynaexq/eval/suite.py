@@ -160,6 +160,9 @@ def run_suite(
     ):
 
         def start(r: SuiteRun) -> tuple[int, float]:
+            # Done means the last attempt finished: an attempt stopped halfway is not done
+            # under any arguments, whatever files an earlier run left.
+            (out / r.name / STAMP).unlink(missing_ok=True)
             bar.write(f"{r.name}: started: dynaexq {shlex.join(r.command(out))}")
             t0 = time.perf_counter()
             return runner(r, out), time.perf_counter() - t0
