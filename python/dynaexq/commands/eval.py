@@ -226,7 +226,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME|PATH",
         help="run a suite of evals into --out/<run> and write their tables to "
         "--out/<suite>.md; finished runs are skipped (shipped: round9, the README's "
-        "results); with it, only --out and --jobs apply",
+        "results; css, the last held-back set); with it, only --out and --jobs apply",
     )
     s.add_argument("--jobs", type=int, default=1, help="suite runs at once (one core each)")
 
