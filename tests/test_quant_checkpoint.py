@@ -338,7 +338,7 @@ def test_a_cached_quantize_waits_for_another_writer_of_the_same_entry(hf_model, 
     for the first one's lock instead of failing, then uses what it wrote."""
     import threading
 
-    from dynaexq.quant.tiered import QuantizeBusyError, _lock
+    from dynaexq.quant.tiered import QuantizeBusyError, _lock, wait_for_writer
     from dynaexq.runtime import store
 
     cache = tmp_path / "cache"
@@ -361,3 +361,6 @@ def test_a_cached_quantize_waits_for_another_writer_of_the_same_entry(hf_model, 
     waiter.join(timeout=120)
     assert not waiter.is_alive() and got[0].root == dst
     assert (dst / "manifest.json").is_file()
+    # Waiting on a finished entry leaves no lock file behind.
+    wait_for_writer(dst)
+    assert not list(cache.glob(".*.lock"))

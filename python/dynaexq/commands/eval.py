@@ -238,14 +238,13 @@ def _run_suite(args: argparse.Namespace) -> int:
     """`--suite`: check every run's arguments and data sets, then run what is not done."""
     from dynaexq.eval.suite import load_suite, run_suite
 
-    defaults = argparse.ArgumentParser()
-    add_arguments(defaults)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = vars(parser.parse_args([]))
     given = sorted(
         f"--{k.replace('_', '-')}"
         for k, v in vars(args).items()
-        if k in vars(defaults.parse_args([]))
-        and k not in _SUITE_OPTIONS
-        and v != defaults.get_default(k)
+        if k in defaults and k not in _SUITE_OPTIONS and v != defaults[k]
     )
     if given:
         print(

@@ -327,9 +327,9 @@ def wait_for_writer(dst: str | os.PathLike[str]) -> None:
     at once when none is."""
     import fcntl
 
-    try:
-        f = open(_lock_path(Path(dst)), "a")  # noqa: SIM115
-    except FileNotFoundError:  # its folder does not exist: nobody is writing there
+    try:  # read-only: opening must not create a lock file that nobody removes
+        f = open(_lock_path(Path(dst)))  # noqa: SIM115
+    except FileNotFoundError:  # no lock file: nobody is writing there
         return
     with f:
         fcntl.flock(f, fcntl.LOCK_EX)
