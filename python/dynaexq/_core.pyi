@@ -78,12 +78,16 @@ class ExpertPool:
         shared_budget: DeviceBudget | None = None,
         kv_head_bytes: int = 0,
         lending: tuple[str, str] | None = None,
+        host_classes: list[str] | None = None,
     ) -> ExpertPool:
         """`device=N` reserves the arena on CUDA device N (BackendError without CUDA).
         `shared_budget`: reserve every slot from a `DeviceBudget` shared with a
         `KvPagePool` (then `budget` must be None). `kv_head_bytes`: bytes at the arena's
         head for the KV floor pages. `lending=(host, guest)`: slots of class `host` may
-        be lent to the KV pages, each hosting one slot of class `guest` at its head."""
+        be lent to the KV pages, each hosting one slot of class `guest` at its head.
+        `host_classes`: classes whose slots live in host memory the device reads (the
+        arena's tail, from `host_from`; on CUDA page-locked and mapped): they reserve no
+        budget and count in `stats()["host_bytes"]`."""
     def alloc(self, cls: str) -> Block:
         """Allocate a committed block (lowest free slot); PoolExhausted when full."""
     def reserve(self, cls: str) -> Block:
@@ -125,6 +129,9 @@ class ExpertPool:
     def classes(self) -> list[str]: ...
     @property
     def total_bytes(self) -> int: ...
+    @property
+    def host_from(self) -> int:
+        """Where the host-memory classes' tail starts (`total_bytes` when there is none)."""
     @property
     def budget(self) -> int: ...
     @property

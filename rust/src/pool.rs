@@ -57,6 +57,12 @@ pub trait Arena: Send + Sync + fmt::Debug {
     fn host_ptr(&self) -> Option<NonNull<u8>> {
         None
     }
+    /// Address of the byte at `offset`: `base_address() + offset`, except in an arena
+    /// whose tail is separate host memory the device reads (the CUDA split arena), where
+    /// the tail's bytes are at that memory's device address.
+    fn address(&self, offset: u64) -> u64 {
+        self.base_address() + offset
+    }
     /// Copy `buf.len()` bytes at `offset` out (works for device arenas too; tests and
     /// checks, not the serving path).
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -303,6 +309,9 @@ pub struct ClassSpec {
     /// to the pool alignment.
     pub slot_bytes: u64,
     pub slots: u32,
+    /// The class's slots live in host memory the device can read (a staging slot): they
+    /// are reserved from no device budget, and their region is the arena's tail.
+    pub host_memory: bool,
 }
 
 impl ClassSpec {
@@ -311,7 +320,13 @@ impl ClassSpec {
             name: name.into(),
             slot_bytes,
             slots,
+            host_memory: false,
         }
+    }
+    /// The same class, its slots in host memory (see `host_memory`).
+    pub fn in_host_memory(mut self) -> Self {
+        self.host_memory = true;
+        self
     }
 }
 
@@ -452,6 +467,8 @@ struct SlotClass {
     /// Host slots lent to the KV pages / hosted guest slots offline.
     lent: u32,
     offline: u32,
+    /// In host memory: reserves no device budget (`ClassSpec::host_memory`).
+    host_memory: bool,
 }
 
 /// A host slot lent to the KV pages: `[offset, offset + nbytes)` of the arena, of which
@@ -490,17 +507,23 @@ pub struct ClassStats {
     pub high_water: u32,
     pub region_offset: u64,
     pub region_bytes: u64,
+    pub host_memory: bool,
 }
 
 /// Statistics of the whole pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolStats {
     pub total_bytes: u64,
+    /// Where the host-memory tail starts (`total_bytes` when there is none): the bytes
+    /// before it are device memory.
+    pub host_from: u64,
     pub budget: u64,
     pub reserved_bytes: u64,
     pub pending_bytes: u64,
     pub committed_bytes: u64,
     pub high_water_bytes: u64,
+    /// Bytes of live host-memory slots (in none of the counters above).
+    pub host_bytes: u64,
     pub classes: Vec<ClassStats>,
 }
 
@@ -517,6 +540,8 @@ pub struct ExpertPool {
     board: Arc<SlotBoard>,
     arena: std::sync::Arc<dyn Arena>,
     total_bytes: u64,
+    /// Offset where the host-memory classes' regions start (`total_bytes`: none).
+    host_from: u64,
     /// Where every slot's bytes are reserved: private, or shared with the KV page pool.
     budget: std::sync::Arc<DeviceBudget>,
     kv_head_bytes: u64,
@@ -525,6 +550,8 @@ pub struct ExpertPool {
     pending_bytes: u64,
     committed_bytes: u64,
     high_water_bytes: u64,
+    /// Bytes of live host-memory slots (reserved from no budget).
+    host_bytes: u64,
 }
 
 impl fmt::Debug for ExpertPool {
@@ -555,22 +582,23 @@ fn round_up(x: u64, align: u64) -> Option<u64> {
 impl ExpertPool {
     /// A pool over freshly reserved host memory.
     pub fn new(config: &PoolConfig) -> Result<Self> {
-        Self::with_arena(config, |len, align| {
+        Self::with_arena(config, |len, align, _| {
             Ok(std::sync::Arc::new(HostArena::new(len, align)?) as std::sync::Arc<dyn Arena>)
         })
     }
 
     /// A pool with offsets and accounting but no memory.
     pub fn new_virtual(config: &PoolConfig) -> Result<Self> {
-        Self::with_arena(config, |len, _| {
+        Self::with_arena(config, |len, _, _| {
             Ok(std::sync::Arc::new(VirtualArena::new(len)) as std::sync::Arc<dyn Arena>)
         })
     }
 
-    /// A pool over an arena made by `make(len, align)` (e.g. a device allocation).
+    /// A pool over an arena made by `make(len, align, host_from)` (e.g. a device
+    /// allocation whose bytes from `host_from` on are host memory the device can read).
     pub fn with_arena(
         config: &PoolConfig,
-        make: impl FnOnce(u64, u64) -> Result<std::sync::Arc<dyn Arena>>,
+        make: impl FnOnce(u64, u64, u64) -> Result<std::sync::Arc<dyn Arena>>,
     ) -> Result<Self> {
         Self::with_arena_and_budget(config, make, None)
     }
@@ -580,7 +608,7 @@ impl ExpertPool {
     pub fn new_shared(config: &PoolConfig, budget: std::sync::Arc<DeviceBudget>) -> Result<Self> {
         Self::with_arena_and_budget(
             config,
-            |len, align| {
+            |len, align, _| {
                 Ok(std::sync::Arc::new(HostArena::new(len, align)?) as std::sync::Arc<dyn Arena>)
             },
             Some(budget),
@@ -594,7 +622,7 @@ impl ExpertPool {
     ) -> Result<Self> {
         Self::with_arena_and_budget(
             config,
-            |len, _| Ok(std::sync::Arc::new(VirtualArena::new(len)) as std::sync::Arc<dyn Arena>),
+            |len, _, _| Ok(std::sync::Arc::new(VirtualArena::new(len)) as std::sync::Arc<dyn Arena>),
             Some(budget),
         )
     }
@@ -604,7 +632,7 @@ impl ExpertPool {
     /// without it the pool gets its own tracker of `config.budget` (or the whole arena).
     pub fn with_arena_and_budget(
         config: &PoolConfig,
-        make: impl FnOnce(u64, u64) -> Result<std::sync::Arc<dyn Arena>>,
+        make: impl FnOnce(u64, u64, u64) -> Result<std::sync::Arc<dyn Arena>>,
         shared: Option<std::sync::Arc<DeviceBudget>>,
     ) -> Result<Self> {
         if shared.is_some() && config.budget.is_some() {
@@ -632,8 +660,17 @@ impl ExpertPool {
         // First the regions: the KV head, then every class's slots in order.
         let mut offset = round_up(config.kv_head_bytes, align)
             .ok_or_else(|| Error::InvalidConfig("the KV head is too large".into()))?;
-        let mut sized = Vec::with_capacity(config.classes.len());
-        for (i, spec) in config.classes.iter().enumerate() {
+        let mut sized = vec![(0u64, 0u64); config.classes.len()];
+        // Device classes first, then the host-memory ones: those form the arena's tail.
+        let order: Vec<usize> = (0..config.classes.len())
+            .filter(|&i| !config.classes[i].host_memory)
+            .chain((0..config.classes.len()).filter(|&i| config.classes[i].host_memory))
+            .collect();
+        let mut host_from = None;
+        for (i, spec) in order.iter().map(|&i| (i, &config.classes[i])) {
+            if spec.host_memory && host_from.is_none() {
+                host_from = Some(offset);
+            }
             if spec.name.is_empty() {
                 return Err(Error::InvalidConfig(
                     "slot class names must be non-empty".into(),
@@ -666,10 +703,11 @@ impl ExpertPool {
             let region = slot_bytes
                 .checked_mul(spec.slots as u64)
                 .ok_or_else(too_big)?;
-            sized.push((slot_bytes, offset));
+            sized[i] = (slot_bytes, offset);
             offset = offset.checked_add(region).ok_or_else(too_big)?;
         }
         let total_bytes = offset;
+        let host_from = host_from.unwrap_or(total_bytes);
         let lending = match &config.lending {
             None => None,
             Some(l) => {
@@ -679,6 +717,14 @@ impl ExpertPool {
                     })
                 };
                 let (host, guest) = (find(&l.host)?, find(&l.guest)?);
+                if config.classes[host.0 as usize].host_memory
+                    || config.classes[guest.0 as usize].host_memory
+                {
+                    return Err(Error::InvalidConfig(format!(
+                        "the lending classes {:?} and {:?} must be device memory",
+                        l.host, l.guest
+                    )));
+                }
                 if host == guest || sized[guest.0 as usize].0 > sized[host.0 as usize].0 {
                     return Err(Error::InvalidConfig(format!(
                         "a lent {:?} slot cannot host a {:?} slot",
@@ -739,6 +785,7 @@ impl ExpertPool {
                 high_water: 0,
                 lent: 0,
                 offline: extra,
+                host_memory: spec.host_memory,
             });
             first_slot += count as u32;
         }
@@ -748,7 +795,7 @@ impl ExpertPool {
             (None, Some(b)) => std::sync::Arc::new(DeviceBudget::new(b.min(total_bytes))?),
             (None, None) => std::sync::Arc::new(DeviceBudget::new(total_bytes)?),
         };
-        let arena = make(total_bytes, align.max(64))?;
+        let arena = make(total_bytes, align.max(64), host_from)?;
         if arena.len() < total_bytes {
             return Err(Error::InvalidConfig(format!(
                 "arena of {} B is smaller than the layout ({total_bytes} B)",
@@ -785,12 +832,14 @@ impl ExpertPool {
             board: Arc::new(board),
             arena,
             total_bytes,
+            host_from,
             budget,
             kv_head_bytes: config.kv_head_bytes,
             lending,
             pending_bytes: 0,
             committed_bytes: 0,
             high_water_bytes: 0,
+            host_bytes: 0,
         })
     }
 
@@ -802,6 +851,11 @@ impl ExpertPool {
     }
     pub fn total_bytes(&self) -> u64 {
         self.total_bytes
+    }
+    /// Where the host-memory classes' regions start (`total_bytes` when there are none):
+    /// the arena's bytes before it are device memory.
+    pub fn host_from(&self) -> u64 {
+        self.host_from
     }
     /// The limit of the budget the pool reserves from (shared or its own).
     pub fn budget(&self) -> u64 {
@@ -967,8 +1021,21 @@ impl ExpertPool {
         debug_assert!(ok, "a lent slot is not in the free list");
         Ok(())
     }
+    /// Device bytes reserved (pending + committed); host-memory slots are not counted.
     pub fn reserved_bytes(&self) -> u64 {
         self.pending_bytes + self.committed_bytes
+    }
+
+    fn budget_take(
+        &self,
+        charged: bool,
+        need: u64,
+    ) -> std::result::Result<(), crate::budget::BudgetSnapshot> {
+        if charged {
+            self.budget.try_take(BudgetUse::Experts, need)
+        } else {
+            Ok(())
+        }
     }
 
     /// Allocate a committed block (lowest free index of the class).
@@ -990,7 +1057,8 @@ impl ExpertPool {
             });
         }
         let need = c.slot_bytes;
-        if let Err(snap) = self.budget.try_take(BudgetUse::Experts, need) {
+        let charged = !c.host_memory;
+        if let Err(snap) = self.budget_take(charged, need) {
             return Err(Error::BudgetExceeded {
                 class: c.name.clone(),
                 need,
@@ -1004,11 +1072,18 @@ impl ExpertPool {
         let live = c.free.len() - c.lent - c.offline - c.free.free_count();
         c.high_water = c.high_water.max(live);
         let (offset, nbytes) = (self.board.info[slot].offset, c.slot_bytes);
+        // The byte counters are the device budget's: host-memory slots count apart.
+        let device = if c.host_memory {
+            self.host_bytes += nbytes;
+            0
+        } else {
+            nbytes
+        };
         if state == SlotState::Pending {
             c.pending += 1;
-            self.pending_bytes += nbytes;
+            self.pending_bytes += device;
         } else {
-            self.committed_bytes += nbytes;
+            self.committed_bytes += device;
         }
         self.high_water_bytes = self.high_water_bytes.max(self.reserved_bytes());
         self.meta[slot] = SlotMeta {
@@ -1077,9 +1152,12 @@ impl ExpertPool {
             });
         }
         self.meta[slot].state = SlotState::Committed;
-        self.classes[b.class.0 as usize].pending -= 1;
-        self.pending_bytes -= b.nbytes;
-        self.committed_bytes += b.nbytes;
+        let c = &mut self.classes[b.class.0 as usize];
+        c.pending -= 1;
+        if !c.host_memory {
+            self.pending_bytes -= b.nbytes;
+            self.committed_bytes += b.nbytes;
+        }
         Ok(())
     }
 
@@ -1155,17 +1233,25 @@ impl ExpertPool {
     fn release(&mut self, slot: u32, b: &Block) {
         let m = &mut self.meta[slot as usize];
         let c = &mut self.classes[b.class.0 as usize];
+        let device = if c.host_memory {
+            self.host_bytes -= b.nbytes;
+            0
+        } else {
+            b.nbytes
+        };
         match m.state {
             SlotState::Pending => {
                 c.pending -= 1;
-                self.pending_bytes -= b.nbytes;
+                self.pending_bytes -= device;
             }
-            SlotState::Committed => self.committed_bytes -= b.nbytes,
+            SlotState::Committed => self.committed_bytes -= device,
             SlotState::Free | SlotState::Lent | SlotState::Offline => {
                 unreachable!("check_live rejects slots that are not held")
             }
         }
-        self.budget.give(BudgetUse::Experts, b.nbytes);
+        if device > 0 {
+            self.budget.give(BudgetUse::Experts, device);
+        }
         *m = SlotMeta {
             state: SlotState::Free,
             table: false,
@@ -1212,6 +1298,7 @@ impl ExpertPool {
             high_water: c.high_water,
             region_offset: c.region_offset,
             region_bytes: c.slot_bytes * c.regular as u64,
+            host_memory: c.host_memory,
         })
     }
 
@@ -1223,6 +1310,8 @@ impl ExpertPool {
             pending_bytes: self.pending_bytes,
             committed_bytes: self.committed_bytes,
             high_water_bytes: self.high_water_bytes,
+            host_bytes: self.host_bytes,
+            host_from: self.host_from,
             classes: (0..self.classes.len())
                 .map(|i| self.class_stats(ClassId(i as u16)).expect("valid id"))
                 .collect(),
@@ -1322,6 +1411,66 @@ mod tests {
         p.free(r).unwrap();
         assert_eq!(p.reserved_bytes(), 0);
         assert_eq!(p.stats().high_water_bytes, 512);
+    }
+    #[test]
+    fn host_memory_classes_form_the_tail_and_reserve_no_budget() {
+        // The host class is given first; its region still comes after the device ones.
+        let cfg = PoolConfig::new(vec![
+            ClassSpec::new("lo_s", 256, 1).in_host_memory(),
+            ClassSpec::new("lo", 256, 2),
+            ClassSpec::new("hi", 1024, 1),
+        ])
+        .budget(Some(2 * 256 + 1024));
+        let mut p = ExpertPool::new(&cfg).unwrap();
+        let (s, lo, hi) = (
+            p.class_id("lo_s").unwrap(),
+            p.class_id("lo").unwrap(),
+            p.class_id("hi").unwrap(),
+        );
+        assert_eq!(p.host_from(), 2 * 256 + 1024);
+        assert_eq!(p.total_bytes(), p.host_from() + 256);
+        assert_eq!(p.region(s).unwrap(), (p.host_from(), 256));
+        assert_eq!(p.region(lo).unwrap().0, 0);
+        // The device classes fill the budget; the host slot still fits beside them.
+        let held = [
+            p.alloc(lo).unwrap(),
+            p.alloc(lo).unwrap(),
+            p.alloc(hi).unwrap(),
+        ];
+        assert_eq!(p.reserved_bytes(), 2 * 256 + 1024);
+        let b = p.try_reserve(s).unwrap();
+        assert_eq!(b.offset, p.host_from());
+        assert_eq!(
+            (p.reserved_bytes(), p.stats().host_bytes),
+            (2 * 256 + 1024, 256)
+        );
+        assert_eq!(p.budget_tracker().snapshot().charged(), 2 * 256 + 1024);
+        p.commit(&b).unwrap();
+        assert_eq!(p.stats().pending_bytes, 0);
+        assert!(p.stats().classes[s.0 as usize].host_memory);
+        // Freeing a device block gives its bytes back; the host block gives none.
+        p.free(held[0]).unwrap();
+        assert_eq!(p.reserved_bytes(), 256 + 1024);
+        p.free(b).unwrap();
+        assert_eq!((p.reserved_bytes(), p.stats().host_bytes), (256 + 1024, 0));
+        assert_eq!(p.budget_tracker().snapshot().charged(), 256 + 1024);
+        // Without host classes the tail is empty.
+        let plain = ExpertPool::new(&PoolConfig::new(vec![ClassSpec::new("a", 256, 2)])).unwrap();
+        assert_eq!(plain.host_from(), plain.total_bytes());
+    }
+    #[test]
+    fn a_host_memory_class_cannot_be_lent_or_host_a_lent_slot() {
+        for (host, guest) in [("hi", "lo_s"), ("hi_s", "lo")] {
+            let cfg = PoolConfig::new(vec![
+                ClassSpec::new("lo", 256, 2),
+                ClassSpec::new("lo_s", 256, 1).in_host_memory(),
+                ClassSpec::new("hi", 1024, 2),
+                ClassSpec::new("hi_s", 1024, 1).in_host_memory(),
+            ])
+            .lending(host, guest);
+            let err = ExpertPool::new(&cfg).unwrap_err().to_string();
+            assert!(err.contains("must be device memory"), "{err}");
+        }
     }
     #[test]
     fn lent_slots_host_a_guest_and_come_back_only_when_it_is_free() {

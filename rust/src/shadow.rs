@@ -45,6 +45,8 @@ struct ClassModel {
     slot_bytes: u64,
     region: (u64, u64),
     free: BTreeSet<u32>,
+    /// Host memory: reserves no budget, and its region lies in the arena's tail.
+    host: bool,
 }
 
 struct EntryModel {
@@ -81,22 +83,30 @@ impl Model {
                 class: String::new(),
                 capacity: 0,
             }),
-            Some(_) if self.reserved + cm.slot_bytes > self.budget => Err(Error::BudgetExceeded {
-                class: String::new(),
-                need: 0,
-                reserved: 0,
-                budget: 0,
-            }),
+            Some(_) if !cm.host && self.reserved + cm.slot_bytes > self.budget => {
+                Err(Error::BudgetExceeded {
+                    class: String::new(),
+                    need: 0,
+                    reserved: 0,
+                    budget: 0,
+                })
+            }
             Some(&i) => Ok(i),
         }
     }
     fn took(&mut self, b: &Block) {
-        assert!(self.classes[b.class.0 as usize].free.remove(&b.index));
-        self.reserved += b.nbytes;
+        let c = &mut self.classes[b.class.0 as usize];
+        assert!(c.free.remove(&b.index));
+        if !c.host {
+            self.reserved += b.nbytes;
+        }
     }
     fn gave(&mut self, b: &Block) {
-        assert!(self.classes[b.class.0 as usize].free.insert(b.index));
-        self.reserved -= b.nbytes;
+        let c = &mut self.classes[b.class.0 as usize];
+        assert!(c.free.insert(b.index));
+        if !c.host {
+            self.reserved -= b.nbytes;
+        }
     }
     fn idle(&self, b: &Block) -> bool {
         let key = (b.class, b.index);
@@ -125,8 +135,15 @@ pub fn run(data: &[u8]) -> Vec<u64> {
     let specs: Vec<ClassSpec> = (0..nclasses)
         .map(|i| {
             let size = 1 + bytes.byte() as u64 * 13;
-            let slots = 1 + (bytes.byte() % 12) as u32;
-            ClassSpec::new(format!("c{i}"), size, slots)
+            let draw = bytes.byte();
+            let slots = 1 + (draw % 12) as u32;
+            let spec = ClassSpec::new(format!("c{i}"), size, slots);
+            // The third class is host memory (a staging class) on odd draws.
+            if i == 2 && draw % 2 == 1 {
+                spec.in_host_memory()
+            } else {
+                spec
+            }
         })
         .collect();
     let budget_byte = bytes.byte();
@@ -152,6 +169,7 @@ pub fn run(data: &[u8]) -> Vec<u64> {
                     slot_bytes: pool.slot_bytes(id).unwrap(),
                     region: pool.region(id).unwrap(),
                     free: (0..pool.capacity(id).unwrap()).collect(),
+                    host: pool.stats().classes[c as usize].host_memory,
                 }
             })
             .collect(),
@@ -524,7 +542,23 @@ fn check(
         assert_eq!(cs.free + cs.live, cs.capacity);
         assert_eq!(cs.free as usize, cm.free.len(), "free count of class {c}");
         assert!(cs.region_offset + cs.region_bytes <= total_bytes);
+        // Device regions before the host tail, host ones inside it.
+        if cm.host {
+            assert!(
+                cs.region_offset >= stats.host_from,
+                "host class {c} before the tail"
+            );
+        } else {
+            assert!(cs.region_offset + cs.region_bytes <= stats.host_from);
+        }
     }
+    let host_live: u64 = stats
+        .classes
+        .iter()
+        .filter(|c| c.host_memory)
+        .map(|c| c.live as u64 * c.slot_bytes)
+        .sum();
+    assert_eq!(stats.host_bytes, host_live, "host bytes");
     // Every live block: inside its region, no overlaps, and live in the pool.
     let mut live: Vec<Block> = m.user.iter().map(|u| u.0).collect();
     for e in &m.entries {

@@ -139,6 +139,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "tiers' bytes then hold experts; dynamic that does not move is the static knapsack)",
     )
     c.add_argument(
+        "--staging-memory",
+        choices=("device", "host"),
+        default=None,
+        help="where the staging slots live: device memory, paid out of the budget, or host "
+        "memory the device reads in place, outside it (staging lowest only; default: host "
+        "with --staging lowest, device with every)",
+    )
+    c.add_argument(
         "--move-gain",
         type=float,
         default=DEFAULT_CONTROLLER.move_gain,
@@ -302,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
         unseen_domains,
     )
     from dynaexq.eval.shift import run_shift
-    from dynaexq.runtime.policy import ControllerSettings
+    from dynaexq.runtime.policy import DEFAULT_CONTROLLER, ControllerSettings
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -318,6 +326,8 @@ def run(args: argparse.Namespace) -> int:
         max_bytes_per_token=args.max_bytes_per_token,
         in_flight=args.in_flight,
         staging=args.staging,
+        staging_memory=args.staging_memory
+        or (DEFAULT_CONTROLLER.staging_memory if args.staging == "lowest" else "device"),
         move_gain=args.move_gain,
         move_z=args.move_z,
         move_noise=args.move_noise,

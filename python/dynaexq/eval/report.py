@@ -143,7 +143,8 @@ def write_report(
         f"Tiers {', '.join(cfg['tiers'])}; {cfg['streams']} streams per domain, window "
         f"{cfg['window']}, chunk (step) {cfg['chunk']} tokens, {cfg['tokens_per_domain']} scored "
         f"tokens per domain after {cfg['calibration_tokens']} calibration tokens. Every policy "
-        "at one budget holds the same bytes; dynamic pays for its staging slots out of them.",
+        "at one budget holds the same device bytes; dynamic's staging slots are paid out of "
+        "them, unless they are host memory the device reads (`--staging-memory host`).",
         "",
         "## Perplexity and next-token accuracy",
         "",

@@ -13,12 +13,15 @@ from dynaexq._core import ExpertPool
 
 
 def arena_bytes(pool: ExpertPool, device: torch.device | str | None = None) -> torch.Tensor:
-    """Every byte of `pool`'s arena; `device` names the CUDA device of a device arena
+    """Every byte of `pool`'s arena (of a device arena, the device part before its
+    host-memory tail); `device` names the CUDA device of a device arena
     (default: the current one)."""
     if pool.arena_kind == "host":
         return torch.frombuffer(pool.arena_view(), dtype=torch.uint8)
     dev = torch.device(device) if device is not None else torch.device("cuda")
-    return torch.as_tensor(_CudaBytes(pool.arena_address, pool.total_bytes), device=dev)
+    # The device allocation only: a host-memory tail (staging slots) is separate memory,
+    # which kernels reach through the table's offsets, never through this tensor.
+    return torch.as_tensor(_CudaBytes(pool.arena_address, pool.host_from), device=dev)
 
 
 class _CudaBytes:

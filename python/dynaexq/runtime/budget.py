@@ -14,10 +14,15 @@ and the expert pool of each policy is laid out from what is left:
                (staging="lowest": a promotion into a full tier waits for a demotion out
                of it to land, so the upper tiers reserve nothing and their bytes hold
                experts; with a knapsack the assignment is the static one at the full
-               budget whenever its leftover bytes pay for the K low slots)
+               budget whenever its leftover bytes pay for the K low slots). With
+               staging_memory="host" (lowest only) those slots are host memory the
+               device reads (the pool arena's tail): they cost no budget, and dynamic
+               holds the static knapsack's assignment at the full budget exactly
 - offload:     a cache of high-tier experts                   slots * m_hi, slots < N
 
-so at one budget the policies hold the same bytes, and dynamic pays for its staging.
+so at one budget the policies hold the same device bytes, and dynamic pays for staging
+slots in device memory (in host memory it pays with reads over the link while an expert
+sits in one).
 """
 
 from __future__ import annotations
@@ -217,6 +222,15 @@ class PoolPlan:
     notes: list[str] = field(default_factory=list)
     # The knapsack's tier for every expert (layer-major), when it sized the tiers.
     assignment: tuple[int, ...] | None = None
+    # The staging slots live in host memory (the arena's tail), outside `pool_bytes`.
+    staging_host: bool = False
+
+    @property
+    def host_staging_bytes(self) -> int:
+        """Bytes of the staging slots kept in host memory (0 when they are device memory)."""
+        if not self.staging_host:
+            return 0
+        return sum(g * b for g, b in zip(self.staging, self.slot_bytes, strict=True))
 
     @property
     def total_bytes(self) -> int:
@@ -235,6 +249,11 @@ class PoolPlan:
             f"(weights {format_bytes(self.fixed.weights)}, KV {format_bytes(self.fixed.kv_cache)},"
             f" workspace {format_bytes(self.fixed.workspace)}); expert pool "
             f"{format_bytes(self.pool_bytes)}: {tiers}"
+            + (
+                f" (staging in host memory: {format_bytes(self.host_staging_bytes)})"
+                if self.staging_host
+                else ""
+            )
         )
 
 
@@ -251,6 +270,7 @@ def plan_pool(
     split: str = "per-layer",
     values: list[float] | None = None,
     staging: str = "every",
+    staging_memory: str = "device",
 ) -> PoolPlan:
     """Slot counts for `policy` within `budget` (bytes for everything dynaexq owns).
 
@@ -262,9 +282,18 @@ def plan_pool(
     the tier of the best total value that fits, and the slot counts follow.
     `staging` (dynamic): "every" reserves `in_flight` slots of every tier, "lowest"
     ceil(in_flight / 2) of the lowest tier only (see the module docstring).
+    `staging_memory`: "device" counts the staging slots in the budget; "host" (with
+    staging "lowest") puts them in host memory the device reads, outside the budget.
     """
     if staging not in ("every", "lowest"):
         raise BudgetError(f"staging must be every or lowest, got {staging!r}")
+    if staging_memory not in ("device", "host"):
+        raise BudgetError(f"staging_memory must be device or host, got {staging_memory!r}")
+    if staging_memory == "host" and staging != "lowest":
+        raise BudgetError(
+            "staging slots in host memory need staging 'lowest' (a slot of the lowest tier, "
+            "read over the link while an expert sits in it)"
+        )
     if layers <= 0 or experts <= 0:
         raise BudgetError("the model has no MoE layers")
     if not slot_bytes or any(b <= 0 for b in slot_bytes):
@@ -275,8 +304,11 @@ def plan_pool(
     top = len(slot_bytes) - 1
     zero = (0,) * len(slot_bytes)
 
+    host = staging_memory == "host"
+
     def pool_plan(slots: list[int], staging: list[int], per_layer=None, notes=()) -> PoolPlan:
-        pool = sum((s + g) * b for s, g, b in zip(slots, staging, slot_bytes, strict=False))
+        held = staging if not (host and any(staging)) else [0] * len(staging)
+        pool = sum((s + g) * b for s, g, b in zip(slots, held, slot_bytes, strict=False))
         return PoolPlan(
             policy,
             tuple(slot_bytes),
@@ -287,7 +319,12 @@ def plan_pool(
             fixed,
             budget,
             list(notes),
+            staging_host=host and any(staging),
         )
+
+    def charged(stage: list[int]) -> list[int]:
+        """The staging slots the budget pays for."""
+        return [0] * len(stage) if host else stage
 
     if policy == "full":
         slots = [0] * len(slot_bytes)
@@ -338,13 +375,16 @@ def plan_pool(
     # its demotion to free a slot of the upper tier, so only the demotion needs staging).
     stage = [k] * len(slot_bytes) if staging == "every" else [(k + 1) // 2] + [0] * top
     if values is not None:
-        return _plan_knapsack(policy, layers, experts, slot_bytes, room, stage, values, pool_plan)
+        return _plan_knapsack(
+            policy, layers, experts, slot_bytes, room, stage, charged(stage), values, pool_plan
+        )
     if len(slot_bytes) != 2:
         return _plan_multi_tier(
-            policy, layers, experts, slot_bytes, fixed, budget, room, stage, pool_plan
+            policy, layers, experts, slot_bytes, fixed, budget, room, stage, charged(stage),
+            pool_plan,
         )
     lo, hi = slot_bytes
-    staging_bytes = sum(g * b for g, b in zip(stage, slot_bytes, strict=True))
+    staging_bytes = sum(g * b for g, b in zip(charged(stage), slot_bytes, strict=True))
     spare = room - n * lo - staging_bytes
     if spare < 0:
         need = fixed.total + n * lo + staging_bytes
@@ -437,13 +477,14 @@ def peel(choice: list[int], values: list[float], slot_bytes: list[int], space: i
     return out
 
 
-def _plan_knapsack(policy, layers, experts, slot_bytes, room, staging, values, mk):
+def _plan_knapsack(policy, layers, experts, slot_bytes, room, staging, paid, values, mk):
+    """`paid`: the staging slots the budget pays for (none when they are host memory)."""
     n = layers * experts
-    reserve = sum(g * b for g, b in zip(staging, slot_bytes, strict=True))
+    reserve = sum(g * b for g, b in zip(paid, slot_bytes, strict=True))
     if len(values) != n * len(slot_bytes):
         raise BudgetError(f"expected {n} x {len(slot_bytes)} values, got {len(values)}")
     choice = None
-    if reserve and not any(staging[1:]):
+    if reserve and not any(paid[1:]):
         # Staging of the lowest tier only: the static assignment at the full budget, less
         # the cheapest demotions that pay for the staging slots (none when the knapsack's
         # leftover bytes hold them: dynamic that never moves is then the static knapsack
@@ -463,11 +504,11 @@ def _plan_knapsack(policy, layers, experts, slot_bytes, room, staging, values, m
     return replace(plan, assignment=tuple(choice))
 
 
-def _plan_multi_tier(policy, layers, experts, slot_bytes, fixed, budget, room, staging, mk):
+def _plan_multi_tier(policy, layers, experts, slot_bytes, fixed, budget, room, staging, paid, mk):
     """Three or more tiers: fill from the bottom, giving each upper tier an equal share of
     the spare bytes (the controller's knapsack decides who sits where)."""
     n = layers * experts
-    spare = room - n * slot_bytes[0] - sum(g * b for g, b in zip(staging, slot_bytes, strict=True))
+    spare = room - n * slot_bytes[0] - sum(g * b for g, b in zip(paid, slot_bytes, strict=True))
     if spare < 0:
         raise BudgetError(
             f"the budget leaves no room for staging: need {format_bytes(-spare)} more"

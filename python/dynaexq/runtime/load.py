@@ -267,6 +267,7 @@ def load_with_policy(
             split=pol.controller.split,
             values=values,
             staging=pol.controller.staging,
+            staging_memory=pol.controller.staging_memory,
         )
     if pol.name == "offload":
         runtime: PrecisionRuntime | OffloadRuntime

@@ -98,6 +98,10 @@ def memory_report(engine: Any) -> dict[str, Any]:
     names = [t.name for t in store.tiers]
     pool = {n: plan.slots[t] * plan.slot_bytes[t] for t, n in enumerate(names)}
     staging = {n: plan.staging[t] * plan.slot_bytes[t] for t, n in enumerate(names)}
+    host_staging = plan.host_staging_bytes
+    if host_staging:  # page-locked host memory the device reads, outside the budget
+        report["host_staging_bytes"] = host_staging
+        staging = dict.fromkeys(names, 0)
     report["device"] = {
         "kind": str(engine.device),
         "budget": plan.budget,
@@ -137,6 +141,11 @@ def format_memory_report(report: dict[str, Any]) -> str:
             f"{_fmt(d['kv_cache'])}, workspace {_fmt(d['workspace'])}, pool [{pool}], "
             f"pool staging {_fmt(sum(d['pool_staging_by_tier'].values()))}; total "
             f"{_fmt(d['total'])} of budget {_fmt(d['budget'] or 0)}"
+            + (
+                f"; staging in host memory {_fmt(report['host_staging_bytes'])}"
+                if report.get("host_staging_bytes")
+                else ""
+            )
         )
     return "\n".join(lines)
 

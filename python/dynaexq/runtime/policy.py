@@ -47,6 +47,12 @@ class ControllerSettings:
     # demotion out of it), so the upper tiers' bytes hold experts and dynamic that does
     # not move holds the static assignment at the same bytes.
     staging: str = "every"
+    # Where the staging slots live: "device" (counted in the budget), or "host" (staging
+    # "lowest" only): page-locked host memory the device reads in place (the pool arena's
+    # tail), outside the budget, so that dynamic holds the static knapsack's assignment at
+    # the full budget and pays for a move with a few reads over the link instead (an
+    # expert demoted into that slot is read from it until a later move frees the slot).
+    staging_memory: str = "device"
     # Moves only when they pay: a planned move (or demote+promote pair) is made only if
     # its gain in planned value (routed mass x tier value) exceeds `move_gain` times the
     # current assignment's total value per top-tier slot's bytes it copies (0: any gain).
@@ -111,6 +117,12 @@ class ControllerSettings:
             raise PolicyError(f"planner must be top-n or value, got {self.planner!r}")
         if self.staging not in ("every", "lowest"):
             raise PolicyError(f"staging must be every or lowest, got {self.staging!r}")
+        if self.staging_memory not in ("device", "host"):
+            raise PolicyError(
+                f"staging_memory must be device or host, got {self.staging_memory!r}"
+            )
+        if self.staging_memory == "host" and self.staging != "lowest":
+            raise PolicyError("staging_memory 'host' needs staging 'lowest'")
         if self.move_gain < 0 or self.move_z < 0:
             raise PolicyError(
                 f"move_gain and move_z must be >= 0, got {self.move_gain}, {self.move_z}"
@@ -167,7 +179,9 @@ class Policy:
 # a standard error of the routing alone before round seven). Each layer's tier values are
 # scaled to the loss measured with that layer alone at each tier (value_scale "layer",
 # round six: the knapsack and dynamic gain 6 points of gap on average over the tuning
-# sets' cells).
+# sets' cells). Since session fourteen the staging slot is host memory the device reads
+# (staging_memory "host"): it cost dynamic 0.4-0.8 points of gap at 4 bits and 20% where it
+# made no move (docs/results/eval/unseen.md).
 DEFAULT_TIERS = ("int2", "int3", "int4", "bf16")
 # When dynamic calibrates again on served text (runtime/recalibrate.py): once on the first
 # tokens, on each new workload regime's text, or on a timer on the last ones. A server
@@ -182,6 +196,7 @@ DEFAULT_CONTROLLER = ControllerSettings(
     alpha=0.9,
     in_flight=2,
     staging="lowest",
+    staging_memory="host",
     planner="value",
     split="global",
     move_gain=0.0005,

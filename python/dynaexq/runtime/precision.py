@@ -90,7 +90,10 @@ class PrecisionRuntime(KvLending):
         self.experts = store.experts
         self.tiers = len(store.tiers)
         self.pool, self.table = self._build_pool(initial)
-        self._staging_bytes = sum(g * b for g, b in zip(plan.staging, plan.slot_bytes, strict=True))
+        # Staging slots the device budget holds (none when they are host memory).
+        self._staging_bytes = 0 if plan.staging_host else sum(
+            g * b for g, b in zip(plan.staging, plan.slot_bytes, strict=True)
+        )
         self._sync_expert_floor()
         self.executor: CpuExecutor | GroupedExecutor
         if self._cuda or launch is not None:
@@ -205,7 +208,12 @@ class PrecisionRuntime(KvLending):
         self.table_tier = {t: k for k, t in enumerate(self.real)}
         shape = self._kv_pool_layout(slot_bytes, slots, classes)
         index = (self.device.index or 0) if self._cuda else None
-        pool = ExpertPool(slot_bytes, slots, shared_budget=self.kv_budget, device=index, **shape)
+        # Staging slots in host memory (plan.staging_host): the arena's tail, no budget.
+        host = [n for n in slot_bytes if n.endswith("s")] if p.staging_host else []
+        pool = ExpertPool(
+            slot_bytes, slots, shared_budget=self.kv_budget, device=index, host_classes=host,
+            **shape,
+        )
         self.kv_arena = self._kv_arena_over(pool, shape)
         table = ExpertTable(
             pool,

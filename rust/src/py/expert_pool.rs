@@ -173,11 +173,10 @@ pub(super) fn device_pool(
     py.detach(|| {
         pool::ExpertPool::with_arena_and_budget(
             cfg,
-            |len, align| {
-                Ok(
-                    Arc::new(crate::transfer::cuda::DeviceArena::new(&ctx, len, align)?)
-                        as Arc<dyn Arena>,
-                )
+            |len, align, host_from| {
+                Ok(Arc::new(crate::transfer::cuda::SplitArena::new(
+                    &ctx, len, align, host_from,
+                )?) as Arc<dyn Arena>)
             },
             shared,
         )
@@ -235,7 +234,7 @@ impl PyExpertPool {
 #[pymethods]
 impl PyExpertPool {
     #[new]
-    #[pyo3(signature = (slot_bytes, slots, alignment = 256, budget = None, device = None, shared_budget = None, kv_head_bytes = 0, lending = None))]
+    #[pyo3(signature = (slot_bytes, slots, alignment = 256, budget = None, device = None, shared_budget = None, kv_head_bytes = 0, lending = None, host_classes = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -247,7 +246,16 @@ impl PyExpertPool {
         shared_budget: Option<Bound<'_, PyDeviceBudget>>,
         kv_head_bytes: i64,
         lending: Option<(String, String)>,
+        host_classes: Option<Vec<String>>,
     ) -> PyResult<Self> {
+        let host_classes = host_classes.unwrap_or_default();
+        for name in &host_classes {
+            if slot_bytes.get_item(name)?.is_none() {
+                return Err(PyValueError::new_err(format!(
+                    "host class {name:?} is not one of the pool's classes"
+                )));
+            }
+        }
         let mut classes = Vec::new();
         for (k, v) in slot_bytes.iter() {
             let name: String = k.extract()?;
@@ -258,7 +266,12 @@ impl PyExpertPool {
             let count = positive(&format!("slots[{name:?}]"), count.extract()?)?;
             let count = u32::try_from(count)
                 .map_err(|_| PyValueError::new_err(format!("slots[{name:?}] is too large")))?;
-            classes.push(ClassSpec::new(name, size, count));
+            let spec = ClassSpec::new(name.clone(), size, count);
+            classes.push(if host_classes.contains(&name) {
+                spec.in_host_memory()
+            } else {
+                spec
+            });
         }
         for k in slots.keys() {
             let name: String = k.extract()?;
@@ -287,7 +300,7 @@ impl PyExpertPool {
                 .detach(|| {
                     pool::ExpertPool::with_arena_and_budget(
                         &cfg,
-                        |len, align| {
+                        |len, align, _| {
                             Ok(Arc::new(pool::HostArena::new(len, align)?) as Arc<dyn Arena>)
                         },
                         shared,
@@ -499,7 +512,7 @@ impl PyExpertPool {
         let b = block.inner;
         self.with(py, |p| p.check_live(&b).map(|_| ()))
             .map_err(to_py)?;
-        Ok(self.arena.base_address() + b.offset)
+        Ok(self.arena.address(b.offset))
     }
 
     #[getter]
@@ -509,6 +522,12 @@ impl PyExpertPool {
     #[getter]
     fn total_bytes(&self, py: Python<'_>) -> u64 {
         self.with(py, |p| p.total_bytes())
+    }
+    /// Where the host-memory classes' tail starts: the arena's bytes before it are device
+    /// memory (`total_bytes` when no class is in host memory).
+    #[getter]
+    fn host_from(&self, py: Python<'_>) -> u64 {
+        self.with(py, |p| p.host_from())
     }
     #[getter]
     fn budget(&self, py: Python<'_>) -> u64 {
@@ -550,6 +569,8 @@ impl PyExpertPool {
         d.set_item("pending_bytes", s.pending_bytes)?;
         d.set_item("committed_bytes", s.committed_bytes)?;
         d.set_item("high_water_bytes", s.high_water_bytes)?;
+        d.set_item("host_from", s.host_from)?;
+        d.set_item("host_bytes", s.host_bytes)?;
         let classes = PyDict::new(py);
         for c in s.classes {
             let cd = PyDict::new(py);
@@ -563,6 +584,7 @@ impl PyExpertPool {
             cd.set_item("high_water", c.high_water)?;
             cd.set_item("region_offset", c.region_offset)?;
             cd.set_item("region_bytes", c.region_bytes)?;
+            cd.set_item("host_memory", c.host_memory)?;
             classes.set_item(c.name, cd)?;
         }
         d.set_item("classes", classes)?;

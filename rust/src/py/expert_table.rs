@@ -371,8 +371,8 @@ impl PyExpertTable {
     /// Lease every published version for one step of a device executor and read the
     /// table image its kernels take (see `StepPin`).
     fn pin_step(&self, py: Python<'_>) -> PyStepPin {
-        let base = self.pool.get().arena.base_address();
-        py.detach(|| PyStepPin::new(&self.inner, base))
+        let arena = self.pool.get().arena.clone();
+        py.detach(|| PyStepPin::new(&self.inner, &arena))
     }
 
     /// The published tier of every expert, layer-major, as bytes (one call for telemetry

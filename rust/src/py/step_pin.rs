@@ -5,6 +5,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use crate::pool::Arena;
 use crate::table::{ExpertTable, StepPin};
 
 use super::*;
@@ -24,13 +25,16 @@ pub struct PyStepPin {
 }
 
 impl PyStepPin {
-    pub(super) fn new(table: &Arc<ExpertTable>, base: u64) -> Self {
+    pub(super) fn new(table: &Arc<ExpertTable>, arena: &Arc<dyn Arena>) -> Self {
         let pin = table.pin_step_shared();
         let versions = pin.versions();
         let tiers = versions.iter().map(|v| v.tier).collect();
+        // The kernels read `base + offset`: a block in the arena's host-memory tail (the
+        // CUDA split arena) lies outside the device allocation, at a signed distance.
+        let base = arena.base_address();
         let offsets = versions
             .iter()
-            .flat_map(|v| (v.block.offset as i64).to_le_bytes())
+            .flat_map(|v| (arena.address(v.block.offset).wrapping_sub(base) as i64).to_le_bytes())
             .collect();
         Self {
             pin: Some(pin),
@@ -48,7 +52,8 @@ impl PyStepPin {
     fn tiers<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.tiers)
     }
-    /// The byte offset of every entry's block in the arena, little-endian int64 each
+    /// The byte offset of every entry's block from the arena's byte 0, little-endian int64
+    /// each (negative or past the arena for a block in separate host memory)
     /// (`numpy.frombuffer(pin.offsets, "<i8")`).
     #[getter]
     fn offsets<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {

@@ -117,11 +117,14 @@ impl Arena for DeviceArena {
     }
 }
 
-/// Page-locked host memory (for the host tier store).
+/// Page-locked host memory (for the host tier store, and mapped into the device's address
+/// space for the split arena's tail).
 pub struct PinnedArena {
     ctx: Arc<CudaContext>,
     ptr: NonNull<u8>,
     len: u64,
+    /// The device address of byte 0 when the memory is mapped (`PinnedArena::mapped`).
+    device: Option<u64>,
 }
 
 // SAFETY: an owned allocation; access rules are the store's (written before freezing,
@@ -132,6 +135,25 @@ unsafe impl Sync for PinnedArena {}
 
 impl PinnedArena {
     pub fn new(ctx: &Arc<CudaContext>, len: u64, align: u64) -> Result<Self> {
+        Self::with_flags(ctx, len, align, 0)
+    }
+
+    /// Page-locked memory the device's kernels and copies can address directly.
+    pub fn mapped(ctx: &Arc<CudaContext>, len: u64, align: u64) -> Result<Self> {
+        let mut arena = Self::with_flags(ctx, len, align, sys::CU_MEMHOSTALLOC_DEVICEMAP)?;
+        let mut dptr: sys::CUdeviceptr = 0;
+        // SAFETY: `ptr` came from cuMemHostAlloc with DEVICEMAP on the bound context;
+        // `dptr` is a valid out-pointer.
+        unsafe {
+            sys::cuMemHostGetDevicePointer_v2(&mut dptr, arena.ptr.as_ptr().cast(), 0)
+                .result()
+                .map_err(|e| backend_err("cuMemHostGetDevicePointer", e))?
+        };
+        arena.device = Some(dptr);
+        Ok(arena)
+    }
+
+    fn with_flags(ctx: &Arc<CudaContext>, len: u64, align: u64, flags: u32) -> Result<Self> {
         if align > 4096 {
             return Err(Error::InvalidConfig(
                 "pinned host memory is page aligned (alignment <= 4096)".into(),
@@ -142,7 +164,7 @@ impl PinnedArena {
         let bytes = usize::try_from(len.max(1))
             .map_err(|_| Error::InvalidConfig("pinned arena too large".into()))?;
         // SAFETY: plain allocation; freed once in Drop.
-        let p = unsafe { result::malloc_host(bytes, 0) }
+        let p = unsafe { result::malloc_host(bytes, flags) }
             .map_err(|e| backend_err(&format!("cuMemHostAlloc({bytes} B)"), e))?;
         let ptr = NonNull::new(p as *mut u8)
             .ok_or_else(|| Error::Backend("cuMemHostAlloc returned null".into()))?;
@@ -150,6 +172,7 @@ impl PinnedArena {
             ctx: ctx.clone(),
             ptr,
             len,
+            device: None,
         })
     }
 }
@@ -186,6 +209,89 @@ impl Arena for PinnedArena {
     }
     fn host_ptr(&self) -> Option<NonNull<u8>> {
         Some(self.ptr)
+    }
+}
+
+/// A pool arena in two parts: device memory for `[0, host_from)`, and page-locked host
+/// memory mapped into the device's address space for `[host_from, len)`: the pool's
+/// host-memory classes (a staging slot), which cost no device memory and which kernels
+/// read over the link for the few steps an expert stays there. `address` says where a
+/// byte is; `base_address` is the device part's byte 0.
+pub struct SplitArena {
+    device: DeviceArena,
+    host: Option<PinnedArena>,
+    host_from: u64,
+    len: u64,
+}
+
+impl SplitArena {
+    pub fn new(ctx: &Arc<CudaContext>, len: u64, align: u64, host_from: u64) -> Result<Self> {
+        if host_from > len {
+            return Err(Error::InvalidConfig(format!(
+                "the host tail starts at {host_from} B, past the arena's {len} B"
+            )));
+        }
+        let device = DeviceArena::new(ctx, host_from.max(1), align)?;
+        let host = if host_from < len {
+            Some(PinnedArena::mapped(ctx, len - host_from, align.min(4096))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            device,
+            host,
+            host_from,
+            len,
+        })
+    }
+}
+
+impl std::fmt::Debug for SplitArena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SplitArena({:?}, host tail {:?} from {} B)",
+            self.device, self.host, self.host_from
+        )
+    }
+}
+
+impl Arena for SplitArena {
+    fn kind(&self) -> ArenaKind {
+        ArenaKind::Device
+    }
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn base_address(&self) -> u64 {
+        self.device.base_address()
+    }
+    fn address(&self, offset: u64) -> u64 {
+        match &self.host {
+            Some(h) if offset >= self.host_from => {
+                h.device.expect("mapped at construction") + (offset - self.host_from)
+            }
+            _ => self.device.base_address() + offset,
+        }
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        if end > self.len {
+            return Err(Error::OutOfRange(format!(
+                "read of {} B at {offset} in a {} B arena",
+                buf.len(),
+                self.len
+            )));
+        }
+        match &self.host {
+            Some(h) if offset >= self.host_from => h.read(offset - self.host_from, buf),
+            Some(_) if end > self.host_from => Err(Error::OutOfRange(format!(
+                "a read of {} B at {offset} crosses the host tail at {} B",
+                buf.len(),
+                self.host_from
+            ))),
+            _ => self.device.read(offset, buf),
+        }
     }
 }
 

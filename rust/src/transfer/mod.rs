@@ -642,7 +642,7 @@ impl TransferEngine {
         let job = CopyJob {
             id: req.id,
             src,
-            dst: self.arena.base_address() + t.block().offset,
+            dst: self.arena.address(t.block().offset),
             len,
             fault: req.fault.clone(),
             store: self.store.clone(),
@@ -740,7 +740,7 @@ fn upload(
         let job = CopyJob {
             id: 0,
             src,
-            dst: arena.base_address() + v.block.offset,
+            dst: arena.address(v.block.offset),
             len,
             fault: None,
             store: store.clone(),
