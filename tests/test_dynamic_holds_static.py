@@ -218,3 +218,133 @@ def test_a_hotness_floor_of_one_ignores_the_calibration(small_engine) -> None:
         assign[f] = [small_engine(pol, "30%", [c])[1].plan.assignment for c in calibs]
     assert assign[1.0][0] == assign[1.0][1]
     assert assign[0.0][0] != assign[0.0][1]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_host_staging_holds_the_full_budget_assignment_at_every_budget(seed: int) -> None:
+    """Staging slots in host memory cost no budget: dynamic's assignment is the static
+    knapsack's at the full budget whatever the leftover bytes, its device pool the same
+    bytes, and the slots are counted apart."""
+    rng = np.random.default_rng(100 + seed)
+    layers, experts = 2, 6
+    slot_bytes = [3, 5, 11]
+    n = layers * experts
+    err = np.sort(rng.random((n, 3)), axis=1)
+    err[:, 0] = 0
+    values = (rng.random(n)[:, None] * err).ravel().tolist()
+    # From every expert at the lowest tier (no byte left for a device staging slot) up.
+    space = int(rng.integers(n * slot_bytes[0], n * slot_bytes[-1]))
+    kw = dict(layers=layers, experts=experts, slot_bytes=slot_bytes, fixed=FIXED, in_flight=2)
+    kw.update(budget=FIXED.total + space, values=values)
+    static = plan_pool("static-map", **kw)
+    dyn = plan_pool("dynamic", staging="lowest", staging_memory="host", **kw)
+    assert dyn.assignment == static.assignment
+    assert dyn.pool_bytes == static.pool_bytes <= space
+    assert dyn.staging == (1, 0, 0) and dyn.staging_host
+    assert dyn.host_staging_bytes == slot_bytes[0]
+    assert "staging in host memory" in dyn.describe()
+    if space < n * slot_bytes[0] + slot_bytes[0]:
+        from dynaexq.runtime.budget import BudgetError
+
+        with pytest.raises(BudgetError, match="staging slots"):  # no byte for a device slot
+            plan_pool("dynamic", staging="lowest", **kw)
+        return
+    device = plan_pool("dynamic", staging="lowest", **kw)
+    assert not device.staging_host and device.host_staging_bytes == 0
+    assert device.pool_bytes == sum(slot_bytes[t] for t in device.assignment) + slot_bytes[0]
+
+
+def test_host_staging_needs_lowest_staging() -> None:
+    from dynaexq.runtime.budget import BudgetError
+    from dynaexq.runtime.policy import ControllerSettings, PolicyError
+
+    kw = dict(layers=1, experts=4, slot_bytes=[2, 8], fixed=FIXED, budget=FIXED.total + 40)
+    with pytest.raises(BudgetError, match="need staging 'lowest'"):
+        plan_pool("dynamic", staging="every", staging_memory="host", **kw)
+    with pytest.raises(BudgetError, match="device or host"):
+        plan_pool("dynamic", staging="lowest", staging_memory="disk", **kw)
+    with pytest.raises(PolicyError, match="needs staging 'lowest'"):
+        ControllerSettings(staging="every", staging_memory="host")
+    with pytest.raises(PolicyError, match="device or host"):
+        ControllerSettings(staging="lowest", staging_memory="gpu")
+
+
+def test_dynamic_with_host_staging_is_the_static_knapsack_at_every_budget(small_engine) -> None:
+    """End to end, at budgets where a device staging slot would cost a demotion too:
+    dynamic that does not move scores the static knapsack's loss exactly, its staging
+    slot is the pool's host-memory tail, and the budget tracker never holds it."""
+    from dynaexq.eval.stream import as_streams, evaluate_streams
+    from dynaexq.runtime.policy import ControllerSettings, Policy
+
+    rng = np.random.default_rng(3)
+    text = rng.integers(0, 128, size=1024 + 513)
+    streams = as_streams(text[:1024], 2, 64, 1024)
+    tiers = ("int2", "int4", "bf16")
+    knap = Policy(
+        "static-map", tiers=tiers, controller=ControllerSettings(planner="value", split="global")
+    )
+    ctl = ControllerSettings(
+        planner="value", staging="lowest", staging_memory="host", in_flight=2, step_tokens=32,
+        move_gain=1e9,
+    )  # fmt: skip
+    dyn = Policy("dynamic", tiers=tiers, controller=ctl)
+    for share in ("10%", "25%", "40%", "60%"):
+        s_engine, s_dep = small_engine(knap, share, [text[1024:]])
+        d_engine, d_dep = small_engine(dyn, s_dep.plan.budget, [text[1024:]])
+        assert d_dep.plan.assignment == s_dep.plan.assignment
+        assert d_dep.plan.pool_bytes == s_dep.plan.pool_bytes
+        pool = d_engine.precision.pool
+        stats = pool.stats()
+        host = [n for n, c in stats["classes"].items() if c["host_memory"]]
+        assert host == ["t0s"] and stats["classes"]["t0s"]["region_offset"] == pool.host_from
+        assert pool.host_from == pool.total_bytes - stats["classes"]["t0s"]["region_bytes"]
+        assert stats["reserved_bytes"] == s_dep.plan.pool_bytes
+        s = evaluate_streams(s_engine.model, streams, window=64, chunk=16)
+        d = evaluate_streams(d_engine.model, streams, window=64, chunk=16)
+        d_engine.precision.flush()
+        assert d_engine.precision.telemetry.totals()["transitions_started"] == 0
+        assert d.perplexity() == s.perplexity()
+
+
+def test_where_the_staging_slot_lives_does_not_change_what_is_computed(small_engine) -> None:
+    """With moves on, at a budget whose knapsack leaves room for a device staging slot,
+    the two placements plan the same tiers and make the same moves: experts demoted into
+    the host-memory slot are read from it exactly as from a device slot. Meanwhile the
+    device bytes reserved never pass the budget's pool and the host slot is used."""
+    from dynaexq.eval.stream import as_streams, evaluate_streams
+    from dynaexq.runtime.policy import ControllerSettings, Policy
+
+    rng = np.random.default_rng(9)
+    text = rng.integers(0, 128, size=2048 + 1025)
+    tiers = ("int2", "int4", "bf16")
+    knap = Policy(
+        "static-map", tiers=tiers, controller=ControllerSettings(planner="value", split="global")
+    )
+    compared = 0
+    for share in ("25%", "40%", "60%"):
+        _, s_dep = small_engine(knap, share, [text[2048:]])
+        runs = {}
+        for where in ("device", "host"):
+            ctl = ControllerSettings(
+                planner="value", staging="lowest", staging_memory=where, in_flight=2,
+                step_tokens=32, alpha=0.5,
+            )  # fmt: skip
+            engine, dep = small_engine(
+                Policy("dynamic", tiers=tiers, controller=ctl), s_dep.plan.budget, [text[2048:]]
+            )
+            res = evaluate_streams(
+                engine.model, as_streams(text[:2048], 2, 64, 2048), window=64, chunk=16
+            )
+            engine.precision.flush()
+            stats = engine.precision.pool.stats()
+            assert stats["high_water_bytes"] <= dep.plan.pool_bytes
+            runs[where] = (dep.plan.assignment, res.perplexity(), engine.precision, stats)
+        if runs["device"][0] != runs["host"][0]:
+            continue  # the device slot cost a demotion at this budget
+        compared += 1
+        moved = runs["host"][2].telemetry.totals()["transitions_started"]
+        assert moved > 0
+        assert runs["device"][2].telemetry.totals()["transitions_started"] == moved
+        assert runs["device"][1] == runs["host"][1]
+        assert runs["host"][3]["classes"]["t0s"]["high_water"] == 1
+    assert compared >= 1, "no budget left room for a device staging slot: pick others"

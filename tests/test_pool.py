@@ -246,3 +246,25 @@ def test_plan_layout() -> None:
 def test_public_exports() -> None:
     for name in ["ExpertPool", "PoolError", "PoolExhausted", "ExpertTable", "Lease"]:
         assert name in dynaexq.__all__ and getattr(dynaexq, name)
+
+
+def test_host_memory_classes_are_the_arena_tail_and_reserve_no_budget() -> None:
+    from dynaexq import ExpertPool, PoolExhausted
+
+    pool = ExpertPool({"lo": 256, "lo_s": 256, "hi": 1024}, {"lo": 2, "lo_s": 1, "hi": 1},
+                      budget=2 * 256 + 1024, host_classes=["lo_s"])  # fmt: skip
+    assert pool.host_from == 2 * 256 + 1024 == pool.total_bytes - 256
+    held = [pool.alloc("lo"), pool.alloc("lo"), pool.alloc("hi")]
+    staged = pool.alloc("lo_s")  # the device budget is full; the host slot is not in it
+    assert staged.offset == pool.host_from
+    stats = pool.stats()
+    assert (stats["reserved_bytes"], stats["host_bytes"]) == (2 * 256 + 1024, 256)
+    assert stats["classes"]["lo_s"]["host_memory"] and not stats["classes"]["lo"]["host_memory"]
+    with pytest.raises(PoolExhausted):
+        pool.alloc("lo_s")
+    pool.free(staged)
+    assert pool.stats()["host_bytes"] == 0
+    for b in held:
+        pool.free(b)
+    with pytest.raises(ValueError, match="not one of the pool's classes"):
+        ExpertPool({"lo": 256}, {"lo": 1}, host_classes=["nope"])

@@ -153,8 +153,8 @@ def test_dynamic_moves_experts_and_every_published_version_is_complete(
         assert totals["boundary_wait_s"] == 0.0  # serving: not even between steps
     published_bytes_match_the_store(rt)
     stats = rt.pool.stats()
-    assert stats["high_water_bytes"] <= stats["total_bytes"]
-    assert rt.pool.total_bytes + dep.fixed.total <= budget
+    assert stats["high_water_bytes"] <= stats["host_from"] <= stats["total_bytes"]
+    assert rt.pool.host_from + dep.fixed.total <= budget
     # Steps are counted by the runtime itself, one per forward pass.
     assert len(rt.telemetry.records) == len(steps_seen)
     snap = rt.snapshot()

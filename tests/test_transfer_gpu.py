@@ -72,3 +72,39 @@ def test_old_block_waits_for_compute_stream_event() -> None:
     torch.cuda.synchronize()
     engine.poll()
     assert old not in table.retired() and not pool.is_live(old)
+
+
+def test_a_host_memory_staging_slot_is_mapped_and_read_in_place() -> None:
+    """The split arena: a host-memory class lives outside the device allocation, the
+    engine copies into it, the bytes read back, and the step image's offset reaches it
+    from the device arena's byte 0 (what the grouped kernels add)."""
+    import numpy as np
+
+    experts = 4
+    try:
+        pool = ExpertPool(
+            {"lo": LO, "lo_s": LO, "hi": HI}, {"lo": 2, "lo_s": 1, "hi": 2}, 256,
+            device=0, host_classes=["lo_s"],
+        )  # fmt: skip
+    except BackendError as e:
+        pytest.skip(str(e))
+    assert pool.host_from == pool.total_bytes - LO
+    table = ExpertTable(
+        pool, [experts], [[["lo", "lo_s"], "hi"]], [[0, 0, 1, 1]],
+        compute_stream=torch.cuda.current_stream(),
+    )  # fmt: skip
+    store = HostStore([experts], [[LO, HI]], device=0)
+    for e in range(experts):
+        for t, n in ((0, LO), (1, HI)):
+            store.write(0, e, t, pattern(e, t, n))
+    engine = TransferEngine(table, store, backend="cuda")
+    assert engine.wait(engine.submit(0, 2, 0), timeout=30) == "completed"
+    v = table.published(0, 2)
+    assert v.block.cls == "lo_s"
+    address = pool.address(v.block)
+    assert not pool.arena_address <= address < pool.arena_address + pool.host_from
+    assert pool.read(v.block)[:LO] == bytes(store.view(0, 2, 0))
+    assert pool.stats()["host_bytes"] == LO
+    with table.pin_step() as pin:
+        offsets = np.frombuffer(pin.offsets, "<i8")
+        assert pin.base_address + int(offsets[2]) == address
