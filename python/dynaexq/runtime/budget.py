@@ -380,7 +380,15 @@ def plan_pool(
         )
     if len(slot_bytes) != 2:
         return _plan_multi_tier(
-            policy, layers, experts, slot_bytes, fixed, budget, room, stage, charged(stage),
+            policy,
+            layers,
+            experts,
+            slot_bytes,
+            fixed,
+            budget,
+            room,
+            stage,
+            charged(stage),
             pool_plan,
         )
     lo, hi = slot_bytes

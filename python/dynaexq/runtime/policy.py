@@ -118,9 +118,7 @@ class ControllerSettings:
         if self.staging not in ("every", "lowest"):
             raise PolicyError(f"staging must be every or lowest, got {self.staging!r}")
         if self.staging_memory not in ("device", "host"):
-            raise PolicyError(
-                f"staging_memory must be device or host, got {self.staging_memory!r}"
-            )
+            raise PolicyError(f"staging_memory must be device or host, got {self.staging_memory!r}")
         if self.staging_memory == "host" and self.staging != "lowest":
             raise PolicyError("staging_memory 'host' needs staging 'lowest'")
         if self.move_gain < 0 or self.move_z < 0:

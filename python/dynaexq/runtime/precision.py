@@ -91,8 +91,10 @@ class PrecisionRuntime(KvLending):
         self.tiers = len(store.tiers)
         self.pool, self.table = self._build_pool(initial)
         # Staging slots the device budget holds (none when they are host memory).
-        self._staging_bytes = 0 if plan.staging_host else sum(
-            g * b for g, b in zip(plan.staging, plan.slot_bytes, strict=True)
+        self._staging_bytes = (
+            0
+            if plan.staging_host
+            else sum(g * b for g, b in zip(plan.staging, plan.slot_bytes, strict=True))
         )
         self._sync_expert_floor()
         self.executor: CpuExecutor | GroupedExecutor
@@ -211,7 +213,11 @@ class PrecisionRuntime(KvLending):
         # Staging slots in host memory (plan.staging_host): the arena's tail, no budget.
         host = [n for n in slot_bytes if n.endswith("s")] if p.staging_host else []
         pool = ExpertPool(
-            slot_bytes, slots, shared_budget=self.kv_budget, device=index, host_classes=host,
+            slot_bytes,
+            slots,
+            shared_budget=self.kv_budget,
+            device=index,
+            host_classes=host,
             **shape,
         )
         self.kv_arena = self._kv_arena_over(pool, shape)
