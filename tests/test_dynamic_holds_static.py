@@ -131,6 +131,24 @@ def test_a_move_that_does_not_pay_is_dropped_and_one_that_pays_is_made() -> None
     assert [(m[1], m[3]) for m in moves] == [(0, 0), (1, 1)]
 
 
+def _knapsack_policy():
+    """Three tiers, and the static knapsack over them (the baseline dynamic must hold)."""
+    from dynaexq.runtime.policy import ControllerSettings, Policy
+
+    tiers = ("int2", "int4", "bf16")
+    return tiers, Policy(
+        "static-map", tiers=tiers, controller=ControllerSettings(planner="value", split="global")
+    )
+
+
+def _stationary_case():
+    """Random tokens (calibration: the tail) scored as 2 streams of 64, and the knapsack."""
+    from dynaexq.eval.stream import as_streams
+
+    text = np.random.default_rng(3).integers(0, 128, size=1024 + 513)
+    return (text, as_streams(text[:1024], 2, 64, 1024), *_knapsack_policy())
+
+
 @pytest.mark.parametrize(
     "how",
     [
@@ -142,16 +160,10 @@ def test_dynamic_that_does_not_move_is_the_static_knapsack(small_engine, how) ->
     """End to end: at a budget whose knapsack leaves room for the staging slot, dynamic
     with moves gated off holds the static knapsack's assignment and scores its loss
     exactly; at every budget its pool fits the same bytes."""
-    from dynaexq.eval.stream import as_streams, evaluate_streams
+    from dynaexq.eval.stream import evaluate_streams
     from dynaexq.runtime.policy import ControllerSettings, Policy
 
-    rng = np.random.default_rng(3)
-    text = rng.integers(0, 128, size=1024 + 513)
-    streams = as_streams(text[:1024], 2, 64, 1024)
-    tiers = ("int2", "int4", "bf16")
-    knap = Policy(
-        "static-map", tiers=tiers, controller=ControllerSettings(planner="value", split="global")
-    )
+    text, streams, tiers, knap = _stationary_case()
     ctl = ControllerSettings(
         **{"planner": "value", "staging": "lowest", "in_flight": 2, "step_tokens": 32, **dict(how)}
     )
@@ -273,16 +285,10 @@ def test_dynamic_with_host_staging_is_the_static_knapsack_at_every_budget(small_
     """End to end, at budgets where a device staging slot would cost a demotion too:
     dynamic that does not move scores the static knapsack's loss exactly, its staging
     slot is the pool's host-memory tail, and the budget tracker never holds it."""
-    from dynaexq.eval.stream import as_streams, evaluate_streams
+    from dynaexq.eval.stream import evaluate_streams
     from dynaexq.runtime.policy import ControllerSettings, Policy
 
-    rng = np.random.default_rng(3)
-    text = rng.integers(0, 128, size=1024 + 513)
-    streams = as_streams(text[:1024], 2, 64, 1024)
-    tiers = ("int2", "int4", "bf16")
-    knap = Policy(
-        "static-map", tiers=tiers, controller=ControllerSettings(planner="value", split="global")
-    )
+    text, streams, tiers, knap = _stationary_case()
     ctl = ControllerSettings(
         planner="value", staging="lowest", staging_memory="host", in_flight=2, step_tokens=32,
         move_gain=1e9,
@@ -316,10 +322,7 @@ def test_where_the_staging_slot_lives_does_not_change_what_is_computed(small_eng
 
     rng = np.random.default_rng(9)
     text = rng.integers(0, 128, size=2048 + 1025)
-    tiers = ("int2", "int4", "bf16")
-    knap = Policy(
-        "static-map", tiers=tiers, controller=ControllerSettings(planner="value", split="global")
-    )
+    tiers, knap = _knapsack_policy()
     compared = 0
     for share in ("25%", "40%", "60%"):
         _, s_dep = small_engine(knap, share, [text[2048:]])

@@ -226,11 +226,19 @@ class PoolPlan:
     staging_host: bool = False
 
     @property
+    def staging_bytes(self) -> int:
+        """Bytes of every staging slot, wherever it lives."""
+        return sum(g * b for g, b in zip(self.staging, self.slot_bytes, strict=True))
+
+    @property
     def host_staging_bytes(self) -> int:
         """Bytes of the staging slots kept in host memory (0 when they are device memory)."""
-        if not self.staging_host:
-            return 0
-        return sum(g * b for g, b in zip(self.staging, self.slot_bytes, strict=True))
+        return self.staging_bytes if self.staging_host else 0
+
+    @property
+    def device_staging_bytes(self) -> int:
+        """Bytes of the staging slots the device budget holds."""
+        return self.staging_bytes - self.host_staging_bytes
 
     @property
     def total_bytes(self) -> int:

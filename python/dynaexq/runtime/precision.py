@@ -90,12 +90,7 @@ class PrecisionRuntime(KvLending):
         self.experts = store.experts
         self.tiers = len(store.tiers)
         self.pool, self.table = self._build_pool(initial)
-        # Staging slots the device budget holds (none when they are host memory).
-        self._staging_bytes = (
-            0
-            if plan.staging_host
-            else sum(g * b for g, b in zip(plan.staging, plan.slot_bytes, strict=True))
-        )
+        self._staging_bytes = plan.device_staging_bytes
         self._sync_expert_floor()
         self.executor: CpuExecutor | GroupedExecutor
         if self._cuda or launch is not None:
@@ -196,6 +191,7 @@ class PrecisionRuntime(KvLending):
         slot_bytes: dict[str, int] = {}
         slots: dict[str, int] = {}
         classes: list[list[str]] = []
+        host: list[str] = []  # staging classes in host memory (plan.staging_host)
         self.real: list[int] = []
         for t in range(self.tiers):
             if not p.slots[t] and not p.staging[t]:
@@ -205,13 +201,14 @@ class PrecisionRuntime(KvLending):
                 if count:
                     slot_bytes[name], slots[name] = p.slot_bytes[t], count
                     names.append(name)
+            if p.staging[t] and p.staging_host:
+                host.append(f"t{t}s")
             classes.append(names)
             self.real.append(t)
         self.table_tier = {t: k for k, t in enumerate(self.real)}
         shape = self._kv_pool_layout(slot_bytes, slots, classes)
         index = (self.device.index or 0) if self._cuda else None
-        # Staging slots in host memory (plan.staging_host): the arena's tail, no budget.
-        host = [n for n in slot_bytes if n.endswith("s")] if p.staging_host else []
+        # Host-memory staging classes form the arena's tail and reserve no budget.
         pool = ExpertPool(
             slot_bytes,
             slots,
